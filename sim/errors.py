@@ -1,0 +1,23 @@
+"""One exception root for every user-facing error.
+
+The CLI turns any :class:`KvsimError` into a single line on stderr and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class KvsimError(Exception):
+    """A problem with the user's input (config, trace, arguments), not a bug in kvsim."""
+
+
+class ConfigError(KvsimError):
+    """An experiment config or a preset is malformed, unknown or impossible."""
+
+
+class TraceError(KvsimError):
+    """A trace is missing, truncated, corrupt or inconsistent with its manifest."""
+
+
+class CaptureError(KvsimError):
+    """A trace cannot be captured (missing model package, missing text, bad settings)."""
