@@ -1,0 +1,323 @@
+"""UFS flash storage as a SimPy model: command queue slots, parallel NAND units, one shared link.
+
+One command of ``b`` bytes (reads and writes alike, sharing every resource):
+
+1. takes one of ``queue_depth`` command-queue slots, FIFO in submission order, and holds it until
+   it completes (UFS: a task-management slot; the host stack keeps at most QD commands in flight);
+2. waits for one of ``parallel_units`` internal units (channel x die able to work at once), FIFO,
+   and holds it for the command latency (``read_command_latency_us``: NAND tR plus controller and
+   firmware time; ``write_command_latency_us`` for writes);
+3. releases the unit and moves ``ceil(b / page_size_bytes) * page_size_bytes`` bytes over the single
+   shared link, FIFO, at ``read_bandwidth_mb_s`` (or ``write_bandwidth_mb_s``);
+4. completes and frees its slot.
+
+This is a closed tandem queue with deterministic service. In steady state, with every slot busy,
+commands/s = min(queue_depth / (latency + b/bw), parallel_units / latency, bw / b): IOPS-bound for
+small I/O, bandwidth-bound for large I/O, with the knee at ``b = bw * latency / parallel_units``
+(DynaKV, arXiv 2511.07427, Fig. 3b: about 24 KB on UFS 4.0).
+
+Two implementations of the same model:
+
+* :class:`Flash` — the fast one used by the engine. Queue slots are a counter plus a FIFO of
+  waiting commands; the unit pool and the link are FIFO servers whose next-free times are kept
+  inline (a heap of unit free times, one link free time) instead of ``simpy.Resource``
+  request/release events — the technique SimPy itself uses when it inlines hot paths "for
+  performance reasons". Because SimPy delivers arrivals at each stage in time order, this is
+  exactly a FIFO multi-server queue (Kiefer-Wolfowitz recursion) followed by a FIFO single
+  server. Each command costs two ``Timeout`` events whose callbacks move it on.
+* :class:`ResourceFlash` — the textbook version: one process per command and three
+  ``simpy.Resource`` objects. Slow (about 8 events per command), kept as the differential-test
+  reference and as readable documentation of the model.
+
+Units: simulated time in microseconds; ``1 MB/s = 1e6 bytes/s = 1 byte/us``, so a transfer of
+``b`` bytes at ``bw`` MB/s takes ``b / bw`` microseconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import numpy as np
+import simpy
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from simpy.events import Timeout
+
+
+class FlashParams(BaseModel):
+    """Parameters of a UFS device (see the module docstring for the queueing model).
+
+    - ``read_bandwidth_mb_s`` / ``write_bandwidth_mb_s``: link (sequential) bandwidth, MB/s.
+    - ``queue_depth``: command-queue slots (UFS 2.x-4.0 single queue: 32).
+    - ``parallel_units``: commands the device can have in the NAND stage at once.
+    - ``read_command_latency_us`` / ``write_command_latency_us``: time one command holds a unit.
+    - ``page_size_bytes``: logical page / mapping unit; every command covers whole pages.
+    - ``max_io_bytes``: largest command; a multiple of ``page_size_bytes``.
+
+    Every field is > 0. ``parallel_units / read_command_latency_us * 1e6`` is the small-I/O read
+    IOPS ceiling, ``read_bandwidth_mb_s * read_command_latency_us / parallel_units`` the knee size.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    read_bandwidth_mb_s: float = Field(gt=0)
+    write_bandwidth_mb_s: float = Field(gt=0)
+    queue_depth: int = Field(gt=0)
+    parallel_units: int = Field(gt=0)
+    read_command_latency_us: float = Field(gt=0)
+    write_command_latency_us: float = Field(gt=0)
+    page_size_bytes: int = Field(gt=0)
+    max_io_bytes: int = Field(gt=0)
+
+    @field_validator("max_io_bytes")
+    @classmethod
+    def _max_io_whole_pages(cls, value: int, info: ValidationInfo) -> int:
+        page = info.data.get("page_size_bytes")
+        if page and value % page:
+            raise ValueError(f"must be a multiple of page_size_bytes ({page})")
+        return value
+
+    @property
+    def read_iops_limit(self) -> float:
+        """Small-read IOPS ceiling set by the units: ``parallel_units / read latency``."""
+        return self.parallel_units / self.read_command_latency_us * 1e6
+
+    @property
+    def read_knee_bytes(self) -> float:
+        """I/O size where the unit ceiling meets the link ceiling (DynaKV Fig. 3b's knee)."""
+        return self.read_bandwidth_mb_s * self.read_command_latency_us / self.parallel_units
+
+
+class _Batch:
+    """Completion counter of one submitted batch; triggers ``done`` when the last command ends."""
+
+    __slots__ = ("remaining", "done")
+
+    def __init__(self, remaining: int, done: simpy.Event) -> None:
+        self.remaining = remaining
+        self.done = done
+
+
+class _FlashBase:
+    """Argument checking and counters shared by both implementations."""
+
+    def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
+        if not isinstance(params, FlashParams):
+            raise TypeError(f"params must be a FlashParams, got {type(params).__name__}")
+        self.env = env
+        self.params = params
+        self.read_commands = 0
+        self.read_bytes = 0
+        self.write_commands = 0
+        self.write_bytes = 0
+        self.busy_link_us = 0.0
+
+    def _transfer_bytes(self, sizes_bytes: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Validate sizes and round each up to whole pages (int64 array of bytes moved)."""
+        sizes = np.asarray(sizes_bytes)
+        if sizes.ndim != 1:
+            raise ValueError(f"sizes_bytes must be 1-D, got shape {sizes.shape}")
+        if sizes.size == 0:
+            return sizes.astype(np.int64)
+        if not np.issubdtype(sizes.dtype, np.integer):
+            if not np.issubdtype(sizes.dtype, np.floating) or not np.all(sizes == np.floor(sizes)):
+                raise ValueError(f"sizes_bytes must be whole numbers of bytes, got {sizes.dtype}")
+            sizes = sizes.astype(np.int64)
+        low, high = int(sizes.min()), int(sizes.max())
+        if low <= 0:
+            raise ValueError(f"every command size must be > 0 bytes, got {low}")
+        if high > self.params.max_io_bytes:
+            raise ValueError(
+                f"command size {high} bytes exceeds max_io_bytes ({self.params.max_io_bytes});"
+                " split it into several commands"
+            )
+        page = self.params.page_size_bytes
+        return -(-sizes.astype(np.int64) // page) * page
+
+    def read(self, sizes_bytes: np.ndarray | Sequence[int]) -> simpy.Event:
+        """Submit one read command per entry of ``sizes_bytes`` at ``env.now``, in order.
+
+        Each size is in bytes, 0 < size <= ``max_io_bytes``; it is rounded up to whole pages
+        (a caller that knows an extent's offset must pass its page span). Returns an event that
+        fires when every command of the batch has completed (already triggered if empty).
+        """
+        moved = self._transfer_bytes(sizes_bytes)
+        self.read_commands += int(moved.size)
+        self.read_bytes += int(moved.sum())
+        return self._submit(
+            moved, self.params.read_command_latency_us, self.params.read_bandwidth_mb_s
+        )
+
+    def write(self, sizes_bytes: np.ndarray | Sequence[int]) -> simpy.Event:
+        """Like :meth:`read` for write commands (same queue, units and link)."""
+        moved = self._transfer_bytes(sizes_bytes)
+        self.write_commands += int(moved.size)
+        self.write_bytes += int(moved.sum())
+        return self._submit(
+            moved, self.params.write_command_latency_us, self.params.write_bandwidth_mb_s
+        )
+
+    def _submit(
+        self, moved_bytes: np.ndarray, latency_us: float, bandwidth_mb_s: float
+    ) -> simpy.Event:
+        raise NotImplementedError
+
+
+class Flash(_FlashBase):
+    """Fast UFS model: queue slots as a counter, inline FIFO unit pool and link, 2 events/command.
+
+    ``read(sizes)`` / ``write(sizes)`` submit a batch at ``env.now`` and return one event for the
+    whole batch. Running counters: ``read_commands``, ``read_bytes``, ``write_commands``,
+    ``write_bytes`` (bytes moved, page-rounded, counted at submission) and ``busy_link_us``
+    (link time of completed transfers).
+
+    Each admitted command is driven by two SimPy ``Timeout`` events (end of its unit time, end of
+    its transfer) whose callbacks advance it; no process or resource event is needed per command,
+    which makes small batches (the engine's per-layer reads) about twice as fast as worker
+    processes that must be woken per batch.
+    """
+
+    def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
+        super().__init__(env, params)
+        # Commands waiting for a queue slot: (latency_us, transfer_us, batch), FIFO.
+        self._pending: deque[tuple[float, float, _Batch]] = deque()
+        self._free_slots = params.queue_depth
+        # Times at which each unit becomes free (min-heap) and the link becomes free.
+        self._unit_free_us = [0.0] * params.parallel_units
+        self._link_free_us = 0.0
+
+    @property
+    def waiting_commands(self) -> int:
+        """Commands submitted but not yet holding a queue slot."""
+        return len(self._pending)
+
+    @property
+    def in_flight_commands(self) -> int:
+        """Commands holding a queue slot (in a unit, waiting for one, or on the link)."""
+        return self.params.queue_depth - self._free_slots
+
+    def _submit(
+        self, moved_bytes: np.ndarray, latency_us: float, bandwidth_mb_s: float
+    ) -> simpy.Event:
+        done = self.env.event()
+        n = int(moved_bytes.size)
+        if n == 0:
+            done.succeed()
+            return done
+        batch = _Batch(n, done)
+        pending = self._pending
+        pending.extend([(latency_us, t, batch) for t in (moved_bytes / bandwidth_mb_s).tolist()])
+        while self._free_slots and pending:
+            self._free_slots -= 1
+            self._start(pending.popleft())
+        return done
+
+    # The three methods below run once per command and dominate the simulator's run time; they
+    # use SimPy's Timeout directly and read ``env._now`` like SimPy's own hot paths.
+
+    def _start(self, command: tuple[float, float, _Batch]) -> None:
+        """A command that just got a slot: FIFO over identical units, take the earliest free."""
+        env = self.env
+        now = env._now
+        unit_free = self._unit_free_us
+        start = unit_free[0]
+        if start < now:
+            start = now
+        unit_done = start + command[0]
+        heapq.heapreplace(unit_free, unit_done)
+        Timeout(env, unit_done - now, command).callbacks.append(self._unit_done)
+
+    def _unit_done(self, event: simpy.Event) -> None:
+        """Unit released; the link serves commands FIFO in order of unit completion."""
+        command = event._value
+        env = self.env
+        now = env._now
+        start = self._link_free_us
+        if start < now:
+            start = now
+        link_done = start + command[1]
+        self._link_free_us = link_done
+        Timeout(env, link_done - now, command).callbacks.append(self._transfer_done)
+
+    def _transfer_done(self, event: simpy.Event) -> None:
+        """Command complete: count it, then hand its slot to the next waiting command."""
+        _, transfer_us, batch = event._value
+        self.busy_link_us += transfer_us
+        batch.remaining -= 1
+        if not batch.remaining:
+            batch.done.succeed()
+        if self._pending:
+            self._start(self._pending.popleft())
+        else:
+            self._free_slots += 1
+
+
+class ResourceFlash(_FlashBase):
+    """Reference UFS model with ``simpy.Resource`` for slots, units and the link.
+
+    Same contract and the same timings as :class:`Flash` (a differential test checks this), about
+    ten times slower: one process and three request/release pairs per command.
+    """
+
+    def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
+        super().__init__(env, params)
+        self.slots = simpy.Resource(env, capacity=params.queue_depth)
+        self.units = simpy.Resource(env, capacity=params.parallel_units)
+        self.link = simpy.Resource(env, capacity=1)
+
+    def _submit(
+        self, moved_bytes: np.ndarray, latency_us: float, bandwidth_mb_s: float
+    ) -> simpy.Event:
+        done = self.env.event()
+        if moved_bytes.size == 0:
+            done.succeed()
+            return done
+        batch = _Batch(int(moved_bytes.size), done)
+        for transfer_us in (moved_bytes / bandwidth_mb_s).tolist():
+            self._command(latency_us, transfer_us, batch)
+        return done
+
+    def _command(self, latency_us: float, transfer_us: float, batch: _Batch) -> None:
+        # Request the slot now (not in the process's first step) so slots go in submission order.
+        slot = self.slots.request()
+        self.env.process(self._run(slot, latency_us, transfer_us, batch))
+
+    def _run(
+        self, slot: simpy.Event, latency_us: float, transfer_us: float, batch: _Batch
+    ) -> Generator[simpy.Event, Any, None]:
+        yield slot
+        with self.units.request() as unit:
+            yield unit
+            yield self.env.timeout(latency_us)
+        with self.link.request() as link:
+            yield link
+            yield self.env.timeout(transfer_us)
+        self.slots.release(slot)
+        self.busy_link_us += transfer_us
+        batch.remaining -= 1
+        if not batch.remaining:
+            batch.done.succeed()
+
+
+def read_bandwidth_curve(
+    params: FlashParams, io_sizes_bytes: Sequence[int] | np.ndarray, n_commands: int = 2000
+) -> list[float]:
+    """Simulated read bandwidth (MB/s of requested bytes) at full queue depth, per I/O size.
+
+    For each size, ``n_commands`` reads are submitted at once to a fresh device (so the queue stays
+    full) and bandwidth is ``n_commands * size / completion time``; the start-up transient (one
+    command latency) costs about ``latency / (n_commands * per-command time)`` of the figure.
+    Used for DynaKV Fig. 3b (bandwidth vs contiguous I/O size).
+    """
+    if n_commands <= 0:
+        raise ValueError(f"n_commands must be > 0, got {n_commands}")
+    result = []
+    for size in np.asarray(io_sizes_bytes).tolist():
+        env = simpy.Environment()
+        flash = Flash(env, params)
+        flash.read(np.full(n_commands, size, dtype=np.int64))
+        env.run()
+        result.append(n_commands * size / env.now)
+    return result
