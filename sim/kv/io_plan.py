@@ -1,0 +1,133 @@
+"""Coalescing KV-entry slots of one flash region into page-granular I/O commands.
+
+Flash reads and writes whole pages. Reading a set of entries means reading every page any of
+them touches (an entry straddles two or more pages when ``entry_bytes`` does not divide
+``page_size`` or exceeds it); touched pages are de-duplicated, runs of consecutive pages become
+one command, and a run longer than ``max_io_bytes`` is split. Every page is accounted once per
+plan. Offsets are relative to the region's start, which the layout guarantees is page-aligned.
+
+Fully vectorised: called once per (decode step, layer, KV head) with hundreds of slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ReadPlan", "plan_reads", "plan_writes"]
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """The flash commands that read a set of entries of one region.
+
+    ``command_bytes``: int64, one per command in address order, each a positive multiple of
+    ``page_size`` and ``<= max_io_bytes``;
+    ``useful_bytes``: distinct entries requested * ``entry_bytes`` (what attention uses; the rest
+    of ``command_bytes.sum()`` is read amplification);
+    ``run_entries``: int64 length, in entries, of each maximal run of consecutive requested
+    slots (the contiguous-access-length distribution of DynaKV Fig. 12);
+    ``command_offset_bytes``: int64 byte offset of each command within the region (page
+    aligned; lets a device model stripe by address and tests check coverage).
+    """
+
+    command_bytes: np.ndarray
+    useful_bytes: int
+    run_entries: np.ndarray
+    command_offset_bytes: np.ndarray
+
+    @property
+    def read_bytes(self) -> int:
+        return int(self.command_bytes.sum())
+
+    @property
+    def n_commands(self) -> int:
+        return int(self.command_bytes.size)
+
+
+def plan_reads(slots: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes: int) -> ReadPlan:
+    """Commands reading the entries at ``slots`` (any order; duplicates count once)."""
+    slots, steps = _sorted_unique(slots)
+    offsets, sizes = _page_commands(slots, entry_bytes, page_size, max_io_bytes)
+    if slots.size:
+        # A new run starts wherever the next requested slot is not the adjacent one.
+        starts = np.flatnonzero(steps != 1) + 1
+        bounds = np.concatenate(([0], starts, [slots.size]))
+        run_entries = np.diff(bounds).astype(np.int64)
+    else:
+        run_entries = np.zeros(0, dtype=np.int64)
+    return ReadPlan(
+        command_bytes=sizes,
+        useful_bytes=int(slots.size) * int(entry_bytes),
+        run_entries=run_entries,
+        command_offset_bytes=offsets,
+    )
+
+
+def plan_writes(
+    slots: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes: int
+) -> np.ndarray:
+    """Command sizes (int64, address order) that write the entries at ``slots``.
+
+    Every touched page is written whole (a sub-page append rewrites its page: real write
+    amplification), adjacent pages are coalesced, commands split at ``max_io_bytes``.
+    """
+    slots, _ = _sorted_unique(slots)
+    return _page_commands(slots, entry_bytes, page_size, max_io_bytes)[1]
+
+
+def _sorted_unique(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slots as sorted unique int64, plus their successive differences."""
+    slots = np.asarray(slots)
+    if slots.size and not np.issubdtype(slots.dtype, np.integer):
+        raise ValueError(f"slots must be integers, got dtype {slots.dtype}")
+    slots = slots.astype(np.int64, copy=False).reshape(-1)
+    steps = np.diff(slots)
+    # Callers usually pass sorted unique slots; only pay for np.unique when they do not.
+    if (steps <= 0).any():
+        slots = np.unique(slots)
+        steps = np.diff(slots)
+    if slots.size and slots[0] < 0:
+        raise ValueError(f"slots must be >= 0, got {slots[0]}")
+    return slots, steps
+
+
+def _page_commands(
+    slots: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, sizes) of the commands covering the pages touched by sorted unique ``slots``."""
+    if entry_bytes <= 0:
+        raise ValueError(f"entry_bytes must be > 0, got {entry_bytes}")
+    if page_size <= 0:
+        raise ValueError(f"page_size must be > 0, got {page_size}")
+    if max_io_bytes < page_size:
+        raise ValueError(f"max_io_bytes must be >= page_size ({page_size}), got {max_io_bytes}")
+    if slots.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    max_pages = max_io_bytes // page_size
+    first_byte = slots * entry_bytes
+    first_page = first_byte // page_size
+    last_page = (first_byte + entry_bytes - 1) // page_size
+    # Slots are sorted, so both page bounds are non-decreasing: entry i starts a new page run
+    # exactly when its first page is beyond the previous entry's last page + 1.
+    new_run = np.empty(slots.size, dtype=bool)
+    new_run[0] = True
+    np.greater(first_page[1:], last_page[:-1] + 1, out=new_run[1:])
+    run_start_idx = np.flatnonzero(new_run)
+    run_first_page = first_page[run_start_idx]
+    run_last_page = last_page[np.append(run_start_idx[1:] - 1, slots.size - 1)]
+    run_pages = run_last_page - run_first_page + 1
+    # Split each run into ceil(pages / max_pages) commands: all full-size but the last.
+    n_cmds = -(-run_pages // max_pages)
+    total = int(n_cmds.sum())
+    sizes = np.full(total, max_pages, dtype=np.int64)
+    last_cmd = np.cumsum(n_cmds) - 1
+    sizes[last_cmd] = run_pages - (n_cmds - 1) * max_pages
+    # Offset of command k = its run's first page + (k - index of the run's first command) * max.
+    run_of_cmd = np.repeat(np.arange(run_pages.size), n_cmds)
+    first_cmd = last_cmd - n_cmds + 1
+    within = np.arange(total, dtype=np.int64) - first_cmd[run_of_cmd]
+    offsets = (run_first_page[run_of_cmd] + within * max_pages) * page_size
+    return offsets, sizes * page_size

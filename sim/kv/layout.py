@@ -1,0 +1,167 @@
+"""Where each KV entry of one (layer, KV head) lives in its flash region.
+
+Every (layer, KV head) owns a page-aligned flash region of ``max_positions`` entry slots; slot
+``s`` is the byte range ``[s * entry_bytes, (s + 1) * entry_bytes)`` of the region. A layout maps
+token positions to slots. It is a bijection between the positions placed so far and their slots:
+no entry is lost or stored twice.
+
+Usage (one instance per (layer, KV head)): ``place_prefill`` once, then ``place_append`` for each
+decode token in sequence order (position ``P``, ``P + 1``, ...), and ``slots`` at any time for
+placed positions. Members are dataclasses registered in :data:`LAYOUTS`; the engine builds them
+with ``LAYOUTS.get(name)(max_positions=..., **params)`` where ``params`` are the YAML
+hyperparameters, so ``max_positions`` is always the first field.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sim.registry import Registry
+
+__all__ = ["LAYOUTS", "ClusterLayout", "FlashLayout", "SequenceLayout"]
+
+_UNPLACED = -1
+
+
+@dataclass(eq=False)
+class FlashLayout(ABC):
+    """Base of every flash layout of one (layer, KV head) region.
+
+    ``max_positions``: slots in the region (the trace's final context length).
+
+    The base validates arguments and keeps the position -> slot table; subclasses implement
+    :meth:`_prefill_slots` and :meth:`_append_slot`. ``place_prefill``/``place_append`` may be
+    overridden by layouts that need more (e.g. the dual-head layout's pools).
+    """
+
+    max_positions: int
+    _slot_of: np.ndarray = field(init=False, repr=False)
+    _n_placed: int = field(init=False, repr=False, default=0)
+    _prompt_len: int | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_positions, bool) or not isinstance(
+            self.max_positions, (int, np.integer)
+        ):
+            raise ValueError(f"max_positions must be an int, got {self.max_positions!r}")
+        if self.max_positions <= 0:
+            raise ValueError(f"max_positions must be > 0, got {self.max_positions}")
+        self.max_positions = int(self.max_positions)
+        self._slot_of = np.full(self.max_positions, _UNPLACED, dtype=np.int64)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def n_placed(self) -> int:
+        """Positions placed so far; they are exactly ``[0, n_placed)``."""
+        return self._n_placed
+
+    @property
+    def prompt_len(self) -> int | None:
+        """The prefill length, or ``None`` before :meth:`place_prefill`."""
+        return self._prompt_len
+
+    def place_prefill(self, prompt_len: int, groups: np.ndarray | None) -> None:
+        """Place the prompt's positions ``[0, prompt_len)``; call once, before any append.
+
+        ``groups``: int label of each prefill position (length ``prompt_len``), e.g. the cluster
+        of a cluster-based policy; any int is a label (-1 is just another group). ``None``: no
+        grouping.
+        """
+        if self._prompt_len is not None:
+            raise ValueError(f"place_prefill already called (prompt_len={self._prompt_len})")
+        if not 0 <= prompt_len <= self.max_positions:
+            raise ValueError(f"prompt_len must be in [0, {self.max_positions}], got {prompt_len}")
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (prompt_len,):
+                raise ValueError(f"groups must have shape ({prompt_len},), got {groups.shape}")
+            if groups.size and not np.issubdtype(groups.dtype, np.integer):
+                raise ValueError(f"groups must be integer labels, got dtype {groups.dtype}")
+        slots = np.asarray(self._prefill_slots(prompt_len, groups), dtype=np.int64)
+        self._slot_of[:prompt_len] = slots
+        self._prompt_len = prompt_len
+        self._n_placed = prompt_len
+
+    def place_append(self, position: int, group: int | None) -> int:
+        """Place one decode token's entry (``position == n_placed``); return its slot."""
+        if self._prompt_len is None:
+            raise ValueError("place_append before place_prefill (use place_prefill(0, None))")
+        if position != self._n_placed:
+            raise ValueError(
+                f"decode tokens are appended in sequence order: expected position"
+                f" {self._n_placed}, got {position}"
+            )
+        if position >= self.max_positions:
+            raise ValueError(f"region full: position {position} >= max_positions")
+        slot = int(self._append_slot(position, group))
+        self._slot_of[position] = slot
+        self._n_placed += 1
+        return slot
+
+    def slots(self, positions: np.ndarray) -> np.ndarray:
+        """Slots (int64) of placed ``positions`` (vectorised, same shape)."""
+        positions = np.asarray(positions)
+        if positions.size == 0:
+            return np.zeros(positions.shape, dtype=np.int64)
+        # Placed positions are exactly [0, n_placed), so a min/max check is the whole validation.
+        lo, hi = positions.min(), positions.max()
+        if lo < 0 or hi >= self._n_placed:
+            raise ValueError(f"positions must be placed, in [0, {self._n_placed}); got {lo}..{hi}")
+        return self._slot_of[positions]
+
+    # ------------------------------------------------------------------ subclass surface
+
+    @abstractmethod
+    def _prefill_slots(self, prompt_len: int, groups: np.ndarray | None) -> np.ndarray:
+        """Slot of each prefill position ``0..prompt_len-1``: a permutation of distinct slots."""
+
+    @abstractmethod
+    def _append_slot(self, position: int, group: int | None) -> int:
+        """Slot of the decode token at ``position`` (not used by any placed position)."""
+
+
+LAYOUTS: Registry[FlashLayout] = Registry("flash layout")
+
+
+@LAYOUTS.register("sequence")
+@dataclass(eq=False)
+class SequenceLayout(FlashLayout):
+    """Sequence order: slot = position (what llama.cpp-style KV offloading does)."""
+
+    def _prefill_slots(self, prompt_len: int, groups: np.ndarray | None) -> np.ndarray:
+        return np.arange(prompt_len, dtype=np.int64)
+
+    def _append_slot(self, position: int, group: int | None) -> int:
+        return position
+
+
+@LAYOUTS.register("cluster")
+@dataclass(eq=False)
+class ClusterLayout(FlashLayout):
+    """Intra-cluster contiguity (DynaKV, arXiv 2511.07427, §4.2 "intra-cluster").
+
+    Prefill positions are grouped by label; the groups are laid out one after another in the
+    order of their smallest position, positions ascending within a group. Decode tokens go to a
+    log after the prefill area in sequence order: a plain cluster-contiguous layout has no room
+    to grow a cluster in place (DynaKV's dual-head layout fixes that; not this class). With
+    ``groups=None`` it is :class:`SequenceLayout`.
+    """
+
+    def _prefill_slots(self, prompt_len: int, groups: np.ndarray | None) -> np.ndarray:
+        if groups is None or prompt_len == 0:
+            return np.arange(prompt_len, dtype=np.int64)
+        _, first_pos, inverse = np.unique(groups, return_index=True, return_inverse=True)
+        # np.unique's return_index is the first occurrence = the group's smallest position.
+        group_start = first_pos[inverse.reshape(-1)]
+        order = np.lexsort((np.arange(prompt_len), group_start))  # positions in slot order
+        slot_of = np.empty(prompt_len, dtype=np.int64)
+        slot_of[order] = np.arange(prompt_len, dtype=np.int64)
+        return slot_of
+
+    def _append_slot(self, position: int, group: int | None) -> int:
+        # The log starts right after the prefill area and grows one slot per decode token.
+        return position
