@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -142,3 +143,199 @@ class RetrievalPolicy(ABC):
     def min_context(self) -> int:
         """The smallest context length the policy's settings make sense for (config check)."""
         return 1
+
+
+# --------------------------------------------------------------------------------------------
+# Exact decode attention (shared by oracle policies and sim.metrics.accuracy)
+# --------------------------------------------------------------------------------------------
+
+
+def decode_attention_weights(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    prompt_len: int,
+    start: int,
+    stop: int,
+    out: np.ndarray | None = None,
+    logits_out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Unnormalised exact softmax weights of decode steps ``[start, stop)``, all heads at once.
+
+    ``queries``: (H_q, S, d); ``keys``: (H_kv, >= P + stop, d), float32 preferably (any other
+    dtype is converted); query head ``q`` reads KV head ``q // (H_q // H_kv)``.
+
+    Returns ``(weights, norm, logits)``. ``weights`` (H_kv, G, C, P + stop) float32 holds
+    ``exp(q.k / sqrt(d) - rowmax)`` over positions ``[0, P + s]`` (the step's own key included),
+    floored at ``e^-80``, and exactly 0 after it; ``norm`` (H_kv, G, C) is the row sum, so
+    ``weights / norm`` is the softmax. ``logits`` is ``None`` unless ``logits_out`` is given:
+    then the shifted logits ``q.k / sqrt(d) - rowmax`` (-inf after the step's own position) are
+    kept there, same shape, unclamped (so ranking by them has no ties from the floor).
+    ``out`` / ``logits_out``: optional float32 buffers of at least ``H_kv * G * C * (P + stop)``
+    elements, reused across chunks to save page faults.
+    """
+    n_q, _, head_dim = queries.shape
+    n_kv = keys.shape[0]
+    group = n_q // n_kv
+    steps = stop - start
+    width = prompt_len + stop
+    shape = (n_kv, group * steps, width)
+
+    def buffer(buf: np.ndarray | None) -> np.ndarray:
+        if buf is None:
+            return np.empty(shape, np.float32)
+        return buf.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+    q = np.asarray(queries[:, start:stop], dtype=np.float32) * np.float32(1.0 / math.sqrt(head_dim))
+    q = q.reshape(n_kv, group * steps, head_dim)
+    k = np.asarray(keys[:, :width], dtype=np.float32)
+    w = buffer(out)
+    logits = w if logits_out is None else buffer(logits_out)
+    np.matmul(q, k.transpose(0, 2, 1), out=logits)
+    # Causality only bites in the trailing steps x steps block: step r sees P + start + r.
+    rows, cols = np.triu_indices(steps, 1)
+    future = (slice(None), slice(None), rows, prompt_len + start + cols)
+    logits4 = logits.reshape(n_kv, group, steps, width)
+    logits4[future] = -np.inf
+    logits -= logits.max(axis=-1, keepdims=True)
+    # Floor at e^-80 so exp never yields float32 subnormals: such a weight is noise next to the
+    # row max's 1, but subnormals make the later matmuls ~50x slower on x86.
+    np.maximum(logits, np.float32(-80.0), out=w)
+    np.exp(w, out=w)
+    w4 = w.reshape(n_kv, group, steps, width)
+    w4[future] = 0.0
+    return w4, w4.sum(axis=-1), (None if logits_out is None else logits4)
+
+
+# --------------------------------------------------------------------------------------------
+# Budgeted retrieval: the base owns budget, sinks and recent window; subclasses only score
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerIndex:
+    """What a :class:`BudgetedPolicy` builds once per layer.
+
+    ``score_steps(start, stop)`` returns token scores (H_kv, stop - start, P + stop), higher
+    = attended first; entries at or after a step's own position are ignored. Ties are broken
+    arbitrarily, so encode any secondary order (e.g. position inside a cluster) in the score.
+    The array must be fresh and floating-point (float32 is fine if it ranks exactly): the base
+    overwrites it in place to mark forced and invisible positions.
+    ``index_vectors``, ``prefill_groups``, ``append_groups``: as in :class:`LayerSelection`.
+    """
+
+    score_steps: Callable[[int, int], np.ndarray]
+    index_vectors: np.ndarray
+    prefill_groups: np.ndarray | None = None
+    append_groups: np.ndarray | None = None
+
+
+def check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+@dataclass
+class BudgetedPolicy(RetrievalPolicy):
+    """A retrieval policy that attends a fixed token budget per (step, KV head).
+
+    The base resolves the budget at each step's context length, forces the attention sinks
+    ``[0, sink_tokens)`` and the recent window ``[P + s - recent_tokens, P + s)`` into the
+    selection (they count toward the budget) and fills the rest with the highest-scoring
+    positions from :meth:`index_layer`. If a fractional budget resolves below the forced set,
+    sinks are kept first, then the newest recent tokens.
+
+    Parameters (inherited by every subclass):
+        budget (int | float, default 1024): tokens per step and KV head; a float in (0, 1] is a
+            fraction of the step's context length (rounded up).
+        sink_tokens (int, default 0): leading positions always attended.
+        recent_tokens (int, default 0): newest stored positions always attended.
+    """
+
+    budget: float = 1024
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+
+    #: decode steps scored together; bounds the (H_kv, steps, context) score buffers.
+    score_chunk_steps: ClassVar[int] = 32
+
+    def __post_init__(self) -> None:
+        validate_budget(self.budget)
+        check_count("sink_tokens", self.sink_tokens)
+        check_count("recent_tokens", self.recent_tokens)
+        forced = self.sink_tokens + self.recent_tokens
+        if self.token_budget is not None and forced > self.token_budget:
+            raise ValueError(
+                f"sink_tokens + recent_tokens (={forced}) exceed budget (={self.budget})"
+            )
+
+    @property
+    def token_budget(self) -> int | None:
+        """The budget in tokens if it is a count, ``None`` if it is a fraction."""
+        if isinstance(self.budget, float) and self.budget <= 1.0:
+            return None
+        return int(self.budget)
+
+    def min_context(self) -> int:
+        return self.token_budget or 1
+
+    def budget_at(self, context_len: int) -> int:
+        return tokens_for_budget(self.budget, context_len)
+
+    @abstractmethod
+    def index_layer(self, ctx: LayerContext) -> LayerIndex:
+        """Build the layer's index (clusters, pages...) and return its scorer."""
+
+    def select_layer(self, ctx: LayerContext) -> LayerSelection:
+        index = self.index_layer(ctx)
+        n_kv, n_steps, prompt = ctx.n_kv_heads, ctx.decode_steps, ctx.prompt_len
+        per_head: list[list[np.ndarray]] = [[] for _ in range(n_kv)]
+        for start in range(0, n_steps, self.score_chunk_steps):
+            stop = min(n_steps, start + self.score_chunk_steps)
+            scores = index.score_steps(start, stop)
+            for h in range(n_kv):
+                per_head[h].extend(self._fill(scores[h], prompt, start))
+        heads = [HeadSelections.from_lists(rows) for rows in per_head]
+        return LayerSelection(heads, index.index_vectors, index.prefill_groups, index.append_groups)
+
+    def _fill(self, scores: np.ndarray, prompt: int, start: int) -> list[np.ndarray]:
+        """Top-budget positions of each row of ``scores`` (steps, P + stop), forced first."""
+        n_rows, width = scores.shape
+        context = prompt + start + np.arange(n_rows)
+        budgets = np.array([self.budget_at(int(c)) for c in context])
+        if not np.issubdtype(scores.dtype, np.floating):
+            scores = scores.astype(np.float64)
+        # Forced and invisible positions: the sinks are a column block; the recent window and
+        # the step's own/future positions form a band in the trailing columns.
+        scores[:, : self.sink_tokens] = np.inf
+        lo = max(0, prompt + start - self.recent_tokens)
+        rel = np.arange(lo, width)[None, :] - context[:, None]
+        tail = scores[:, lo:]
+        tail[rel >= -self.recent_tokens] = np.inf
+        tail[rel >= 0] = -np.inf
+        rows: list[np.ndarray] = [np.empty(0, np.int32)] * n_rows
+        for k in np.unique(budgets):
+            members = np.flatnonzero(budgets == k)
+            plain = []
+            for r in members:
+                c = int(context[r])
+                if k >= c:
+                    rows[r] = np.arange(c, dtype=np.int32)
+                elif k < self._n_forced(c):
+                    rows[r] = self._forced_prefix(c, int(k))
+                else:
+                    plain.append(r)
+            if plain:
+                top = np.argpartition(scores[plain], width - k, axis=-1)[:, width - k :]
+                top.sort(axis=-1)
+                for r, sel in zip(plain, top.astype(np.int32), strict=True):
+                    rows[r] = sel
+        return rows
+
+    def _n_forced(self, context_len: int) -> int:
+        return min(context_len, self.sink_tokens + self.recent_tokens)
+
+    def _forced_prefix(self, context_len: int, k: int) -> np.ndarray:
+        sinks = np.arange(min(self.sink_tokens, context_len))
+        recent = np.arange(context_len - 1, max(-1, context_len - 1 - self.recent_tokens), -1)
+        order = np.concatenate([sinks, recent[~np.isin(recent, sinks)]])
+        return np.sort(order[:k]).astype(np.int32)

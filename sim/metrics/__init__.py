@@ -1,0 +1,1 @@
+"""Metrics computed from a run: accuracy of selections against exact attention."""

@@ -1,0 +1,226 @@
+"""Accuracy of a policy's selection against exact attention, per (query head, decode step).
+
+Pure numpy and vectorised over a chunk of decode steps: the pass costs about twice the exact
+softmax attention it is measured against (see ``benchmarks/bench_accuracy.py``). Memory is the
+layer's keys and values in float32 plus a few (H_q, chunk_steps, context) float32 buffers.
+
+Definitions (DESIGN.md section 6), for query head ``q`` at decode step ``s`` with its KV head
+``h = q // group``, stored context ``[0, P + s)`` and the current token ``P + s``:
+
+* ``attention_recall``: share of the exact softmax mass over ``[0, P + s]`` (scaled by
+  ``1 / sqrt(d)``) that falls on ``h``'s selected positions plus the current token, which is
+  always attended;
+* ``topk_recall``: ``|selected & top_k| / k`` with ``k`` the number of selected positions and
+  ``top_k`` the ``k`` stored positions of highest attention probability for ``q`` (ties count
+  for the selection); 1.0 when ``k`` is 0 or the whole context;
+* ``output_rel_error``: ``||o_sel - o_full|| / ||o_full||`` with ``o_sel`` the softmax restricted
+  to selected + current, renormalised;
+* ``n_selected``: ``k`` (the full context for full attention).
+
+Weights below ``e^-80`` of a row's maximum are floored there (no float32 subnormals, which slow
+the matmuls ~50x); the top-k is ranked by logit, which orders exactly like the probability.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sim.policies.base import HeadSelections, LayerSelection, decode_attention_weights
+
+METRICS = ("attention_recall", "topk_recall", "output_rel_error", "n_selected")
+
+
+def layer_accuracy(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    prompt_len: int,
+    selection: LayerSelection,
+    chunk_steps: int = 32,
+) -> dict[str, np.ndarray]:
+    """Accuracy metrics of one layer's selection, each an array of shape (H_q, S).
+
+    ``queries``: (H_q, S, d); ``keys``/``values``: (H_kv, P + S, d), any float dtype (float16
+    memmaps are converted once to float32). ``selection.heads`` must hold one
+    :class:`HeadSelections` per KV head with S steps; raises ValueError if a step's positions are
+    not sorted, unique and inside ``[0, P + s)``.
+    """
+    n_q, n_steps, head_dim = queries.shape
+    n_kv = keys.shape[0]
+    _check_shapes(queries, keys, values, prompt_len)
+    if chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    group = n_q // n_kv
+    context = prompt_len + np.arange(n_steps)
+    if selection.is_full:
+        # Full attention is the reference itself: exact by definition, no arithmetic needed.
+        ones = np.ones((n_q, n_steps))
+        return {
+            "attention_recall": ones,
+            "topk_recall": ones.copy(),
+            "output_rel_error": np.zeros((n_q, n_steps)),
+            "n_selected": np.broadcast_to(context, (n_q, n_steps)).astype(np.int64),
+        }
+    heads = selection.heads
+    if len(heads) != n_kv:
+        raise ValueError(f"selection has {len(heads)} KV heads, trace layer has {n_kv}")
+    counts = np.stack([_validated_counts(h, n_steps, prompt_len) for h in heads])  # (H_kv, S)
+    # Step of every flat selection entry, to scatter/gather a chunk's entries in one shot.
+    entry_step = [np.repeat(np.arange(n_steps, dtype=np.int64), c) for c in counts]
+
+    k32 = np.asarray(keys, dtype=np.float32)
+    v32 = np.asarray(values, dtype=np.float32)
+    recall = np.ones((n_kv, group, n_steps))
+    topk = np.ones((n_kv, group, n_steps))
+    error = np.zeros((n_kv, group, n_steps))
+    max_width = prompt_len + n_steps
+    max_rows = n_kv * group * min(chunk_steps, n_steps)
+    # Two reused buffers: weights, and logits (ranked for the top-k, then reused for the
+    # selected weights). Fresh 10 MB arrays per chunk would cost more in page faults than math.
+    buf_w = np.empty(max_rows * max_width, np.float32)
+    buf_l = np.empty(max_rows * max_width, np.float32)
+    buf_mask = np.empty(n_kv * min(chunk_steps, n_steps) * max_width, np.float32)
+
+    for start in range(0, n_steps, chunk_steps):
+        stop = min(n_steps, start + chunk_steps)
+        steps, width = stop - start, prompt_len + stop
+        w, norm, logits = decode_attention_weights(
+            queries, k32, prompt_len, start, stop, out=buf_w, logits_out=buf_l
+        )
+        flat_rows, flat_pos = [], []  # per head: chunk row and position of every entry
+        for h, sel in enumerate(heads):
+            lo, hi = sel.offsets[start], sel.offsets[stop]
+            flat_rows.append(entry_step[h][lo:hi] - start)
+            flat_pos.append(sel.positions[lo:hi].astype(np.int64))
+
+        topk[:, :, start:stop] = _topk_recall(
+            logits, counts[:, start:stop], context[start:stop], flat_rows, flat_pos, start
+        )
+
+        # Selection mask (H_kv, steps, width), current token included, one scatter per chunk.
+        mask = buf_mask[: n_kv * steps * width].reshape(n_kv, steps, width)
+        mask.fill(0.0)
+        cur = np.arange(steps)
+        pairs = enumerate(zip(flat_rows, flat_pos, strict=True))
+        scatter = [(h * steps + r) * width + p for h, (r, p) in pairs]
+        scatter.append(
+            ((np.arange(n_kv)[:, None] * steps + cur) * width + prompt_len + start + cur).ravel()
+        )
+        mask.reshape(-1)[np.concatenate(scatter)] = 1.0
+
+        sel_w = np.multiply(w, mask[:, None], out=logits)  # the logits are spent: reuse
+        sel_norm = sel_w.sum(axis=-1)
+        flat_shape = (n_kv, group * steps, width)
+        v = v32[:, :width]
+        out_full = np.matmul(w.reshape(flat_shape), v).reshape(n_kv, group, steps, head_dim)
+        out_sel = np.matmul(sel_w.reshape(flat_shape), v).reshape(n_kv, group, steps, head_dim)
+        out_full /= norm[..., None]
+        out_sel /= sel_norm[..., None]
+        ref = np.linalg.norm(out_full, axis=-1)
+        diff = np.linalg.norm(out_sel - out_full, axis=-1)
+        recall[:, :, start:stop] = sel_norm / norm
+        error[:, :, start:stop] = np.divide(diff, ref, out=np.zeros_like(diff), where=ref > 0)
+
+    def per_query_head(a: np.ndarray) -> np.ndarray:
+        return a.reshape(n_q, n_steps)
+
+    return {
+        "attention_recall": per_query_head(np.minimum(recall, 1.0)),
+        "topk_recall": per_query_head(topk),
+        "output_rel_error": per_query_head(error),
+        "n_selected": np.repeat(counts, group, axis=0).astype(np.int64),
+    }
+
+
+def _topk_recall(
+    logits: np.ndarray,
+    k: np.ndarray,
+    context: np.ndarray,
+    flat_rows: list[np.ndarray],
+    flat_pos: list[np.ndarray],
+    start: int,
+) -> np.ndarray:
+    """Top-k recall of a chunk; destroys ``logits`` (H_kv, G, steps, width) by partitioning.
+
+    Ranks by logit (same order as probability, but without the ties the e^-80 weight floor
+    creates, which make ``np.partition`` ~15x slower). The k-th largest stored logit of each row
+    is the threshold; a selected position is in the top-k iff it reaches it (clipped to k, so
+    ties favour the selection).
+    """
+    n_kv, group, steps, width = logits.shape
+    result = np.ones((n_kv, group, steps))
+    needed = (k > 0) & (k < context[None, :])  # (H_kv, steps); the rest are 1.0 by definition
+    if not needed.any():
+        return result
+    # Gather the selected logits before partitioning scrambles the rows.
+    picked = [
+        logits[h].reshape(group, steps * width)[:, r * width + p]
+        for h, (r, p) in enumerate(zip(flat_rows, flat_pos, strict=True))
+    ]
+    # The current token (and later positions, already -inf) are not candidates.
+    first_current = width - steps
+    logits[:, :, np.arange(steps), first_current + np.arange(steps)] = -np.inf
+    flat = logits.reshape(n_kv * group * steps, width)
+    row_k = np.repeat(k[:, None, :], group, axis=1).reshape(-1)
+    row_needed = np.repeat(needed[:, None, :], group, axis=1).reshape(-1)
+    threshold = np.empty(flat.shape[0], np.float32)
+    ks = np.unique(row_k[row_needed])
+    if len(ks) == 1 and row_needed.all():
+        # Common case (token budget, long context): partition the whole chunk in place.
+        kth = width - int(ks[0])
+        flat.partition(kth, axis=-1)
+        threshold[:] = flat[:, kth]
+    else:
+        for kk in ks:
+            members = np.flatnonzero(row_needed & (row_k == kk))
+            sub = flat[members]
+            kth = width - int(kk)
+            sub.partition(kth, axis=-1)
+            threshold[members] = sub[:, kth]
+    threshold = threshold.reshape(n_kv, group, steps)
+    for h in range(n_kv):
+        hits = picked[h] >= threshold[h][:, flat_rows[h]]  # (G, entries)
+        cum = np.zeros((group, hits.shape[1] + 1), np.int64)
+        np.cumsum(hits, axis=1, out=cum[:, 1:])
+        bounds = np.concatenate([[0], np.cumsum(k[h])])
+        found = cum[:, bounds[1:]] - cum[:, bounds[:-1]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rec = np.minimum(found, k[h]) / k[h]
+        result[h] = np.where(needed[h], rec, 1.0)
+    return result
+
+
+def _check_shapes(
+    queries: np.ndarray, keys: np.ndarray, values: np.ndarray, prompt_len: int
+) -> None:
+    n_q, n_steps, head_dim = queries.shape
+    if keys.shape != values.shape:
+        raise ValueError(f"keys {keys.shape} and values {values.shape} differ in shape")
+    n_kv, n_pos, key_dim = keys.shape
+    if n_kv == 0 or n_q % n_kv:
+        raise ValueError(f"{n_q} query heads do not group over {n_kv} KV heads")
+    if key_dim != head_dim:
+        raise ValueError(f"query head_dim {head_dim} != key head_dim {key_dim}")
+    if prompt_len < 1 or n_pos != prompt_len + n_steps:
+        raise ValueError(
+            f"keys hold {n_pos} positions, expected prompt_len + steps = {prompt_len + n_steps}"
+        )
+
+
+def _validated_counts(sel: HeadSelections, n_steps: int, prompt_len: int) -> np.ndarray:
+    """Per-step selection sizes of one head, after checking the CSR contract (O(entries))."""
+    offsets = np.asarray(sel.offsets)
+    if offsets.shape != (n_steps + 1,) or offsets[0] != 0:
+        raise ValueError(f"selection offsets must have {n_steps + 1} entries starting at 0")
+    counts = np.diff(offsets)
+    if (counts < 0).any() or offsets[-1] != len(sel.positions):
+        raise ValueError("selection offsets are not a valid CSR index of positions")
+    pos = np.asarray(sel.positions, dtype=np.int64)
+    step = np.repeat(np.arange(n_steps), counts)
+    if len(pos) and (pos.min() < 0 or (pos >= prompt_len + step).any()):
+        raise ValueError("a selected position lies outside its step's stored context [0, P + s)")
+    inner = np.ones(len(pos), bool)
+    inner[offsets[:-1][counts > 0]] = False  # first entry of each step has no predecessor
+    if (np.diff(pos, prepend=-1)[inner] <= 0).any():
+        raise ValueError("selected positions must be sorted and unique within each step")
+    return counts

@@ -1,0 +1,28 @@
+"""Full attention from DRAM: the accuracy reference and the latency baseline without flash."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import POLICIES
+from .base import LayerContext, LayerSelection, RetrievalPolicy
+
+
+@POLICIES.register("full")
+@dataclass
+class FullAttention(RetrievalPolicy):
+    """Every stored position at every step; no index (``index_vectors`` all 0).
+
+    The reference every accuracy metric is measured against (recall 1, output error 0). It has
+    no parameters.
+    """
+
+    # Full attention reads everything regardless of the query, so reads may start early.
+    selection_needs_query = False
+
+    def select_layer(self, ctx: LayerContext) -> LayerSelection:
+        return LayerSelection(
+            heads=None, index_vectors=np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64)
+        )

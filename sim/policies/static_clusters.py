@@ -1,0 +1,179 @@
+"""Cluster retrieval with static update: prefill k-means, decode tokens join the nearest cluster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+
+from . import POLICIES
+from .base import BudgetedPolicy, LayerContext, LayerIndex, check_count
+
+DISTANCES = ("euclidean", "cosine")
+
+
+@POLICIES.register("static_clusters")
+@dataclass
+class StaticClusters(BudgetedPolicy):
+    """PQCache-style static update (Zhang et al., SIGMOD 2025, arXiv 2407.12820) with
+    ClusterKV's cluster retrieval (Liu et al., DAC 2025, arXiv 2412.03213); DynaKV's static
+    update baseline (arXiv 2511.07427).
+
+    Per KV head, k-means clusters the prefill keys (sinks excluded: they form their own group,
+    label ``n_clusters``, always attended). A cluster's representative is the mean of its
+    members' raw keys. Each decode token joins the cluster of the nearest centroid as soon as
+    it is generated; centroids stay fixed (PQCache reuses its prefill codebooks), which is what
+    lets variance grow under distribution shift. At step ``s`` the group's mean query is scored
+    against the representatives by inner product; clusters are taken in that order until the
+    budget is filled (forced sinks and recent tokens count once). The last cluster is truncated
+    to its *earliest* positions: a cluster is stored contiguously in join order, so a truncated
+    read is one prefix of its extent, while ranking inside it would need keys that are on flash
+    (ClusterKV truncates without ranking too). ``index_vectors[h, s]`` = number of clusters.
+
+    Parameters:
+        budget (int | float, default 1024): tokens per step and KV head (ClusterKV's 1024), or a
+            fraction in (0, 1] of the context.
+        sink_tokens (int, default 16): leading positions always attended (ClusterKV keeps 16).
+        recent_tokens (int, default 32): newest positions always attended (PQCache keeps 32).
+        tokens_per_cluster (int, default 80): prefill clusters = round(clustered keys / this),
+            ClusterKV's L/80 rule; ignored if ``n_clusters`` is set.
+        n_clusters (int | None, default None): a fixed prefill cluster count (capped by the
+            number of clustered keys).
+        distance (str, default "euclidean"): "euclidean" (PQCache's k-means) or "cosine"
+            (ClusterKV: k-means on L2-normalised keys).
+        max_iter (int, default 20): Lloyd iterations (ClusterKV runs 20 from random keys).
+        update_centroids (bool, default False): if True, centroids and representatives become
+            running means that include the decode tokens that joined (still no splitting).
+    """
+
+    budget: float = 1024
+    sink_tokens: int = 16
+    recent_tokens: int = 32
+    tokens_per_cluster: int = 80
+    n_clusters: int | None = None
+    distance: str = "euclidean"
+    max_iter: int = 20
+    update_centroids: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("tokens_per_cluster", "max_iter"):
+            value = getattr(self, name)
+            check_count(name, value)
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.n_clusters is not None:
+            check_count("n_clusters", self.n_clusters)
+            if self.n_clusters < 1:
+                raise ValueError(f"n_clusters must be >= 1, got {self.n_clusters}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if not isinstance(self.update_centroids, bool):
+            raise ValueError(f"update_centroids must be a bool, got {self.update_centroids!r}")
+
+    def min_context(self) -> int:
+        return max(super().min_context(), self.sink_tokens + 1)
+
+    def index_layer(self, ctx: LayerContext) -> LayerIndex:
+        prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
+        if prompt <= self.sink_tokens:
+            raise ValueError(f"prompt of {prompt} tokens leaves nothing to cluster past the sinks")
+        keys = np.asarray(ctx.keys, dtype=np.float32)
+        queries = np.asarray(ctx.queries, dtype=np.float32)
+        group_query = queries.reshape(n_kv, ctx.group_size, n_steps, queries.shape[2]).mean(axis=1)
+        labels = np.empty((n_kv, prompt + n_steps), np.int32)
+        cluster_scores, counts = [], []
+        for h in range(n_kv):
+            lab, scores = self._cluster_head(keys[h], group_query[h], prompt, ctx.rng)
+            labels[h] = lab
+            cluster_scores.append(scores)
+            counts.append(scores.shape[1])
+
+        def score_steps(start: int, stop: int) -> np.ndarray:
+            width = prompt + stop
+            out = np.empty((n_kv, stop - start, width), np.float64)
+            # Lexicographic (cluster rank, earliest position) packed into one exact number
+            # (integers below 2^53): priority * (width + 1) + (width - position).
+            within = np.arange(width, 0, -1, dtype=np.float64)
+            for h in range(n_kv):
+                scores = cluster_scores[h][start:stop]
+                priority = np.zeros((stop - start, counts[h] + 1))  # last column: the sinks
+                order = np.argsort(-scores, axis=1, kind="stable")
+                ranks = np.arange(counts[h], 0, -1, dtype=np.float64)[None, :] * (width + 1)
+                np.put_along_axis(priority, order, ranks, axis=1)
+                np.add(priority[:, labels[h, :width]], within, out=out[h])
+            return out
+
+        n_clusters = np.asarray(counts, np.int64)
+        return LayerIndex(
+            score_steps,
+            index_vectors=np.repeat(n_clusters[:, None], n_steps, axis=1),
+            prefill_groups=labels[:, :prompt].copy(),
+            append_groups=labels[:, prompt:].copy(),
+        )
+
+    def _cluster_head(
+        self, keys: np.ndarray, group_query: np.ndarray, prompt: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Labels of every position (sinks = n_clusters) and cluster scores (S, n_clusters)."""
+        space = self._space(keys)
+        clustered = space[self.sink_tokens : prompt]
+        wanted = self.n_clusters or max(1, round(len(clustered) / self.tokens_per_cluster))
+        wanted = min(wanted, len(clustered))
+        seed = int(rng.integers(2**31 - 1))
+        km = KMeans(wanted, init="random", n_init=1, max_iter=self.max_iter, random_state=seed)
+        # One OpenMP thread: at this size (thousands of keys) sklearn's threads mostly spin at
+        # barriers, which is up to 5x slower when the cores are shared (parallel runs, BLAS).
+        with threadpool_limits(limits=1, user_api="openmp"):
+            km.fit(clustered)
+        # Compact the labels: an empty cluster would be an index vector that never matches.
+        _, prefill_lab = np.unique(km.labels_, return_inverse=True)
+        n = int(prefill_lab.max()) + 1
+        size = np.bincount(prefill_lab, minlength=n).astype(np.float64)
+        # Centroid = mean of members (not sklearn's last centres), so a decode key equal to a
+        # cluster's mean provably joins that cluster.
+        centroid_sum = _sum_by_label(clustered, prefill_lab, n)
+        rep_sum = _sum_by_label(keys[self.sink_tokens : prompt], prefill_lab, n)
+        decode = space[prompt:]
+        labels = np.full(len(keys), n, np.int32)
+        labels[self.sink_tokens : prompt] = prefill_lab
+        if not self.update_centroids:
+            centroids = centroid_sum / size[:, None]
+            labels[prompt:] = _nearest(decode, centroids)
+            scores = group_query @ (rep_sum / size[:, None]).T
+            return labels, scores
+        # Running means: membership of token s depends on the joins before it (sequential).
+        scores = np.empty((len(decode), n))
+        for s in range(len(decode)):
+            scores[s] = (rep_sum / size[:, None]) @ group_query[s]
+            j = int(_nearest(decode[s : s + 1], centroid_sum / size[:, None])[0])
+            labels[prompt + s] = j
+            size[j] += 1
+            centroid_sum[j] += decode[s]
+            rep_sum[j] += keys[prompt + s]
+        return labels, scores
+
+    def _space(self, keys: np.ndarray) -> np.ndarray:
+        if self.distance == "euclidean":
+            return keys
+        norm = np.linalg.norm(keys, axis=-1, keepdims=True)
+        return keys / np.maximum(norm, np.float32(1e-12))
+
+
+def _sum_by_label(x: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Row sums of ``x`` per label ``0..n-1``, float64 (a sparse one-hot product: O(rows))."""
+    # scipy comes with scikit-learn; cumsum/reduceat along axis 0 are ~10x slower here.
+    onehot = sparse.csr_matrix(
+        (np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(n, len(labels))
+    )
+    return np.asarray(onehot @ x.astype(np.float64))
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (Euclidean) for each row of ``x``."""
+    # argmin ||x - c||^2 = argmax (x.c - ||c||^2 / 2): one matmul, no (n, k, d) temporary.
+    affinity = x.astype(np.float64) @ centroids.T - 0.5 * (centroids**2).sum(axis=1)
+    return np.argmax(affinity, axis=1).astype(np.int32)
