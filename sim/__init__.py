@@ -2,12 +2,12 @@
 
 Data flow (one direction only)::
 
-    text + model --capture--> Trace (manifest + lazy per-layer arrays)       sim.trace
-    Trace --policy (per layer)--> Selections                                 sim.policies
-    Selections + Trace --> recall, top-k recall, output error                sim.metrics.accuracy
-    Selections --cache--> misses --layout--> flash extents --> commands      sim.kv
-    commands --Device (SimPy)--> timings                                     sim.hardware, sim.engine
-    timings + accuracy --> records --> summary table --> plots              sim.metrics.records, sim.plots
+    text + model --capture--> Trace (manifest + lazy arrays)   sim.trace
+    Trace --policy (per layer)--> Selections                   sim.policies
+    Selections + Trace --> recall, top-k recall, error         sim.metrics.accuracy
+    Selections --cache--> misses --layout--> commands          sim.kv
+    commands --Device (SimPy)--> timings                       sim.hardware, sim.engine
+    timings + accuracy --> records --> summary --> plots       sim.metrics.records, sim.plots
 
 Simulated time is in microseconds everywhere (names end in ``_us``); sizes in bytes (``_bytes``).
 """

@@ -59,7 +59,10 @@ class Registry(Generic[T]):
             raise ConfigError(f"{where}: expected a mapping with a 'type' key, got {spec!r}")
         params = {k: v for k, v in spec.items() if k != "type"}
         name = spec["type"]
-        cls = self.get(name)
+        try:
+            cls = self.get(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         allowed = self.parameters(name)
         unknown = sorted(set(params) - set(allowed))
         if unknown:

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KV_DTYPE_BYTES: dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+KV_DTYPE_BYTES: dict[str, float] = {
+    "fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5,
+}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,140 @@
+"""Speed and memory of a whole run against the numpy floor (issue: foundation, "Speed and memory").
+
+Prints, side by side, for one real trace (default: SmolLM2-135M, 8K prompt + 256 decode steps,
+captured and cached on first use):
+
+* the floor: numpy exact softmax attention for every decode step, layer and query head;
+* each policy's policy pass (selections + accuracy) and latency simulation, and their ratio to
+  the floor (target: at most 5x for a clustered policy);
+* the peak RSS of each measurement (in its own child process) against the trace's size on disk.
+
+    python benchmarks/bench_speed.py [--prompt-len 8192] [--decode-steps 256] [--policy ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+FLOOR = r"""
+import json, sys, time, resource
+import numpy as np
+from sim.trace.format import open_trace
+trace = open_trace(sys.argv[1])
+P, S = trace.prompt_len, trace.decode_steps
+started = time.perf_counter()
+model = trace.model
+g = model.group_size
+scale = 1.0 / np.sqrt(model.head_dim)
+for layer in range(model.n_layers):
+    q = np.asarray(trace.decode_queries(layer), dtype=np.float32)
+    k = np.asarray(trace.keys(layer), dtype=np.float32)
+    v = np.asarray(trace.values(layer), dtype=np.float32)
+    # causal mask: step s sees positions [0, P + s]
+    visible = np.arange(P + S)[None, :] <= (P + np.arange(S))[:, None]
+    for h in range(model.n_kv_heads):
+        logits = q[h * g:(h + 1) * g] @ k[h].T * scale          # (g, S, T)
+        logits = np.where(visible, logits, -np.inf)
+        logits -= logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out = probs @ v[h]
+wall = time.perf_counter() - started
+rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"wall_s": wall, "rss_mb": rss_mb}))
+"""
+
+RUN = r"""
+import json, sys, time, resource
+from sim.config import load_model_geometry
+from sim.engine import SimSetup, run_policy_pass, simulate
+from sim.hardware import load_device
+from sim.policies import POLICIES
+from sim.trace.format import open_trace
+trace = open_trace(sys.argv[1])
+spec = json.loads(sys.argv[2])
+layout = spec.pop("layout", "sequence")
+policy = POLICIES.create(spec)
+device = load_device("ufs40-flagship")
+target = trace.model
+pp = run_policy_pass(trace, policy, seed=0)
+capacity = int(0.1 * trace.n_positions * target.kv_bytes_per_token("fp16"))
+setup = SimSetup(device=device, target=target, kv_dtype="fp16", cache_capacity_bytes=capacity,
+                 replacement={"type": "lru"}, layout={"type": layout})
+sim = simulate(pp, setup)
+print(json.dumps({"policy_s": pp.wall_s, "sim_s": sim.wall_s,
+                  "commands": int(sim.steps["read_commands"].sum()),
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+DEFAULT_POLICIES = [
+    '{"type": "static_clusters", "budget": 0.05, "layout": "cluster"}',
+    '{"type": "token_topk", "budget": 0.05}',
+    '{"type": "full"}',
+]
+
+
+def _child(code: str, *args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-len", type=int, default=8192 - 256)
+    parser.add_argument("--decode-steps", type=int, default=256)
+    parser.add_argument("--text", default="pydoc")
+    parser.add_argument("--policy", action="append", help="policy JSON spec (repeatable)")
+    args = parser.parse_args()
+
+    from sim.paths import TRACE_CACHE_DIR
+    from sim.trace.capture import CaptureSettings, get_or_capture
+    from sim.trace.format import open_trace
+
+    settings = CaptureSettings(
+        model="smollm2-135m",
+        text=args.text,
+        prompt_len=args.prompt_len,
+        decode_steps=args.decode_steps,
+        queries="decode",
+    )
+    path = get_or_capture(settings, TRACE_CACHE_DIR, progress=True)
+    trace = open_trace(path)
+    size_mb = trace.size_bytes / 2**20
+    print(
+        f"trace {path.name}: {trace.prompt_len}+{trace.decode_steps} positions, "
+        f"{size_mb:.0f} MiB on disk"
+    )
+    floor = _child(FLOOR, str(path))
+    print(f"{'measurement':<58} {'wall s':>8} {'x floor':>8} {'peak RSS MiB':>13}")
+    print(
+        f"{'numpy exact attention, every step/layer/head (floor)':<58} "
+        f"{floor['wall_s']:8.2f} {1.0:8.2f} {floor['rss_mb']:13.0f}"
+    )
+    for spec in args.policy or DEFAULT_POLICIES:
+        started = time.perf_counter()
+        result = _child(RUN, str(path), spec)
+        total = result["policy_s"] + result["sim_s"]
+        name = json.loads(spec)["type"]
+        print(
+            f"{name + ': policy pass + accuracy':<58} {result['policy_s']:8.2f} "
+            f"{result['policy_s'] / floor['wall_s']:8.2f}"
+        )
+        print(
+            f"{name + ': SimPy replay (' + str(result['commands']) + ' reads)':<58} "
+            f"{result['sim_s']:8.2f} {result['sim_s'] / floor['wall_s']:8.2f}"
+        )
+        print(
+            f"{name + ': total':<58} {total:8.2f} {total / floor['wall_s']:8.2f} "
+            f"{result['rss_mb']:13.0f}   (child wall incl. imports "
+            f"{time.perf_counter() - started:.1f} s)"
+        )
+
+
+if __name__ == "__main__":
+    main()

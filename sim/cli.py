@@ -1,0 +1,163 @@
+"""``kvsim``: run experiments, capture traces, inspect traces, redraw plots, list components.
+
+User errors (any :class:`sim.errors.KvsimError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sim import __version__
+from sim.errors import KvsimError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + message; keep it to one line
+        raise KvsimError(message)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sim.config import load_experiment
+    from sim.experiment import execute, resolve
+    from sim.metrics.records import format_table
+    from sim.plots import accuracy_vs_latency
+
+    config = load_experiment(args.config)
+    if args.output:
+        config = config.model_copy(update={"output": args.output})
+    resolved = resolve(config, Path(args.config))
+    summary = execute(resolved, progress=not args.quiet)
+    print(format_table(summary))
+    print(f"\nresults: {resolved.output_dir}/summary.csv")
+    if config.plot and not args.no_plot:
+        paths = accuracy_vs_latency(
+            summary, resolved.output_dir / "accuracy_vs_latency", config.name
+        )
+        print("plot: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from sim.paths import TRACE_CACHE_DIR
+    from sim.trace.capture import CaptureSettings, capture, get_or_capture
+
+    try:
+        settings = CaptureSettings(
+            model=args.model,
+            text=args.text,
+            prompt_len=args.prompt_len,
+            decode_steps=args.decode_steps,
+            queries=args.queries,
+            seed=args.seed,
+        )
+    except (TypeError, ValueError) as exc:
+        raise KvsimError(f"capture: {exc}") from None
+    if args.out:
+        path = capture(settings, Path(args.out), progress=True)
+    else:
+        path = get_or_capture(settings, TRACE_CACHE_DIR, progress=True)
+    print(path)
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from sim.trace.format import open_trace
+
+    trace = open_trace(args.path, verify=args.action == "verify")
+    model = trace.model
+    print(
+        f"{trace.path}: {model.name} ({model.n_layers} layers, {model.n_q_heads} query heads, "
+        f"{model.n_kv_heads} KV heads, head_dim {model.head_dim}); {trace.prompt_len} prompt + "
+        f"{trace.decode_steps} decode positions; {trace.size_bytes / 2**20:.1f} MiB"
+        + ("; checksums OK" if args.action == "verify" else "")
+    )
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from sim.plots import plot_results
+
+    for path in plot_results(Path(args.results)):
+        print(path)
+    return 0
+
+
+def _cmd_list(_args: argparse.Namespace) -> int:
+    from sim.kv.cache import REPLACEMENTS
+    from sim.kv.layout import LAYOUTS
+    from sim.paths import CONFIGS_DIR
+    from sim.policies import POLICIES
+    from sim.trace.sources import list_sources
+
+    print("policies:     " + ", ".join(POLICIES.names()))
+    print("layouts:      " + ", ".join(LAYOUTS.names()))
+    print("replacement:  " + ", ".join(REPLACEMENTS.names()))
+    devices = sorted(p.stem for p in (CONFIGS_DIR / "devices").glob("*.yaml"))
+    models = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
+    print("devices:      " + ", ".join(devices))
+    print("models:       " + ", ".join(models))
+    print("texts:        " + ", ".join(list_sources()) + ", file:PATH")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvsim", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kvsim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run an experiment YAML; print and save its results")
+    run.add_argument("config", help="experiment YAML (see experiments/)")
+    run.add_argument("--output", help="results directory (default: the config's, or results/NAME)")
+    run.add_argument("--no-plot", action="store_true", help="skip the plot")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    cap = sub.add_parser("capture", help="capture a trace from a real model (capture extra)")
+    cap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | gemma3-270m")
+    cap.add_argument("--text", default="pydoc", help="built-in text name or file:PATH")
+    cap.add_argument("--prompt-len", type=int, default=2048)
+    cap.add_argument("--decode-steps", type=int, default=128)
+    cap.add_argument(
+        "--queries",
+        choices=["all", "decode"],
+        default="decode",
+        help="store queries of every position or of decode steps only",
+    )
+    cap.add_argument("--seed", type=int, default=0)
+    cap.add_argument("--out", help="write here instead of the trace cache")
+    cap.set_defaults(func=_cmd_capture)
+
+    tr = sub.add_parser("trace", help="describe or verify a trace directory")
+    tr.add_argument("action", choices=["info", "verify"])
+    tr.add_argument("path")
+    tr.set_defaults(func=_cmd_trace)
+
+    plot = sub.add_parser("plot", help="redraw the plots of a results directory")
+    plot.add_argument("results")
+    plot.set_defaults(func=_cmd_plot)
+
+    lst = sub.add_parser("list", help="list policies, layouts, devices, models and texts")
+    lst.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except KvsimError as exc:
+        print(f"kvsim: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(
+            "kvsim: interrupted; completed runs are saved, partial ones discarded", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Experiment configs: the YAML a user writes, validated into a typed tree.
+
+Every problem (YAML syntax, unknown key, wrong type, impossible value, unknown policy, layout or
+replacement name, missing trace, budget larger than the context) becomes a :class:`ConfigError`
+whose single line names the file and the key. Nothing is run or written before the whole config
+has been validated.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sim.errors import ConfigError
+from sim.kv.geometry import KV_DTYPE_BYTES, ModelGeometry
+from sim.paths import CONFIGS_DIR
+from sim.validation import pydantic_error_line, read_yaml
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+}
+
+
+def parse_size_bytes(value: int | float | str) -> int:
+    """``"64MiB"``, ``"1.5 GB"`` or a plain number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size in bytes, got {value!r}")
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot read {value!r} as a size (use e.g. 64MiB, 1GB or bytes)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+class CaptureSpec(BaseModel):
+    """Which real trace to use: captured on demand from these settings and cached."""
+
+    model_config = _STRICT
+    model: str = "smollm2-135m"
+    text: str = "pydoc"
+    prompt_len: int = Field(2048, ge=1)
+    decode_steps: int = Field(128, ge=1)
+    queries: Literal["all", "decode"] = "decode"
+
+
+class TraceSpec(BaseModel):
+    """Either ``path`` (an existing trace directory) or ``capture`` settings."""
+
+    model_config = _STRICT
+    path: str | None = None
+    capture: CaptureSpec | None = None
+
+    def model_post_init(self, _context: Any) -> None:
+        if (self.path is None) == (self.capture is None):
+            raise ValueError("give exactly one of 'path' or 'capture'")
+
+
+class CacheSpec(BaseModel):
+    """DRAM cache for KV entries.
+
+    ``capacity``: bytes (``"64MiB"``), or a fraction in (0, 1] of the full KV cache of the
+    simulated model at the trace's final length; ``null`` takes the device preset's
+    ``dram.kv_budget_bytes``. The capacity is split evenly across layers (one cache per layer).
+    """
+
+    model_config = _STRICT
+    replacement: str | dict[str, Any] = "lru"
+    capacity: float | int | str | None = None
+
+    @field_validator("capacity")
+    @classmethod
+    def _capacity_positive(cls, value: float | int | str | None) -> float | int | str | None:
+        if value is None:
+            return value
+        if isinstance(value, str):
+            value = parse_size_bytes(value)
+        if value <= 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+
+class ExperimentConfig(BaseModel):
+    """One experiment: a trace, a device, a simulated model geometry, the policies to compare."""
+
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seed: int = 0
+    trace: TraceSpec
+    device: str | dict[str, Any] = "ufs40-flagship"
+    model: str | None = None
+    kv_dtype: Literal[tuple(KV_DTYPE_BYTES)] = "fp16"  # type: ignore[valid-type]
+    cache: CacheSpec = CacheSpec()
+    policies: list[dict[str, Any]] = Field(min_length=1)
+    output: str | None = None
+    plot: bool = True
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Parse and validate an experiment YAML (structure only; see ``sim.experiment.resolve``)."""
+    path = Path(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of experiment settings at the top level")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {pydantic_error_line(exc, '', ExperimentConfig)}") from None
+
+
+def load_model_geometry(name_or_path: str, where: str = "model") -> ModelGeometry:
+    """A simulated model geometry from ``configs/models/<name>.yaml`` or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIGS_DIR / "models" / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
+        raise ConfigError(f"{where}: unknown model {name_or_path!r}; valid: {', '.join(known)}")
+    data = read_yaml(path)
+    try:
+        return ModelGeometry(**data)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None

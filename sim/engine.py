@@ -1,0 +1,401 @@
+"""The decode-step engine: a trace and a policy in, accuracy and simulated latency out.
+
+Two passes keep accuracy and latency apart (see ARCHITECTURE.md, "the one idea"):
+
+1. :func:`run_policy_pass` walks the trace layer by layer (one layer's arrays in memory at a
+   time), asks the policy for its selections and scores them against exact attention. Pure
+   numpy, no device: a hardware sweep reuses it.
+2. :func:`simulate` replays the selections step by step on a SimPy model of the phone. For every
+   decode step and every layer of the simulated model:
+
+   ``dense (QKV projection) -> index scoring -> cache lookup -> flash reads -> attention over the
+   selected entries -> append the new token's K/V (written to flash, not awaited) -> dense (output
+   projection + MLP)``
+
+   Reads of a policy whose selection does not need the current query are issued at the start of
+   the layer and overlap the QKV projection and scoring; otherwise they start after scoring. The
+   time the layer waits for its reads is the ``io_wait`` stall. Writes are not awaited but share
+   the flash queue, units and link with later reads.
+
+What is simulated at prefill: nothing is timed. The prompt's K/V are on flash, laid out by the
+layout; the DRAM cache starts empty (cold).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import simpy
+from tqdm import tqdm
+
+from sim.hardware import (
+    DeviceParams,
+    Flash,
+    attention_us,
+    dense_layer_us,
+    scoring_us,
+)
+from sim.kv.cache import REPLACEMENTS, LayerCache
+from sim.kv.geometry import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
+from sim.kv.io_plan import plan_reads, plan_writes
+from sim.kv.layout import LAYOUTS, FlashLayout
+from sim.metrics.accuracy import layer_accuracy
+from sim.policies.base import LayerContext, LayerSelection, RetrievalPolicy
+from sim.trace.format import Trace
+
+ACCURACY_COLUMNS = ("attention_recall", "topk_recall", "output_rel_error", "n_selected")
+
+
+@dataclass
+class PolicyPass:
+    """Device-independent result of a policy over a trace.
+
+    ``selections[l]``: the policy's decisions for trace layer ``l``; ``accuracy``: one row per
+    (step, layer, query head) with the columns of :data:`ACCURACY_COLUMNS`.
+    """
+
+    policy: RetrievalPolicy
+    prompt_len: int
+    decode_steps: int
+    trace_model: ModelGeometry
+    selections: list[LayerSelection]
+    accuracy: pd.DataFrame
+    wall_s: float
+
+
+def run_policy_pass(
+    trace: Trace, policy: RetrievalPolicy, seed: int, progress: bool = False
+) -> PolicyPass:
+    """Selections and accuracy of ``policy`` on every layer of ``trace``."""
+    started = time.perf_counter()
+    model = trace.model
+    steps = trace.decode_steps
+    selections: list[LayerSelection] = []
+    frames: list[pd.DataFrame] = []
+    layers = tqdm(
+        range(model.n_layers),
+        desc=f"{policy.name}: policy pass",
+        unit="layer",
+        disable=not progress,
+        leave=False,
+    )
+    for layer in layers:
+        # float32 copies of one layer (a few MB); the trace itself stays memory-mapped.
+        keys = np.asarray(trace.keys(layer), dtype=np.float32)
+        queries = np.asarray(trace.decode_queries(layer), dtype=np.float32)
+        ctx = LayerContext(
+            layer=layer,
+            keys=keys,
+            queries=queries,
+            prompt_len=trace.prompt_len,
+            # one stream per layer: results do not depend on the order layers are visited
+            rng=np.random.default_rng([seed, layer]),
+        )
+        selection = policy.select_layer(ctx)
+        scores = layer_accuracy(queries, keys, trace.values(layer), trace.prompt_len, selection)
+        selections.append(selection)
+        n_q = model.n_q_heads
+        frame = pd.DataFrame(
+            {
+                "step": np.tile(np.arange(steps, dtype=np.int32), n_q),
+                "layer": np.full(n_q * steps, layer, dtype=np.int16),
+                "q_head": np.repeat(np.arange(n_q, dtype=np.int16), steps),
+            }
+        )
+        for column in ACCURACY_COLUMNS:
+            frame[column] = np.asarray(scores[column]).reshape(-1)
+        frames.append(frame)
+    accuracy = pd.concat(frames, ignore_index=True)
+    return PolicyPass(
+        policy=policy,
+        prompt_len=trace.prompt_len,
+        decode_steps=steps,
+        trace_model=model,
+        selections=selections,
+        accuracy=accuracy,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    """Everything the latency simulation needs besides the policy pass."""
+
+    device: DeviceParams
+    target: ModelGeometry
+    kv_dtype: str
+    cache_capacity_bytes: int
+    replacement: dict
+    layout: dict
+
+
+@dataclass
+class SimResult:
+    """Per-step records plus run-wide distributions of one simulation."""
+
+    steps: pd.DataFrame
+    io_sizes: pd.DataFrame  # size_bytes, commands
+    run_lengths: pd.DataFrame  # run_entries, runs (contiguous requested entries on flash)
+    totals: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+STEP_COLUMNS = (
+    "latency_us",
+    "dense_us",
+    "scoring_us",
+    "io_wait_us",
+    "attention_us",
+    "read_busy_us",
+    "read_bytes",
+    "useful_read_bytes",
+    "read_commands",
+    "write_bytes",
+    "write_commands",
+    "selected_entries",
+    "hits",
+    "misses",
+    "streamed",
+    "dram_bytes",
+)
+
+
+class _Replay:
+    """The SimPy model of one run: a decode process on the CPU, the flash beside it."""
+
+    def __init__(self, pp: PolicyPass, setup: SimSetup) -> None:
+        self.pp = pp
+        self.setup = setup
+        target, dtype = setup.target, setup.kv_dtype
+        flash_params = setup.device.flash
+        self.env = simpy.Environment()
+        self.flash = Flash(self.env, flash_params)
+        self.layer_map = trace_layer_map(target, pp.trace_model)
+        self.head_map = trace_head_map(target, pp.trace_model)
+        self.n_layers, self.n_heads = target.n_layers, target.n_kv_heads
+        self.entry_bytes = target.entry_bytes(dtype)
+        self.vector_bytes = int(round(target.head_dim * kv_dtype_bytes(dtype)))
+        self.page_bytes = flash_params.page_size_bytes
+        self.max_io_bytes = flash_params.max_io_bytes
+        self.max_positions = pp.prompt_len + pp.decode_steps
+        compute, dram = setup.device.compute, setup.device.dram
+        dense = dense_layer_us(target.params_per_layer, compute, dram)
+        # The QKV projection runs before attention; its share of a block's weights is
+        # hidden * (n_q + 2 n_kv) * head_dim with hidden = n_q * head_dim.
+        hidden = target.n_q_heads * target.head_dim
+        qkv_params = hidden * (target.n_q_heads + 2 * target.n_kv_heads) * target.head_dim
+        share = min(1.0, qkv_params / target.params_per_layer) if target.params_per_layer else 0.0
+        self.dense_pre_us = dense * share
+        self.dense_post_us = dense - self.dense_pre_us
+        self.compute, self.dram = compute, dram
+        self.full = [sel.is_full for sel in pp.selections]
+        capacity_entries = setup.cache_capacity_bytes // (self.entry_bytes * self.n_layers)
+        self.caches: list[LayerCache | None] = []
+        self.layouts: list[list[FlashLayout]] = []
+        for layer in range(self.n_layers):
+            selection = pp.selections[self.layer_map[layer]]
+            if selection.is_full:
+                self.caches.append(None)
+                self.layouts.append([])
+                continue
+            replacement = REPLACEMENTS.create(setup.replacement, where="cache.replacement")
+            self.caches.append(
+                LayerCache(self.n_heads, self.max_positions, int(capacity_entries), replacement)
+            )
+            row = []
+            for head in range(self.n_heads):
+                layout = LAYOUTS.create(
+                    {**setup.layout, "max_positions": self.max_positions}, where="layout"
+                )
+                groups = selection.prefill_groups
+                layout.place_prefill(
+                    pp.prompt_len, None if groups is None else groups[self.head_map[head]]
+                )
+                row.append(layout)
+            self.layouts.append(row)
+        self.records = np.zeros((pp.decode_steps, len(STEP_COLUMNS)), dtype=np.float64)
+        self.col = {name: i for i, name in enumerate(STEP_COLUMNS)}
+        max_pages = self.max_io_bytes // self.page_bytes
+        self.io_size_counts = np.zeros(max_pages + 1, dtype=np.int64)
+        self.run_length_counts = np.zeros(64, dtype=np.int64)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _count_runs(self, run_entries: np.ndarray) -> None:
+        counts = np.bincount(run_entries)
+        if len(counts) > len(self.run_length_counts):
+            grown = np.zeros(max(len(counts), 2 * len(self.run_length_counts)), dtype=np.int64)
+            grown[: len(self.run_length_counts)] = self.run_length_counts
+            self.run_length_counts = grown
+        self.run_length_counts[: len(counts)] += counts
+
+    def _issue_reads(self, step: int, layer: int, rec: np.ndarray) -> tuple[simpy.Event, int]:
+        """Cache lookup and flash reads of one layer; returns the read event, entries attended."""
+        col = self.col
+        selection = self.pp.selections[self.layer_map[layer]]
+        per_head = [selection.heads[self.head_map[h]].at(step) for h in range(self.n_heads)]
+        cache = self.caches[layer]
+        before = (cache.hits, cache.misses, cache.streamed)
+        misses = cache.access(per_head, step * self.n_layers + layer)
+        rec[col["hits"]] += cache.hits - before[0]
+        rec[col["misses"]] += cache.misses - before[1]
+        rec[col["streamed"]] += cache.streamed - before[2]
+        sizes = []
+        useful = 0
+        for head, missed in enumerate(misses):
+            if len(missed) == 0:
+                continue
+            plan = plan_reads(
+                self.layouts[layer][head].slots(missed),
+                self.entry_bytes,
+                self.page_bytes,
+                self.max_io_bytes,
+            )
+            sizes.append(plan.command_bytes)
+            useful += plan.useful_bytes
+            self._count_runs(plan.run_entries)
+        command_bytes = np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64)
+        rec[col["read_bytes"]] += command_bytes.sum()
+        rec[col["useful_read_bytes"]] += useful
+        rec[col["read_commands"]] += len(command_bytes)
+        rec[col["selected_entries"]] += sum(len(p) for p in per_head)
+        self.io_size_counts += np.bincount(
+            command_bytes // self.page_bytes, minlength=len(self.io_size_counts)
+        )
+        issued = self.env.now
+        event = self.flash.read(command_bytes)
+        if len(command_bytes):
+
+            def _done(_event: simpy.Event, issued: float = issued) -> None:
+                rec[col["read_busy_us"]] += self.env.now - issued
+
+            event.callbacks.append(_done)
+        attended = sum(len(p) for p in per_head) + self.n_heads  # + the current token per head
+        return event, attended
+
+    def _append(self, step: int, layer: int, rec: np.ndarray) -> None:
+        """The new token's K/V: resident in the cache, written to flash per the layout."""
+        selection = self.pp.selections[self.layer_map[layer]]
+        position = self.pp.prompt_len + step
+        groups = selection.append_groups
+        sizes = []
+        for head, layout in enumerate(self.layouts[layer]):
+            group = None if groups is None else int(groups[self.head_map[head], step])
+            slot = layout.place_append(position, group)
+            sizes.append(
+                plan_writes(np.array([slot]), self.entry_bytes, self.page_bytes, self.max_io_bytes)
+            )
+        command_bytes = np.concatenate(sizes)
+        self.caches[layer].insert(
+            [np.array([position])] * self.n_heads, step * self.n_layers + layer
+        )
+        rec[self.col["write_bytes"]] += command_bytes.sum()
+        rec[self.col["write_commands"]] += len(command_bytes)
+        self.flash.write(command_bytes)
+
+    def _dram_bytes(self, step: int) -> float:
+        """Resident KV (cache, or everything for full attention) plus every policy index."""
+        total = 0.0
+        for layer in range(self.n_layers):
+            selection = self.pp.selections[self.layer_map[layer]]
+            vectors = selection.index_vectors[self.head_map, step].sum()
+            total += vectors * self.vector_bytes
+            cache = self.caches[layer]
+            if cache is None:
+                total += (self.pp.prompt_len + step + 1) * self.n_heads * self.entry_bytes
+            else:
+                total += cache.resident_entries * self.entry_bytes
+        return total
+
+    # -- the decode process --------------------------------------------------------------------
+
+    def _layer(self, step: int, layer: int, rec: np.ndarray):
+        env, col = self.env, self.col
+        selection = self.pp.selections[self.layer_map[layer]]
+        full = selection.is_full
+        head_dim, group = self.setup.target.head_dim, self.setup.target.group_size
+        prefetch = not full and not self.pp.policy.selection_needs_query
+        if prefetch:
+            reads, attended = self._issue_reads(step, layer, rec)
+
+        yield env.timeout(self.dense_pre_us)
+        rec[col["dense_us"]] += self.dense_pre_us
+
+        vectors = selection.index_vectors[self.head_map, step].sum()
+        score_us = (
+            float(scoring_us(vectors, head_dim, group, self.vector_bytes, self.compute, self.dram))
+            if vectors
+            else 0.0
+        )
+        if score_us:
+            yield env.timeout(score_us)
+            rec[col["scoring_us"]] += score_us
+
+        if full:
+            attended = (self.pp.prompt_len + step + 1) * self.n_heads
+        else:
+            if not prefetch:
+                reads, attended = self._issue_reads(step, layer, rec)
+            waited_from = env.now
+            yield reads
+            rec[col["io_wait_us"]] += env.now - waited_from
+
+        attend_us = float(
+            attention_us(attended, head_dim, group, self.entry_bytes, self.compute, self.dram)
+        )
+        yield env.timeout(attend_us)
+        rec[col["attention_us"]] += attend_us
+
+        if not full:
+            self._append(step, layer, rec)
+
+        yield env.timeout(self.dense_post_us)
+        rec[col["dense_us"]] += self.dense_post_us
+
+    def decode(self, on_step: Callable[[], None] | None):
+        col = self.col
+        for step in range(self.pp.decode_steps):
+            rec = self.records[step]
+            started = self.env.now
+            for layer in range(self.n_layers):
+                yield from self._layer(step, layer, rec)
+            rec[col["latency_us"]] = self.env.now - started
+            rec[col["dram_bytes"]] = self._dram_bytes(step)
+            if on_step:
+                on_step()
+
+
+def simulate(pp: PolicyPass, setup: SimSetup, progress: bool = False) -> SimResult:
+    """Replay ``pp``'s selections on the device of ``setup``; deterministic."""
+    started = time.perf_counter()
+    replay = _Replay(pp, setup)
+    bar = tqdm(
+        total=pp.decode_steps,
+        desc=f"{pp.policy.name}: simulate",
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
+    replay.env.process(replay.decode(bar.update if progress else None))
+    replay.env.run()
+    bar.close()
+    steps = pd.DataFrame(replay.records, columns=list(STEP_COLUMNS))
+    steps.insert(0, "step", np.arange(pp.decode_steps, dtype=np.int32))
+    sizes = np.nonzero(replay.io_size_counts)[0]
+    io_sizes = pd.DataFrame(
+        {"size_bytes": sizes * replay.page_bytes, "commands": replay.io_size_counts[sizes]}
+    )
+    lengths = np.nonzero(replay.run_length_counts)[0]
+    run_lengths = pd.DataFrame({"run_entries": lengths, "runs": replay.run_length_counts[lengths]})
+    peak_cache = sum(c.peak_resident_entries for c in replay.caches if c is not None)
+    totals = {
+        "entry_bytes": replay.entry_bytes,
+        "cache_capacity_bytes": setup.cache_capacity_bytes,
+        "peak_cache_bytes": peak_cache * replay.entry_bytes,
+        "simulated_time_us": replay.env.now,
+    }
+    return SimResult(steps, io_sizes, run_lengths, totals, time.perf_counter() - started)

@@ -1,0 +1,108 @@
+"""Run summaries: the one place where summary metric names, units and definitions live.
+
+Definitions (DESIGN.md section 6):
+
+* ``attention_recall``: share of the exact softmax attention mass on the attended entries;
+  averaged over (step, layer, query head); ``_p10`` is the 10th percentile.
+* ``topk_recall``: overlap of the selection with the exact top-k at the same size.
+* ``output_rel_error``: relative L2 error of the attention output.
+* ``latency_ms_*``: simulated per-token decode latency (all layers); the breakdown columns are
+  per-token means of time the decode process spent in each phase (they add up to the latency).
+* ``read_amplification``: bytes read from flash / bytes of the requested entries.
+* ``effective_bandwidth_mb_s``: bytes of requested entries read / time a read batch was in flight.
+* ``hit_rate``: selected entries found in the DRAM cache / selected entries.
+* ``peak_dram_mb``: largest DRAM use at a step boundary: cached KV + policy index (for full
+  attention, the whole KV cache).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from sim.engine import PolicyPass, SimResult
+
+MB = 1e6
+
+SUMMARY_COLUMNS = (
+    "run",
+    "policy",
+    "attention_recall_mean",
+    "attention_recall_p10",
+    "topk_recall_mean",
+    "output_rel_error_mean",
+    "latency_ms_mean",
+    "latency_ms_p50",
+    "latency_ms_p99",
+    "dense_ms",
+    "scoring_ms",
+    "io_wait_ms",
+    "attention_ms",
+    "read_mb_per_token",
+    "read_commands_per_token",
+    "mean_io_kib",
+    "read_amplification",
+    "effective_bandwidth_mb_s",
+    "hit_rate",
+    "peak_dram_mb",
+    "cache_capacity_mb",
+)
+
+
+def summarize(run: str, pp: PolicyPass, sim: SimResult) -> dict[str, float | str]:
+    """One summary row of a run (see the module docstring for every definition)."""
+    acc, steps = pp.accuracy, sim.steps
+    latency_ms = steps["latency_us"].to_numpy() / 1e3
+    read_bytes = steps["read_bytes"].sum()
+    useful = steps["useful_read_bytes"].sum()
+    commands = steps["read_commands"].sum()
+    selected = steps["selected_entries"].sum()
+    busy_us = steps["read_busy_us"].sum()
+    return {
+        "run": run,
+        "policy": pp.policy.name,
+        "attention_recall_mean": float(acc["attention_recall"].mean()),
+        "attention_recall_p10": float(acc["attention_recall"].quantile(0.10)),
+        "topk_recall_mean": float(acc["topk_recall"].mean()),
+        "output_rel_error_mean": float(acc["output_rel_error"].mean()),
+        "latency_ms_mean": float(latency_ms.mean()),
+        "latency_ms_p50": float(np.percentile(latency_ms, 50)),
+        "latency_ms_p99": float(np.percentile(latency_ms, 99)),
+        "dense_ms": float(steps["dense_us"].mean() / 1e3),
+        "scoring_ms": float(steps["scoring_us"].mean() / 1e3),
+        "io_wait_ms": float(steps["io_wait_us"].mean() / 1e3),
+        "attention_ms": float(steps["attention_us"].mean() / 1e3),
+        "read_mb_per_token": float(read_bytes / len(steps) / MB),
+        "read_commands_per_token": float(commands / len(steps)),
+        "mean_io_kib": float(read_bytes / commands / 1024) if commands else 0.0,
+        "read_amplification": float(read_bytes / useful) if useful else float("nan"),
+        "effective_bandwidth_mb_s": float(useful / busy_us) if busy_us else float("nan"),
+        "hit_rate": float(steps["hits"].sum() / selected) if selected else float("nan"),
+        "peak_dram_mb": float(steps["dram_bytes"].max() / MB),
+        "cache_capacity_mb": float(sim.totals["cache_capacity_bytes"] / MB),
+    }
+
+
+def summary_table(rows: list[dict[str, float | str]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+DISPLAY_COLUMNS = {
+    "run": "run",
+    "attention_recall_mean": "recall",
+    "topk_recall_mean": "top-k recall",
+    "output_rel_error_mean": "out err",
+    "latency_ms_mean": "latency ms",
+    "io_wait_ms": "io wait ms",
+    "read_mb_per_token": "read MB/tok",
+    "read_commands_per_token": "cmds/tok",
+    "mean_io_kib": "I/O KiB",
+    "hit_rate": "hit rate",
+    "peak_dram_mb": "DRAM MB",
+}
+
+
+def format_table(summary: pd.DataFrame) -> str:
+    """The results table printed after a run (a subset of the summary, rounded)."""
+    shown = summary[list(DISPLAY_COLUMNS)].rename(columns=DISPLAY_COLUMNS)
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")

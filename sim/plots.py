@@ -1,0 +1,104 @@
+"""Paper-style figures drawn from result files (never from the engine directly).
+
+One style for every figure: colour-blind-safe Okabe-Ito palette, units on every axis, vector PDF
+plus PNG, written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on phones' simulators' build machines
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sim.errors import KvsimError  # noqa: E402
+
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
+
+
+def _style() -> None:
+    plt.rcParams.update(
+        {
+            "figure.dpi": 150,
+            "font.size": 8,
+            "axes.titlesize": 8,
+            "axes.labelsize": 8,
+            "legend.fontsize": 7,
+            "xtick.labelsize": 7,
+            "ytick.labelsize": 7,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
+
+
+def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
+    """Write ``stem``.png and ``stem``.pdf, each via a temporary file renamed into place."""
+    written = []
+    for ext in ("png", "pdf"):
+        path = stem.with_suffix(f".{ext}")
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.{ext}")
+        fig.savefig(tmp, bbox_inches="tight")
+        os.replace(tmp, path)
+        written.append(path)
+    plt.close(fig)
+    return written
+
+
+def accuracy_vs_latency(summary: pd.DataFrame, stem: Path, title: str = "") -> list[Path]:
+    """Left: mean attention recall against mean per-token latency, one marker per run (bars:
+    p50-p99 latency). Right: the per-token latency breakdown of each run."""
+    _style()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.0, 2.6), gridspec_kw={"width_ratios": [1.1, 1]})
+    for i, row in enumerate(summary.itertuples(index=False)):
+        colour, marker = OKABE_ITO[i % len(OKABE_ITO)], MARKERS[i % len(MARKERS)]
+        ax.errorbar(
+            row.latency_ms_mean,
+            row.attention_recall_mean,
+            xerr=[
+                [max(0.0, row.latency_ms_mean - row.latency_ms_p50)],
+                [max(0.0, row.latency_ms_p99 - row.latency_ms_mean)],
+            ],
+            fmt=marker,
+            color=colour,
+            ms=5,
+            capsize=2,
+            lw=0.8,
+            label=row.run,
+        )
+    ax.set_xlabel("per-token decode latency (ms; bars to p99)")
+    ax.set_ylabel("attention recall (share of mass)")
+    ax.set_ylim(top=1.02)
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.legend(loc="lower right", frameon=False)
+    parts = (
+        ("dense_ms", "dense", "#999999"),
+        ("scoring_ms", "index scoring", "#56B4E9"),
+        ("io_wait_ms", "flash I/O wait", "#D55E00"),
+        ("attention_ms", "attention", "#009E73"),
+    )
+    bottom = pd.Series(0.0, index=summary.index)
+    for column, name, colour in parts:
+        bx.bar(summary["run"], summary[column], bottom=bottom, color=colour, label=name, width=0.6)
+        bottom = bottom + summary[column]
+    bx.set_ylabel("per-token latency (ms)")
+    bx.tick_params(axis="x", rotation=20)
+    bx.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot_results(results_dir: Path) -> list[Path]:
+    """Redraw the figures of an experiment's results directory from its summary.csv."""
+    summary_path = results_dir / "summary.csv"
+    if not summary_path.exists():
+        raise KvsimError(f"{results_dir}: no summary.csv (run the experiment first)")
+    summary = pd.read_csv(summary_path)
+    return accuracy_vs_latency(summary, results_dir / "accuracy_vs_latency", results_dir.name)
