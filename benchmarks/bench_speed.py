@@ -101,7 +101,6 @@ def main() -> None:
         text=args.text,
         prompt_len=args.prompt_len,
         decode_steps=args.decode_steps,
-        queries="decode",
     )
     path = get_or_capture(settings, TRACE_CACHE_DIR, progress=True)
     trace = open_trace(path)

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument(
         "--queries",
         choices=["all", "decode"],
-        default="decode",
+        default="all",
         help="store queries of every position or of decode steps only",
     )
     cap.add_argument("--seed", type=int, default=0)

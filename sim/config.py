@@ -53,7 +53,7 @@ class CaptureSpec(BaseModel):
     text: str = "pydoc"
     prompt_len: int = Field(2048, ge=1)
     decode_steps: int = Field(128, ge=1)
-    queries: Literal["all", "decode"] = "decode"
+    queries: Literal["all", "decode"] = "all"
 
 
 class TraceSpec(BaseModel):

@@ -1,0 +1,515 @@
+"""On-disk trace format: one directory per trace, lazily memory-mapped, validated on open.
+
+Layout of a trace directory (format_version 1)::
+
+    manifest.json                 what the trace is (model, positions, text, capture, checksums)
+    tokens.npy                    int32   (n_positions,)
+    layer_{l:03d}.keys.npy        float16 (n_kv_heads, n_positions, head_dim)   post-RoPE keys
+    layer_{l:03d}.values.npy      float16 (n_kv_heads, n_positions, head_dim)
+    layer_{l:03d}.queries.npy     float16 (n_q_heads, n_positions - query_start, head_dim)
+
+Position convention: decode step ``s`` (0-based) is position ``prompt_len + s``; its query attends
+keys ``[0, prompt_len + s]`` inclusive (its own fresh key included). Query ``j`` of a
+``queries`` array belongs to position ``query_start + j``.
+
+Opening a trace (:func:`open_trace`) reads only the manifest and the ``.npy`` headers, so it is
+cheap at any trace size; arrays are returned as read-only ``np.memmap`` views, so the trace is
+never held whole in RAM. Every problem surfaces as one-line :class:`sim.errors.TraceError` that
+names the trace and the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.lib.format as npy_format
+
+from sim.errors import TraceError
+from sim.kv.geometry import ModelGeometry
+
+FORMAT_VERSION = 1
+STORED_DTYPE = "float16"
+MANIFEST_NAME = "manifest.json"
+TOKENS_NAME = "tokens.npy"
+_KV_DTYPE = np.dtype("<f2")
+_TOKEN_DTYPE = np.dtype("<i4")
+_HASH_CHUNK_BYTES = 1 << 20
+
+_REQUIRED_TOP_KEYS = (
+    "format_version",
+    "model",
+    "prompt_len",
+    "decode_steps",
+    "n_positions",
+    "query_start",
+    "dtype",
+    "files",
+)
+_REQUIRED_MODEL_KEYS = ("name", "n_layers", "n_q_heads", "n_kv_heads", "head_dim")
+
+
+def layer_file(layer: int, kind: str) -> str:
+    """File name of one layer's array; ``kind`` is ``keys``, ``values`` or ``queries``."""
+    return f"layer_{layer:03d}.{kind}.npy"
+
+
+def expected_files(
+    geometry: ModelGeometry, n_positions: int, query_start: int
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Every file a trace of this shape must hold: name -> (shape, dtype)."""
+    kv_shape = (geometry.n_kv_heads, n_positions, geometry.head_dim)
+    q_shape = (geometry.n_q_heads, n_positions - query_start, geometry.head_dim)
+    files: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+        TOKENS_NAME: ((n_positions,), _TOKEN_DTYPE)
+    }
+    for layer in range(geometry.n_layers):
+        files[layer_file(layer, "keys")] = (kv_shape, _KV_DTYPE)
+        files[layer_file(layer, "values")] = (kv_shape, _KV_DTYPE)
+        files[layer_file(layer, "queries")] = (q_shape, _KV_DTYPE)
+    return files
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset in bytes) from an .npy header; reads ~128 bytes.
+
+    Raises ValueError/OSError on a malformed header; the caller turns them into TraceError.
+    """
+    with open(path, "rb") as f:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(f)
+        else:  # pragma: no cover - read_magic accepts only known versions today
+            raise ValueError(f"unsupported .npy version {version}")
+        return tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran), f.tell()
+
+
+class Trace:
+    """A validated trace directory. Arrays are read lazily (memory-mapped, read-only).
+
+    Attributes: ``path``, ``manifest`` (the parsed manifest.json), ``model`` (the
+    :class:`ModelGeometry` of the traced model), ``prompt_len``, ``decode_steps``,
+    ``n_positions`` (= prompt_len + decode_steps), ``query_start`` (the first position whose
+    query is stored), ``size_bytes`` (all files on disk, manifest included).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], model: ModelGeometry) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.model = model
+        self.prompt_len: int = manifest["prompt_len"]
+        self.decode_steps: int = manifest["decode_steps"]
+        self.n_positions: int = manifest["n_positions"]
+        self.query_start: int = manifest["query_start"]
+        self.size_bytes: int = (path / MANIFEST_NAME).stat().st_size + sum(
+            int(entry["bytes"]) for entry in manifest["files"].values()
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Trace({str(self.path)!r}, model={self.model.name!r}, prompt_len={self.prompt_len}, "
+            f"decode_steps={self.decode_steps}, query_start={self.query_start})"
+        )
+
+    def _error(self, message: str) -> TraceError:
+        return TraceError(f"trace {self.path}: {message}")
+
+    def _load(self, name: str) -> np.ndarray:
+        try:
+            return np.load(self.path / name, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise self._error(f"{name} cannot be read ({_one_line(exc)})") from None
+
+    def _check_layer(self, layer: int) -> None:
+        if not _is_int(layer) and not isinstance(layer, np.integer):
+            raise self._error(f"layer must be an int, got {layer!r}")
+        if not 0 <= layer < self.model.n_layers:
+            raise self._error(f"layer {layer} out of range (the trace has {self.model.n_layers})")
+
+    def keys(self, layer: int) -> np.ndarray:
+        """Post-RoPE keys of one layer: (n_kv_heads, n_positions, head_dim) float16 memmap."""
+        self._check_layer(layer)
+        return self._load(layer_file(layer, "keys"))
+
+    def values(self, layer: int) -> np.ndarray:
+        """Values of one layer: (n_kv_heads, n_positions, head_dim) float16 memmap."""
+        self._check_layer(layer)
+        return self._load(layer_file(layer, "values"))
+
+    def queries(self, layer: int) -> np.ndarray:
+        """Post-RoPE queries: (n_q_heads, n_positions - query_start, head_dim) float16 memmap.
+
+        Index ``j`` along axis 1 is position ``query_start + j``.
+        """
+        self._check_layer(layer)
+        return self._load(layer_file(layer, "queries"))
+
+    def decode_queries(self, layer: int) -> np.ndarray:
+        """Queries of the decode steps only: (n_q_heads, decode_steps, head_dim), a memmap view."""
+        return self.queries(layer)[:, self.prompt_len - self.query_start :, :]
+
+    def tokens(self) -> np.ndarray:
+        """Token ids of every position: (n_positions,) int32 memmap."""
+        return self._load(TOKENS_NAME)
+
+    def iter_files(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(file name, manifest entry) of every data file, in manifest order."""
+        yield from self.manifest["files"].items()
+
+    def verify(self) -> None:
+        """Check every file's sha256 against the manifest (reads the whole trace once).
+
+        Raises TraceError naming the first file whose checksum differs.
+        """
+        for name, entry in self.iter_files():
+            try:
+                actual = sha256_file(self.path / name)
+            except OSError as exc:
+                raise self._error(f"{name} cannot be read ({_one_line(exc)})") from None
+            if actual != entry.get("sha256"):
+                raise self._error(
+                    f"{name} checksum mismatch (manifest {str(entry.get('sha256'))[:12]}..., "
+                    f"file {actual[:12]}...); the file is corrupt or was modified"
+                )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def open_trace(path: str | Path, verify: bool = False) -> Trace:
+    """Open and validate a trace directory; cheap (manifest + .npy headers only).
+
+    Checks: manifest present, parseable, complete and self-consistent; every expected file (by
+    the model geometry) and every listed file exists; each header's dtype and shape match; each
+    file's size equals header + data (catches truncation). ``verify=True`` also checks the
+    sha256 of every file (a full read). Raises :class:`TraceError` (one line) on any problem.
+    """
+    path = Path(path)
+    where = f"trace {path}"
+    if not path.is_dir():
+        raise TraceError(f"{where}: not a directory (no trace there)")
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise TraceError(f"{where}: {MANIFEST_NAME} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TraceError(f"{where}: {MANIFEST_NAME} is not valid JSON ({_one_line(exc)})") from None
+    model = _validate_manifest(manifest, where)
+    _validate_files(path, manifest, model, where)
+    trace = Trace(path, manifest, model)
+    if verify:
+        trace.verify()
+    return trace
+
+
+def _validate_manifest(manifest: Any, where: str) -> ModelGeometry:
+    """Check the manifest's keys, types and arithmetic; return the model geometry."""
+    bad = f"{where}: {MANIFEST_NAME}"
+    if not isinstance(manifest, dict):
+        raise TraceError(f"{bad} must hold a JSON object")
+    missing = [key for key in _REQUIRED_TOP_KEYS if key not in manifest]
+    if missing:
+        raise TraceError(f"{bad} lacks key(s) {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise TraceError(
+            f"{bad} has format_version {manifest['format_version']!r}; this kvsim reads "
+            f"version {FORMAT_VERSION}"
+        )
+    if manifest["dtype"] != STORED_DTYPE:
+        raise TraceError(
+            f"{bad} has dtype {manifest['dtype']!r}; only {STORED_DTYPE!r} is supported"
+        )
+    for key in ("prompt_len", "decode_steps", "n_positions", "query_start"):
+        if not _is_int(manifest[key]) or manifest[key] < 0:
+            raise TraceError(f"{bad}: {key} must be an integer >= 0, got {manifest[key]!r}")
+    prompt_len, decode_steps = manifest["prompt_len"], manifest["decode_steps"]
+    if prompt_len < 1:
+        raise TraceError(f"{bad}: prompt_len must be >= 1, got {prompt_len}")
+    if manifest["n_positions"] != prompt_len + decode_steps:
+        raise TraceError(
+            f"{bad}: n_positions ({manifest['n_positions']}) != prompt_len ({prompt_len}) + "
+            f"decode_steps ({decode_steps})"
+        )
+    if manifest["query_start"] > prompt_len:
+        raise TraceError(
+            f"{bad}: query_start ({manifest['query_start']}) > prompt_len ({prompt_len}); the "
+            "decode queries would be missing"
+        )
+    model = manifest["model"]
+    if not isinstance(model, dict):
+        raise TraceError(f"{bad}: model must be an object")
+    missing = [key for key in _REQUIRED_MODEL_KEYS if key not in model]
+    if missing:
+        raise TraceError(f"{bad}: model lacks key(s) {', '.join(missing)}")
+    for key in (*_REQUIRED_MODEL_KEYS[1:], "params_per_layer"):
+        if key in model and not _is_int(model[key]):
+            raise TraceError(f"{bad}: model.{key} must be an integer, got {model[key]!r}")
+    try:
+        geometry = ModelGeometry(
+            name=str(model["name"]),
+            n_layers=model["n_layers"],
+            n_q_heads=model["n_q_heads"],
+            n_kv_heads=model["n_kv_heads"],
+            head_dim=model["head_dim"],
+            params_per_layer=model.get("params_per_layer", 0) or 0,
+        )
+    except ValueError as exc:
+        raise TraceError(f"{bad}: impossible model geometry ({_one_line(exc)})") from None
+    if not isinstance(manifest["files"], dict):
+        raise TraceError(f"{bad}: files must be an object")
+    return geometry
+
+
+def _validate_files(path: Path, manifest: dict[str, Any], model: ModelGeometry, where: str) -> None:
+    """Check that the manifest lists exactly the expected files and each one's header and size."""
+    listed: dict[str, Any] = manifest["files"]
+    expected = expected_files(model, manifest["n_positions"], manifest["query_start"])
+    for name in expected:
+        if name not in listed:
+            raise TraceError(
+                f"{where}: {name} is not listed in {MANIFEST_NAME} (the manifest's files do not "
+                f"match its model geometry: {model.n_layers} layers)"
+            )
+    for name in listed:
+        if name not in expected:
+            raise TraceError(
+                f"{where}: {name} is listed in {MANIFEST_NAME} but not expected for a model of "
+                f"{model.n_layers} layers (layer count mismatch?)"
+            )
+    for name, (shape, dtype) in expected.items():
+        entry = listed[name]
+        if not isinstance(entry, dict) or not {"sha256", "bytes", "shape"} <= entry.keys():
+            raise TraceError(
+                f"{where}: {MANIFEST_NAME} entry for {name} needs sha256, bytes, shape"
+            )
+        if list(entry["shape"]) != list(shape):
+            raise TraceError(
+                f"{where}: {name} has shape {list(entry['shape'])} in {MANIFEST_NAME}, but the "
+                f"model geometry and positions need {list(shape)}"
+            )
+        file_path = path / name
+        if not file_path.is_file():
+            raise TraceError(f"{where}: {name} is missing")
+        try:
+            header_shape, header_dtype, fortran, data_offset = _read_npy_header(file_path)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise TraceError(
+                f"{where}: {name} has a corrupt .npy header ({_one_line(exc)})"
+            ) from None
+        if header_dtype != dtype:
+            raise TraceError(f"{where}: {name} has dtype {header_dtype}, expected {dtype}")
+        if header_shape != shape:
+            raise TraceError(
+                f"{where}: {name} has shape {list(header_shape)} in its header, expected "
+                f"{list(shape)}"
+            )
+        if fortran:
+            raise TraceError(f"{where}: {name} is Fortran-ordered; expected C order")
+        expected_bytes = data_offset + math.prod(shape) * dtype.itemsize
+        actual_bytes = file_path.stat().st_size
+        if actual_bytes < expected_bytes:
+            raise TraceError(
+                f"{where}: {name} is truncated (expected {expected_bytes} bytes, found "
+                f"{actual_bytes})"
+            )
+        if actual_bytes > expected_bytes:
+            raise TraceError(
+                f"{where}: {name} has trailing data (expected {expected_bytes} bytes, found "
+                f"{actual_bytes})"
+            )
+        if entry["bytes"] != actual_bytes:
+            raise TraceError(
+                f"{where}: {name} has {actual_bytes} bytes but {MANIFEST_NAME} says "
+                f"{entry['bytes']}"
+            )
+
+
+class TraceWriter:
+    """Writes a trace atomically: into a hidden temp dir next to ``path``, renamed on success.
+
+    Use as a context manager::
+
+        with TraceWriter(path, model, prompt_len, decode_steps, query_start, text, capture) as w:
+            w.write_tokens(tokens)
+            for layer in range(n_layers):
+                w.write_layer(layer, keys, values, queries)
+
+    On a clean exit every layer and the tokens must have been written; the manifest (with
+    sha256, bytes and shape of every file) is written last and the directory renamed to
+    ``path``. On any exception the temp dir is removed and nothing appears at ``path``.
+    ``model`` holds at least name, n_layers, n_q_heads, n_kv_heads, head_dim (and should hold
+    params_per_layer, source, rope_theta, sliding_window); ``text`` and ``capture`` are stored
+    as given (``capture["created"]`` is filled in if absent). An existing ``path`` is an error
+    unless ``overwrite=True`` (then it is replaced only once the new trace is complete).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        model: dict[str, Any],
+        prompt_len: int,
+        decode_steps: int,
+        query_start: int,
+        text: dict[str, Any],
+        capture: dict[str, Any],
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self._where = f"trace {self.path}"
+        self.model = dict(model)
+        self.manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "prompt_len": prompt_len,
+            "decode_steps": decode_steps,
+            "n_positions": prompt_len + decode_steps
+            if _is_int(prompt_len) and _is_int(decode_steps)
+            else None,
+            "query_start": query_start,
+            "dtype": STORED_DTYPE,
+            "text": dict(text),
+            "capture": dict(capture),
+            "files": {},
+        }
+        # validate up front with the same rules open_trace applies, so a writer can never
+        # produce a trace the reader rejects
+        self.geometry = _validate_manifest(self.manifest, self._where)
+        self.n_positions: int = self.manifest["n_positions"]
+        self.query_start = query_start
+        self._expected = expected_files(self.geometry, self.n_positions, query_start)
+        self._overwrite = overwrite
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> TraceWriter:
+        if self.path.exists() and not self._overwrite:
+            raise TraceError(f"{self._where}: already exists (pass overwrite=True to replace it)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
+        self._tmp.mkdir()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tmp = self._tmp
+        self._tmp = None
+        if tmp is None:
+            return
+        try:
+            if exc_type is None:
+                self._finish(tmp)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _finish(self, tmp: Path) -> None:
+        missing = [name for name in self._expected if name not in self.manifest["files"]]
+        if missing:
+            raise TraceError(
+                f"{self._where}: {missing[0]} was never written ({len(missing)} file(s) missing); "
+                "nothing was saved"
+            )
+        # keep the files dict in canonical order (tokens, then layer by layer)
+        self.manifest["files"] = {name: self.manifest["files"][name] for name in self._expected}
+        self.manifest["capture"].setdefault(
+            "created", datetime.now(timezone.utc).isoformat(timespec="seconds")
+        )
+        (tmp / MANIFEST_NAME).write_text(
+            json.dumps(self.manifest, indent=2) + "\n", encoding="utf-8"
+        )
+        old: Path | None = None
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, old)
+        try:
+            os.rename(tmp, self.path)
+        except OSError as exc:
+            # another writer finished the same path first (a concurrent capture)
+            raise TraceError(
+                f"{self._where}: cannot move the new trace in place ({exc.strerror})"
+            ) from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _save(self, name: str, array: np.ndarray) -> None:
+        if self._tmp is None:
+            raise RuntimeError("TraceWriter must be used as a context manager (with ...:)")
+        shape, dtype = self._expected[name]
+        if array.shape != shape:
+            raise TraceError(
+                f"{self._where}: {name} has shape {list(array.shape)}, expected {list(shape)}"
+            )
+        if dtype.kind == "f":
+            with np.errstate(over="ignore"):
+                stored = np.ascontiguousarray(array, dtype=dtype)
+            if not np.isfinite(stored).all():
+                raise TraceError(
+                    f"{self._where}: {name} has non-finite values after conversion to "
+                    f"{STORED_DTYPE} (overflow beyond 65504?)"
+                )
+        else:
+            if not np.issubdtype(array.dtype, np.integer):
+                raise TraceError(f"{self._where}: {name} must hold integers, got {array.dtype}")
+            stored = np.ascontiguousarray(array, dtype=dtype)
+        file_path = self._tmp / name
+        np.save(file_path, stored, allow_pickle=False)
+        self.manifest["files"][name] = {
+            "sha256": sha256_file(file_path),
+            "bytes": file_path.stat().st_size,
+            "shape": list(shape),
+        }
+
+    def write_layer(
+        self, layer: int, keys: np.ndarray, values: np.ndarray, queries: np.ndarray
+    ) -> None:
+        """Store one layer (float32 or float16 in; float16 on disk).
+
+        ``keys``/``values``: (n_kv_heads, n_positions, head_dim); ``queries``:
+        (n_q_heads, n_positions - query_start, head_dim). Raises TraceError on a shape mismatch
+        or a value that overflows float16.
+        """
+        if not (_is_int(layer) or isinstance(layer, np.integer)) or not (
+            0 <= layer < self.geometry.n_layers
+        ):
+            raise TraceError(
+                f"{self._where}: layer {layer!r} out of range [0, {self.geometry.n_layers})"
+            )
+        self._save(layer_file(layer, "keys"), np.asarray(keys))
+        self._save(layer_file(layer, "values"), np.asarray(values))
+        self._save(layer_file(layer, "queries"), np.asarray(queries))
+
+    def write_tokens(self, tokens: np.ndarray) -> None:
+        """Store the token ids of every position: (n_positions,) integers, int32 on disk."""
+        self._save(TOKENS_NAME, np.asarray(tokens))

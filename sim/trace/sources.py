@@ -1,0 +1,232 @@
+"""Texts to capture traces on, available offline on any machine.
+
+Built-in sources (both ship with every CPython, so a capture is reproducible anywhere):
+
+* ``pydoc`` — the standard library's ``pydoc_data.topics``: the 79 help topics of the language
+  reference (~465K characters of technical English), concatenated in sorted key order, each
+  preceded by a title line and separated by a blank line + ``----`` rule.
+* ``stdlib-docstrings`` — docstrings of a fixed, sorted list of pure-Python standard-library
+  modules: each module's docstring, then its public classes (with their public methods) and
+  functions in name order. Shorter, API-reference style prose with code fragments — different
+  in nature from ``pydoc``'s reference chapters. (~100K tokens; its exact text depends on the
+  Python version, which is why a trace records the text's sha256.)
+
+User files: ``file:PATH``, where PATH is one file, a glob (``file:notes/*.md``) or several of
+either separated by commas; matched files are read as UTF-8 in sorted order and joined by a
+blank line. A missing file or an empty glob raises a one-line CaptureError.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib
+import inspect
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from sim.errors import CaptureError
+
+_DOC_SEPARATOR = "\n\n----\n\n"
+
+# Pure-Python modules (no C accelerator replacing their docstrings), sorted; fixed so that the
+# text only changes with the Python version, never with what happens to be imported.
+STDLIB_DOCSTRING_MODULES: tuple[str, ...] = (
+    "argparse",
+    "ast",
+    "calendar",
+    "configparser",
+    "dataclasses",
+    "difflib",
+    "email.message",
+    "enum",
+    "fractions",
+    "ftplib",
+    "gettext",
+    "http.client",
+    "inspect",
+    "ipaddress",
+    "logging",
+    "mailbox",
+    "optparse",
+    "pathlib",
+    "pydoc",
+    "shutil",
+    "smtplib",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest.case",
+    "urllib.parse",
+    "urllib.request",
+    "zipfile",
+)
+
+_BUILTIN_SOURCES = ("pydoc", "stdlib-docstrings")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A text ready for tokenisation.
+
+    ``name``: filesystem-safe short name (used in trace directory names); ``source``: the spec
+    it was loaded from (``pydoc``, ``file:...``); ``sha256``: hex digest of ``text`` in UTF-8.
+    """
+
+    name: str
+    source: str
+    text: str
+    sha256: str
+
+    @property
+    def n_chars(self) -> int:
+        return len(self.text)
+
+    def describe(self) -> dict[str, object]:
+        """The manifest's ``text`` entry."""
+        return {
+            "source": self.source,
+            "name": self.name,
+            "sha256": self.sha256,
+            "n_chars": self.n_chars,
+        }
+
+
+def list_sources() -> list[str]:
+    """Names of the built-in sources; any ``file:PATH`` is accepted too."""
+    return list(_BUILTIN_SOURCES)
+
+
+def source_name(source: str) -> str:
+    """The filesystem-safe name of a text spec, without loading it (for trace directory names).
+
+    Raises CaptureError for an unknown spec.
+    """
+    if source in _BUILTIN_SOURCES:
+        return source
+    if isinstance(source, str) and source.startswith("file:") and source[len("file:") :]:
+        return _file_name(source[len("file:") :])
+    raise CaptureError(
+        f"unknown text source {source!r}; valid: {', '.join(_BUILTIN_SOURCES)}, file:PATH"
+    )
+
+
+def _make(name: str, source: str, text: str) -> TextSource:
+    return TextSource(name, source, text, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def _pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return _DOC_SEPARATOR.join(f"{key}\n\n{topics[key].strip()}" for key in sorted(topics))
+
+
+def _public_doc(obj: object) -> str | None:
+    doc = inspect.getdoc(obj)
+    return doc.strip() if doc else None
+
+
+def _stdlib_docstrings_text() -> str:
+    # some modules expose deprecated aliases (typing.io) that warn when their docs are read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _collect_stdlib_docstrings()
+
+
+def _collect_stdlib_docstrings() -> str:
+    docs: list[str] = []
+    for module_name in STDLIB_DOCSTRING_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # pragma: no cover - all are stdlib; kept for odd builds
+            continue
+        parts = [f"Module {module_name}"]
+        if doc := _public_doc(module):
+            parts.append(doc)
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module_name:
+                continue
+            if inspect.isclass(obj):
+                if doc := _public_doc(obj):
+                    parts.append(f"class {module_name}.{attr}\n\n{doc}")
+                for meth_name in sorted(vars(obj)):
+                    meth = vars(obj)[meth_name]
+                    if meth_name.startswith("_") or not inspect.isfunction(meth):
+                        continue
+                    if meth.__doc__ and (doc := _public_doc(meth)):
+                        parts.append(f"method {module_name}.{attr}.{meth_name}\n\n{doc}")
+            elif inspect.isfunction(obj) and obj.__doc__ and (doc := _public_doc(obj)):
+                parts.append(f"function {module_name}.{attr}\n\n{doc}")
+        docs.append("\n\n".join(parts))
+    return _DOC_SEPARATOR.join(docs)
+
+
+def _file_name(spec: str) -> str:
+    """Filesystem-safe name for a file source (first path's stem, a short hash of the spec)."""
+    first = Path(spec.split(",")[0]).stem or "text"
+    safe = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in first)[:24].strip("-.")
+    return f"file-{safe or 'text'}-{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
+
+
+def _file_text(spec: str) -> str:
+    paths: list[Path] = []
+    for pattern in (p.strip() for p in spec.split(",")):
+        if not pattern:
+            raise CaptureError(f"text file:{spec}: empty path in the list")
+        expanded = str(Path(pattern).expanduser())
+        if glob.has_magic(expanded):
+            matches = sorted(
+                Path(m) for m in glob.glob(expanded, recursive=True) if Path(m).is_file()
+            )
+            if not matches:
+                raise CaptureError(f"text file:{spec}: no file matches {pattern!r}")
+            paths.extend(matches)
+        else:
+            path = Path(expanded)
+            if not path.is_file():
+                raise CaptureError(f"text file:{spec}: {pattern} does not exist or is not a file")
+            paths.append(path)
+    texts = []
+    for path in paths:
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CaptureError(
+                f"text file:{spec}: {path} is not UTF-8 text ({exc.reason})"
+            ) from None
+        except OSError as exc:
+            raise CaptureError(
+                f"text file:{spec}: {path} cannot be read ({exc.strerror})"
+            ) from None
+    text = "\n\n".join(t.strip("\n") for t in texts)
+    if not text.strip():
+        raise CaptureError(f"text file:{spec}: the file(s) hold no text")
+    return text
+
+
+def load_text(source: str) -> TextSource:
+    """Load a text by spec: ``pydoc``, ``stdlib-docstrings`` or ``file:PATH[,PATH...]``.
+
+    Deterministic for a given Python version (built-ins) or file content. Raises CaptureError
+    (one line) for an unknown spec or an unreadable file.
+    """
+    if not isinstance(source, str):
+        raise CaptureError(f"text source must be a string, got {source!r}")
+    if source == "pydoc":
+        return _make("pydoc", source, _pydoc_text())
+    if source == "stdlib-docstrings":
+        return _make("stdlib-docstrings", source, _stdlib_docstrings_text())
+    if source.startswith("file:"):
+        spec = source[len("file:") :]
+        if not spec:
+            raise CaptureError("text file: needs a path, e.g. file:notes.txt or file:docs/*.md")
+        return _make(_file_name(spec), source, _file_text(spec))
+    raise CaptureError(
+        f"unknown text source {source!r}; valid: {', '.join(_BUILTIN_SOURCES)}, file:PATH"
+    )
