@@ -149,6 +149,37 @@ def test_plan_reads_invariants(slots, entry_bytes, page_size, max_pages, extra):
     assert plan_writes(arr, entry_bytes, page_size, max_io).tolist() == cb.tolist()
 
 
+def test_regions_never_coalesce():
+    # the same slots in two regions: pages 0 of region 0 and page 0 of region 1 are distinct
+    plan = plan_reads(np.array([0, 1, 0, 1]), 512, 4096, 1 << 20, regions=np.array([0, 0, 1, 1]))
+    assert plan.command_bytes.tolist() == [4096, 4096]
+    assert plan.command_regions.tolist() == [0, 1]
+    assert plan.run_entries.tolist() == [2, 2]
+    # slot 7 ends region 0's first page, slot 8 starts region 1's second page: no merge
+    plan = plan_reads(np.array([7, 8]), 512, 4096, 1 << 20, regions=np.array([0, 1]))
+    assert plan.command_bytes.tolist() == [4096, 4096] and plan.run_entries.tolist() == [1, 1]
+
+
+@FAST
+@given(
+    per_region=st.lists(st.lists(st.integers(0, 300), max_size=40), min_size=1, max_size=4),
+    entry_bytes=st.sampled_from([256, 1000, 4096, 5000]),
+    max_pages=st.integers(1, 5),
+)
+def test_multi_region_plan_is_the_union_of_region_plans(per_region, entry_bytes, max_pages):
+    max_io = max_pages * 4096
+    slots = np.array([s for region in per_region for s in region], dtype=np.int64)
+    regions = np.repeat(np.arange(len(per_region)), [len(r) for r in per_region])
+    together = plan_reads(slots, entry_bytes, 4096, max_io, regions=regions)
+    apart = [plan_reads(np.array(r, dtype=np.int64), entry_bytes, 4096, max_io)
+             for r in per_region]
+    assert together.command_bytes.tolist() == [b for p in apart for b in p.command_bytes.tolist()]
+    assert together.run_entries.tolist() == [n for p in apart for n in p.run_entries.tolist()]
+    assert together.useful_bytes == sum(p.useful_bytes for p in apart)
+    writes = plan_writes(slots, entry_bytes, 4096, max_io, regions=regions)
+    assert writes.tolist() == together.command_bytes.tolist()
+
+
 # ---------------------------------------------------------------------------- layouts, by hand
 
 

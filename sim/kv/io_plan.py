@@ -1,4 +1,4 @@
-"""Coalescing KV-entry slots of one flash region into page-granular I/O commands.
+"""Coalescing KV-entry slots into page-granular I/O commands.
 
 Flash reads and writes whole pages. Reading a set of entries means reading every page any of
 them touches (an entry straddles two or more pages when ``entry_bytes`` does not divide
@@ -6,7 +6,9 @@ them touches (an entry straddles two or more pages when ``entry_bytes`` does not
 one command, and a run longer than ``max_io_bytes`` is split. Every page is accounted once per
 plan. Offsets are relative to the region's start, which the layout guarantees is page-aligned.
 
-Fully vectorised: called once per (decode step, layer, KV head) with hundreds of slots.
+Each (layer, KV head) owns a region. A plan may cover several regions at once (``regions``:
+the region of each slot): runs never cross a region boundary, so the engine makes one call per
+(decode step, layer) for all KV heads. Fully vectorised.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ class ReadPlan:
     of ``command_bytes.sum()`` is read amplification);
     ``run_entries``: int64 length, in entries, of each maximal run of consecutive requested
     slots (the contiguous-access-length distribution of DynaKV Fig. 12);
-    ``command_offset_bytes``: int64 byte offset of each command within the region (page
-    aligned; lets a device model stripe by address and tests check coverage).
+    ``command_offset_bytes``: int64 byte offset of each command within its region (page
+    aligned; lets a device model stripe by address and tests check coverage);
+    ``command_regions``: int64 region of each command (all 0 when no regions were given).
     """
 
     command_bytes: np.ndarray
     useful_bytes: int
     run_entries: np.ndarray
     command_offset_bytes: np.ndarray
+    command_regions: np.ndarray
 
     @property
     def read_bytes(self) -> int:
@@ -46,13 +50,22 @@ class ReadPlan:
         return int(self.command_bytes.size)
 
 
-def plan_reads(slots: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes: int) -> ReadPlan:
-    """Commands reading the entries at ``slots`` (any order; duplicates count once)."""
-    slots, steps = _sorted_unique(slots)
-    offsets, sizes = _page_commands(slots, entry_bytes, page_size, max_io_bytes)
+def plan_reads(
+    slots: np.ndarray,
+    entry_bytes: int,
+    page_size: int,
+    max_io_bytes: int,
+    regions: np.ndarray | None = None,
+) -> ReadPlan:
+    """Commands reading the entries at ``slots`` (any order; duplicates count once), in the
+    regions ``regions`` (same length as ``slots``; default: all in region 0)."""
+    slots, regions, steps = _sorted_unique(slots, regions)
+    offsets, sizes, command_regions = _page_commands(
+        slots, regions, entry_bytes, page_size, max_io_bytes
+    )
     if slots.size:
         # A new run starts wherever the next requested slot is not the adjacent one.
-        starts = np.flatnonzero(steps != 1) + 1
+        starts = np.flatnonzero((steps != 1) | (np.diff(regions) != 0)) + 1
         bounds = np.concatenate(([0], starts, [slots.size]))
         run_entries = np.diff(bounds).astype(np.int64)
     else:
@@ -62,41 +75,61 @@ def plan_reads(slots: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes
         useful_bytes=int(slots.size) * int(entry_bytes),
         run_entries=run_entries,
         command_offset_bytes=offsets,
+        command_regions=command_regions,
     )
 
 
 def plan_writes(
-    slots: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes: int
+    slots: np.ndarray,
+    entry_bytes: int,
+    page_size: int,
+    max_io_bytes: int,
+    regions: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Command sizes (int64, address order) that write the entries at ``slots``.
+    """Command sizes (int64, address order) that write the entries at ``slots`` (in
+    ``regions``, as for :func:`plan_reads`).
 
     Every touched page is written whole (a sub-page append rewrites its page: real write
     amplification), adjacent pages are coalesced, commands split at ``max_io_bytes``.
     """
-    slots, _ = _sorted_unique(slots)
-    return _page_commands(slots, entry_bytes, page_size, max_io_bytes)[1]
+    slots, regions, _ = _sorted_unique(slots, regions)
+    return _page_commands(slots, regions, entry_bytes, page_size, max_io_bytes)[1]
 
 
-def _sorted_unique(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Slots as sorted unique int64, plus their successive differences."""
+_REGION_SHIFT = 40  # slots below 2**40 entries; regions packed above them in one sort key
+
+
+def _sorted_unique(
+    slots: np.ndarray, regions: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slots, regions) sorted by (region, slot) and de-duplicated, plus the slot differences."""
     slots = np.asarray(slots)
     if slots.size and not np.issubdtype(slots.dtype, np.integer):
         raise ValueError(f"slots must be integers, got dtype {slots.dtype}")
     slots = slots.astype(np.int64, copy=False).reshape(-1)
-    steps = np.diff(slots)
-    # Callers usually pass sorted unique slots; only pay for np.unique when they do not.
-    if (steps <= 0).any():
-        slots = np.unique(slots)
-        steps = np.diff(slots)
-    if slots.size and slots[0] < 0:
-        raise ValueError(f"slots must be >= 0, got {slots[0]}")
-    return slots, steps
+    if slots.size and slots.min() < 0:
+        raise ValueError(f"slots must be >= 0, got {slots.min()}")
+    if regions is None:
+        regions = np.zeros(slots.size, dtype=np.int64)
+        key = slots
+    else:
+        regions = np.asarray(regions, dtype=np.int64).reshape(-1)
+        if regions.shape != slots.shape:
+            raise ValueError(f"regions must match slots, got {regions.shape} vs {slots.shape}")
+        key = (regions << _REGION_SHIFT) | slots
+    # Callers usually pass sorted unique keys; only pay for np.unique when they do not.
+    if (np.diff(key) <= 0).any():
+        key = np.unique(key)
+        slots = key & ((1 << _REGION_SHIFT) - 1)
+        regions = key >> _REGION_SHIFT
+    return slots, regions, np.diff(slots)
 
 
 def _page_commands(
-    slots: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, sizes) of the commands covering the pages touched by sorted unique ``slots``."""
+    slots: np.ndarray, regions: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, sizes, regions) of the commands covering the pages touched by ``slots``
+    (sorted by (region, slot), unique)."""
     if entry_bytes <= 0:
         raise ValueError(f"entry_bytes must be > 0, got {entry_bytes}")
     if page_size <= 0:
@@ -105,7 +138,7 @@ def _page_commands(
         raise ValueError(f"max_io_bytes must be >= page_size ({page_size}), got {max_io_bytes}")
     if slots.size == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
+        return empty, empty, empty
     max_pages = max_io_bytes // page_size
     first_byte = slots * entry_bytes
     first_page = first_byte // page_size
@@ -115,6 +148,7 @@ def _page_commands(
     new_run = np.empty(slots.size, dtype=bool)
     new_run[0] = True
     np.greater(first_page[1:], last_page[:-1] + 1, out=new_run[1:])
+    new_run[1:] |= regions[1:] != regions[:-1]
     run_start_idx = np.flatnonzero(new_run)
     run_first_page = first_page[run_start_idx]
     run_last_page = last_page[np.append(run_start_idx[1:] - 1, slots.size - 1)]
@@ -130,4 +164,4 @@ def _page_commands(
     first_cmd = last_cmd - n_cmds + 1
     within = np.arange(total, dtype=np.int64) - first_cmd[run_of_cmd]
     offsets = (run_first_page[run_of_cmd] + within * max_pages) * page_size
-    return offsets, sizes * page_size
+    return offsets, sizes * page_size, regions[run_start_idx][run_of_cmd]
