@@ -23,13 +23,16 @@ layout; the DRAM cache starts empty (cold).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import simpy
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from sim.hardware import (
@@ -67,56 +70,72 @@ class PolicyPass:
     wall_s: float
 
 
-def run_policy_pass(
-    trace: Trace, policy: RetrievalPolicy, seed: int, progress: bool = False
-) -> PolicyPass:
-    """Selections and accuracy of ``policy`` on every layer of ``trace``."""
-    started = time.perf_counter()
-    model = trace.model
-    steps = trace.decode_steps
-    selections: list[LayerSelection] = []
-    frames: list[pd.DataFrame] = []
-    layers = tqdm(
-        range(model.n_layers),
-        desc=f"{policy.name}: policy pass",
-        unit="layer",
-        disable=not progress,
-        leave=False,
+def _layer_pass(
+    trace: Trace, policy: RetrievalPolicy, seed: int, layer: int
+) -> tuple[LayerSelection, pd.DataFrame]:
+    """Selections and accuracy records of one trace layer."""
+    # float32 copies of one layer (a few MB); the trace itself stays memory-mapped.
+    keys = np.asarray(trace.keys(layer), dtype=np.float32)
+    queries = np.asarray(trace.decode_queries(layer), dtype=np.float32)
+    ctx = LayerContext(
+        layer=layer,
+        keys=keys,
+        queries=queries,
+        prompt_len=trace.prompt_len,
+        # one stream per layer: results do not depend on the order layers are visited
+        rng=np.random.default_rng([seed, layer]),
     )
-    for layer in layers:
-        # float32 copies of one layer (a few MB); the trace itself stays memory-mapped.
-        keys = np.asarray(trace.keys(layer), dtype=np.float32)
-        queries = np.asarray(trace.decode_queries(layer), dtype=np.float32)
-        ctx = LayerContext(
-            layer=layer,
-            keys=keys,
-            queries=queries,
-            prompt_len=trace.prompt_len,
-            # one stream per layer: results do not depend on the order layers are visited
-            rng=np.random.default_rng([seed, layer]),
-        )
-        selection = policy.select_layer(ctx)
-        scores = layer_accuracy(queries, keys, trace.values(layer), trace.prompt_len, selection)
-        selections.append(selection)
-        n_q = model.n_q_heads
-        frame = pd.DataFrame(
-            {
-                "step": np.tile(np.arange(steps, dtype=np.int32), n_q),
-                "layer": np.full(n_q * steps, layer, dtype=np.int16),
-                "q_head": np.repeat(np.arange(n_q, dtype=np.int16), steps),
-            }
-        )
-        for column in ACCURACY_COLUMNS:
-            frame[column] = np.asarray(scores[column]).reshape(-1)
-        frames.append(frame)
-    accuracy = pd.concat(frames, ignore_index=True)
+    selection = policy.select_layer(ctx)
+    scores = layer_accuracy(queries, keys, trace.values(layer), trace.prompt_len, selection)
+    n_q, steps = queries.shape[0], queries.shape[1]
+    frame = pd.DataFrame(
+        {
+            "step": np.tile(np.arange(steps, dtype=np.int32), n_q),
+            "layer": np.full(n_q * steps, layer, dtype=np.int16),
+            "q_head": np.repeat(np.arange(n_q, dtype=np.int16), steps),
+        }
+    )
+    for column in ACCURACY_COLUMNS:
+        frame[column] = np.asarray(scores[column]).reshape(-1)
+    return selection, frame
+
+
+def run_policy_pass(
+    trace: Trace,
+    policy: RetrievalPolicy,
+    seed: int,
+    progress: bool = False,
+    workers: int | None = None,
+) -> PolicyPass:
+    """Selections and accuracy of ``policy`` on every layer of ``trace``.
+
+    Layers are independent, so ``workers`` threads (default: up to 2, the cores of a phone-
+    simulation laptop) process them concurrently; numpy, BLAS and scikit-learn release the GIL
+    in their kernels. Each layer's math runs single-threaded, which keeps results bit-identical
+    whatever the number of workers, and at most ``workers`` layers are in memory at once.
+    """
+    started = time.perf_counter()
+    workers = workers or min(2, os.cpu_count() or 1)
+    n_layers = trace.model.n_layers
+    results: list[tuple[LayerSelection, pd.DataFrame] | None] = [None] * n_layers
+    bar = tqdm(total=n_layers, desc=f"{policy.name}: policy pass", unit="layer",
+               disable=not progress, leave=False)
+    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {
+            pool.submit(_layer_pass, trace, policy, seed, layer): layer
+            for layer in range(n_layers)
+        }
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update()
+    bar.close()
     return PolicyPass(
         policy=policy,
         prompt_len=trace.prompt_len,
-        decode_steps=steps,
-        trace_model=model,
-        selections=selections,
-        accuracy=accuracy,
+        decode_steps=trace.decode_steps,
+        trace_model=trace.model,
+        selections=[result[0] for result in results],
+        accuracy=pd.concat([result[1] for result in results], ignore_index=True),
         wall_s=time.perf_counter() - started,
     )
 
@@ -177,6 +196,7 @@ class _Replay:
         self.layer_map = trace_layer_map(target, pp.trace_model)
         self.head_map = trace_head_map(target, pp.trace_model)
         self.n_layers, self.n_heads = target.n_layers, target.n_kv_heads
+        self.head_ids = np.arange(self.n_heads)
         self.entry_bytes = target.entry_bytes(dtype)
         self.vector_bytes = int(round(target.head_dim * kv_dtype_bytes(dtype)))
         self.page_bytes = flash_params.page_size_bytes
@@ -244,21 +264,17 @@ class _Replay:
         rec[col["hits"]] += cache.hits - before[0]
         rec[col["misses"]] += cache.misses - before[1]
         rec[col["streamed"]] += cache.streamed - before[2]
-        sizes = []
-        useful = 0
-        for head, missed in enumerate(misses):
-            if len(missed) == 0:
-                continue
-            plan = plan_reads(
-                self.layouts[layer][head].slots(missed),
-                self.entry_bytes,
-                self.page_bytes,
-                self.max_io_bytes,
-            )
-            sizes.append(plan.command_bytes)
-            useful += plan.useful_bytes
-            self._count_runs(plan.run_entries)
-        command_bytes = np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64)
+        # One plan for all KV heads: each head's entries live in its own flash region.
+        layouts = self.layouts[layer]
+        plan = plan_reads(
+            np.concatenate([layouts[h].slots(missed) for h, missed in enumerate(misses)]),
+            self.entry_bytes,
+            self.page_bytes,
+            self.max_io_bytes,
+            regions=np.repeat(self.head_ids, [len(missed) for missed in misses]),
+        )
+        command_bytes, useful = plan.command_bytes, plan.useful_bytes
+        self._count_runs(plan.run_entries)
         rec[col["read_bytes"]] += command_bytes.sum()
         rec[col["useful_read_bytes"]] += useful
         rec[col["read_commands"]] += len(command_bytes)
@@ -282,14 +298,13 @@ class _Replay:
         selection = self.pp.selections[self.layer_map[layer]]
         position = self.pp.prompt_len + step
         groups = selection.append_groups
-        sizes = []
+        slots = np.empty(self.n_heads, dtype=np.int64)
         for head, layout in enumerate(self.layouts[layer]):
             group = None if groups is None else int(groups[self.head_map[head], step])
-            slot = layout.place_append(position, group)
-            sizes.append(
-                plan_writes(np.array([slot]), self.entry_bytes, self.page_bytes, self.max_io_bytes)
-            )
-        command_bytes = np.concatenate(sizes)
+            slots[head] = layout.place_append(position, group)
+        command_bytes = plan_writes(
+            slots, self.entry_bytes, self.page_bytes, self.max_io_bytes, regions=self.head_ids
+        )
         self.caches[layer].insert(
             [np.array([position])] * self.n_heads, step * self.n_layers + layer
         )

@@ -183,6 +183,13 @@ def execute(
         f"{resolved.device.name}; KV cache {full_kv / 1e6:.1f} MB, DRAM budget "
         f"{capacity / 1e6:.1f} MB ({capacity / full_kv:.1%})"
     )
+    windows = trace.manifest["model"].get("sliding_window") or []
+    if any(w is not None for w in windows):
+        # Not modelled yet: the accuracy reference and the policies see the whole context.
+        log(
+            f"warning: {trace.model.name} has sliding-window layers; kvsim treats every layer "
+            "as global attention over the whole context"
+        )
     runs_dir = resolved.output_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     rows = []
