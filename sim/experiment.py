@@ -197,7 +197,7 @@ def execute(
         pp = run_policy_pass(trace, run.policy, config.seed, progress=progress)
         layout = run.layout_spec
         if layout is None:
-            has_groups = pp.selections[0].prefill_groups is not None
+            has_groups = any(sel.prefill_groups is not None for sel in pp.selections)
             layout = {"type": "cluster" if has_groups else "sequence"}
         setup = SimSetup(
             device=resolved.device,

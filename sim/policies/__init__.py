@@ -12,4 +12,4 @@ from .base import RetrievalPolicy
 POLICIES: Registry[RetrievalPolicy] = Registry("policy")
 
 # Imported for their registration side effect; they need POLICIES defined above.
-from . import full, static_clusters, token_topk  # noqa: E402, F401
+from . import full, oracle, quest, static_clusters, streaming_llm, token_topk  # noqa: E402, F401

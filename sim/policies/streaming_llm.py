@@ -1,0 +1,53 @@
+"""StreamingLLM: attention sinks plus a sliding window of the newest tokens, query-independent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import POLICIES
+from .base import BudgetedPolicy, LayerContext, LayerIndex
+
+
+@POLICIES.register("streaming_llm")
+@dataclass
+class StreamingLLM(BudgetedPolicy):
+    """StreamingLLM (Xiao et al., ICLR 2024, arXiv 2309.17453): the first ``sink_tokens``
+    positions (attention sinks) plus a window of the newest stored positions.
+
+    The window is whatever the budget leaves after the sinks: ``window = budget - sink_tokens``
+    at every step (a fractional budget is resolved at each step's context length first), so
+    step ``s`` attends ``[0, sink_tokens) U [P + s - window, P + s)``. Implemented as a
+    budgeted policy whose score is the position itself (newest first), so ``recent_tokens``
+    does not change the selection. The selection ignores the query
+    (``selection_needs_query = False``: the engine may issue its reads before scoring), and
+    there is no index (``index_vectors`` all 0, no groups).
+
+    Parameters:
+        budget (int | float, default 1024): sinks + window tokens per step and KV head, or a
+            fraction in (0, 1] of the context.
+        sink_tokens (int, default 4): leading positions always attended (StreamingLLM's 4).
+        recent_tokens (int, default 0): inherited; the window already holds the newest
+            ``budget - sink_tokens`` positions, so this only has to fit in the budget.
+    """
+
+    budget: float = 1024
+    sink_tokens: int = 4
+    recent_tokens: int = 0
+
+    selection_needs_query = False
+
+    def window_at(self, context_len: int) -> int:
+        """Window length at a context length (the budget left after the sinks)."""
+        return max(0, self.budget_at(context_len) - min(self.sink_tokens, context_len))
+
+    def index_layer(self, ctx: LayerContext) -> LayerIndex:
+        n_kv, n_steps = ctx.n_kv_heads, ctx.decode_steps
+
+        def score_steps(start: int, stop: int) -> np.ndarray:
+            width = ctx.prompt_len + stop
+            by_recency = np.arange(width, dtype=np.float64)
+            return np.broadcast_to(by_recency, (n_kv, stop - start, width)).copy()
+
+        return LayerIndex(score_steps, index_vectors=np.zeros((n_kv, n_steps), np.int64))
