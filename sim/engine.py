@@ -223,9 +223,11 @@ class _Replay:
                 self.layouts.append([])
                 continue
             replacement = REPLACEMENTS.create(setup.replacement, where="cache.replacement")
-            self.caches.append(
-                LayerCache(self.n_heads, self.max_positions, int(capacity_entries), replacement)
-            )
+            cache = LayerCache(self.n_heads, self.max_positions, int(capacity_entries), replacement)
+            if replacement.needs_future:
+                # Offline replacement (Belady) sees this layer's own accesses, as replayed.
+                cache.observe_future(self._future_accesses(layer))
+            self.caches.append(cache)
             row = []
             for head in range(self.n_heads):
                 layout = LAYOUTS.create(
@@ -244,6 +246,18 @@ class _Replay:
         self.run_length_counts = np.zeros(64, dtype=np.int64)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _future_accesses(self, layer: int) -> list[tuple[int, list[np.ndarray]]]:
+        """Every ``access`` then ``insert`` the replay will make on ``layer``'s cache, in order
+        (the same ``now`` and positions as :meth:`_issue_reads` and :meth:`_append`)."""
+        heads = self.pp.selections[self.layer_map[layer]].heads
+        per_head = [heads[self.head_map[h]] for h in range(self.n_heads)]
+        accesses: list[tuple[int, list[np.ndarray]]] = []
+        for step in range(self.pp.decode_steps):
+            now = step * self.n_layers + layer
+            accesses.append((now, [selections.at(step) for selections in per_head]))
+            accesses.append((now, [np.array([self.pp.prompt_len + step])] * self.n_heads))
+        return accesses
 
     def _count_runs(self, run_entries: np.ndarray) -> None:
         counts = np.bincount(run_entries)

@@ -108,8 +108,8 @@ def test_bad_inputs_raise():
 
 
 def test_replacement_registry():
-    assert {"lru", "fifo"} <= set(REPLACEMENTS.names())
-    with pytest.raises(ConfigError, match="valid: fifo"):
+    assert {"lru", "fifo", "lfu", "belady"} <= set(REPLACEMENTS.names())
+    with pytest.raises(ConfigError, match="valid: belady, fifo"):
         REPLACEMENTS.get("belady-typo")
     with pytest.raises(ConfigError, match="unknown parameter"):
         REPLACEMENTS.create({"type": "lru", "size": 3})
@@ -178,6 +178,9 @@ def workloads(draw):
 def test_cache_invariants(name, w):
     n_heads, max_positions, capacity, ops = w
     c = make(n_heads, max_positions, capacity, name)
+    if c.replacement.needs_future:
+        # Offline policies (Belady) are told the run's accesses first, as the engine does.
+        c.observe_future([(now, per_head) for now, (_kind, per_head) in enumerate(ops)])
     total_selected = 0
     for now, (kind, per_head) in enumerate(ops):
         before = [set(c.resident(h).tolist()) for h in range(n_heads)]
@@ -253,3 +256,22 @@ def test_lru_matches_ordereddict_reference(data):
         ref.access([context])
         assert c.resident(0).tolist() == sorted(ref.od)
     assert c.streamed == 0
+
+
+def test_offline_policy_without_future_fails_loudly():
+    c = make(1, 8, 1, "belady")
+    c.access([a(0)], now=0)
+    with pytest.raises(RuntimeError, match="observe_future"):
+        c.access([a(1)], now=1)
+
+
+def test_observe_future_checks_its_input():
+    c = make(2, 8, 4, "belady")
+    with pytest.raises(ValueError, match="time order"):
+        c.observe_future([(1, [a(0), a()]), (0, [a(1), a()])])
+    with pytest.raises(ValueError, match="expected 2 heads"):
+        c.observe_future([(0, [a(0)])])
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        c.observe_future([(0, [a(8), a()])])
+    online = make(1, 8, 4, "lru")
+    online.observe_future([(0, [a(0)])])  # accepted and ignored by online policies

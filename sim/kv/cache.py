@@ -17,7 +17,9 @@ eviction path scans the layer once (``O(n_heads * max_positions)``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -25,7 +27,9 @@ from sim.registry import Registry
 
 __all__ = [
     "REPLACEMENTS",
+    "BeladyReplacement",
     "FIFOReplacement",
+    "LFUReplacement",
     "LRUReplacement",
     "LayerCache",
     "ReplacementPolicy",
@@ -46,10 +50,15 @@ class ReplacementPolicy(ABC):
 
     :meth:`LayerCache.insert` calls ``on_access`` for positions already resident and
     ``on_insert`` for new ones. Hooks have no-op defaults; only ``victims`` is abstract.
-    Future members fit this surface: LFU counts in ``on_access`` and resets in ``on_evict``;
-    cluster-aligned replacement reads labels given by ``set_groups``; Belady takes a next-use
-    oracle from the trace in its constructor and reads ``now`` from ``on_access``.
+    LFU counts in ``on_access`` and restarts the count in ``on_insert``; cluster-aligned
+    replacement reads labels given by ``set_groups``; offline policies (Belady) set
+    ``needs_future`` and receive the run's whole access sequence through ``observe_future``
+    once, after ``bind`` and before the first access.
     """
+
+    #: True for offline policies: whoever drives the cache must call :meth:`observe_future`
+    #: (via :meth:`LayerCache.observe_future`) before the first access.
+    needs_future: ClassVar[bool] = False
 
     def bind(self, n_heads: int, max_positions: int) -> None:
         """Allocate per-entry state for a layer of ``n_heads`` x ``max_positions`` entries."""
@@ -67,6 +76,14 @@ class ReplacementPolicy(ABC):
 
     def set_groups(self, head: int, labels_by_position: np.ndarray) -> None:  # noqa: B027
         """Group (cluster) label of each position of ``head``; for group-aware policies."""
+
+    def observe_future(  # noqa: B027
+        self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]
+    ) -> None:
+        """The whole run, in time order: ``(now, per_head_positions)`` for every
+        :meth:`LayerCache.access` *and* every :meth:`LayerCache.insert` the cache will see
+        (``now`` non-decreasing; an access and an insert may share one ``now``). Called once;
+        only policies with ``needs_future`` use it."""
 
     @abstractmethod
     def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
@@ -125,6 +142,173 @@ class FIFOReplacement(_OldestStampReplacement):
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self._stamp_rows[head][positions] = now
 
+
+@REPLACEMENTS.register("lfu")
+@dataclass(eq=False)
+class LFUReplacement(ReplacementPolicy):
+    """Least frequently used: evicts the entries used the fewest times since they were (last)
+    inserted, the inserting use counting as one; ties go to the least recently used, then to the
+    lowest flat index, so that runs are deterministic."""
+
+    def bind(self, n_heads: int, max_positions: int) -> None:
+        super().bind(n_heads, max_positions)
+        self._count = np.zeros((n_heads, max_positions), dtype=np.int64)
+        self._stamp = np.zeros((n_heads, max_positions), dtype=np.int64)
+        self._count_flat = self._count.reshape(-1)
+        self._stamp_flat = self._stamp.reshape(-1)
+        self._count_rows = list(self._count)
+        self._stamp_rows = list(self._stamp)
+
+    def on_access(self, head: int, positions: np.ndarray, now: int) -> None:
+        # Misses are counted here too, but on_insert restarts their count right after.
+        self._count_rows[head][positions] += 1  # positions are unique: no lost increments
+        self._stamp_rows[head][positions] = now
+
+    def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
+        self._count_rows[head][positions] = 1
+        self._stamp_rows[head][positions] = now
+
+    def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
+        if n >= candidates.size:
+            return candidates
+        counts = self._count_flat[candidates]
+        # Two O(C) partitions instead of one composite key: count * stamp * flat could overflow.
+        threshold = np.partition(counts, n - 1)[n - 1]
+        below = candidates[counts < threshold]
+        tied = candidates[counts == threshold]
+        need = n - below.size
+        if need < tied.size:
+            keys = self._stamp_flat[tied] * self._stamp_flat.size + tied
+            tied = tied[np.argpartition(keys, need - 1)[:need]]
+        return np.concatenate((below, tied))
+
+
+@REPLACEMENTS.register("belady")
+@dataclass(eq=False)
+class BeladyReplacement(ReplacementPolicy):
+    """Belady's optimal offline replacement (MIN; Belady 1966, "A study of replacement
+    algorithms for a virtual-storage computer"): evicts the entries whose next use lies farthest
+    in the future, entries never used again first; ties go to the lowest flat index.
+
+    Offline: :meth:`observe_future` must receive the run's own accesses (the engine does this)
+    before anything has to be evicted; ``victims`` raises ``RuntimeError`` otherwise rather than
+    silently degrade, since a wrong "optimum" would pass for a lower bound. If the actual
+    accesses differ from the observed ones the choices stay valid but are no longer optimal.
+
+    With every miss admitted (no bypass), MIN gives the fewest misses of any replacement policy
+    as long as each selection fits in the cache (no streaming) and every inserted position is
+    new, as in decoding (the new token's K/V). ``observe_future`` does not tell accesses from
+    inserts, so an insert of a once-evicted entry (which costs no miss) counts as a use and the
+    choice may then be suboptimal.
+
+    State: the observed uses of all entries as one CSR over flat indices (``_uses`` holds, per
+    entry in time order, the rank of the ``now`` of each use, then a sentinel; int32), a pointer
+    per entry to its first use after its latest touch, advanced by ``on_access``/``on_insert``,
+    and the rank that pointer reads (``_next``), so ``victims`` is one gather and one
+    ``argpartition``. Memory: 4 bytes per observed use plus 20 bytes per entry of the layer.
+    """
+
+    needs_future: ClassVar[bool] = True
+
+    def bind(self, n_heads: int, max_positions: int) -> None:
+        super().bind(n_heads, max_positions)
+        self._times: np.ndarray | None = None  # distinct observed `now` values, ascending
+        self._past = 0  # observed uses of a smaller rank lie in the past
+
+    def observe_future(self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
+        m = self.max_positions
+        n_flat = self.n_heads * m
+        times = np.fromiter((now for now, _ in accesses), dtype=np.int64, count=len(accesses))
+        distinct = np.unique(times)
+        never = distinct.size  # the next-use rank of an entry not used again
+        if never >= np.iinfo(np.int32).max:
+            raise ValueError(f"belady: too many distinct times ({never}) for int32 ranks")
+        ranks = np.searchsorted(distinct, times)
+        flat_parts, rank_parts = [], []
+        for rank, (_, per_head) in zip(ranks.tolist(), accesses, strict=True):
+            for h, positions in enumerate(per_head):
+                if len(positions):
+                    flat_parts.append(np.asarray(positions, dtype=np.int64) + h * m)
+                    rank_parts.append(np.full(len(positions), rank, dtype=np.int32))
+        # One sentinel use of rank `never` closes every entry's list, so a pointer never runs
+        # off its entry's uses and needs no bound check.
+        flat_parts.append(np.arange(n_flat, dtype=np.int64))
+        rank_parts.append(np.full(n_flat, never, dtype=np.int32))
+        flat = np.concatenate(flat_parts)
+        del flat_parts
+        # Stable: each entry's uses stay in time order, its sentinel (appended last) at the end.
+        self._uses = np.concatenate(rank_parts)[np.argsort(flat, kind="stable")]
+        del rank_parts
+        self._ptr = np.zeros(n_flat, dtype=np.int64)
+        np.cumsum(np.bincount(flat, minlength=n_flat)[:-1], out=self._ptr[1:])
+        del flat
+        self._next = self._uses[self._ptr].astype(np.int64)  # next-use rank of every entry
+        self._never = np.int64(never)
+        self._times = distinct
+        self._now, self._rank = None, -1
+
+    def _advance(self, flat: np.ndarray, last_rank: int) -> None:
+        """Move the pointers of ``flat`` (distinct) past every use of rank <= ``last_rank`` and
+        refresh their next-use rank."""
+        # _next[f] == _uses[_ptr[f]] always, so the first check needs no gather from _uses.
+        due = self._next[flat] <= last_rank
+        if not due.all():  # e.g. on_insert of entries on_access already moved on at this `now`
+            flat = flat[due]
+            if not flat.size:
+                return
+        uses = self._uses
+        p = self._ptr[flat] + 1  # the usual case: exactly one use consumed
+        nxt = uses[p]
+        more = nxt <= last_rank
+        while more.any():  # several uses at one `now`, or uses that did not happen
+            p[more] += 1
+            nxt = uses[p]
+            more = nxt <= last_rank
+        self._ptr[flat] = p
+        self._next[flat] = nxt
+
+    def _touch(self, head: int, positions: np.ndarray, now: int) -> None:
+        if self._times is None:
+            return
+        if now != self._now:
+            # Rank of the latest observed `now` <= now: an unobserved `now` consumes nothing new.
+            rank = int(np.searchsorted(self._times, now, side="right")) - 1
+            self._now, self._rank = now, rank
+            # Uses of rank < _past are over; those at `now` itself may still be to come.
+            self._past = rank if rank >= 0 and self._times[rank] == now else rank + 1
+        if positions.size:
+            self._advance(positions + head * self.max_positions, self._rank)
+
+    def on_access(self, head: int, positions: np.ndarray, now: int) -> None:
+        self._touch(head, positions, now)
+
+    def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
+        self._touch(head, positions, now)
+
+    def next_use_rank(self, flat_idx: np.ndarray) -> np.ndarray:
+        """Rank (index among the observed distinct ``now`` values) of each entry's first
+        observed use not before the current time; ``len(distinct nows)`` if none."""
+        if self._times is None:
+            raise RuntimeError(
+                "belady replacement needs the run's future accesses: call"
+                " LayerCache.observe_future (the engine does) before the first access"
+            )
+        out = self._next[flat_idx]
+        stale = out < self._past
+        if stale.any():
+            # Observed uses that did not happen (the run diverged from its future): skip them.
+            self._advance(flat_idx[stale], self._past - 1)
+            out[stale] = self._next[flat_idx[stale]]
+        return out
+
+    def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
+        next_use = self.next_use_rank(candidates)
+        if n >= candidates.size:
+            return candidates
+        # Farthest next use first, then lowest flat index: one composite key, all distinct.
+        # (never + 1) * n_flat stays far below 2**63 (ranks <= accesses, n_flat = entries).
+        keys = (self._never - next_use) * self._next.size + candidates
+        return candidates[np.argpartition(keys, n - 1)[:n]]
 
 class LayerCache:
     """DRAM cache of one layer's KV entries, shared by its ``n_heads`` KV heads.
@@ -250,6 +434,24 @@ class LayerCache:
     def set_groups(self, head: int, labels_by_position: np.ndarray) -> None:
         """Forward group labels of ``head`` to the replacement policy (cluster-aware ones)."""
         self.replacement.set_groups(head, labels_by_position)
+
+    def observe_future(self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
+        """Give an offline replacement policy (``replacement.needs_future``) the whole run.
+
+        ``accesses``: in time order, ``(now, per_head_positions)`` of every later
+        :meth:`access` and :meth:`insert` call, with the same arguments. Checked here (shape,
+        range, non-decreasing ``now``), then forwarded; a no-op for online policies.
+        """
+        previous = None
+        for i, (now, per_head) in enumerate(accesses):
+            if previous is not None and now < previous:
+                raise ValueError(
+                    f"observe_future: accesses must be in time order, got now={now} after"
+                    f" now={previous} (entry {i})"
+                )
+            previous = now
+            self._check_selections(list(per_head), f"observe_future entry {i}")
+        self.replacement.observe_future(accesses)
 
     @property
     def hit_ratio(self) -> float:
