@@ -84,6 +84,8 @@ def _layer_pass(
         prompt_len=trace.prompt_len,
         # one stream per layer: results do not depend on the order layers are visited
         rng=np.random.default_rng([seed, layer]),
+        stored_queries=trace.queries(layer),
+        query_start=trace.query_start,
     )
     selection = policy.select_layer(ctx)
     scores = layer_accuracy(queries, keys, trace.values(layer), trace.prompt_len, selection)

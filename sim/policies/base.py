@@ -32,6 +32,9 @@ class LayerContext:
     ``keys``: (n_kv_heads, P + S, head_dim) float32, every stored position;
     ``queries``: (n_q_heads, S, head_dim) float32, the decode steps' queries (post-RoPE);
     query head ``q`` belongs to KV head ``q // group_size``.
+    ``stored_queries``: the trace's query array of this layer as stored (memory-mapped,
+    float16, positions ``query_start ..``), for policies that need prompt queries (H2O's
+    accumulated attention, co-retrieval statistics); read it through :meth:`prompt_queries`.
     """
 
     layer: int
@@ -39,6 +42,21 @@ class LayerContext:
     queries: np.ndarray
     prompt_len: int
     rng: np.random.Generator
+    stored_queries: np.ndarray | None = None
+    query_start: int = 0
+
+    def prompt_queries(self, start: int = 0) -> np.ndarray:
+        """Queries of prompt positions ``[start, P)`` as float32 (n_q_heads, P - start, d).
+
+        Raises ValueError if the trace does not store them (captured with queries="decode").
+        """
+        if self.stored_queries is None or start < self.query_start:
+            raise ValueError(
+                f"the trace stores queries from position {self.query_start} on; this policy "
+                f"needs them from position {start} (capture with queries='all')"
+            )
+        rows = slice(start - self.query_start, self.prompt_len - self.query_start)
+        return np.asarray(self.stored_queries[:, rows], dtype=np.float32)
 
     @property
     def n_kv_heads(self) -> int:
