@@ -35,6 +35,7 @@ import simpy
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from sim.errors import KvsimError
 from sim.hardware import (
     DeviceParams,
     Flash,
@@ -87,7 +88,10 @@ def _layer_pass(
         stored_queries=trace.queries(layer),
         query_start=trace.query_start,
     )
-    selection = policy.select_layer(ctx)
+    try:
+        selection = policy.select_layer(ctx)
+    except ValueError as exc:  # the policy's settings do not fit this trace
+        raise KvsimError(f"policy {policy.name!r} on trace layer {layer}: {exc}") from None
     scores = layer_accuracy(queries, keys, trace.values(layer), trace.prompt_len, selection)
     n_q, steps = queries.shape[0], queries.shape[1]
     frame = pd.DataFrame(

@@ -126,3 +126,15 @@ def test_run_writes_table_results_and_plot(tmp_path, capsys):
             assert (out_dir / "runs" / run / name).exists()
     assert not list(out_dir.rglob("*.tmp-*")), "temporary files left behind"
     assert main(["plot", str(out_dir)]) == 0
+
+
+def test_sinks_filling_the_prompt_are_caught_before_running(tmp_path, capsys):
+    # 160 sink tokens leave nothing to cluster in the fixture's 160-token prompt
+    text = GOOD.replace("tokens_per_cluster: 16", "tokens_per_cluster: 16\n    sink_tokens: 160")
+    text = text.replace("budget: 64", "budget: 0.99")
+    config = _write(tmp_path, text)
+    code = main(["run", str(config), "--output", str(tmp_path / "out"), "--quiet", "--no-plot"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "Traceback" not in err
+    assert "policies[1]" in err and "160 tokens" in err
+    assert not (tmp_path / "out").exists()
