@@ -48,7 +48,8 @@ from sim.kv.geometry import ModelGeometry, kv_dtype_bytes, trace_head_map, trace
 from sim.kv.io_plan import plan_reads, plan_writes
 from sim.kv.layout import LAYOUTS, FlashLayout
 from sim.metrics.accuracy import layer_accuracy
-from sim.policies.base import LayerContext, LayerSelection, RetrievalPolicy
+from sim.metrics.clusters import cluster_variance
+from sim.policies.base import LayerContext, LayerSelection, Relabel, RetrievalPolicy
 from sim.trace.format import Trace
 
 ACCURACY_COLUMNS = ("attention_recall", "topk_recall", "output_rel_error", "n_selected")
@@ -59,7 +60,9 @@ class PolicyPass:
     """Device-independent result of a policy over a trace.
 
     ``selections[l]``: the policy's decisions for trace layer ``l``; ``accuracy``: one row per
-    (step, layer, query head) with the columns of :data:`ACCURACY_COLUMNS`.
+    (step, layer, query head) with the columns of :data:`ACCURACY_COLUMNS`; ``clusters``: one
+    row per (step, layer, KV head) with ``n_groups`` and ``intra_cluster_variance`` (see
+    :mod:`sim.metrics.clusters`), empty for policies without groups.
     """
 
     policy: RetrievalPolicy
@@ -69,12 +72,13 @@ class PolicyPass:
     selections: list[LayerSelection]
     accuracy: pd.DataFrame
     wall_s: float
+    clusters: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _layer_pass(
     trace: Trace, policy: RetrievalPolicy, seed: int, layer: int
-) -> tuple[LayerSelection, pd.DataFrame]:
-    """Selections and accuracy records of one trace layer."""
+) -> tuple[LayerSelection, pd.DataFrame, pd.DataFrame | None]:
+    """Selections, accuracy records and cluster records of one trace layer."""
     # float32 copies of one layer (a few MB); the trace itself stays memory-mapped.
     keys = np.asarray(trace.keys(layer), dtype=np.float32)
     queries = np.asarray(trace.decode_queries(layer), dtype=np.float32)
@@ -103,7 +107,21 @@ def _layer_pass(
     )
     for column in ACCURACY_COLUMNS:
         frame[column] = np.asarray(scores[column]).reshape(-1)
-    return selection, frame
+    groups = cluster_variance(keys, trace.prompt_len, selection)
+    clusters = None
+    if groups is not None:
+        variance, n_groups = groups
+        n_kv = variance.shape[0]
+        clusters = pd.DataFrame(
+            {
+                "step": np.tile(np.arange(steps, dtype=np.int32), n_kv),
+                "layer": np.full(n_kv * steps, layer, dtype=np.int16),
+                "kv_head": np.repeat(np.arange(n_kv, dtype=np.int16), steps),
+                "n_groups": n_groups.reshape(-1),
+                "intra_cluster_variance": variance.reshape(-1),
+            }
+        )
+    return selection, frame, clusters
 
 
 def run_policy_pass(
@@ -123,7 +141,9 @@ def run_policy_pass(
     started = time.perf_counter()
     workers = workers or min(2, os.cpu_count() or 1)
     n_layers = trace.model.n_layers
-    results: list[tuple[LayerSelection, pd.DataFrame] | None] = [None] * n_layers
+    results: list[tuple[LayerSelection, pd.DataFrame, pd.DataFrame | None] | None] = [
+        None
+    ] * n_layers
     bar = tqdm(total=n_layers, desc=f"{policy.name}: policy pass", unit="layer",
                disable=not progress, leave=False)
     with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
@@ -143,6 +163,8 @@ def run_policy_pass(
         selections=[result[0] for result in results],
         accuracy=pd.concat([result[1] for result in results], ignore_index=True),
         wall_s=time.perf_counter() - started,
+        clusters=pd.concat([result[2] for result in results if result[2] is not None]
+                           or [pd.DataFrame()], ignore_index=True),
     )
 
 
@@ -182,6 +204,8 @@ STEP_COLUMNS = (
     "write_bytes",
     "write_commands",
     "selected_entries",
+    "extra_entries",
+    "relocated_entries",
     "hits",
     "misses",
     "streamed",
@@ -245,6 +269,16 @@ class _Replay:
                 )
                 row.append(layout)
             self.layouts.append(row)
+        # (simulated head, Relabel) events of each simulated layer, by decode step
+        self.relabels_at: list[dict[int, list[tuple[int, Relabel]]]] = []
+        for layer in range(self.n_layers):
+            events: dict[int, list[tuple[int, Relabel]]] = {}
+            relabels = pp.selections[self.layer_map[layer]].relabels
+            if relabels is not None:
+                for head in range(self.n_heads):
+                    for event in relabels[self.head_map[head]]:
+                        events.setdefault(event.step, []).append((head, event))
+            self.relabels_at.append(events)
         self.records = np.zeros((pp.decode_steps, len(STEP_COLUMNS)), dtype=np.float64)
         self.col = {name: i for i, name in enumerate(STEP_COLUMNS)}
         max_pages = self.max_io_bytes // self.page_bytes
@@ -278,9 +312,17 @@ class _Replay:
         col = self.col
         selection = self.pp.selections[self.layer_map[layer]]
         per_head = [selection.heads[self.head_map[h]].at(step) for h in range(self.n_heads)]
+        lookups = per_head
+        if selection.extra_reads is not None:
+            # loaded into DRAM (e.g. to split a cluster) but not attended
+            lookups = [
+                np.union1d(attended, selection.extra_reads[self.head_map[h]].at(step))
+                for h, attended in enumerate(per_head)
+            ]
+            rec[col["extra_entries"]] += sum(len(x) for x in lookups) - sum(map(len, per_head))
         cache = self.caches[layer]
         before = (cache.hits, cache.misses, cache.streamed)
-        misses = cache.access(per_head, step * self.n_layers + layer)
+        misses = cache.access(lookups, step * self.n_layers + layer)
         rec[col["hits"]] += cache.hits - before[0]
         rec[col["misses"]] += cache.misses - before[1]
         rec[col["streamed"]] += cache.streamed - before[2]
@@ -322,8 +364,21 @@ class _Replay:
         for head, layout in enumerate(self.layouts[layer]):
             group = None if groups is None else int(groups[self.head_map[head], step])
             slots[head] = layout.place_append(position, group)
+        regions = self.head_ids
+        relabels = self.relabels_at[layer].get(step)
+        if relabels:
+            # cluster splits: the layout may relocate entries (written from DRAM)
+            moved = [
+                (head, self.layouts[layer][head].relabel(event.positions, event.group))
+                for head, event in relabels
+            ]
+            slots = np.concatenate([slots] + [rewritten for _, rewritten in moved])
+            regions = np.concatenate(
+                [regions] + [np.full(len(rewritten), head) for head, rewritten in moved]
+            )
+            rec[self.col["relocated_entries"]] += sum(len(rewritten) for _, rewritten in moved)
         command_bytes = plan_writes(
-            slots, self.entry_bytes, self.page_bytes, self.max_io_bytes, regions=self.head_ids
+            slots, self.entry_bytes, self.page_bytes, self.max_io_bytes, regions=regions
         )
         self.caches[layer].insert(
             [np.array([position])] * self.n_heads, step * self.n_layers + layer

@@ -12,6 +12,8 @@ Results layout (``<output>/``)::
     summary.csv, summary.md          one row per run (see sim.metrics.records)
     accuracy_vs_latency.png / .pdf   the plot
     runs/<run>/accuracy.parquet      (step, layer, q_head) accuracy records
+    runs/<run>/clusters.parquet      (step, layer, kv_head) group count and intra-cluster
+                                     variance (policies with groups only)
     runs/<run>/steps.parquet         per-step latency breakdown, I/O and DRAM records
     runs/<run>/io_sizes.csv          flash read command size distribution
     runs/<run>/run_lengths.csv       contiguous flash access lengths (entries)
@@ -152,6 +154,8 @@ def _write_run(run_dir: Path, pp: PolicyPass, sim: Any, settings: dict[str, Any]
     tmp.mkdir(parents=True)
     try:
         pp.accuracy.to_parquet(tmp / "accuracy.parquet", index=False)
+        if not pp.clusters.empty:
+            pp.clusters.to_parquet(tmp / "clusters.parquet", index=False)
         sim.steps.to_parquet(tmp / "steps.parquet", index=False)
         sim.io_sizes.to_csv(tmp / "io_sizes.csv", index=False)
         sim.run_lengths.to_csv(tmp / "run_lengths.csv", index=False)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, _Replay, simulate
 from sim.hardware import ComputeParams, DeviceParams, DramParams, FlashParams
 from sim.kv.geometry import ModelGeometry
-from sim.policies.base import HeadSelections, LayerSelection, RetrievalPolicy
+from sim.policies.base import HeadSelections, LayerSelection, Relabel, RetrievalPolicy
 
 # A device whose every duration is easy to compute by hand (1 MB/s = 1 byte/us):
 #   read command: 50 us on a unit + bytes / 4096 us on the link
@@ -181,3 +181,44 @@ def test_accounting_invariants(data, prompt, steps, capacity_entries, layout):
     # latency is the sum of its parts
     parts = records[["dense_us", "scoring_us", "io_wait_us", "attention_us"]].sum(axis=1)
     np.testing.assert_allclose(records["latency_us"], parts, rtol=1e-9)
+
+
+def test_extra_reads_are_fetched_but_not_attended():
+    # step 0 attends 0-1 and loads 4-5 (e.g. to split their cluster): one page read, 4 misses,
+    # attention over 2 entries + the current token
+    pp = _pass([[0, 1]])
+    pp.selections[0].extra_reads = [HeadSelections.from_lists([np.array([4, 5], np.int32)])]
+    steps = simulate(pp, _setup(capacity_bytes=0)).steps
+    assert steps["misses"][0] == 4 and steps["extra_entries"][0] == 2
+    assert steps["selected_entries"][0] == 2
+    assert steps["useful_read_bytes"][0] == 4 * 16 and steps["read_bytes"][0] == 4096
+    assert steps["latency_us"][0] == pytest.approx(
+        DENSE_US + SCORING_US + READ_PAGE_US + attention_us(3))
+
+
+def test_relabels_reach_the_layout_and_relocations_are_written():
+    from sim.kv.layout import LAYOUTS, SequenceLayout
+
+    moved_to = {}
+
+    class Relocating(SequenceLayout):
+        """Moves relabelled entries to slots 512+ (page 2 for 16-byte entries: not adjacent
+        to page 0, where the new tokens go, so they cannot coalesce)."""
+
+        def relabel(self, positions, group):
+            moved_to[group] = positions.tolist()
+            return 512 + np.arange(len(positions))
+
+    LAYOUTS._members["test-relocating"] = Relocating
+    try:
+        pp = _pass([[0, 1], [0, 1]])
+        pp.selections[0].relabels = [[Relabel(step=0, positions=np.array([2, 3]), group=7)]]
+        setup = SimSetup(device=DEVICE, target=MODEL, kv_dtype="fp16", cache_capacity_bytes=0,
+                         replacement={"type": "lru"}, layout={"type": "test-relocating"})
+        steps = simulate(pp, setup).steps
+    finally:
+        del LAYOUTS._members["test-relocating"]
+    assert moved_to == {7: [2, 3]}
+    # step 0 writes the new token's page and the relocated entries' page; step 1 only its own
+    assert steps["write_commands"].tolist() == [2, 1]
+    assert steps["relocated_entries"].tolist() == [2, 0]

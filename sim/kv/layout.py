@@ -102,6 +102,17 @@ class FlashLayout(ABC):
         self._n_placed += 1
         return slot
 
+    def relabel(self, positions: np.ndarray, group: int) -> np.ndarray:
+        """``positions`` (placed) now belong to ``group`` (a cluster split); returns the slots
+        the layout rewrote to keep its promise (relocated entries, written from DRAM).
+
+        The layouts here keep entries where they are (DynaKV's "migration-free" adaptation:
+        a split moves no data), so nothing is written; a layout that keeps each group
+        contiguous (the dual-head layout) overrides this and relocates.
+        """
+        self.slots(positions)  # validates that they are placed
+        return np.zeros(0, dtype=np.int64)
+
     def slots(self, positions: np.ndarray) -> np.ndarray:
         """Slots (int64) of placed ``positions`` (vectorised, same shape)."""
         positions = np.asarray(positions)

@@ -13,6 +13,8 @@ Definitions (DESIGN.md section 6):
 * ``hit_rate``: selected entries found in the DRAM cache / selected entries.
 * ``peak_dram_mb``: largest DRAM use at a step boundary: cached KV + policy index (for full
   attention, the whole KV cache).
+* ``intra_cluster_variance_mean``: mean over (step, layer, KV head) of the mean intra-cluster
+  key variance (``sim.metrics.clusters``); NaN for policies without groups.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ SUMMARY_COLUMNS = (
     "hit_rate",
     "peak_dram_mb",
     "cache_capacity_mb",
+    "intra_cluster_variance_mean",
 )
 
 
@@ -80,6 +83,10 @@ def summarize(run: str, pp: PolicyPass, sim: SimResult) -> dict[str, float | str
         "hit_rate": float(steps["hits"].sum() / selected) if selected else float("nan"),
         "peak_dram_mb": float(steps["dram_bytes"].max() / MB),
         "cache_capacity_mb": float(sim.totals["cache_capacity_bytes"] / MB),
+        "intra_cluster_variance_mean": (
+            float(pp.clusters["intra_cluster_variance"].mean())
+            if not pp.clusters.empty else float("nan")
+        ),
     }
 
 

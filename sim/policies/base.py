@@ -104,6 +104,15 @@ class HeadSelections:
         return np.diff(self.offsets)
 
 
+@dataclass(frozen=True)
+class Relabel:
+    """After decode step ``step`` (its new token placed), ``positions`` belong to ``group``."""
+
+    step: int
+    positions: np.ndarray
+    group: int
+
+
 @dataclass
 class LayerSelection:
     """What a policy decided for one trace layer.
@@ -115,12 +124,18 @@ class LayerSelection:
     and the index's DRAM footprint.
     ``prefill_groups[h, p]`` / ``append_groups[h, s]``: the unit (cluster) each prefill position /
     decode token belongs to, for cluster-aware layouts and caches; ``None`` if the policy has none.
+    ``relabels[h]``: time-ordered :class:`Relabel` events of KV head ``h`` (cluster splits move
+    positions to a new group); ``None`` if groups never change after assignment.
+    ``extra_reads[h]``: positions read from flash into DRAM at step ``s`` *without* being
+    attended (DynaKV's forced load-and-split when its split buffers fill); ``None`` if none.
     """
 
     heads: list[HeadSelections] | None
     index_vectors: np.ndarray
     prefill_groups: np.ndarray | None = None
     append_groups: np.ndarray | None = None
+    relabels: list[list[Relabel]] | None = None
+    extra_reads: list[HeadSelections] | None = None
 
     @property
     def is_full(self) -> bool:
