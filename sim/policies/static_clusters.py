@@ -95,16 +95,8 @@ class StaticClusters(BudgetedPolicy):
         def score_steps(start: int, stop: int) -> np.ndarray:
             width = prompt + stop
             out = np.empty((n_kv, stop - start, width), np.float64)
-            # Lexicographic (cluster rank, earliest position) packed into one exact number
-            # (integers below 2^53): priority * (width + 1) + (width - position).
-            within = np.arange(width, 0, -1, dtype=np.float64)
             for h in range(n_kv):
-                scores = cluster_scores[h][start:stop]
-                priority = np.zeros((stop - start, counts[h] + 1))  # last column: the sinks
-                order = np.argsort(-scores, axis=1, kind="stable")
-                ranks = np.arange(counts[h], 0, -1, dtype=np.float64)[None, :] * (width + 1)
-                np.put_along_axis(priority, order, ranks, axis=1)
-                np.add(priority[:, labels[h, :width]], within, out=out[h])
+                cluster_priorities(cluster_scores[h][start:stop], labels[h, :width], out=out[h])
             return out
 
         n_clusters = np.asarray(counts, np.int64)
@@ -119,24 +111,17 @@ class StaticClusters(BudgetedPolicy):
         self, keys: np.ndarray, group_query: np.ndarray, prompt: int, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         """Labels of every position (sinks = n_clusters) and cluster scores (S, n_clusters)."""
-        space = self._space(keys)
+        space = cluster_space(keys, self.distance)
         clustered = space[self.sink_tokens : prompt]
         wanted = self.n_clusters or max(1, round(len(clustered) / self.tokens_per_cluster))
-        wanted = min(wanted, len(clustered))
         seed = int(rng.integers(2**31 - 1))
-        km = KMeans(wanted, init="random", n_init=1, max_iter=self.max_iter, random_state=seed)
-        # One OpenMP thread: at this size (thousands of keys) sklearn's threads mostly spin at
-        # barriers, which is up to 5x slower when the cores are shared (parallel runs, BLAS).
-        with threadpool_limits(limits=1, user_api="openmp"):
-            km.fit(clustered)
-        # Compact the labels: an empty cluster would be an index vector that never matches.
-        _, prefill_lab = np.unique(km.labels_, return_inverse=True)
+        prefill_lab = kmeans_labels(clustered, wanted, self.max_iter, seed)
         n = int(prefill_lab.max()) + 1
         size = np.bincount(prefill_lab, minlength=n).astype(np.float64)
         # Centroid = mean of members (not sklearn's last centres), so a decode key equal to a
         # cluster's mean provably joins that cluster.
-        centroid_sum = _sum_by_label(clustered, prefill_lab, n)
-        rep_sum = _sum_by_label(keys[self.sink_tokens : prompt], prefill_lab, n)
+        centroid_sum = sum_by_label(clustered, prefill_lab, n)
+        rep_sum = sum_by_label(keys[self.sink_tokens : prompt], prefill_lab, n)
         decode = space[prompt:]
         labels = np.full(len(keys), n, np.int32)
         labels[self.sink_tokens : prompt] = prefill_lab
@@ -156,14 +141,59 @@ class StaticClusters(BudgetedPolicy):
             rep_sum[j] += keys[prompt + s]
         return labels, scores
 
-    def _space(self, keys: np.ndarray) -> np.ndarray:
-        if self.distance == "euclidean":
-            return keys
-        norm = np.linalg.norm(keys, axis=-1, keepdims=True)
-        return keys / np.maximum(norm, np.float32(1e-12))
+
+# --------------------------------------------------------------------------------------------
+# Shared with other cluster policies (clusterkv): k-means, per-cluster sums, cluster ranking
+# --------------------------------------------------------------------------------------------
 
 
-def _sum_by_label(x: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+def cluster_space(keys: np.ndarray, distance: str) -> np.ndarray:
+    """The vectors k-means runs on: raw keys ("euclidean") or L2-normalised keys ("cosine")."""
+    if distance == "euclidean":
+        return keys
+    norm = np.linalg.norm(keys, axis=-1, keepdims=True)
+    return keys / np.maximum(norm, np.float32(1e-12))
+
+
+def kmeans_labels(points: np.ndarray, n_clusters: int, max_iter: int, seed: int) -> np.ndarray:
+    """Compact k-means labels ``0..k-1`` (k <= n_clusters, no empty cluster) of ``points``.
+
+    Lloyd's algorithm from ``n_clusters`` random points (capped by the number of points), one
+    initialisation, at most ``max_iter`` iterations, sklearn's ``random_state=seed``.
+    """
+    wanted = min(n_clusters, len(points))
+    km = KMeans(wanted, init="random", n_init=1, max_iter=max_iter, random_state=seed)
+    # One OpenMP thread: at this size (thousands of keys) sklearn's threads mostly spin at
+    # barriers, which is up to 5x slower when the cores are shared (parallel runs, BLAS).
+    with threadpool_limits(limits=1, user_api="openmp"):
+        km.fit(points)
+    # Compact the labels: an empty cluster would be an index vector that never matches.
+    _, labels = np.unique(km.labels_, return_inverse=True)
+    return labels.reshape(-1)
+
+
+def cluster_priorities(
+    scores: np.ndarray, labels: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Token priorities (steps, width) that take clusters whole in score order.
+
+    ``scores`` (steps, n): each cluster's score at each step; ``labels`` (width,): the cluster
+    of positions ``[0, width)``, in ``[0, n]``, label ``n`` unranked (priority 0: the sinks,
+    which the budgeted base forces anyway). Lexicographic (cluster rank, earliest position)
+    packed into one exact number (integers below 2^53): rank * (width + 1) + (width - position),
+    so a budget cut inside a cluster keeps its earliest positions.
+    """
+    steps, n = scores.shape
+    width = len(labels)
+    priority = np.zeros((steps, n + 1))  # last column: the unranked label
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.arange(n, 0, -1, dtype=np.float64)[None, :] * (width + 1)
+    np.put_along_axis(priority, order, ranks, axis=1)
+    within = np.arange(width, 0, -1, dtype=np.float64)
+    return np.add(priority[:, labels], within, out=out)
+
+
+def sum_by_label(x: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     """Row sums of ``x`` per label ``0..n-1``, float64 (a sparse one-hot product: O(rows))."""
     # scipy comes with scikit-learn; cumsum/reduceat along axis 0 are ~10x slower here.
     onehot = sparse.csr_matrix(

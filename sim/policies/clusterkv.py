@@ -1,0 +1,202 @@
+"""ClusterKV: cluster retrieval with local update (new tokens clustered alone, per window)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import POLICIES
+from .base import BudgetedPolicy, LayerContext, LayerIndex, LayerSelection, check_count
+from .static_clusters import (
+    DISTANCES,
+    cluster_priorities,
+    cluster_space,
+    kmeans_labels,
+    sum_by_label,
+)
+
+
+@POLICIES.register("clusterkv")
+@dataclass
+class ClusterKV(BudgetedPolicy):
+    """ClusterKV with local update (Liu et al., DAC 2025, arXiv 2412.03213); DynaKV's local
+    update baseline (arXiv 2511.07427).
+
+    Prefill: per KV head, k-means clusters the prompt keys past the ``sink_tokens`` sinks (the
+    sinks form their own group, always attended) with cosine distance (Lloyd on L2-normalised
+    keys, random initial keys, one initialisation) into ``round(clustered / tokens_per_cluster)``
+    clusters. The k-means, the prefill seed draw and the ranking are shared with
+    ``static_clusters`` (same code), so with the same seed and settings the prefill labels equal
+    ``static_clusters(distance="cosine")``'s.
+
+    Decode (local update): the token generated at step ``s`` sits in a DRAM window and is
+    always attended (counted in the budget, like recent tokens) until its window is clustered.
+    Window ``w`` holds the tokens of steps ``[w m, (w + 1) m)`` (``m = update_interval``); once
+    its ``m`` tokens are stored (from step ``(w + 1) m`` on) they are clustered *alone* by the
+    same k-means into ``window_clusters`` new clusters; older clusters never change. A window
+    k-means draws its seed from a generator seeded by the head's prefill seed and ``w``, so the
+    layer's random stream (and the prefill clustering) does not depend on ``m``.
+
+    Ranking (as ``static_clusters``): at step ``s`` the KV head's group-mean query is scored by
+    inner product against the representatives (mean raw key) of the clusters existing at ``s``;
+    clusters are taken whole in that order until the budget is filled, the last one truncated to
+    its earliest positions. Priority order: sinks and ``recent_tokens`` (forced by the base),
+    then the unclustered window (newest first if the budget cannot hold it: with the paper's
+    ``m = 320`` and a small fractional budget the window alone can exceed the budget), then
+    clusters. Layers with index < ``full_layers`` attend everything (``heads=None``, as quest).
+
+    ``index_vectors[h, s]`` = clusters existing at step ``s`` (prefill clusters + the window
+    clusters made so far; grows by up to ``window_clusters`` every ``m`` steps).
+
+    Groups (unit ids for cluster-aware layouts and caches), per KV head with ``n`` prefill
+    clusters: prefill clusters ``0..n-1``, the sinks ``n`` (as ``static_clusters``), window
+    clusters ``n+1, n+2, ...`` in creation order. ``append_groups[h, s]`` is the cluster the
+    token of step ``s`` *will* belong to once its window is clustered (the simulator writes a
+    token once, on append, so it is written to its final cluster's extent). Tokens of the
+    trailing window that is not complete by the end of the trace (never clustered) share one
+    extra label, the last one (``n + 1 + window clusters``): a run of consecutive positions,
+    like a page. The trace's own decode steps (128-256) are fewer than the paper's ``m = 320``,
+    so with the defaults no update happens and every decode token carries that window label.
+
+    Parameters:
+        budget (int | float, default 1024): tokens per step and KV head (ClusterKV's 1024), or a
+            fraction in (0, 1] of the context.
+        sink_tokens (int, default 16): leading positions always attended (ClusterKV keeps 16).
+        recent_tokens (int, default 0): newest positions forced on top of the window (ClusterKV's
+            recent window *is* the unclustered window, so none by default).
+        tokens_per_cluster (int, default 80): prefill clusters = round(clustered keys / this),
+            ClusterKV's L/80 rule (about 400 clusters at 32K).
+        distance (str, default "cosine"): ClusterKV's k-means distance (L2-normalised keys);
+            "euclidean" for ablations.
+        max_iter (int, default 20): Lloyd iterations (ClusterKV runs 20 from random keys).
+        update_interval (int, default 320): ClusterKV's m, decode steps per local update.
+        window_clusters (int, default 4): clusters per window; ClusterKV uses 4-8, we take the
+            low end (larger clusters, fewer small flash reads; 320 / 4 = 80 tokens per cluster,
+            matching the prefill's L/80).
+        full_layers (int, default 2): layers with index below this use full attention
+            (ClusterKV keeps layers 0-1 dense).
+    """
+
+    budget: float = 1024
+    sink_tokens: int = 16
+    recent_tokens: int = 0
+    tokens_per_cluster: int = 80
+    distance: str = "cosine"
+    max_iter: int = 20
+    update_interval: int = 320
+    window_clusters: int = 4
+    full_layers: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("tokens_per_cluster", "max_iter", "update_interval", "window_clusters"):
+            value = getattr(self, name)
+            check_count(name, value)
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_count("full_layers", self.full_layers)
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+
+    def min_context(self) -> int:
+        return max(super().min_context(), self.sink_tokens + 1)
+
+    def select_layer(self, ctx: LayerContext) -> LayerSelection:
+        if ctx.layer < self.full_layers:
+            return LayerSelection(
+                heads=None, index_vectors=np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64)
+            )
+        return super().select_layer(ctx)
+
+    def index_layer(self, ctx: LayerContext) -> LayerIndex:
+        prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
+        if prompt <= self.sink_tokens:
+            raise ValueError(f"prompt of {prompt} tokens leaves nothing to cluster past the sinks")
+        m = self.update_interval
+        keys = np.asarray(ctx.keys, dtype=np.float32)
+        queries = np.asarray(ctx.queries, dtype=np.float32)
+        group_query = queries.reshape(n_kv, ctx.group_size, n_steps, queries.shape[2]).mean(axis=1)
+        ranking_labels = np.empty((n_kv, prompt + n_steps), np.int32)
+        groups = np.empty((n_kv, prompt + n_steps), np.int32)
+        cluster_scores, counts = [], []
+        index_vectors = np.empty((n_kv, n_steps), np.int64)
+        for h in range(n_kv):
+            internal, born, n_prefill = self._cluster_head(keys[h], prompt, n_steps, ctx.rng)
+            n = len(born)
+            rep = (
+                sum_by_label(keys[h], internal, n + 1)[:n]
+                / np.bincount(internal, minlength=n)[:n, None]
+            )
+            scores = group_query[h] @ rep.T  # (S, n)
+            steps = np.arange(n_steps)
+            scores[born[None, :] > steps[:, None]] = -np.inf  # clusters not made yet
+            cluster_scores.append(scores)
+            counts.append(n)
+            ranking_labels[h] = internal
+            index_vectors[h] = (born[None, :] <= steps[:, None]).sum(axis=1)
+            # Published ids: prefill 0..n_p-1, sinks n_p, window clusters n_p+1.., trailing
+            # (never clustered) window n+1.
+            pub = np.where(internal >= n_prefill, internal + 1, internal)
+            pub[: self.sink_tokens] = n_prefill
+            pub[prompt + (n_steps // m) * m :] = n + 1
+            groups[h] = pub
+
+        def score_steps(start: int, stop: int) -> np.ndarray:
+            width = prompt + stop
+            out = np.empty((n_kv, stop - start, width), np.float64)
+            positions = np.arange(width, dtype=np.float64)
+            for h in range(n_kv):
+                cluster_priorities(
+                    cluster_scores[h][start:stop], ranking_labels[h, :width], out=out[h]
+                )
+                # The unclustered window outranks every cluster (newest first):
+                # cluster priorities are below (counts + 1) * (width + 1).
+                top = (counts[h] + 2) * (width + 1)
+                for i, s in enumerate(range(start, stop)):
+                    lo, hi = prompt + (s // m) * m, prompt + s
+                    out[h, i, lo:hi] = top + positions[lo:hi]
+            return out
+
+        return LayerIndex(
+            score_steps,
+            index_vectors=index_vectors,
+            prefill_groups=groups[:, :prompt].copy(),
+            append_groups=groups[:, prompt:].copy(),
+        )
+
+    def _cluster_head(
+        self, keys: np.ndarray, prompt: int, n_steps: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """One KV head's clustering over the whole trace.
+
+        Returns ``(labels, born, n_prefill)``: ``labels`` (P + S,) internal cluster ids in
+        creation order, ``len(born)`` for the sinks and never-clustered tokens (unranked);
+        ``born[c]`` the first decode step at which cluster ``c`` exists.
+        """
+        m = self.update_interval
+        space = cluster_space(keys, self.distance)
+        clustered = space[self.sink_tokens : prompt]
+        wanted = max(1, round(len(clustered) / self.tokens_per_cluster))
+        seed = int(rng.integers(2**31 - 1))  # the same draw as static_clusters
+        prefill = kmeans_labels(clustered, wanted, self.max_iter, seed)
+        n_prefill = int(prefill.max()) + 1
+        window_rng = np.random.default_rng([seed, 1])
+        parts, born = [prefill], [np.zeros(n_prefill, np.int64)]
+        n = n_prefill
+        for w in range(n_steps // m):  # windows complete within the trace
+            lo = prompt + w * m
+            local = kmeans_labels(
+                space[lo : lo + m],
+                self.window_clusters,
+                self.max_iter,
+                int(window_rng.integers(2**31 - 1)),
+            )
+            k = int(local.max()) + 1
+            parts.append(n + local)
+            born.append(np.full(k, (w + 1) * m, np.int64))
+            n += k
+        labels = np.full(len(keys), n, np.int32)
+        tail = np.concatenate(parts)
+        labels[self.sink_tokens : self.sink_tokens + len(tail)] = tail
+        return labels, np.concatenate(born), n_prefill
