@@ -194,8 +194,7 @@ def execute(
             f"warning: {trace.model.name} has sliding-window layers; kvsim treats every layer "
             "as global attention over the whole context"
         )
-    runs_dir = resolved.output_dir / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = resolved.output_dir / "runs"  # created by the first completed run
     rows = []
     for run in resolved.runs:
         pp = run_policy_pass(trace, run.policy, config.seed, progress=progress)

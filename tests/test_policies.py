@@ -39,7 +39,14 @@ def make_layer(seed: int = 0, prompt: int = PROMPT, steps: int = STEPS):
 
 
 def context(queries, keys, seed: int = 1, prompt: int = PROMPT) -> LayerContext:
-    return LayerContext(0, keys, queries, prompt, np.random.default_rng(seed))
+    # Stored queries of every position (query_start = 0) for policies that read the prompt's
+    # (H2O): a prompt position's query leans on its own key, then the decode queries.
+    group = queries.shape[0] // keys.shape[0]
+    prompt_q = 0.4 * np.repeat(keys[:, :prompt], group, axis=0)
+    stored = np.concatenate([prompt_q, queries], axis=1).astype(np.float16)
+    return LayerContext(
+        0, keys, queries, prompt, np.random.default_rng(seed), stored_queries=stored
+    )
 
 
 def build(name: str, **overrides) -> RetrievalPolicy:
@@ -47,10 +54,12 @@ def build(name: str, **overrides) -> RetrievalPolicy:
     params = {}
     if issubclass(POLICIES.get(name), BudgetedPolicy):
         params = {"budget": BUDGET, "sink_tokens": SINKS, "recent_tokens": RECENT}
-        if name == "static_clusters":
+        if name in ("static_clusters", "clusterkv", "dynakv"):
             params["tokens_per_cluster"] = 8
-        if name == "quest":
+        if name in ("quest", "clusterkv"):
             params["full_layers"] = 0  # the test layer is layer 0: exercise the pages, not full
+        if name == "clusterkv":
+            params |= {"update_interval": 4, "window_clusters": 2}  # local updates within STEPS
     return POLICIES.create({"type": name, **params, **overrides})
 
 

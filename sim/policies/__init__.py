@@ -12,4 +12,14 @@ from .base import RetrievalPolicy
 POLICIES: Registry[RetrievalPolicy] = Registry("policy")
 
 # Imported for their registration side effect; they need POLICIES defined above.
-from . import full, oracle, quest, static_clusters, streaming_llm, token_topk  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    clusterkv,
+    dynakv,
+    full,
+    h2o,
+    oracle,
+    quest,
+    static_clusters,
+    streaming_llm,
+    token_topk,
+)

@@ -1,0 +1,392 @@
+"""DynaKV's migration-free cluster adaptation (arXiv 2511.07427, Technique 1, Algorithm 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import POLICIES
+from .base import (
+    BudgetedPolicy,
+    HeadSelections,
+    LayerContext,
+    LayerIndex,
+    LayerSelection,
+    Relabel,
+    check_count,
+)
+from .static_clusters import (
+    DISTANCES,
+    _nearest,
+    cluster_priorities,
+    cluster_space,
+    kmeans_labels,
+    sum_by_label,
+)
+
+
+@POLICIES.register("dynakv")
+@dataclass
+class DynaKV(BudgetedPolicy):
+    """DynaKV (Liu et al., arXiv 2511.07427): cluster retrieval whose clusters split when decode
+    tokens inflate their variance, without moving data on flash (Algorithm 1).
+
+    Prefill: exactly :class:`~sim.policies.static_clusters.StaticClusters`' clustering (same
+    k-means, same seed draw from ``ctx.rng``, sinks excluded and always attended, their group
+    id = the initial cluster count ``n0``). Per KV head, ``tau_h`` is the ``tau_quantile``
+    quantile (numpy's linear interpolation) of the prefill clusters' variances, a variance
+    being the mean squared distance of a cluster's members to its centroid in the clustering
+    space (raw keys, or L2-normalised keys for ``distance="cosine"``).
+
+    Each decode step ``s`` and KV head, sequentially:
+
+    1. *Select*: the group's mean query is scored against the representatives (mean raw key of
+       the members counted in the statistics); clusters fill the budget in score order, the
+       last one truncated to its earliest positions, sinks and recent window forced (the
+       budgeted base and static_clusters' ranking). Entries waiting in a cluster's split buffer
+       are in DRAM: they are attended with their cluster, ranked first inside it (so a truncated
+       cluster keeps them). DRAM at step ``s`` = the selection plus every buffered entry; the
+       *active (loaded) set* is the clusters whose members are all in DRAM (a truncated cluster
+       is not active: its tail is on flash).
+    2. *Place the new token* ``P + s``: it joins the cluster ``j`` of the nearest centroid; the
+       variance with it is computed incrementally (Welford). If ``<= tau_h`` it is appended
+       (size, centroid, representative, variance updated). Otherwise, if ``j`` is active,
+       ``j`` (with its buffer and the new token) is split now; else the token goes to ``j``'s
+       DRAM buffer (delayed split; a non-empty buffer is the split flag ``f_j``). Buffered
+       entries carry ``j``'s label but are not in its statistics.
+    3. Every active cluster with a non-empty buffer is split together with it.
+    4. While the buffers hold ``>= buffer_max`` entries in total, the cluster with the largest
+       buffer (lowest id on ties) is force-loaded and split: its members on flash (stored
+       positions ``< P + s`` not in the step's DRAM set) are ``extra_reads[h]`` at step ``s``
+       (read, not attended).
+
+    Split: 2-means in the clustering space over all members (buffer included), initialised
+    deterministically by farthest points (the member farthest from the centroid, then the one
+    farthest from it), ``split_iters`` Lloyd iterations; if a half ever empties (only possible
+    when all members coincide) the members are split at the median of their projection on the
+    principal direction instead, so no cluster is ever empty. The larger half keeps id ``j``
+    (the one holding the earliest member on a tie), the other gets the next fresh id
+    (``n0 + 1, n0 + 2, ...``; ``n0`` is the sinks); both halves' size, centroid,
+    representative and variance are recomputed exactly and their buffers are empty.
+    ``Relabel(s, moved positions, new id)`` records the move.
+
+    ``adaptation=False`` is static update, identical to static_clusters with the same settings
+    and seed: every decode token joins the nearest prefill centroid, centroids and
+    representatives stay fixed, no buffers, no splits.
+
+    Outputs: ``index_vectors[h, s]`` = clusters at step ``s`` (sinks not counted);
+    ``prefill_groups`` the prefill clusters; ``append_groups[h, s]`` the cluster token
+    ``P + s`` joined (or was buffered for) at its step, before any split of that step;
+    ``relabels`` the splits; ``extra_reads`` the forced loads (``None`` if there were none).
+    Techniques 2 (dual-head, co-retrieval-ordered flash pools, page-aligned append buffers)
+    and 3 (pipelined virtualisation, cluster-aligned replacement) are not part of the policy:
+    they consume these groups and relabels in ``sim/kv/layout.py`` and ``sim/kv/cache.py``.
+
+    Parameters:
+        budget (int | float, default 1024): tokens per step and KV head, or a fraction in
+            (0, 1] of the context.
+        sink_tokens (int, default 16): leading positions always attended (as static_clusters).
+        recent_tokens (int, default 32): newest positions always attended (as static_clusters).
+        tokens_per_cluster (int, default 80): prefill clusters = round(clustered keys / this);
+            ignored if ``n_clusters`` is set. The paper leaves the initial count open.
+        n_clusters (int | None, default None): a fixed prefill cluster count.
+        distance (str, default "euclidean"): "euclidean" or "cosine" (k-means on L2-normalised
+            keys); the space of centroids, variances and splits.
+        max_iter (int, default 20): prefill Lloyd iterations.
+        adaptation (bool, default True): Algorithm 1; False = static update (the ablation).
+        tau_quantile (float, default 0.9): ``tau_h`` = this quantile of the head's prefill
+            per-cluster variances (the paper leaves ``tau_h`` open).
+        buffer_max (int, default 16): ``B_max``, total buffered entries per KV head that force
+            a load-and-split (the paper sweeps buffer sizes up to 16).
+        split_iters (int, default 10): Lloyd iterations of a split's 2-means.
+    """
+
+    budget: float = 1024
+    sink_tokens: int = 16
+    recent_tokens: int = 32
+    tokens_per_cluster: int = 80
+    n_clusters: int | None = None
+    distance: str = "euclidean"
+    max_iter: int = 20
+    adaptation: bool = True
+    tau_quantile: float = 0.9
+    buffer_max: int = 16
+    split_iters: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("tokens_per_cluster", "max_iter", "buffer_max", "split_iters"):
+            value = getattr(self, name)
+            check_count(name, value)
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.n_clusters is not None:
+            check_count("n_clusters", self.n_clusters)
+            if self.n_clusters < 1:
+                raise ValueError(f"n_clusters must be >= 1, got {self.n_clusters}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if not isinstance(self.adaptation, bool):
+            raise ValueError(f"adaptation must be a bool, got {self.adaptation!r}")
+        q = self.tau_quantile
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+            raise ValueError(f"tau_quantile must be in [0, 1], got {q!r}")
+
+    def min_context(self) -> int:
+        return max(super().min_context(), self.sink_tokens + 1)
+
+    def index_layer(self, ctx: LayerContext) -> LayerIndex:
+        raise NotImplementedError("DynaKV selects step by step: use select_layer")
+
+    def select_layer(self, ctx: LayerContext) -> LayerSelection:
+        prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
+        if prompt <= self.sink_tokens:
+            raise ValueError(f"prompt of {prompt} tokens leaves nothing to cluster past the sinks")
+        keys = np.asarray(ctx.keys, dtype=np.float32)
+        queries = np.asarray(ctx.queries, dtype=np.float32)
+        group_query = queries.reshape(n_kv, ctx.group_size, n_steps, queries.shape[2]).mean(axis=1)
+        runs = [self._run_head(keys[h], group_query[h], prompt, ctx.rng) for h in range(n_kv)]
+        forced = any(len(p) for run in runs for p in run.extra)
+        return LayerSelection(
+            heads=[HeadSelections.from_lists(run.selected) for run in runs],
+            index_vectors=np.array([run.n_clusters for run in runs], np.int64).reshape(
+                n_kv, n_steps
+            ),
+            prefill_groups=np.stack([run.prefill_groups for run in runs]),
+            append_groups=np.stack([run.append_groups for run in runs]),
+            relabels=[run.relabels for run in runs] if self.adaptation else None,
+            extra_reads=[HeadSelections.from_lists(run.extra) for run in runs] if forced else None,
+        )
+
+    # ----------------------------------------------------------------------------------------
+
+    def _run_head(
+        self, keys: np.ndarray, group_query: np.ndarray, prompt: int, rng: np.random.Generator
+    ) -> _HeadRun:
+        """Algorithm 1 over every decode step of one KV head."""
+        sinks, n_steps = self.sink_tokens, len(group_query)
+        space = cluster_space(keys, self.distance)
+        clustered = space[sinks:prompt]
+        # static_clusters' prefill clustering, same rng draw: adaptation=False reproduces it.
+        wanted = self.n_clusters or max(1, round(len(clustered) / self.tokens_per_cluster))
+        seed = int(rng.integers(2**31 - 1))
+        prefill_lab = kmeans_labels(clustered, wanted, self.max_iter, seed)
+        n0 = int(prefill_lab.max()) + 1
+        state = _Clusters(space, keys, capacity=n0 + 1 + 2 * n_steps + 2, sink_id=n0)
+        state.init_prefill(prefill_lab, sinks, prompt)
+        tau = float(np.quantile(state.m2[:n0] / state.n[:n0], self.tau_quantile))
+        run = _HeadRun(prefill_groups=state.labels[:prompt].copy())
+        if not self.adaptation:
+            # Static update as static_clusters computes it (fixed centroids and
+            # representatives), batched: nothing depends on the order of the joins.
+            size = state.n[:n0]
+            state.labels[prompt:] = _nearest(space[prompt:], state.csum[:n0] / size[:, None])
+            static_scores = group_query @ (state.rsum[:n0] / size[:, None]).T
+        run.append_groups = state.labels[prompt:].copy()
+
+        for s in range(n_steps):
+            width = prompt + s
+            # (1) rank the clusters, fill the budget; the active set is what is in DRAM.
+            if self.adaptation:
+                scores = state.representatives() @ group_query[s]
+                scores[state.sink_id] = -np.inf  # the sinks' group: forced by the base anyway
+            else:
+                scores = np.append(static_scores[s], -np.inf)  # sink_id = n0 = the last
+            priority = cluster_priorities(scores[None, :], state.labels[:width])
+            buffered = state.buffered_positions()
+            if len(buffered):
+                # Buffered entries (DRAM) first inside their cluster. A cluster of rank r holds
+                # priorities r (width + 1) + (width - p) <= r (width + 1) + width and the next
+                # one starts above r (width + 1) + width + 1: move p to the open interval
+                # between, r (width + 1) + width + 1 - (p + 1) / (width + 2) (earliest first).
+                priority[0, buffered] += 1 + buffered - (buffered + 1) / (width + 2)
+            selected = self._fill(priority, prompt, s)[0]
+            run.selected.append(selected)
+            run.n_clusters.append(state.count - 1)
+            run.extra.append(np.zeros(0, np.int32))
+            if not self.adaptation:
+                continue
+            active = state.active(selected, buffered)
+
+            # (2) place the new token.
+            new = width
+            j = state.nearest(space[new])
+            state.labels[new] = run.append_groups[s] = j
+            state.size[j] += 1
+            variance = state.append_variance(j, new)
+            if variance <= tau:
+                state.append(j, new)
+            elif active[j]:
+                self._split(state, run, j, s, new)
+            else:
+                state.buffers.setdefault(j, []).append(new)
+            # (3) delayed splits of the loaded clusters.
+            for c in sorted(state.buffers):
+                if active[c]:
+                    self._split(state, run, c, s, new)
+            # (4) buffers full: force-load the cluster with the largest buffer and split it.
+            extra = []
+            while sum(len(b) for b in state.buffers.values()) >= self.buffer_max:
+                c = max(sorted(state.buffers), key=lambda k: len(state.buffers[k]))
+                members = state.members(c, width)
+                in_dram = np.isin(members, selected) | np.isin(members, buffered)
+                extra.append(members[~in_dram])
+                self._split(state, run, c, s, new)
+            if extra:
+                run.extra[-1] = np.unique(np.concatenate(extra)).astype(np.int32)
+        return run
+
+    def _split(self, state: _Clusters, run: _HeadRun, j: int, step: int, last: int) -> None:
+        """Split cluster ``j`` (members up to position ``last``, buffer included) in two."""
+        members = state.members(j, last + 1)
+        move = split_in_two(state.space[members].astype(np.float64), self.split_iters)
+        if move.sum() * 2 > len(move) or (move.sum() * 2 == len(move) and move[0]):
+            move = ~move  # the larger half (or the one with the earliest member) keeps j
+        moved = members[move].astype(np.int32)
+        new_id = state.add_cluster()
+        state.labels[moved] = new_id
+        state.buffers.pop(j, None)
+        state.recompute(j, members[~move])
+        state.recompute(new_id, moved)
+        run.relabels.append(Relabel(step, moved, new_id))
+
+
+def split_in_two(points: np.ndarray, iters: int) -> np.ndarray:
+    """Boolean mask of one half of a 2-means split of ``points`` (>= 2 rows); both halves
+    are non-empty. Farthest-point initialisation, ``iters`` Lloyd iterations; if a half
+    empties (coincident points), the median cut along the principal direction."""
+    centre = points.mean(axis=0)
+    a = int(np.argmax(((points - centre) ** 2).sum(axis=1)))
+    b = int(np.argmax(((points - points[a]) ** 2).sum(axis=1)))
+    ca, cb = points[a], points[b]
+    half = None
+    for _ in range(max(1, iters)):
+        to_b = ((points - cb) ** 2).sum(axis=1) < ((points - ca) ** 2).sum(axis=1)
+        n_b = int(to_b.sum())
+        if n_b == 0 or n_b == len(points):
+            half = None
+            break
+        if half is not None and np.array_equal(half, to_b):
+            break
+        half = to_b
+        ca, cb = points[~to_b].mean(axis=0), points[to_b].mean(axis=0)
+    if half is not None:
+        return half
+    # Degenerate 2-means: cut at the median of the projection on the principal direction.
+    _, _, vt = np.linalg.svd(points - centre, full_matrices=False)
+    order = np.argsort(points @ vt[0], kind="stable")
+    half = np.zeros(len(points), bool)
+    half[order[len(points) // 2 :]] = True
+    return half
+
+
+@dataclass
+class _HeadRun:
+    """One KV head's outputs, per decode step."""
+
+    selected: list[np.ndarray] = field(default_factory=list)
+    n_clusters: list[int] = field(default_factory=list)
+    extra: list[np.ndarray] = field(default_factory=list)
+    relabels: list[Relabel] = field(default_factory=list)
+    prefill_groups: np.ndarray | None = None
+    append_groups: np.ndarray | None = None
+
+
+class _Clusters:
+    """Per-cluster statistics of one KV head, ids ``0..count-1`` (``sink_id`` = the sinks).
+
+    ``n``/``csum``/``rsum``/``m2``: members counted in the statistics (buffered entries are
+    not), their clustering-space sum, raw-key sum and sum of squared deviations from the
+    centroid; ``size``: every member with a label (buffered included).
+    """
+
+    def __init__(self, space: np.ndarray, keys: np.ndarray, capacity: int, sink_id: int):
+        self.space, self.keys, self.sink_id = space, keys, sink_id
+        d = space.shape[1]
+        self.n = np.ones(capacity)  # 1 for unused slots and the sinks: no division by zero
+        self.csum = np.zeros((capacity, d))
+        self.rsum = np.zeros((capacity, d))
+        self.m2 = np.zeros(capacity)
+        self.centroid = np.zeros((capacity, d))
+        self.rep = np.zeros((capacity, d))
+        self.half_sq = np.zeros(capacity)
+        self.size = np.zeros(capacity, np.int64)
+        self.count = sink_id + 1
+        self.labels = np.full(len(keys), sink_id, np.int32)
+        self.buffers: dict[int, list[int]] = {}
+
+    def init_prefill(self, prefill_lab: np.ndarray, sinks: int, prompt: int) -> None:
+        n0 = self.sink_id
+        self.labels[sinks:prompt] = prefill_lab
+        self.n[:n0] = np.bincount(prefill_lab, minlength=n0)
+        self.size[:n0] = self.n[:n0]
+        self.size[n0] = sinks
+        points = self.space[sinks:prompt]
+        self.csum[:n0] = sum_by_label(points, prefill_lab, n0)
+        self.rsum[:n0] = sum_by_label(self.keys[sinks:prompt], prefill_lab, n0)
+        self._derive(slice(0, n0))
+        deviation = points - self.centroid[prefill_lab]
+        self.m2[:n0] = np.bincount(prefill_lab, (deviation**2).sum(axis=1), minlength=n0)
+
+    def representatives(self) -> np.ndarray:
+        return self.rep[: self.count]
+
+    def nearest(self, x: np.ndarray) -> int:
+        """The cluster of the nearest centroid (Euclidean in the clustering space)."""
+        affinity = self.centroid[: self.count] @ x.astype(np.float64) - self.half_sq[: self.count]
+        affinity[self.sink_id] = -np.inf
+        return int(np.argmax(affinity))
+
+    def _derive(self, rows: slice | int) -> None:
+        """Centroid, representative and half squared centroid norm from the sums."""
+        n = self.n[rows] if isinstance(rows, int) else self.n[rows, None]
+        self.centroid[rows] = self.csum[rows] / n
+        self.rep[rows] = self.rsum[rows] / n
+        self.half_sq[rows] = 0.5 * (self.centroid[rows] ** 2).sum(axis=-1)
+
+    def append_variance(self, j: int, position: int) -> float:
+        """Variance of cluster ``j``'s statistics with ``position`` added (Welford)."""
+        n = self.n[j]
+        deviation = self.space[position] - self.centroid[j]
+        return float((self.m2[j] + n / (n + 1) * (deviation @ deviation)) / (n + 1))
+
+    def append(self, j: int, position: int) -> None:
+        n = self.n[j]
+        x = self.space[position].astype(np.float64)
+        deviation = x - self.centroid[j]
+        self.m2[j] += n / (n + 1) * (deviation @ deviation)
+        self.n[j] = n + 1
+        self.csum[j] += x
+        self.rsum[j] += self.keys[position]
+        self._derive(j)
+
+    def buffered_positions(self) -> np.ndarray:
+        if not self.buffers:
+            return np.zeros(0, np.int64)
+        return np.sort(np.fromiter((p for b in self.buffers.values() for p in b), np.int64))
+
+    def active(self, selected: np.ndarray, buffered: np.ndarray) -> np.ndarray:
+        """Clusters whose members (labelled so far) are all in DRAM: selected or buffered."""
+        held = np.bincount(self.labels[selected], minlength=self.count)
+        if len(buffered):
+            extra = buffered[~np.isin(buffered, selected)]
+            held += np.bincount(self.labels[extra], minlength=self.count)
+        active = held == self.size[: self.count]
+        active[self.sink_id] = False
+        return active
+
+    def members(self, j: int, stop: int) -> np.ndarray:
+        return np.flatnonzero(self.labels[:stop] == j)
+
+    def add_cluster(self) -> int:
+        self.count += 1
+        return self.count - 1
+
+    def recompute(self, j: int, members: np.ndarray) -> None:
+        points = self.space[members].astype(np.float64)
+        self.n[j] = self.size[j] = len(members)
+        self.csum[j] = points.sum(axis=0)
+        self.rsum[j] = self.keys[members].astype(np.float64).sum(axis=0)
+        self._derive(j)
+        self.m2[j] = float(((points - self.centroid[j]) ** 2).sum())
