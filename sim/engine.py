@@ -263,10 +263,16 @@ class _Replay:
                 layout = LAYOUTS.create(
                     {**setup.layout, "max_positions": self.max_positions}, where="layout"
                 )
+                trace_head = self.head_map[head]
                 groups = selection.prefill_groups
+                coretrieval = selection.coretrieval
                 layout.place_prefill(
-                    pp.prompt_len, None if groups is None else groups[self.head_map[head]]
+                    pp.prompt_len,
+                    None if groups is None else groups[trace_head],
+                    coretrieval=None if coretrieval is None else coretrieval[trace_head],
                 )
+                if groups is not None and replacement.uses_groups:
+                    cache.assign_groups(head, np.arange(pp.prompt_len), groups[trace_head], -1)
                 row.append(layout)
             self.layouts.append(row)
         # (simulated head, Relabel) events of each simulated layer, by decode step
@@ -360,29 +366,33 @@ class _Replay:
         selection = self.pp.selections[self.layer_map[layer]]
         position = self.pp.prompt_len + step
         groups = selection.append_groups
-        slots = np.empty(self.n_heads, dtype=np.int64)
+        now = step * self.n_layers + layer
+        cache = self.caches[layer]
+        track_groups = groups is not None and cache.replacement.uses_groups
+        # (head, slots to write now): the new token's, or a write buffer's full page
+        writes = []
         for head, layout in enumerate(self.layouts[layer]):
             group = None if groups is None else int(groups[self.head_map[head], step])
-            slots[head] = layout.place_append(position, group)
-        regions = self.head_ids
+            writes.append((head, layout.due_writes(layout.place_append(position, group))))
+            if track_groups:
+                cache.assign_groups(head, np.array([position]), group, now)
         relabels = self.relabels_at[layer].get(step)
         if relabels:
             # cluster splits: the layout may relocate entries (written from DRAM)
-            moved = [
-                (head, self.layouts[layer][head].relabel(event.positions, event.group))
-                for head, event in relabels
-            ]
-            slots = np.concatenate([slots] + [rewritten for _, rewritten in moved])
-            regions = np.concatenate(
-                [regions] + [np.full(len(rewritten), head) for head, rewritten in moved]
-            )
-            rec[self.col["relocated_entries"]] += sum(len(rewritten) for _, rewritten in moved)
+            for head, event in relabels:
+                moved = self.layouts[layer][head].relabel(event.positions, event.group)
+                writes.append((head, moved))
+                rec[self.col["relocated_entries"]] += len(moved)
+                if cache.replacement.uses_groups:
+                    cache.assign_groups(head, event.positions, event.group, now)
         command_bytes = plan_writes(
-            slots, self.entry_bytes, self.page_bytes, self.max_io_bytes, regions=regions
+            np.concatenate([slots for _, slots in writes]),
+            self.entry_bytes,
+            self.page_bytes,
+            self.max_io_bytes,
+            regions=np.concatenate([np.full(len(slots), head) for head, slots in writes]),
         )
-        self.caches[layer].insert(
-            [np.array([position])] * self.n_heads, step * self.n_layers + layer
-        )
+        cache.insert([np.array([position])] * self.n_heads, now)
         rec[self.col["write_bytes"]] += command_bytes.sum()
         rec[self.col["write_commands"]] += len(command_bytes)
         self.flash.write(command_bytes)
@@ -398,7 +408,8 @@ class _Replay:
             if cache is None:
                 total += (self.pp.prompt_len + step + 1) * self.n_heads * self.entry_bytes
             else:
-                total += cache.resident_entries * self.entry_bytes
+                buffered = sum(layout.buffered_entries for layout in self.layouts[layer])
+                total += (cache.resident_entries + buffered) * self.entry_bytes
         return total
 
     # -- the decode process --------------------------------------------------------------------

@@ -50,8 +50,10 @@ class ReplacementPolicy(ABC):
 
     :meth:`LayerCache.insert` calls ``on_access`` for positions already resident and
     ``on_insert`` for new ones. Hooks have no-op defaults; only ``victims`` is abstract.
-    LFU counts in ``on_access`` and restarts the count in ``on_insert``; cluster-aligned
-    replacement reads labels given by ``set_groups``; offline policies (Belady) set
+    LFU counts in ``on_access`` and restarts the count in ``on_insert``; group-aware policies
+    (cluster-aligned replacement) set ``uses_groups`` and are told every entry's group through
+    ``assign_groups`` (prompt at ``now = -1``, each appended token, each relabel); offline
+    policies (Belady) set
     ``needs_future`` and receive the run's whole access sequence through ``observe_future``
     once, after ``bind`` and before the first access.
     """
@@ -59,6 +61,9 @@ class ReplacementPolicy(ABC):
     #: True for offline policies: whoever drives the cache must call :meth:`observe_future`
     #: (via :meth:`LayerCache.observe_future`) before the first access.
     needs_future: ClassVar[bool] = False
+    #: True for group-aware policies: whoever drives the cache reports group changes through
+    #: :meth:`LayerCache.assign_groups` (the engine skips that work for the others).
+    uses_groups: ClassVar[bool] = False
 
     def bind(self, n_heads: int, max_positions: int) -> None:
         """Allocate per-entry state for a layer of ``n_heads`` x ``max_positions`` entries."""
@@ -74,8 +79,11 @@ class ReplacementPolicy(ABC):
     def on_evict(self, flat_idx: np.ndarray) -> None:  # noqa: B027
         """The entries at ``flat_idx`` were evicted (no longer resident)."""
 
-    def set_groups(self, head: int, labels_by_position: np.ndarray) -> None:  # noqa: B027
-        """Group (cluster) label of each position of ``head``; for group-aware policies."""
+    def assign_groups(  # noqa: B027
+        self, head: int, positions: np.ndarray, groups: np.ndarray, now: int
+    ) -> None:
+        """From ``now`` on, ``positions`` of ``head`` belong to ``groups`` (one label each):
+        the prompt's clusters, a decode token joining one, a split moving members."""
 
     def observe_future(  # noqa: B027
         self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]
@@ -431,9 +439,13 @@ class LayerCache:
             raise ValueError(f"head must be in [0, {self.n_heads}), got {head}")
         return np.flatnonzero(self._resident[head])
 
-    def set_groups(self, head: int, labels_by_position: np.ndarray) -> None:
-        """Forward group labels of ``head`` to the replacement policy (cluster-aware ones)."""
-        self.replacement.set_groups(head, labels_by_position)
+    def assign_groups(
+        self, head: int, positions: np.ndarray, groups: np.ndarray | int, now: int
+    ) -> None:
+        """Forward a group change of ``head``'s ``positions`` to the replacement policy."""
+        positions = np.asarray(positions, dtype=np.int64)
+        groups = np.broadcast_to(np.asarray(groups, dtype=np.int64), positions.shape)
+        self.replacement.assign_groups(head, positions, groups, now)
 
     def observe_future(self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
         """Give an offline replacement policy (``replacement.needs_future``) the whole run.

@@ -41,6 +41,7 @@ class FlashLayout(ABC):
     _slot_of: np.ndarray = field(init=False, repr=False)
     _n_placed: int = field(init=False, repr=False, default=0)
     _prompt_len: int | None = field(init=False, repr=False, default=None)
+    coretrieval: np.ndarray | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_positions, bool) or not isinstance(
@@ -64,13 +65,21 @@ class FlashLayout(ABC):
         """The prefill length, or ``None`` before :meth:`place_prefill`."""
         return self._prompt_len
 
-    def place_prefill(self, prompt_len: int, groups: np.ndarray | None) -> None:
+    def place_prefill(
+        self,
+        prompt_len: int,
+        groups: np.ndarray | None,
+        coretrieval: np.ndarray | None = None,
+    ) -> None:
         """Place the prompt's positions ``[0, prompt_len)``; call once, before any append.
 
         ``groups``: int label of each prefill position (length ``prompt_len``), e.g. the cluster
         of a cluster-based policy; any int is a label (-1 is just another group). ``None``: no
-        grouping.
+        grouping. ``coretrieval``: optional (n_groups, n_groups) counts of how often two groups
+        were retrieved together, measured by the policy before decoding (kept in
+        ``self.coretrieval`` for layouts that place co-retrieved groups side by side).
         """
+        self.coretrieval = coretrieval
         if self._prompt_len is not None:
             raise ValueError(f"place_prefill already called (prompt_len={self._prompt_len})")
         if not 0 <= prompt_len <= self.max_positions:
@@ -101,6 +110,20 @@ class FlashLayout(ABC):
         self._slot_of[position] = slot
         self._n_placed += 1
         return slot
+
+    def due_writes(self, slot: int) -> np.ndarray:
+        """Slots to write to flash now that the entry at ``slot`` was placed.
+
+        Default: write it at once (a sub-page write rewrites its page). A layout with a DRAM
+        write buffer returns nothing until a page is full, then that page's slots, and
+        reports the entries it holds in :attr:`buffered_entries` (they count as DRAM use).
+        """
+        return np.array([slot], dtype=np.int64)
+
+    @property
+    def buffered_entries(self) -> int:
+        """Entries held in a DRAM write buffer, not yet on flash (0: no buffer)."""
+        return 0
 
     def relabel(self, positions: np.ndarray, group: int) -> np.ndarray:
         """``positions`` (placed) now belong to ``group`` (a cluster split); returns the slots

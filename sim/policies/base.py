@@ -128,6 +128,9 @@ class LayerSelection:
     positions to a new group); ``None`` if groups never change after assignment.
     ``extra_reads[h]``: positions read from flash into DRAM at step ``s`` *without* being
     attended (DynaKV's forced load-and-split when its split buffers fill); ``None`` if none.
+    ``coretrieval[h]``: (n_groups, n_groups) counts of how often two prefill groups were
+    retrieved together, measured before decoding (for layouts that co-locate them, DynaKV
+    Fig. 7); ``None`` if the policy does not measure it.
     """
 
     heads: list[HeadSelections] | None
@@ -136,6 +139,7 @@ class LayerSelection:
     append_groups: np.ndarray | None = None
     relabels: list[list[Relabel]] | None = None
     extra_reads: list[HeadSelections] | None = None
+    coretrieval: list[np.ndarray] | None = None
 
     @property
     def is_full(self) -> bool:
