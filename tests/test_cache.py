@@ -108,8 +108,8 @@ def test_bad_inputs_raise():
 
 
 def test_replacement_registry():
-    assert {"lru", "fifo", "lfu", "belady"} <= set(REPLACEMENTS.names())
-    with pytest.raises(ConfigError, match="valid: belady, fifo"):
+    assert {"lru", "fifo", "lfu", "belady", "cluster_aligned"} <= set(REPLACEMENTS.names())
+    with pytest.raises(ConfigError, match="valid: belady, cluster_aligned, fifo"):
         REPLACEMENTS.get("belady-typo")
     with pytest.raises(ConfigError, match="unknown parameter"):
         REPLACEMENTS.create({"type": "lru", "size": 3})

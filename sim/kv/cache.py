@@ -28,6 +28,7 @@ from sim.registry import Registry
 __all__ = [
     "REPLACEMENTS",
     "BeladyReplacement",
+    "ClusterAlignedReplacement",
     "FIFOReplacement",
     "LFUReplacement",
     "LRUReplacement",
@@ -64,6 +65,9 @@ class ReplacementPolicy(ABC):
     #: True for group-aware policies: whoever drives the cache reports group changes through
     #: :meth:`LayerCache.assign_groups` (the engine skips that work for the others).
     uses_groups: ClassVar[bool] = False
+    #: Capacity (entries) of the :class:`LayerCache` this policy serves; set by the cache
+    #: before :meth:`bind` (``None`` when the policy is used on its own).
+    capacity_entries: int | None = None
 
     def bind(self, n_heads: int, max_positions: int) -> None:
         """Allocate per-entry state for a layer of ``n_heads`` x ``max_positions`` entries."""
@@ -318,6 +322,290 @@ class BeladyReplacement(ReplacementPolicy):
         keys = (self._never - next_use) * self._next.size + candidates
         return candidates[np.argpartition(keys, n - 1)[:n]]
 
+
+@REPLACEMENTS.register("cluster_aligned")
+@dataclass(eq=False)
+class ClusterAlignedReplacement(ReplacementPolicy):
+    """Cluster-aligned replacement, DynaKV's cache policy (arXiv 2511.07427, §4.3 "memory-
+    efficient cache", Fig. 14b): victims are whole clusters, large clusters before small ones
+    (a large cluster reads efficiently from flash anyway and is likely to split; small ones are
+    costly to fetch), and recently updated clusters are kept in a reserved region. The paper
+    leaves the details open; they are the knobs below.
+
+    Order of eviction among the candidates (resident, not selected now):
+
+    1. unprotected entries before protected ones (the reserved region, below);
+    2. larger groups first: a group's size is its number of members in the head (resident or
+       not; an entry without a group is a group of one); with ``size_classes="log2"`` sizes
+       are compared by ``floor(log2(size))`` so that recency decides among similar sizes;
+    3. then the group whose latest use (access or insertion of any member) is oldest;
+    4. then the group holding the lowest flat index, whole groups at a time; only the last
+       group may be split, its least recently used entries (then lowest flat index) first.
+
+    Without any :meth:`assign_groups` call every entry is its own group and the order is
+    exactly LRU's (least recent use, then lowest flat index).
+
+    Reserved region: a group is *recently updated* if an entry joined or left it (appended
+    decode token, split) within the last ``recent_steps`` ticks of this policy's clock, which
+    advances once per distinct ``now`` it sees; the engine gives every layer's cache one
+    ``now`` per decode step, so this is decode steps whatever the layer count. Group
+    assignments at ``now < 0`` (the prompt's clusters) are not updates. Recently updated
+    groups, newest update first (ties: first-labelled group first), are protected whole as
+    long as their candidate entries total at most ``reserved_fraction`` of the cache capacity;
+    the first that does not fit and all older ones are ordinary groups. Protected entries are
+    evicted only when nothing else is left.
+
+    Parameters (defaults): ``recent_steps`` = 16 (DynaKV Table 2 measures re-retrieval of
+    just-updated clusters within 1..16 steps); ``reserved_fraction`` = 0.25 of the capacity
+    (0 disables the region); ``size_classes`` = ``"exact"`` (or ``"log2"``).
+
+    Cost: ``on_access`` adds one gather and one scatter per head to LRU's; ``victims`` is
+    O(C) partitions over the C candidates plus a sort of the entries tied at the boundary and
+    of the recently updated groups' entries.
+    """
+
+    recent_steps: int = 16
+    reserved_fraction: float = 0.25
+    size_classes: str = "exact"
+
+    uses_groups: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recent_steps, bool) or not isinstance(self.recent_steps, int) \
+                or self.recent_steps < 0:
+            raise ValueError(f"recent_steps must be an int >= 0, got {self.recent_steps!r}")
+        if not 0.0 <= float(self.reserved_fraction) <= 1.0:
+            raise ValueError(
+                f"reserved_fraction must be in [0, 1], got {self.reserved_fraction!r}"
+            )
+        if self.size_classes not in ("exact", "log2"):
+            raise ValueError(f"size_classes must be 'exact' or 'log2', got {self.size_classes!r}")
+
+    _NEVER: ClassVar[int] = -(1 << 62)
+    #: Key layout of a group: (protected, max_positions - size class, latest use), packed in
+    #: one int64 as protected << 62 | (max_positions - size) << 40 | latest use.
+    _USE_BITS: ClassVar[int] = 40
+    _PROTECTED: ClassVar[int] = 1 << 62
+
+    def bind(self, n_heads: int, max_positions: int) -> None:
+        super().bind(n_heads, max_positions)
+        if max_positions >= 1 << (62 - self._USE_BITS):
+            raise ValueError(f"cluster_aligned: max_positions {max_positions} too large")
+        self._stamp = np.zeros((n_heads, max_positions), dtype=np.int64)
+        self._stamp_flat = self._stamp.reshape(-1)
+        self._stamp_rows = list(self._stamp)
+        # Internal group id per entry; 0 = no group (slot 0 of the group arrays is a dummy,
+        # so hot paths can scatter through it without masking).
+        self._gid = np.zeros((n_heads, max_positions), dtype=np.int64)
+        self._gid_flat = self._gid.reshape(-1)
+        self._gid_rows = list(self._gid)
+        self._gid_of: dict[tuple[int, int], int] = {}  # (head, label) -> internal id
+        self._n_groups = 1
+        self._gsize = np.zeros(64, dtype=np.int64)  # members per group
+        self._glast = np.zeros(64, dtype=np.int64)  # latest use of any member
+        self._gupd = np.full(64, self._NEVER, dtype=np.int64)  # tick of the latest update
+        self._gres = np.zeros(64, dtype=np.int64)  # resident members (kept once groups exist)
+        self._res = np.zeros((n_heads, max_positions), dtype=bool)
+        self._res_flat = self._res.reshape(-1)
+        self._res_rows = list(self._res)
+        self._has_groups = False
+        self._now = self._NEVER
+        self._tick = 0
+
+    # -- clock and groups ----------------------------------------------------------------------
+
+    def _clock(self, now: int) -> None:
+        if now > self._now:
+            self._now = now
+            self._tick += 1
+
+    def _gid_for(self, head: int, label: int) -> int:
+        key = (head, label)
+        gid = self._gid_of.get(key)
+        if gid is not None:
+            return gid
+        gid = self._n_groups
+        if gid == self._gsize.size:
+            grow = gid
+            self._gsize = np.concatenate((self._gsize, np.zeros(grow, dtype=np.int64)))
+            self._glast = np.concatenate((self._glast, np.zeros(grow, dtype=np.int64)))
+            self._gupd = np.concatenate((self._gupd, np.full(grow, self._NEVER, np.int64)))
+            self._gres = np.concatenate((self._gres, np.zeros(grow, dtype=np.int64)))
+        self._n_groups += 1
+        self._gid_of[key] = gid
+        return gid
+
+    def _start_groups(self) -> None:
+        self._has_groups = True
+        self._gres[:] = np.bincount(self._gid_flat[self._res_flat], minlength=self._gres.size)
+
+    def assign_groups(
+        self, head: int, positions: np.ndarray, groups: np.ndarray, now: int
+    ) -> None:
+        self._clock(now)
+        if positions.size == 1:  # the engine's append: one token, scalar bookkeeping
+            p = int(positions[0])
+            new = self._gid_for(head, int(groups[0]))
+            row = self._gid_rows[head]
+            old = int(row[p])
+            if old == new:
+                return
+            if not self._has_groups:
+                self._start_groups()
+            self._gsize[old] -= 1  # slot 0 (no group) absorbs the ungrouped
+            self._gsize[new] += 1
+            if self._res_rows[head][p]:
+                self._gres[old] -= 1
+                self._gres[new] += 1
+            row[p] = new
+            stamp = self._stamp_rows[head][p]
+            if stamp > self._glast[new]:
+                self._glast[new] = stamp
+            if now >= 0:
+                self._gupd[new] = self._tick
+                if old:
+                    self._gupd[old] = self._tick
+            return
+        if not positions.size:
+            return
+        labels, inverse = np.unique(groups, return_inverse=True)
+        ids = np.array([self._gid_for(head, label) for label in labels.tolist()], np.int64)
+        new = ids[inverse.reshape(-1)]
+        row = self._gid_rows[head]
+        old = row[positions]
+        changed = old != new
+        if not changed.all():
+            positions, old, new = positions[changed], old[changed], new[changed]
+            if not positions.size:
+                return
+        if not self._has_groups:
+            self._start_groups()
+        n = self._gsize.size
+        self._gsize -= np.bincount(old, minlength=n)
+        self._gsize += np.bincount(new, minlength=n)
+        resident = self._res_rows[head][positions]
+        if resident.any():
+            self._gres -= np.bincount(old[resident], minlength=n)
+            self._gres += np.bincount(new[resident], minlength=n)
+        row[positions] = new
+        # A group's latest use covers the uses of the members it gains.
+        np.maximum.at(self._glast, new, self._stamp_rows[head][positions])
+        if now >= 0:
+            self._gupd[new] = self._tick
+            self._gupd[old[old > 0]] = self._tick
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def on_access(self, head: int, positions: np.ndarray, now: int) -> None:
+        if now != self._now:
+            self._clock(now)
+        self._stamp_rows[head][positions] = now
+        if self._has_groups:
+            self._glast[self._gid_rows[head][positions]] = now
+
+    def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
+        self.on_access(head, positions, now)
+        self._res_rows[head][positions] = True
+        if self._has_groups:
+            gid = self._gid_rows[head][positions]
+            if gid.size == 1:
+                self._gres[gid[0]] += 1
+            else:
+                np.add.at(self._gres, gid, 1)
+
+    def on_evict(self, flat_idx: np.ndarray) -> None:
+        self._res_flat[flat_idx] = False
+        if self._has_groups:
+            np.subtract.at(self._gres, self._gid_flat[flat_idx], 1)
+
+    # -- victims -------------------------------------------------------------------------------
+
+    def _protected_groups(self, n_groups: int) -> np.ndarray | None:
+        """Per group: 1 if in the reserved region now, else 0; ``None`` if the region is
+        empty. The region is measured in resident entries (selected now or not)."""
+        capacity = self.capacity_entries
+        if capacity is None or self.recent_steps == 0:
+            return None
+        budget = int(self.reserved_fraction * capacity)
+        if budget <= 0:
+            return None
+        updated = self._gupd[:n_groups]
+        resident = self._gres[:n_groups]
+        # slot 0 (no group) is never updated
+        ids = np.flatnonzero((updated > self._tick - self.recent_steps) & (resident > 0))
+        if not ids.size:
+            return None
+        order = np.lexsort((ids, -updated[ids]))  # newest update first, then first labelled
+        fit = int(np.searchsorted(np.cumsum(resident[ids[order]]), budget, side="right"))
+        if fit == 0:
+            return None
+        flag = np.zeros(n_groups, dtype=np.int64)
+        flag[ids[order[:fit]]] = 1
+        return flag
+
+    def _size_class(self, size: np.ndarray | int) -> np.ndarray:
+        if self.size_classes == "log2":
+            return np.frexp(np.asarray(size, dtype=np.float64))[1].astype(np.int64)
+        return np.asarray(size, dtype=np.int64)
+
+    def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
+        if n >= candidates.size:
+            return candidates
+        if not self._has_groups:
+            # Every entry its own group: exactly LRU (one composite key, all distinct).
+            keys = self._stamp_flat[candidates] * self._stamp_flat.size + candidates
+            return candidates[np.argpartition(keys, n - 1)[:n]]
+        gid = self._gid_flat[candidates]
+        n_groups = self._n_groups
+        # Stage 1: one packed key per group, gathered per candidate (members share it).
+        use_mask = (1 << self._USE_BITS) - 1
+        m = self.max_positions
+        group_key = ((m - self._size_class(self._gsize[:n_groups])) << self._USE_BITS) + (
+            self._glast[:n_groups] & use_mask
+        )
+        protected = self._protected_groups(n_groups)
+        if protected is not None:
+            group_key += protected * self._PROTECTED
+        key = group_key[gid]
+        ungrouped = np.flatnonzero(gid == 0) if not gid.all() else gid[:0]
+        if ungrouped.size:  # a group of one: its own latest use
+            single = int(m - self._size_class(1)) << self._USE_BITS
+            key[ungrouped] = single + (self._stamp_flat[candidates[ungrouped]] & use_mask)
+        threshold = np.partition(key, n - 1)[n - 1]
+        below = np.flatnonzero(key < threshold)
+        tied = np.flatnonzero(key == threshold)
+        need = n - below.size
+        if need == tied.size:
+            return candidates[np.concatenate((below, tied))]
+        # Stage 2, among the tied entries: whole groups by lowest flat index, then the
+        # boundary group's least recently used entries (then lowest flat index).
+        tied_gid = gid[tied]
+        first_gid = tied_gid[0]
+        if first_gid and (tied_gid == first_gid).all():  # one group: the usual case
+            whole, boundary = tied[:0], tied
+        else:
+            code = np.where(tied_gid > 0, tied_gid, n_groups + candidates[tied])
+            _, first, inverse, counts = np.unique(
+                code, return_index=True, return_inverse=True, return_counts=True
+            )
+            order = np.argsort(first)  # tied is ascending: first = the group's lowest index
+            cum = np.cumsum(counts[order])
+            k = int(np.searchsorted(cum, need, side="left"))  # the boundary group's rank
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size)
+            entry_rank = rank[inverse.reshape(-1)]
+            whole = tied[entry_rank < k]
+            boundary = tied[entry_rank == k]
+        rest = need - whole.size
+        if rest < boundary.size:
+            b_stamp = self._stamp_flat[candidates[boundary]]
+            # boundary is ascending, so its index order is the flat index order
+            b_key = (b_stamp - b_stamp.min()) * boundary.size + np.arange(boundary.size)
+            boundary = boundary[np.argpartition(b_key, rest - 1)[:rest]]
+        return candidates[np.concatenate((below, whole, boundary))]
+
+
+
 class LayerCache:
     """DRAM cache of one layer's KV entries, shared by its ``n_heads`` KV heads.
 
@@ -362,6 +650,7 @@ class LayerCache:
                 f"replacement policy {replacement!r} is already bound to a cache; "
                 "create one instance per LayerCache"
             )
+        replacement.capacity_entries = int(capacity_entries)
         replacement.bind(n_heads, max_positions)
         replacement._kvsim_bound = True  # type: ignore[attr-defined]
         self.n_heads = n_heads
@@ -443,8 +732,10 @@ class LayerCache:
         self, head: int, positions: np.ndarray, groups: np.ndarray | int, now: int
     ) -> None:
         """Forward a group change of ``head``'s ``positions`` to the replacement policy."""
-        positions = np.asarray(positions, dtype=np.int64)
-        groups = np.broadcast_to(np.asarray(groups, dtype=np.int64), positions.shape)
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        groups = np.asarray(groups, dtype=np.int64)
+        if groups.shape != positions.shape:
+            groups = np.full(positions.shape, groups, dtype=np.int64)  # one label for all
         self.replacement.assign_groups(head, positions, groups, now)
 
     def observe_future(self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
