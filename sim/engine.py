@@ -23,6 +23,7 @@ layout; the DRAM cache starts empty (cold).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -246,6 +247,12 @@ class _Replay:
         capacity_entries = setup.cache_capacity_bytes // (self.entry_bytes * self.n_layers)
         self.caches: list[LayerCache | None] = []
         self.layouts: list[list[FlashLayout]] = []
+        layout_spec = {**setup.layout, "max_positions": self.max_positions}
+        declared = {f.name for f in dataclasses.fields(LAYOUTS.get(layout_spec["type"]))}
+        # sizes a layout may need (a page-aligned write buffer): filled in if it declares them
+        for name, value in (("entry_bytes", self.entry_bytes), ("page_bytes", self.page_bytes)):
+            if name in declared:
+                layout_spec[name] = value
         for layer in range(self.n_layers):
             selection = pp.selections[self.layer_map[layer]]
             if selection.is_full:
@@ -260,9 +267,7 @@ class _Replay:
             self.caches.append(cache)
             row = []
             for head in range(self.n_heads):
-                layout = LAYOUTS.create(
-                    {**setup.layout, "max_positions": self.max_positions}, where="layout"
-                )
+                layout = LAYOUTS.create(layout_spec, where="layout")
                 trace_head = self.head_map[head]
                 groups = selection.prefill_groups
                 coretrieval = selection.coretrieval

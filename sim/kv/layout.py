@@ -16,12 +16,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from sim.registry import Registry
 
-__all__ = ["LAYOUTS", "ClusterLayout", "FlashLayout", "SequenceLayout"]
+__all__ = [
+    "LAYOUTS",
+    "ClusterLayout",
+    "DualHeadLayout",
+    "FlashLayout",
+    "IntraInterLayout",
+    "SequenceLayout",
+]
 
 _UNPLACED = -1
 
@@ -35,7 +43,15 @@ class FlashLayout(ABC):
     The base validates arguments and keeps the position -> slot table; subclasses implement
     :meth:`_prefill_slots` and :meth:`_append_slot`. ``place_prefill``/``place_append`` may be
     overridden by layouts that need more (e.g. the dual-head layout's pools).
+
+    Class flags (contract tests and callers read them): ``relocates`` -- placed entries may
+    move later (their rewrites are reported by :meth:`due_writes` and :meth:`relabel`);
+    ``bounded_slots`` -- every slot is below ``max_positions`` (a layout with pools uses a
+    larger, unbounded slot space; the engine keys commands by region, so that is fine).
     """
+
+    relocates: ClassVar[bool] = False
+    bounded_slots: ClassVar[bool] = True
 
     max_positions: int
     _slot_of: np.ndarray = field(init=False, repr=False)
@@ -199,3 +215,8 @@ class ClusterLayout(FlashLayout):
     def _append_slot(self, position: int, group: int | None) -> int:
         # The log starts right after the prefill area and grows one slot per decode token.
         return position
+
+
+# DynaKV's continuity-centric layouts (intra_inter, dual_head) live in their own module; they
+# register into LAYOUTS on import.
+from sim.kv.layouts_dynakv import DualHeadLayout, IntraInterLayout  # noqa: E402

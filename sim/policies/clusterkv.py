@@ -13,6 +13,7 @@ from .static_clusters import (
     cluster_priorities,
     cluster_space,
     kmeans_labels,
+    prefill_coretrieval,
     sum_by_label,
 )
 
@@ -76,6 +77,9 @@ class ClusterKV(BudgetedPolicy):
             matching the prefill's L/80).
         full_layers (int, default 2): layers with index below this use full attention
             (ClusterKV keeps layers 0-1 dense).
+        coretrieval_queries (int, default 64): the last prompt queries whose retrievals give
+            the prefill clusters' co-retrieval matrix (``LayerSelection.coretrieval``, see
+            :func:`~sim.policies.static_clusters.prefill_coretrieval`); 0 = do not measure.
     """
 
     budget: float = 1024
@@ -87,9 +91,11 @@ class ClusterKV(BudgetedPolicy):
     update_interval: int = 320
     window_clusters: int = 4
     full_layers: int = 2
+    coretrieval_queries: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_count("coretrieval_queries", self.coretrieval_queries)
         for name in ("tokens_per_cluster", "max_iter", "update_interval", "window_clusters"):
             value = getattr(self, name)
             check_count(name, value)
@@ -107,7 +113,9 @@ class ClusterKV(BudgetedPolicy):
             return LayerSelection(
                 heads=None, index_vectors=np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64)
             )
-        return super().select_layer(ctx)
+        selection = super().select_layer(ctx)
+        selection.coretrieval = prefill_coretrieval(self, ctx, selection.prefill_groups)
+        return selection
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads

@@ -22,6 +22,7 @@ from .static_clusters import (
     cluster_priorities,
     cluster_space,
     kmeans_labels,
+    prefill_coretrieval,
     sum_by_label,
 )
 
@@ -78,7 +79,9 @@ class DynaKV(BudgetedPolicy):
     Outputs: ``index_vectors[h, s]`` = clusters at step ``s`` (sinks not counted);
     ``prefill_groups`` the prefill clusters; ``append_groups[h, s]`` the cluster token
     ``P + s`` joined (or was buffered for) at its step, before any split of that step;
-    ``relabels`` the splits; ``extra_reads`` the forced loads (``None`` if there were none).
+    ``relabels`` the splits; ``extra_reads`` the forced loads (``None`` if there were none);
+    ``coretrieval`` the prefill clusters' co-retrieval counts over the last
+    ``coretrieval_queries`` prompt queries (``None`` without prompt queries in the trace).
     Techniques 2 (dual-head, co-retrieval-ordered flash pools, page-aligned append buffers)
     and 3 (pipelined virtualisation, cluster-aligned replacement) are not part of the policy:
     they consume these groups and relabels in ``sim/kv/layout.py`` and ``sim/kv/cache.py``.
@@ -100,6 +103,11 @@ class DynaKV(BudgetedPolicy):
         buffer_max (int, default 16): ``B_max``, total buffered entries per KV head that force
             a load-and-split (the paper sweeps buffer sizes up to 16).
         split_iters (int, default 10): Lloyd iterations of a split's 2-means.
+        coretrieval_queries (int, default 64): the last prompt queries whose retrievals give
+            the prefill clusters' co-retrieval matrix (``LayerSelection.coretrieval``: DynaKV's
+            inter-cluster placement input, measured before decoding with the decode ranking and
+            budget fill; see :func:`~sim.policies.static_clusters.prefill_coretrieval`);
+            0 = do not measure; ``None`` also when the trace lacks prompt queries.
     """
 
     budget: float = 1024
@@ -113,9 +121,11 @@ class DynaKV(BudgetedPolicy):
     tau_quantile: float = 0.9
     buffer_max: int = 16
     split_iters: int = 10
+    coretrieval_queries: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_count("coretrieval_queries", self.coretrieval_queries)
         for name in ("tokens_per_cluster", "max_iter", "buffer_max", "split_iters"):
             value = getattr(self, name)
             check_count(name, value)
@@ -148,15 +158,17 @@ class DynaKV(BudgetedPolicy):
         group_query = queries.reshape(n_kv, ctx.group_size, n_steps, queries.shape[2]).mean(axis=1)
         runs = [self._run_head(keys[h], group_query[h], prompt, ctx.rng) for h in range(n_kv)]
         forced = any(len(p) for run in runs for p in run.extra)
+        prefill_groups = np.stack([run.prefill_groups for run in runs])
         return LayerSelection(
             heads=[HeadSelections.from_lists(run.selected) for run in runs],
             index_vectors=np.array([run.n_clusters for run in runs], np.int64).reshape(
                 n_kv, n_steps
             ),
-            prefill_groups=np.stack([run.prefill_groups for run in runs]),
+            prefill_groups=prefill_groups,
             append_groups=np.stack([run.append_groups for run in runs]),
             relabels=[run.relabels for run in runs] if self.adaptation else None,
             extra_reads=[HeadSelections.from_lists(run.extra) for run in runs] if forced else None,
+            coretrieval=prefill_coretrieval(self, ctx, prefill_groups),
         )
 
     # ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 from . import POLICIES
-from .base import BudgetedPolicy, LayerContext, LayerIndex, check_count
+from .base import BudgetedPolicy, LayerContext, LayerIndex, LayerSelection, check_count
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -47,6 +47,9 @@ class StaticClusters(BudgetedPolicy):
         max_iter (int, default 20): Lloyd iterations (ClusterKV runs 20 from random keys).
         update_centroids (bool, default False): if True, centroids and representatives become
             running means that include the decode tokens that joined (still no splitting).
+        coretrieval_queries (int, default 64): the last prompt queries whose retrievals give
+            the co-retrieval matrix (``LayerSelection.coretrieval``, see
+            :func:`prefill_coretrieval`); 0 = do not measure.
     """
 
     budget: float = 1024
@@ -57,9 +60,11 @@ class StaticClusters(BudgetedPolicy):
     distance: str = "euclidean"
     max_iter: int = 20
     update_centroids: bool = False
+    coretrieval_queries: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_count("coretrieval_queries", self.coretrieval_queries)
         for name in ("tokens_per_cluster", "max_iter"):
             value = getattr(self, name)
             check_count(name, value)
@@ -76,6 +81,11 @@ class StaticClusters(BudgetedPolicy):
 
     def min_context(self) -> int:
         return max(super().min_context(), self.sink_tokens + 1)
+
+    def select_layer(self, ctx: LayerContext) -> LayerSelection:
+        selection = super().select_layer(ctx)
+        selection.coretrieval = prefill_coretrieval(self, ctx, selection.prefill_groups)
+        return selection
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
@@ -191,6 +201,63 @@ def cluster_priorities(
     np.put_along_axis(priority, order, ranks, axis=1)
     within = np.arange(width, 0, -1, dtype=np.float64)
     return np.add(priority[:, labels], within, out=out)
+
+
+def prefill_coretrieval(
+    policy: BudgetedPolicy, ctx: LayerContext, prefill_groups: np.ndarray | None
+) -> list[np.ndarray] | None:
+    """Co-retrieval counts of the prefill groups, measured before decoding (DynaKV, arXiv
+    2511.07427, §4.2 "inter-cluster": the frequency matrix that orders clusters on flash).
+
+    ``prefill_groups`` (n_kv, P): the prefill clusters ``0..n-1`` and, if the policy keeps
+    sinks, the sinks' group ``n`` (the largest label), as the cluster policies publish them. The
+    last ``policy.coretrieval_queries`` prompt queries (positions ``P - m .. P - 1``, ``m``
+    capped at ``P - 1``) play decode steps: per KV head the group's mean query is scored by
+    inner product against each prefill cluster's representative (mean raw key of its members),
+    clusters fill ``policy``'s budget in that order with the same fill as at decode (the
+    budgeted base: sinks and recent window forced, budget at the query's own causal context
+    ``[0, p)``, last cluster truncated). A query *retrieves* the groups of its selected
+    positions, the sinks' group always and the recent window's positions not counted (at decode
+    the recent window is the newest decode tokens, not prefill clusters).
+
+    Returns per KV head an (n_groups, n_groups) int64 matrix ``C``: ``C[i, j]`` = queries that
+    retrieved both ``i`` and ``j`` (``C[i, i]``: queries that retrieved ``i``). ``None`` when
+    the policy has no groups, ``coretrieval_queries`` is 0 or the trace lacks the prompt
+    queries (captured with queries="decode"). Reads only the queries and keys, never the
+    policy's random stream, so selections do not change.
+    """
+    m = min(int(getattr(policy, "coretrieval_queries", 0)), ctx.prompt_len - 1)
+    if prefill_groups is None or m <= 0:
+        return None
+    prompt = ctx.prompt_len
+    try:
+        prompt_q = ctx.prompt_queries(prompt - m)  # (n_q, m, d)
+    except ValueError:
+        return None
+    n_kv = ctx.n_kv_heads
+    group_query = prompt_q.reshape(n_kv, ctx.group_size, m, prompt_q.shape[2]).mean(axis=1)
+    keys = ctx.keys
+    context = prompt - m + np.arange(m)
+    out = []
+    for h in range(n_kv):
+        labels = np.asarray(prefill_groups[h], dtype=np.int64)
+        n_groups = int(labels.max()) + 1
+        # ranked clusters 0..n-1; label n (the sinks' group, if any) is unranked
+        n = n_groups - 1 if policy.sink_tokens else n_groups
+        size = np.bincount(labels, minlength=n + 1)[:n].astype(np.float64)
+        rep = sum_by_label(np.asarray(keys[h, :prompt], np.float32), labels, n + 1)[:n]
+        rep /= np.maximum(size, 1.0)[:, None]
+        scores = group_query[h].astype(np.float64) @ rep.T  # (m, n)
+        priority = cluster_priorities(scores, labels)  # (m, P)
+        rows = policy._fill(priority, prompt - m, 0)
+        counts = np.fromiter((len(r) for r in rows), np.int64, count=m)
+        flat = np.concatenate(rows).astype(np.int64)
+        row_of = np.repeat(np.arange(m), counts)
+        kept = flat < np.maximum(context[row_of] - policy.recent_tokens, policy.sink_tokens)
+        retrieved = np.zeros((m, n_groups), np.int64)
+        retrieved[row_of[kept], labels[flat[kept]]] = 1
+        out.append(retrieved.T @ retrieved)
+    return out
 
 
 def sum_by_label(x: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
