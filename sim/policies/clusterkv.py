@@ -9,7 +9,7 @@ import numpy as np
 from . import POLICIES
 from .base import BudgetedPolicy, LayerContext, LayerIndex, LayerSelection, check_count
 from .static_clusters import (
-    DISTANCES,
+    check_clustering,
     cluster_priorities,
     cluster_space,
     kmeans_labels,
@@ -95,15 +95,8 @@ class ClusterKV(BudgetedPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_count("coretrieval_queries", self.coretrieval_queries)
-        for name in ("tokens_per_cluster", "max_iter", "update_interval", "window_clusters"):
-            value = getattr(self, name)
-            check_count(name, value)
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_clustering(self, positive=("update_interval", "window_clusters"))
         check_count("full_layers", self.full_layers)
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
 
     def min_context(self) -> int:
         return max(super().min_context(), self.sink_tokens + 1)

@@ -14,14 +14,13 @@ from .base import (
     LayerIndex,
     LayerSelection,
     Relabel,
-    check_count,
 )
 from .static_clusters import (
-    DISTANCES,
-    _nearest,
+    check_clustering,
     cluster_priorities,
     cluster_space,
     kmeans_labels,
+    nearest_centroid,
     prefill_coretrieval,
     sum_by_label,
 )
@@ -125,18 +124,7 @@ class DynaKV(BudgetedPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_count("coretrieval_queries", self.coretrieval_queries)
-        for name in ("tokens_per_cluster", "max_iter", "buffer_max", "split_iters"):
-            value = getattr(self, name)
-            check_count(name, value)
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.n_clusters is not None:
-            check_count("n_clusters", self.n_clusters)
-            if self.n_clusters < 1:
-                raise ValueError(f"n_clusters must be >= 1, got {self.n_clusters}")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        check_clustering(self, positive=("buffer_max", "split_iters"))
         if not isinstance(self.adaptation, bool):
             raise ValueError(f"adaptation must be a bool, got {self.adaptation!r}")
         q = self.tau_quantile
@@ -193,7 +181,8 @@ class DynaKV(BudgetedPolicy):
             # Static update as static_clusters computes it (fixed centroids and
             # representatives), batched: nothing depends on the order of the joins.
             size = state.n[:n0]
-            state.labels[prompt:] = _nearest(space[prompt:], state.csum[:n0] / size[:, None])
+            centroids = state.csum[:n0] / size[:, None]
+            state.labels[prompt:] = nearest_centroid(space[prompt:], centroids)
             static_scores = group_query @ (state.rsum[:n0] / size[:, None]).T
         run.append_groups = state.labels[prompt:].copy()
 

@@ -15,6 +15,25 @@ from .base import BudgetedPolicy, LayerContext, LayerIndex, LayerSelection, chec
 DISTANCES = ("euclidean", "cosine")
 
 
+def check_clustering(policy, positive: tuple[str, ...] = ()) -> None:
+    """Validate the k-means knobs shared by the cluster policies (``tokens_per_cluster``,
+    ``max_iter``, optional ``n_clusters``, ``distance``, ``coretrieval_queries``) plus the
+    policy's own ``positive`` integer knobs; raises ValueError naming the bad value."""
+    check_count("coretrieval_queries", policy.coretrieval_queries)
+    for name in ("tokens_per_cluster", "max_iter", *positive):
+        value = getattr(policy, name)
+        check_count(name, value)
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    n_clusters = getattr(policy, "n_clusters", None)
+    if n_clusters is not None:
+        check_count("n_clusters", n_clusters)
+        if n_clusters < 1:
+            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+    if policy.distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {policy.distance!r}")
+
+
 @POLICIES.register("static_clusters")
 @dataclass
 class StaticClusters(BudgetedPolicy):
@@ -64,18 +83,7 @@ class StaticClusters(BudgetedPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_count("coretrieval_queries", self.coretrieval_queries)
-        for name in ("tokens_per_cluster", "max_iter"):
-            value = getattr(self, name)
-            check_count(name, value)
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.n_clusters is not None:
-            check_count("n_clusters", self.n_clusters)
-            if self.n_clusters < 1:
-                raise ValueError(f"n_clusters must be >= 1, got {self.n_clusters}")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        check_clustering(self)
         if not isinstance(self.update_centroids, bool):
             raise ValueError(f"update_centroids must be a bool, got {self.update_centroids!r}")
 
@@ -137,14 +145,14 @@ class StaticClusters(BudgetedPolicy):
         labels[self.sink_tokens : prompt] = prefill_lab
         if not self.update_centroids:
             centroids = centroid_sum / size[:, None]
-            labels[prompt:] = _nearest(decode, centroids)
+            labels[prompt:] = nearest_centroid(decode, centroids)
             scores = group_query @ (rep_sum / size[:, None]).T
             return labels, scores
         # Running means: membership of token s depends on the joins before it (sequential).
         scores = np.empty((len(decode), n))
         for s in range(len(decode)):
             scores[s] = (rep_sum / size[:, None]) @ group_query[s]
-            j = int(_nearest(decode[s : s + 1], centroid_sum / size[:, None])[0])
+            j = int(nearest_centroid(decode[s : s + 1], centroid_sum / size[:, None])[0])
             labels[prompt + s] = j
             size[j] += 1
             centroid_sum[j] += decode[s]
@@ -269,7 +277,7 @@ def sum_by_label(x: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(onehot @ x.astype(np.float64))
 
 
-def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid (Euclidean) for each row of ``x``."""
     # argmin ||x - c||^2 = argmax (x.c - ||c||^2 / 2): one matmul, no (n, k, d) temporary.
     affinity = x.astype(np.float64) @ centroids.T - 0.5 * (centroids**2).sum(axis=1)
