@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from sim.hardware import ComputeParams, DeviceParams, DramParams, FlashParams
+from sim.policies.base import RetrievalPolicy
+
 FIXTURE_TRACE = Path(__file__).resolve().parent.parent / "traces" / "sample" / (
     "smollm2-135m_pydoc_p160_d24"
 )
@@ -16,3 +19,31 @@ def fixture_trace():
     from sim.trace.format import open_trace
 
     return open_trace(FIXTURE_TRACE)
+
+
+# A device whose every duration is easy to compute by hand (1 MB/s = 1 byte/us):
+#   read command: 50 us on a unit + bytes / 4096 us on the link
+#   write command: 100 us on a unit + bytes / 2048 us on the link
+#   roofline: max(flops / 1e5, bytes / 1e4) us  (100 GFLOP/s, 10 GB/s), no kernel overhead
+HAND_DEVICE = DeviceParams(
+    name="hand",
+    flash=FlashParams(
+        read_bandwidth_mb_s=4096, write_bandwidth_mb_s=2048, queue_depth=4, parallel_units=2,
+        read_command_latency_us=50, write_command_latency_us=100, page_size_bytes=4096,
+        max_io_bytes=8192,
+    ),
+    dram=DramParams(bandwidth_gb_s=10, kv_budget_bytes=1 << 20),
+    compute=ComputeParams(cpu_gflops=100, weight_bits=8, kernel_overhead_us=0),
+)
+
+
+class HandPolicy(RetrievalPolicy):
+    """A policy whose selections the test writes by hand into a PolicyPass (never registered)."""
+
+    name = "hand"
+
+    def __init__(self, needs_query: bool = True) -> None:
+        self.selection_needs_query = needs_query
+
+    def select_layer(self, ctx):  # pragma: no cover - the tests build PolicyPass directly
+        raise NotImplementedError

@@ -9,24 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, _Replay, simulate
-from sim.hardware import ComputeParams, DeviceParams, DramParams, FlashParams
 from sim.kv.geometry import ModelGeometry
-from sim.policies.base import HeadSelections, LayerSelection, Relabel, RetrievalPolicy
+from sim.policies.base import HeadSelections, LayerSelection, Relabel
 
-# A device whose every duration is easy to compute by hand (1 MB/s = 1 byte/us):
-#   read command: 50 us on a unit + bytes / 4096 us on the link
-#   write command: 100 us on a unit + bytes / 2048 us on the link
-#   roofline: max(flops / 1e5, bytes / 1e4) us  (100 GFLOP/s, 10 GB/s), no kernel overhead
-DEVICE = DeviceParams(
-    name="hand",
-    flash=FlashParams(
-        read_bandwidth_mb_s=4096, write_bandwidth_mb_s=2048, queue_depth=4, parallel_units=2,
-        read_command_latency_us=50, write_command_latency_us=100, page_size_bytes=4096,
-        max_io_bytes=8192,
-    ),
-    dram=DramParams(bandwidth_gb_s=10, kv_budget_bytes=1 << 20),
-    compute=ComputeParams(cpu_gflops=100, weight_bits=8, kernel_overhead_us=0),
-)
+from .conftest import HAND_DEVICE, HandPolicy
+
+# HAND_DEVICE (conftest): every duration is a round number, see its comment.
 # One layer, one KV head, head_dim 4: an entry (K + V at fp16) is 2 * 4 * 2 = 16 bytes.
 MODEL = ModelGeometry("hand", n_layers=1, n_q_heads=1, n_kv_heads=1, head_dim=4,
                       params_per_layer=1_000_000)
@@ -41,18 +29,6 @@ def attention_us(entries: int) -> float:
     return max(4 * entries * 4 / 1e5, entries * 16 / 1e4)
 
 
-class _Fixed(RetrievalPolicy):
-    """A policy whose selections are given (no name: never registered)."""
-
-    name = "fixed"
-
-    def __init__(self, needs_query: bool = True) -> None:
-        self.selection_needs_query = needs_query
-
-    def select_layer(self, ctx):  # pragma: no cover - the tests build PolicyPass directly
-        raise NotImplementedError
-
-
 def _pass(per_step: list[list[int]] | None, needs_query: bool = True,
           model: ModelGeometry = MODEL, prompt: int = PROMPT) -> PolicyPass:
     steps = len(per_step) if per_step is not None else 2
@@ -62,12 +38,12 @@ def _pass(per_step: list[list[int]] | None, needs_query: bool = True,
                  for _ in range(model.n_kv_heads)]
     index = np.full((model.n_kv_heads, steps), 0 if per_step is None else 1000)
     selection = LayerSelection(heads=heads, index_vectors=index)
-    return PolicyPass(_Fixed(needs_query), prompt, steps, model, [selection] * model.n_layers,
+    return PolicyPass(HandPolicy(needs_query), prompt, steps, model, [selection] * model.n_layers,
                       pd.DataFrame(), 0.0)
 
 
 def _setup(capacity_bytes: int, model: ModelGeometry = MODEL, layout: str = "sequence") -> SimSetup:
-    return SimSetup(device=DEVICE, target=model, kv_dtype="fp16",
+    return SimSetup(device=HAND_DEVICE, target=model, kv_dtype="fp16",
                     cache_capacity_bytes=capacity_bytes, replacement={"type": "lru"},
                     layout={"type": layout})
 
@@ -154,7 +130,7 @@ def test_accounting_invariants(data, prompt, steps, capacity_entries, layout):
         prefill_groups=np.array([groups, groups[::-1]], dtype=np.int32),
         append_groups=np.zeros((2, steps), dtype=np.int32),
     )
-    pp = PolicyPass(_Fixed(), prompt, steps, model, [selection, selection], pd.DataFrame(), 0.0)
+    pp = PolicyPass(HandPolicy(), prompt, steps, model, [selection, selection], pd.DataFrame(), 0.0)
     setup = _setup(capacity_entries * 16 * model.n_layers, model=model, layout=layout)
     replay = _Replay(pp, setup)
     replay.env.process(replay.decode(None))
@@ -213,7 +189,7 @@ def test_relabels_reach_the_layout_and_relocations_are_written():
     try:
         pp = _pass([[0, 1], [0, 1]])
         pp.selections[0].relabels = [[Relabel(step=0, positions=np.array([2, 3]), group=7)]]
-        setup = SimSetup(device=DEVICE, target=MODEL, kv_dtype="fp16", cache_capacity_bytes=0,
+        setup = SimSetup(device=HAND_DEVICE, target=MODEL, kv_dtype="fp16", cache_capacity_bytes=0,
                          replacement={"type": "lru"}, layout={"type": "test-relocating"})
         steps = simulate(pp, setup).steps
     finally:

@@ -18,7 +18,9 @@ from sim.kv.layout import LAYOUTS
 from sim.kv.layouts_dynakv import DualHeadLayout, IntraInterLayout, coretrieval_chain
 from sim.policies import POLICIES
 from sim.policies.base import HeadSelections, LayerContext, LayerSelection
-from tests.test_engine import DEVICE, MODEL, _Fixed
+
+from .conftest import HAND_DEVICE, HandPolicy
+from .test_engine import MODEL
 
 FAST = settings(max_examples=80, deadline=None)
 
@@ -188,8 +190,8 @@ def test_engine_fills_the_entry_and_page_sizes():
         append_groups=np.zeros((1, 2), np.int32),
         coretrieval=[np.array([[5, 1], [1, 2]])],
     )
-    pp = PolicyPass(_Fixed(), 8, 2, MODEL, [selection], pd.DataFrame(), 0.0)
-    setup = SimSetup(device=DEVICE, target=MODEL, kv_dtype="fp16", cache_capacity_bytes=0,
+    pp = PolicyPass(HandPolicy(), 8, 2, MODEL, [selection], pd.DataFrame(), 0.0)
+    setup = SimSetup(device=HAND_DEVICE, target=MODEL, kv_dtype="fp16", cache_capacity_bytes=0,
                      replacement={"type": "lru"},
                      layout={"type": "dual_head", "write_buffer_groups": 1,
                              "pool_slack": 2.0})

@@ -11,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.engine import PolicyPass, SimSetup, _Replay, simulate
-from sim.hardware import ComputeParams, DeviceParams, DramParams, FlashParams
 from sim.kv.cache import REPLACEMENTS, LayerCache
 from sim.kv.geometry import ModelGeometry
-from sim.policies.base import HeadSelections, LayerSelection, RetrievalPolicy
+from sim.policies.base import HeadSelections, LayerSelection
+
+from .conftest import HAND_DEVICE, HandPolicy
 
 
 def a(*xs: int) -> np.ndarray:
@@ -254,24 +255,6 @@ def test_belady_tolerates_a_future_that_does_not_happen():
 # ---------------------------------------------------------------------------- engine
 
 
-class _Fixed(RetrievalPolicy):
-    name = "fixed"
-    selection_needs_query = True
-
-    def select_layer(self, ctx):  # pragma: no cover - the test builds PolicyPass directly
-        raise NotImplementedError
-
-
-DEVICE = DeviceParams(
-    name="tiny",
-    flash=FlashParams(
-        read_bandwidth_mb_s=4096, write_bandwidth_mb_s=2048, queue_depth=4, parallel_units=2,
-        read_command_latency_us=50, write_command_latency_us=100, page_size_bytes=4096,
-        max_io_bytes=8192,
-    ),
-    dram=DramParams(bandwidth_gb_s=10, kv_budget_bytes=1 << 20),
-    compute=ComputeParams(cpu_gflops=100, weight_bits=8, kernel_overhead_us=0),
-)
 
 
 @settings(max_examples=15, deadline=None)
@@ -295,10 +278,10 @@ def test_engine_belady_misses_no_more_than_lru(seed, capacity_entries):
                 per_step.append(np.sort(chosen).astype(np.int32))
             heads.append(HeadSelections.from_lists(per_step))
         layers.append(LayerSelection(heads=heads, index_vectors=np.zeros((2, steps), np.int64)))
-    pp = PolicyPass(_Fixed(), prompt, steps, trace_model, layers, pd.DataFrame(), 0.0)
+    pp = PolicyPass(HandPolicy(), prompt, steps, trace_model, layers, pd.DataFrame(), 0.0)
     totals = {}
     for name in ("belady", "lru", "lfu", "fifo"):
-        setup = SimSetup(device=DEVICE, target=target, kv_dtype="fp16",
+        setup = SimSetup(device=HAND_DEVICE, target=target, kv_dtype="fp16",
                          cache_capacity_bytes=capacity_entries * 16 * target.n_layers,
                          replacement={"type": name}, layout={"type": "sequence"})
         result = simulate(pp, setup)
@@ -324,8 +307,8 @@ def test_engine_future_is_exactly_what_the_replay_does():
         for _ in range(2)
     ]
     layer = LayerSelection(heads=heads, index_vectors=np.zeros((2, steps), np.int64))
-    pp = PolicyPass(_Fixed(), prompt, steps, model, [layer, layer], pd.DataFrame(), 0.0)
-    setup = SimSetup(device=DEVICE, target=target, kv_dtype="fp16",
+    pp = PolicyPass(HandPolicy(), prompt, steps, model, [layer, layer], pd.DataFrame(), 0.0)
+    setup = SimSetup(device=HAND_DEVICE, target=target, kv_dtype="fp16",
                      cache_capacity_bytes=20 * 16 * target.n_layers,
                      replacement={"type": "belady"}, layout={"type": "sequence"})
     replay = _Replay(pp, setup)

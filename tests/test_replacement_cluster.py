@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from sim.engine import PolicyPass, SimSetup, _Replay, simulate
 from sim.errors import ConfigError
-from sim.hardware import ComputeParams, DeviceParams, DramParams, FlashParams
 from sim.kv.cache import REPLACEMENTS, LayerCache
 from sim.kv.geometry import ModelGeometry
-from sim.policies.base import HeadSelections, LayerSelection, Relabel, RetrievalPolicy
+from sim.policies.base import HeadSelections, LayerSelection, Relabel
+
+from .conftest import HAND_DEVICE, HandPolicy
 
 
 def a(*xs: int) -> np.ndarray:
@@ -255,24 +256,6 @@ def test_belady_stays_the_lower_bound(run):
 # ---------------------------------------------------------------------------- engine
 
 
-class _Fixed(RetrievalPolicy):
-    name = "fixed"
-    selection_needs_query = True
-
-    def select_layer(self, ctx):  # pragma: no cover - the test builds PolicyPass directly
-        raise NotImplementedError
-
-
-DEVICE = DeviceParams(
-    name="tiny",
-    flash=FlashParams(
-        read_bandwidth_mb_s=4096, write_bandwidth_mb_s=2048, queue_depth=4, parallel_units=2,
-        read_command_latency_us=50, write_command_latency_us=100, page_size_bytes=4096,
-        max_io_bytes=8192,
-    ),
-    dram=DramParams(bandwidth_gb_s=10, kv_budget_bytes=1 << 20),
-    compute=ComputeParams(cpu_gflops=100, weight_bits=8, kernel_overhead_us=0),
-)
 
 
 @pytest.mark.parametrize("layout", ["sequence", "cluster"])
@@ -301,10 +284,10 @@ def test_engine_run_with_groups_appends_and_splits(layout):
         append_groups=rng.integers(0, 4, size=(2, steps)).astype(np.int32),
         relabels=[[split], []],
     )
-    pp = PolicyPass(_Fixed(), prompt, steps, model, [layer], pd.DataFrame(), 0.0)
+    pp = PolicyPass(HandPolicy(), prompt, steps, model, [layer], pd.DataFrame(), 0.0)
     misses = {}
     for name in ("cluster_aligned", "lru", "belady"):
-        setup = SimSetup(device=DEVICE, target=target, kv_dtype="fp16",
+        setup = SimSetup(device=HAND_DEVICE, target=target, kv_dtype="fp16",
                          cache_capacity_bytes=capacity_entries * 16 * target.n_layers,
                          replacement={"type": name}, layout={"type": layout})
         replay_ = _Replay(pp, setup)
