@@ -92,6 +92,22 @@ class CacheSpec(BaseModel):
         return value
 
 
+class PipelineSpec(BaseModel):
+    """DynaKV's pipelined virtualisation (technique 3), as engine switches (both off = the plain
+    sequence: QKV projection, scoring, reads, attention).
+
+    ``stream_index``: the policy's index (cluster representatives) stays on flash and is read
+    at the start of each layer, overlapping the Q projection; scoring waits for it. DRAM then
+    holds one layer's index instead of every layer's.
+    ``overlap_transfer``: KV reads start when scoring starts (clusters are fetched as they are
+    ranked) and overlap the scoring and the K/V projection, which then runs after scoring.
+    """
+
+    model_config = _STRICT
+    stream_index: bool = False
+    overlap_transfer: bool = False
+
+
 class ExperimentConfig(BaseModel):
     """One experiment: a trace, a device, a simulated model geometry, the policies to compare."""
 
@@ -104,6 +120,7 @@ class ExperimentConfig(BaseModel):
     model: str | None = None
     kv_dtype: Literal[tuple(KV_DTYPE_BYTES)] = "fp16"  # type: ignore[valid-type]
     cache: CacheSpec = CacheSpec()
+    pipeline: PipelineSpec = PipelineSpec()
     policies: list[dict[str, Any]] = Field(min_length=1)
     output: str | None = None
     plot: bool = True

@@ -36,6 +36,7 @@ import simpy
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from sim.config import PipelineSpec
 from sim.errors import KvsimError
 from sim.hardware import (
     DeviceParams,
@@ -179,6 +180,7 @@ class SimSetup:
     cache_capacity_bytes: int
     replacement: dict
     layout: dict
+    pipeline: PipelineSpec = PipelineSpec()
 
 
 @dataclass
@@ -199,6 +201,7 @@ STEP_COLUMNS = (
     "io_wait_us",
     "attention_us",
     "read_busy_us",
+    "index_read_bytes",
     "read_bytes",
     "useful_read_bytes",
     "read_commands",
@@ -242,6 +245,10 @@ class _Replay:
         share = min(1.0, qkv_params / target.params_per_layer) if target.params_per_layer else 0.0
         self.dense_pre_us = dense * share
         self.dense_post_us = dense - self.dense_pre_us
+        # Q's part of the QKV projection (for overlap_transfer, which splits it from K/V's)
+        self.dense_q_us = self.dense_pre_us * target.n_q_heads / (
+            target.n_q_heads + 2 * target.n_kv_heads
+        )
         self.compute, self.dram = compute, dram
         self.full = [sel.is_full for sel in pp.selections]
         capacity_entries = setup.cache_capacity_bytes // (self.entry_bytes * self.n_layers)
@@ -366,6 +373,17 @@ class _Replay:
         attended = sum(len(p) for p in per_head) + self.n_heads  # + the current token per head
         return event, attended
 
+    def _stream_index(self, vectors: int, rec: np.ndarray) -> simpy.Event:
+        """Read one layer's index (stored contiguously on flash) in maximum-size commands."""
+        size = vectors * self.vector_bytes
+        pages = -(-size // self.page_bytes)
+        per_command = self.max_io_bytes // self.page_bytes
+        commands = np.full(pages // per_command, per_command, dtype=np.int64)
+        if pages % per_command:
+            commands = np.append(commands, pages % per_command)
+        rec[self.col["index_read_bytes"]] += commands.sum() * self.page_bytes
+        return self.flash.read(commands * self.page_bytes)
+
     def _append(self, step: int, layer: int, rec: np.ndarray) -> None:
         """The new token's K/V: resident in the cache, written to flash per the layout."""
         selection = self.pp.selections[self.layer_map[layer]]
@@ -405,16 +423,19 @@ class _Replay:
     def _dram_bytes(self, step: int) -> float:
         """Resident KV (cache, or everything for full attention) plus every policy index."""
         total = 0.0
+        index_bytes = []
         for layer in range(self.n_layers):
             selection = self.pp.selections[self.layer_map[layer]]
             vectors = selection.index_vectors[self.head_map, step].sum()
-            total += vectors * self.vector_bytes
+            index_bytes.append(vectors * self.vector_bytes)
             cache = self.caches[layer]
             if cache is None:
                 total += (self.pp.prompt_len + step + 1) * self.n_heads * self.entry_bytes
             else:
                 buffered = sum(layout.buffered_entries for layout in self.layouts[layer])
                 total += (cache.resident_entries + buffered) * self.entry_bytes
+        # a streamed index is resident one layer at a time
+        total += max(index_bytes) if self.setup.pipeline.stream_index else sum(index_bytes)
         return total
 
     # -- the decode process --------------------------------------------------------------------
@@ -424,14 +445,27 @@ class _Replay:
         selection = self.pp.selections[self.layer_map[layer]]
         full = selection.is_full
         head_dim, group = self.setup.target.head_dim, self.setup.target.group_size
+        pipeline = self.setup.pipeline
         prefetch = not full and not self.pp.policy.selection_needs_query
         if prefetch:
             reads, attended = self._issue_reads(step, layer, rec)
-
-        yield env.timeout(self.dense_pre_us)
-        rec[col["dense_us"]] += self.dense_pre_us
-
         vectors = selection.index_vectors[self.head_map, step].sum()
+        index_ready = None
+        if pipeline.stream_index and vectors:
+            index_ready = self._stream_index(int(vectors), rec)
+
+        # QKV projection, or only Q's part when K/V's overlaps the transfer
+        split = pipeline.overlap_transfer and not full and not prefetch
+        first_us = self.dense_q_us if split else self.dense_pre_us
+        yield env.timeout(first_us)
+        rec[col["dense_us"]] += first_us
+        if index_ready is not None:
+            waited_from = env.now
+            yield index_ready
+            rec[col["io_wait_us"]] += env.now - waited_from
+
+        if split:  # clusters are fetched as they are ranked
+            reads, attended = self._issue_reads(step, layer, rec)
         score_us = (
             float(scoring_us(vectors, head_dim, group, self.vector_bytes, self.compute, self.dram))
             if vectors
@@ -440,11 +474,14 @@ class _Replay:
         if score_us:
             yield env.timeout(score_us)
             rec[col["scoring_us"]] += score_us
+        if split:
+            yield env.timeout(self.dense_pre_us - first_us)
+            rec[col["dense_us"]] += self.dense_pre_us - first_us
 
         if full:
             attended = (self.pp.prompt_len + step + 1) * self.n_heads
         else:
-            if not prefetch:
+            if not prefetch and not split:
                 reads, attended = self._issue_reads(step, layer, rec)
             waited_from = env.now
             yield reads

@@ -209,6 +209,7 @@ def execute(
             cache_capacity_bytes=capacity,
             replacement=_as_spec(config.cache.replacement),
             layout=layout,
+            pipeline=config.pipeline,
         )
         sim = simulate(pp, setup, progress=progress)
         settings = {
@@ -219,6 +220,7 @@ def execute(
             "policy": run.policy_spec,
             "layout": layout,
             "cache": {"replacement": setup.replacement, "capacity_bytes": capacity},
+            "pipeline": config.pipeline.model_dump(),
             "model": target.__dict__,
             "kv_dtype": config.kv_dtype,
             "device": resolved.device.model_dump(),

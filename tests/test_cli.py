@@ -61,6 +61,7 @@ def _run_bad(tmp_path: Path, capsys, text: str) -> str:
         ("name: tiny", "name: tiny\nkv_dtype: fp7", "kv_dtype"),
         ("name: tiny", "name: tiny\nmodel: llama-99b", "llama-99b"),
         ("name: tiny", "name: tiny\nseed: abc", "seed"),
+        ("name: tiny", "name: tiny\npipeline: {stream_index: true, bogus: 1}", "pipeline.bogus"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, replace, by, expected):

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sim.config import PipelineSpec
 from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, _Replay, simulate
 from sim.kv.geometry import ModelGeometry
 from sim.policies.base import HeadSelections, LayerSelection, Relabel
@@ -198,3 +199,35 @@ def test_relabels_reach_the_layout_and_relocations_are_written():
     # step 0 writes the new token's page and the relocated entries' page; step 1 only its own
     assert steps["write_commands"].tolist() == [2, 1]
     assert steps["relocated_entries"].tolist() == [2, 0]
+
+
+def _pipelined(stream_index=False, overlap_transfer=False) -> SimSetup:
+    return SimSetup(device=HAND_DEVICE, target=MODEL, kv_dtype="fp16", cache_capacity_bytes=0,
+                    replacement={"type": "lru"}, layout={"type": "sequence"},
+                    pipeline=PipelineSpec(stream_index=stream_index,
+                                          overlap_transfer=overlap_transfer))
+
+
+def test_streamed_index_is_read_during_the_q_projection_and_delays_scoring():
+    # 1000 representatives x 8 B = 8000 B -> two pages, one 8 KiB command: 50 + 8192/4096 us,
+    # issued at the layer start; scoring waits for it, then the KV page read (51 us) follows.
+    index_us = 50 + 8192 / 4096
+    steps = simulate(_pass([[0, 1, 2, 3]]), _pipelined(stream_index=True)).steps
+    assert steps["index_read_bytes"][0] == 8192
+    assert steps["latency_us"][0] == pytest.approx(
+        index_us + SCORING_US + READ_PAGE_US + attention_us(5) + DENSE_US - DENSE_PRE_US)
+    assert steps["io_wait_us"][0] == pytest.approx(index_us - DENSE_PRE_US + READ_PAGE_US)
+    # the index is not resident: DRAM holds one layer's (here the only layer's) 8000 B
+    assert steps["dram_bytes"][0] == 8000  # the cache holds nothing (capacity 0)
+
+
+def test_overlapped_transfer_hides_scoring_and_the_kv_projection():
+    # Q projection (1/3 of the QKV share: 1 of 1 + 2 x 1 heads), then the read starts with
+    # scoring; scoring and the K/V projection run during the 51 us read.
+    q_us = DENSE_PRE_US / 3
+    steps = simulate(_pass([[0, 1, 2, 3]]), _pipelined(overlap_transfer=True)).steps
+    assert steps["latency_us"][0] == pytest.approx(
+        q_us + READ_PAGE_US + attention_us(5) + DENSE_US - DENSE_PRE_US)
+    kv_projection_us = DENSE_PRE_US - q_us
+    assert steps["io_wait_us"][0] == pytest.approx(READ_PAGE_US - SCORING_US - kv_projection_us)
+    assert steps["dense_us"][0] == pytest.approx(DENSE_US)
