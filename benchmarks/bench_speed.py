@@ -48,7 +48,7 @@ print(json.dumps({"wall_s": wall, "rss_mb": rss_mb}))
 
 RUN = r"""
 import json, sys, time, resource
-from sim.config import load_model_geometry
+from sim.config import PipelineSpec
 from sim.engine import SimSetup, run_policy_pass, simulate
 from sim.hardware import load_device
 from sim.policies import POLICIES
@@ -56,13 +56,15 @@ from sim.trace.format import open_trace
 trace = open_trace(sys.argv[1])
 spec = json.loads(sys.argv[2])
 layout = spec.pop("layout", "sequence")
+replacement = spec.pop("replacement", "lru")
+pipeline = PipelineSpec(**spec.pop("pipeline", {}))
 policy = POLICIES.create(spec)
 device = load_device("ufs40-flagship")
 target = trace.model
 pp = run_policy_pass(trace, policy, seed=0)
 capacity = int(0.1 * trace.n_positions * target.kv_bytes_per_token("fp16"))
 setup = SimSetup(device=device, target=target, kv_dtype="fp16", cache_capacity_bytes=capacity,
-                 replacement={"type": "lru"}, layout={"type": layout})
+                 replacement={"type": replacement}, layout={"type": layout}, pipeline=pipeline)
 sim = simulate(pp, setup)
 print(json.dumps({"policy_s": pp.wall_s, "sim_s": sim.wall_s,
                   "commands": int(sim.steps["read_commands"].sum()),
@@ -71,6 +73,8 @@ print(json.dumps({"policy_s": pp.wall_s, "sim_s": sim.wall_s,
 
 DEFAULT_POLICIES = [
     '{"type": "static_clusters", "budget": 0.05, "layout": "cluster"}',
+    '{"type": "dynakv", "budget": 0.05, "layout": "dual_head", "replacement": "cluster_aligned",'
+    ' "pipeline": {"stream_index": true, "overlap_transfer": true}}',
     '{"type": "token_topk", "budget": 0.05}',
     '{"type": "full"}',
 ]
@@ -119,6 +123,8 @@ def main() -> None:
         result = _child(RUN, str(path), spec)
         total = result["policy_s"] + result["sim_s"]
         name = json.loads(spec)["type"]
+        if "pipeline" in json.loads(spec):
+            name += " (all techniques)"
         print(
             f"{name + ': policy pass + accuracy':<58} {result['policy_s']:8.2f} "
             f"{result['policy_s'] / floor['wall_s']:8.2f}"
