@@ -18,6 +18,7 @@ from . import (  # noqa: E402, F401
     full,
     h2o,
     oracle,
+    pqcache,
     quest,
     static_clusters,
     streaming_llm,
