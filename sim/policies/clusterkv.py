@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from . import POLICIES
-from .base import BudgetedPolicy, LayerContext, LayerIndex, LayerSelection, check_count
+from .base import LayerContext, LayerIndex, LayerSelection, check_count
 from .static_clusters import (
-    check_clustering,
+    ClusteredPolicy,
     cluster_priorities,
     cluster_space,
     kmeans_labels,
@@ -20,7 +21,7 @@ from .static_clusters import (
 
 @POLICIES.register("clusterkv")
 @dataclass
-class ClusterKV(BudgetedPolicy):
+class ClusterKV(ClusteredPolicy):
     """ClusterKV with local update (Liu et al., DAC 2025, arXiv 2412.03213); DynaKV's local
     update baseline (arXiv 2511.07427).
 
@@ -82,24 +83,17 @@ class ClusterKV(BudgetedPolicy):
             :func:`~sim.policies.static_clusters.prefill_coretrieval`); 0 = do not measure.
     """
 
-    budget: float = 1024
-    sink_tokens: int = 16
     recent_tokens: int = 0
-    tokens_per_cluster: int = 80
     distance: str = "cosine"
-    max_iter: int = 20
     update_interval: int = 320
     window_clusters: int = 4
     full_layers: int = 2
-    coretrieval_queries: int = 64
+
+    positive_knobs: ClassVar[tuple[str, ...]] = ("update_interval", "window_clusters")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_clustering(self, positive=("update_interval", "window_clusters"))
         check_count("full_layers", self.full_layers)
-
-    def min_context(self) -> int:
-        return max(super().min_context(), self.sink_tokens + 1)
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
         if ctx.layer < self.full_layers:

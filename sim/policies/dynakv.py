@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from . import POLICIES
 from .base import (
-    BudgetedPolicy,
     HeadSelections,
     LayerContext,
     LayerIndex,
@@ -16,7 +16,7 @@ from .base import (
     Relabel,
 )
 from .static_clusters import (
-    check_clustering,
+    ClusteredPolicy,
     cluster_priorities,
     cluster_space,
     kmeans_labels,
@@ -28,7 +28,7 @@ from .static_clusters import (
 
 @POLICIES.register("dynakv")
 @dataclass
-class DynaKV(BudgetedPolicy):
+class DynaKV(ClusteredPolicy):
     """DynaKV (Liu et al., arXiv 2511.07427): cluster retrieval whose clusters split when decode
     tokens inflate their variance, without moving data on flash (Algorithm 1).
 
@@ -109,30 +109,21 @@ class DynaKV(BudgetedPolicy):
             0 = do not measure; ``None`` also when the trace lacks prompt queries.
     """
 
-    budget: float = 1024
-    sink_tokens: int = 16
-    recent_tokens: int = 32
-    tokens_per_cluster: int = 80
     n_clusters: int | None = None
-    distance: str = "euclidean"
-    max_iter: int = 20
     adaptation: bool = True
     tau_quantile: float = 0.9
     buffer_max: int = 16
     split_iters: int = 10
-    coretrieval_queries: int = 64
+
+    positive_knobs: ClassVar[tuple[str, ...]] = ("buffer_max", "split_iters")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_clustering(self, positive=("buffer_max", "split_iters"))
         if not isinstance(self.adaptation, bool):
             raise ValueError(f"adaptation must be a bool, got {self.adaptation!r}")
         q = self.tau_quantile
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
             raise ValueError(f"tau_quantile must be in [0, 1], got {q!r}")
-
-    def min_context(self) -> int:
-        return max(super().min_context(), self.sink_tokens + 1)
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         raise NotImplementedError("DynaKV selects step by step: use select_layer")

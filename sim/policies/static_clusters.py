@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from scipy import sparse
@@ -34,9 +35,34 @@ def check_clustering(policy, positive: tuple[str, ...] = ()) -> None:
         raise ValueError(f"distance must be one of {DISTANCES}, got {policy.distance!r}")
 
 
+@dataclass
+class ClusteredPolicy(BudgetedPolicy):
+    """The knobs every k-means cluster policy shares, with the defaults of the static update
+    (a subclass may redeclare a field to change its default, as ClusterKV does for
+    ``recent_tokens`` and ``distance``). ``positive_knobs`` names a subclass's own integer
+    knobs that must be >= 1; all are validated by :func:`check_clustering`."""
+
+    budget: float = 1024
+    sink_tokens: int = 16
+    recent_tokens: int = 32
+    tokens_per_cluster: int = 80
+    distance: str = "euclidean"
+    max_iter: int = 20
+    coretrieval_queries: int = 64
+
+    positive_knobs: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_clustering(self, self.positive_knobs)
+
+    def min_context(self) -> int:
+        return max(super().min_context(), self.sink_tokens + 1)
+
+
 @POLICIES.register("static_clusters")
 @dataclass
-class StaticClusters(BudgetedPolicy):
+class StaticClusters(ClusteredPolicy):
     """PQCache-style static update (Zhang et al., SIGMOD 2025, arXiv 2407.12820) with
     ClusterKV's cluster retrieval (Liu et al., DAC 2025, arXiv 2412.03213); DynaKV's static
     update baseline (arXiv 2511.07427).
@@ -71,24 +97,13 @@ class StaticClusters(BudgetedPolicy):
             :func:`prefill_coretrieval`); 0 = do not measure.
     """
 
-    budget: float = 1024
-    sink_tokens: int = 16
-    recent_tokens: int = 32
-    tokens_per_cluster: int = 80
     n_clusters: int | None = None
-    distance: str = "euclidean"
-    max_iter: int = 20
     update_centroids: bool = False
-    coretrieval_queries: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_clustering(self)
         if not isinstance(self.update_centroids, bool):
             raise ValueError(f"update_centroids must be a bool, got {self.update_centroids!r}")
-
-    def min_context(self) -> int:
-        return max(super().min_context(), self.sink_tokens + 1)
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
         selection = super().select_layer(ctx)
