@@ -14,7 +14,6 @@ from .static_clusters import (
     cluster_priorities,
     cluster_space,
     kmeans_labels,
-    prefill_coretrieval,
     sum_by_label,
 )
 
@@ -100,18 +99,12 @@ class ClusterKV(ClusteredPolicy):
             return LayerSelection(
                 heads=None, index_vectors=np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64)
             )
-        selection = super().select_layer(ctx)
-        selection.coretrieval = prefill_coretrieval(self, ctx, selection.prefill_groups)
-        return selection
+        return super().select_layer(ctx)
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
-        if prompt <= self.sink_tokens:
-            raise ValueError(f"prompt of {prompt} tokens leaves nothing to cluster past the sinks")
         m = self.update_interval
-        keys = np.asarray(ctx.keys, dtype=np.float32)
-        queries = np.asarray(ctx.queries, dtype=np.float32)
-        group_query = queries.reshape(n_kv, ctx.group_size, n_steps, queries.shape[2]).mean(axis=1)
+        keys, group_query = self.clustering_inputs(ctx)
         ranking_labels = np.empty((n_kv, prompt + n_steps), np.int32)
         groups = np.empty((n_kv, prompt + n_steps), np.int32)
         cluster_scores, counts = [], []

@@ -130,11 +130,7 @@ class DynaKV(ClusteredPolicy):
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
-        if prompt <= self.sink_tokens:
-            raise ValueError(f"prompt of {prompt} tokens leaves nothing to cluster past the sinks")
-        keys = np.asarray(ctx.keys, dtype=np.float32)
-        queries = np.asarray(ctx.queries, dtype=np.float32)
-        group_query = queries.reshape(n_kv, ctx.group_size, n_steps, queries.shape[2]).mean(axis=1)
+        keys, group_query = self.clustering_inputs(ctx)
         runs = [self._run_head(keys[h], group_query[h], prompt, ctx.rng) for h in range(n_kv)]
         forced = any(len(p) for run in runs for p in run.extra)
         prefill_groups = np.stack([run.prefill_groups for run in runs])

@@ -59,6 +59,24 @@ class ClusteredPolicy(BudgetedPolicy):
     def min_context(self) -> int:
         return max(super().min_context(), self.sink_tokens + 1)
 
+    def select_layer(self, ctx: LayerContext) -> LayerSelection:
+        selection = super().select_layer(ctx)
+        selection.coretrieval = prefill_coretrieval(self, ctx, selection.prefill_groups)
+        return selection
+
+    def clustering_inputs(self, ctx: LayerContext) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's keys as float32 (H_kv, P + S, d) and each KV head's mean group query
+        (H_kv, S, d), the query clusters are ranked by; rejects a prompt of sinks only."""
+        if ctx.prompt_len <= self.sink_tokens:
+            raise ValueError(
+                f"prompt of {ctx.prompt_len} tokens leaves nothing to cluster past the sinks"
+            )
+        keys = np.asarray(ctx.keys, dtype=np.float32)
+        queries = np.asarray(ctx.queries, dtype=np.float32)
+        n_kv, n_steps, dim = ctx.n_kv_heads, ctx.decode_steps, queries.shape[2]
+        group_query = queries.reshape(n_kv, ctx.group_size, n_steps, dim).mean(axis=1)
+        return keys, group_query
+
 
 @POLICIES.register("static_clusters")
 @dataclass
@@ -105,18 +123,9 @@ class StaticClusters(ClusteredPolicy):
         if not isinstance(self.update_centroids, bool):
             raise ValueError(f"update_centroids must be a bool, got {self.update_centroids!r}")
 
-    def select_layer(self, ctx: LayerContext) -> LayerSelection:
-        selection = super().select_layer(ctx)
-        selection.coretrieval = prefill_coretrieval(self, ctx, selection.prefill_groups)
-        return selection
-
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
-        if prompt <= self.sink_tokens:
-            raise ValueError(f"prompt of {prompt} tokens leaves nothing to cluster past the sinks")
-        keys = np.asarray(ctx.keys, dtype=np.float32)
-        queries = np.asarray(ctx.queries, dtype=np.float32)
-        group_query = queries.reshape(n_kv, ctx.group_size, n_steps, queries.shape[2]).mean(axis=1)
+        keys, group_query = self.clustering_inputs(ctx)
         labels = np.empty((n_kv, prompt + n_steps), np.int32)
         cluster_scores, counts = [], []
         for h in range(n_kv):
