@@ -145,6 +145,11 @@ class LayerSelection:
     def is_full(self) -> bool:
         return self.heads is None
 
+    @classmethod
+    def full(cls, ctx: LayerContext) -> LayerSelection:
+        """Every stored position, no index, no groups (the reference, or a dense layer)."""
+        return cls(heads=None, index_vectors=np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64))
+
 
 def tokens_for_budget(budget: float, context_len: int) -> int:
     """Resolve a budget (an int = tokens, a float in (0, 1] = fraction) at one context length."""

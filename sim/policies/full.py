@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from . import POLICIES
 from .base import LayerContext, LayerSelection, RetrievalPolicy
 
@@ -23,6 +21,4 @@ class FullAttention(RetrievalPolicy):
     selection_needs_query = False
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
-        return LayerSelection(
-            heads=None, index_vectors=np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64)
-        )
+        return LayerSelection.full(ctx)

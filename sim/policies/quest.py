@@ -146,9 +146,7 @@ class Quest(BudgetedPolicy):
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
         if ctx.layer < self.full_layers:
-            return LayerSelection(
-                heads=None, index_vectors=np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64)
-            )
+            return LayerSelection.full(ctx)
         return super().select_layer(ctx)
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
