@@ -93,7 +93,7 @@ class CacheSpec(BaseModel):
 
 
 class PipelineSpec(BaseModel):
-    """DynaKV's pipelined virtualisation (technique 3), as engine switches (both off = the plain
+    """DynaKV's pipelined virtualisation (technique 3), as engine switches (all off = the plain
     sequence: QKV projection, scoring, reads, attention).
 
     ``stream_index``: the policy's index (cluster representatives) stays on flash and is read
@@ -101,11 +101,34 @@ class PipelineSpec(BaseModel):
     holds one layer's index instead of every layer's.
     ``overlap_transfer``: KV reads start when scoring starts (clusters are fetched as they are
     ranked) and overlap the scoring and the K/V projection, which then runs after scoring.
+    ``swap_layers``: per-layer cache swapping ("bounds resident cache memory to about one
+    layer"; the paper gives no mechanism, so kvsim models this one). Each layer's cache keeps
+    its capacity (``cache.capacity / n_layers``) but lives in a contiguous swap area on flash
+    between its turns:
+
+    * swap-in: the layer's image (its resident entries, ``resident * entry_bytes``) is read
+      back in sequential commands of at most ``max_io_bytes``, issued when the previous layer
+      starts (one layer ahead, overlapping that layer's compute; layer 0 of step ``s + 1`` when
+      the last layer of step ``s`` starts; layer 0 of the first step, or every layer of a
+      one-layer model, at the step's start). The layer's cache lookup waits for it (counted in
+      ``io_wait_us``); in the flash FIFO it is ahead of the reads issued after it.
+    * swap-out: after the layer's attention and append, the entries that became resident
+      during the layer (misses loaded from flash, the appended token) are written to the swap
+      area in sequential commands, issued and not awaited (like appends); entries still
+      resident from before are clean and cost nothing, evicted ones are dropped.
+    * the swap area is one extent per layer (appended, compacted: no fragmentation modelled).
+    * full-attention layers hold their whole KV in DRAM and are not swapped.
+    * DRAM for caches is then the largest (current image + incoming image) pair during a step,
+      instead of the sum over layers; layouts' write buffers stay resident.
+
+    Step columns ``swap_read_bytes`` / ``swap_write_bytes`` count the bytes those commands move
+    (whole pages, like ``read_bytes``).
     """
 
     model_config = _STRICT
     stream_index: bool = False
     overlap_transfer: bool = False
+    swap_layers: bool = False
 
 
 class ExperimentConfig(BaseModel):

@@ -17,6 +17,10 @@ Two passes keep accuracy and latency apart (see ARCHITECTURE.md, "the one idea")
    time the layer waits for its reads is the ``io_wait`` stall. Writes are not awaited but share
    the flash queue, units and link with later reads.
 
+   With ``pipeline.swap_layers`` each layer's cache lives on flash between its turns: its
+   image is read back while the previous layer runs, its lookup waits for it, and the entries
+   it gained are written back after it (see :class:`sim.config.PipelineSpec`).
+
 What is simulated at prefill: nothing is timed. The prompt's K/V are on flash, laid out by the
 layout; the DRAM cache starts empty (cold).
 """
@@ -214,6 +218,8 @@ STEP_COLUMNS = (
     "misses",
     "streamed",
     "dram_bytes",
+    "swap_read_bytes",
+    "swap_write_bytes",
 )
 
 
@@ -297,6 +303,11 @@ class _Replay:
                     for event in relabels[self.head_map[head]]:
                         events.setdefault(event.step, []).append((head, event))
             self.relabels_at.append(events)
+        # per-layer cache swapping (PipelineSpec.swap_layers): the pending swap-in of each
+        # layer, and the largest (current + incoming) resident image pair of the step
+        self.swap = setup.pipeline.swap_layers
+        self.swap_in: list[simpy.Event | None] = [None] * self.n_layers
+        self.step_cache_peak = 0
         self.records = np.zeros((pp.decode_steps, len(STEP_COLUMNS)), dtype=np.float64)
         self.col = {name: i for i, name in enumerate(STEP_COLUMNS)}
         max_pages = self.max_io_bytes // self.page_bytes
@@ -373,16 +384,71 @@ class _Replay:
         attended = sum(len(p) for p in per_head) + self.n_heads  # + the current token per head
         return event, attended
 
-    def _stream_index(self, vectors: int, rec: np.ndarray) -> simpy.Event:
-        """Read one layer's index (stored contiguously on flash) in maximum-size commands."""
-        size = vectors * self.vector_bytes
+    def _sequential_commands(self, size: int) -> np.ndarray:
+        """Command sizes (bytes, whole pages) moving ``size`` contiguous bytes: maximum-size
+        commands, then the remainder rounded up to pages (none for ``size`` 0)."""
         pages = -(-size // self.page_bytes)
         per_command = self.max_io_bytes // self.page_bytes
         commands = np.full(pages // per_command, per_command, dtype=np.int64)
         if pages % per_command:
             commands = np.append(commands, pages % per_command)
-        rec[self.col["index_read_bytes"]] += commands.sum() * self.page_bytes
-        return self.flash.read(commands * self.page_bytes)
+        return commands * self.page_bytes
+
+    def _stream_index(self, vectors: int, rec: np.ndarray) -> simpy.Event:
+        """Read one layer's index (stored contiguously on flash) in maximum-size commands."""
+        commands = self._sequential_commands(vectors * self.vector_bytes)
+        rec[self.col["index_read_bytes"]] += commands.sum()
+        return self.flash.read(commands)
+
+    # -- per-layer cache swapping (PipelineSpec.swap_layers) -----------------------------------
+
+    def _swap_in(self, step: int, layer: int) -> int:
+        """Issue the read of ``layer``'s cache image for decode step ``step``; returns the
+        image's entries (0 for a layer without a cache, which is not swapped)."""
+        cache = self.caches[layer]
+        if cache is None:
+            return 0
+        entries = cache.resident_entries
+        commands = self._sequential_commands(entries * self.entry_bytes)
+        self.records[step, self.col["swap_read_bytes"]] += commands.sum()
+        self.swap_in[layer] = self.flash.read(commands)
+        return entries
+
+    def _lookup(
+        self, step: int, layer: int, rec: np.ndarray
+    ) -> tuple[simpy.Event, int | None]:
+        """:meth:`_issue_reads` once the layer's cache image is in DRAM.
+
+        Without a swap-in in flight this is :meth:`_issue_reads` itself. Otherwise the lookup
+        and reads run in a side process as soon as the swap-in lands, so the decode process
+        goes on with projection and scoring meanwhile; the returned event is then that
+        process (its value: the entries attended) and the entries are ``None`` until it ends.
+        Either way the decode process's wait for the event is its ``io_wait``.
+        """
+        pending = self.swap_in[layer]
+        self.swap_in[layer] = None
+        if pending is None or pending.processed:
+            return self._issue_reads(step, layer, rec)
+
+        def after_swap_in():
+            yield pending
+            reads, attended = self._issue_reads(step, layer, rec)
+            yield reads
+            return attended
+
+        return self.env.process(after_swap_in()), None
+
+    def _swap_out(self, layer: int, before: list[np.ndarray], rec: np.ndarray) -> None:
+        """Write the entries that became resident during the layer to its swap area."""
+        cache = self.caches[layer]
+        new = sum(
+            len(np.setdiff1d(cache.resident(head), old, assume_unique=True))
+            for head, old in enumerate(before)
+        )
+        commands = self._sequential_commands(new * self.entry_bytes)
+        if len(commands):
+            rec[self.col["swap_write_bytes"]] += commands.sum()
+            self.flash.write(commands)
 
     def _append(self, step: int, layer: int, rec: np.ndarray) -> None:
         """The new token's K/V: resident in the cache, written to flash per the layout."""
@@ -421,7 +487,12 @@ class _Replay:
         self.flash.write(command_bytes)
 
     def _dram_bytes(self, step: int) -> float:
-        """Resident KV (cache, or everything for full attention) plus every policy index."""
+        """Resident KV (cache, or everything for full attention) plus every policy index.
+
+        With ``swap_layers`` the caches count as the step's largest pair of resident images
+        (the running layer's, at its end, plus the one being swapped in for the next layer)
+        instead of every layer's; layouts' write buffers and full-attention layers stay.
+        """
         total = 0.0
         index_bytes = []
         for layer in range(self.n_layers):
@@ -433,7 +504,10 @@ class _Replay:
                 total += (self.pp.prompt_len + step + 1) * self.n_heads * self.entry_bytes
             else:
                 buffered = sum(layout.buffered_entries for layout in self.layouts[layer])
-                total += (cache.resident_entries + buffered) * self.entry_bytes
+                resident = 0 if self.swap else cache.resident_entries
+                total += (resident + buffered) * self.entry_bytes
+        if self.swap:
+            total += self.step_cache_peak * self.entry_bytes
         # a streamed index is resident one layer at a time
         total += max(index_bytes) if self.setup.pipeline.stream_index else sum(index_bytes)
         return total
@@ -447,8 +521,17 @@ class _Replay:
         head_dim, group = self.setup.target.head_dim, self.setup.target.group_size
         pipeline = self.setup.pipeline
         prefetch = not full and not self.pp.policy.selection_needs_query
+        incoming, before = 0, None
+        if self.swap:
+            # swap in the next layer's image now (one ahead); note what this layer holds
+            last = layer + 1 == self.n_layers
+            next_step, next_layer = (step + 1, 0) if last else (step, layer + 1)
+            if next_layer != layer and next_step < self.pp.decode_steps:
+                incoming = self._swap_in(next_step, next_layer)
+            if not full:
+                before = [self.caches[layer].resident(h) for h in range(self.n_heads)]
         if prefetch:
-            reads, attended = self._issue_reads(step, layer, rec)
+            reads, attended = self._lookup(step, layer, rec)
         vectors = selection.index_vectors[self.head_map, step].sum()
         index_ready = None
         if pipeline.stream_index and vectors:
@@ -465,7 +548,7 @@ class _Replay:
             rec[col["io_wait_us"]] += env.now - waited_from
 
         if split:  # clusters are fetched as they are ranked
-            reads, attended = self._issue_reads(step, layer, rec)
+            reads, attended = self._lookup(step, layer, rec)
         score_us = (
             float(scoring_us(vectors, head_dim, group, self.vector_bytes, self.compute, self.dram))
             if vectors
@@ -482,10 +565,12 @@ class _Replay:
             attended = (self.pp.prompt_len + step + 1) * self.n_heads
         else:
             if not prefetch and not split:
-                reads, attended = self._issue_reads(step, layer, rec)
+                reads, attended = self._lookup(step, layer, rec)
             waited_from = env.now
             yield reads
             rec[col["io_wait_us"]] += env.now - waited_from
+            if attended is None:  # looked up after a swap-in (see _lookup)
+                attended = reads.value
 
         attend_us = float(
             attention_us(attended, head_dim, group, self.entry_bytes, self.compute, self.dram)
@@ -495,6 +580,11 @@ class _Replay:
 
         if not full:
             self._append(step, layer, rec)
+            if before is not None:
+                self._swap_out(layer, before, rec)
+        if self.swap:
+            current = 0 if full else self.caches[layer].resident_entries
+            self.step_cache_peak = max(self.step_cache_peak, current + incoming)
 
         yield env.timeout(self.dense_post_us)
         rec[col["dense_us"]] += self.dense_post_us
@@ -504,6 +594,10 @@ class _Replay:
         for step in range(self.pp.decode_steps):
             rec = self.records[step]
             started = self.env.now
+            if self.swap:
+                self.step_cache_peak = 0
+                if step == 0 or self.n_layers == 1:  # nothing earlier swapped layer 0 in
+                    self._swap_in(step, 0)
             for layer in range(self.n_layers):
                 yield from self._layer(step, layer, rec)
             rec[col["latency_us"]] = self.env.now - started

@@ -11,8 +11,12 @@ Definitions (DESIGN.md section 6):
 * ``read_amplification``: bytes read from flash / bytes of the requested entries.
 * ``effective_bandwidth_mb_s``: bytes of requested entries read / time a read batch was in flight.
 * ``hit_rate``: selected entries found in the DRAM cache / selected entries.
+* ``swap_read_mb_per_token`` / ``swap_write_mb_per_token``: per-layer cache swapping
+  (``pipeline.swap_layers``): bytes of cache images read back / of newly resident entries
+  written out, per decoded token (0 without swapping); not part of ``read_mb_per_token``.
 * ``peak_dram_mb``: largest DRAM use at a step boundary: cached KV + policy index (for full
-  attention, the whole KV cache).
+  attention, the whole KV cache; with ``swap_layers``, the step's largest pair of resident
+  layer images instead of every layer's cache).
 * ``intra_cluster_variance_mean``: mean over (step, layer, KV head) of the mean intra-cluster
   key variance (``sim.metrics.clusters``); NaN for policies without groups.
 """
@@ -43,6 +47,8 @@ SUMMARY_COLUMNS = (
     "read_mb_per_token",
     "read_commands_per_token",
     "mean_io_kib",
+    "swap_read_mb_per_token",
+    "swap_write_mb_per_token",
     "read_amplification",
     "effective_bandwidth_mb_s",
     "hit_rate",
@@ -78,6 +84,8 @@ def summarize(run: str, pp: PolicyPass, sim: SimResult) -> dict[str, float | str
         "read_mb_per_token": float(read_bytes / len(steps) / MB),
         "read_commands_per_token": float(commands / len(steps)),
         "mean_io_kib": float(read_bytes / commands / 1024) if commands else 0.0,
+        "swap_read_mb_per_token": float(steps["swap_read_bytes"].sum() / len(steps) / MB),
+        "swap_write_mb_per_token": float(steps["swap_write_bytes"].sum() / len(steps) / MB),
         "read_amplification": float(read_bytes / useful) if useful else float("nan"),
         "effective_bandwidth_mb_s": float(useful / busy_us) if busy_us else float("nan"),
         "hit_rate": float(steps["hits"].sum() / selected) if selected else float("nan"),
@@ -109,7 +117,9 @@ DISPLAY_COLUMNS = {
 }
 
 
-def format_table(summary: pd.DataFrame) -> str:
-    """The results table printed after a run (a subset of the summary, rounded)."""
-    shown = summary[list(DISPLAY_COLUMNS)].rename(columns=DISPLAY_COLUMNS)
+def format_table(summary: pd.DataFrame, axes: list[str] | tuple[str, ...] = ()) -> str:
+    """The results table printed after a run (a subset of the summary, rounded); ``axes``: the
+    sweep's columns, shown after the run label."""
+    columns = {"run": "run", **{a: a for a in axes}, **DISPLAY_COLUMNS}
+    shown = summary[list(columns)].rename(columns=columns)
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
