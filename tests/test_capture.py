@@ -4,6 +4,9 @@ The recorded trace is checked against things derived independently of the record
 the model's own attention output (the input of each layer's o_proj, taken with a plain torch
 hook) must equal softmax attention recomputed from the fp16 trace; the prompt tokens must equal
 the tokenizer's; the generated tokens must be the greedy argmax of a separate full forward pass.
+The speculative queries are checked the same way: the projection code fed a layer's own input
+(taken by a separate torch pre-hook) must reproduce the queries the model itself computed, and
+the recorded speculative queries must equal it fed the previous layer's input.
 The model loads once (~25 s); every capture here is a few short forward passes.
 """
 
@@ -18,7 +21,7 @@ import pytest
 
 from sim.errors import CaptureError
 from sim.trace import capture as capture_mod
-from sim.trace.capture import CaptureSettings, get_or_capture
+from sim.trace.capture import CaptureSettings, get_or_capture, project_query
 from sim.trace.format import layer_file, open_trace
 from sim.trace.sources import load_text
 
@@ -32,13 +35,16 @@ needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="capture extra or llm-sm
 PROMPT_LEN, DECODE_STEPS = 48, 4
 SETTINGS = CaptureSettings(prompt_len=PROMPT_LEN, decode_steps=DECODE_STEPS, queries="all")
 HOOKED_LAYERS = (0, 14, 29)
+INPUT_LAYERS = (1, 2, 13, 14, 28, 29)  # attention inputs kept: a layer and the one before it
 
 
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory: pytest.TempPathFactory):
-    """One capture with o_proj inputs (the model's attention output) recorded by torch hooks."""
+    """One capture with o_proj inputs (the model's attention output) and the attention inputs
+    of INPUT_LAYERS (hidden states and RoPE tables, per forward pass) recorded by torch hooks."""
     loaded = capture_mod.load_model("smollm2-135m", progress=False)
     attn_out: dict[int, list[np.ndarray]] = {layer: [] for layer in HOOKED_LAYERS}
+    inputs: dict[int, list[tuple]] = {layer: [] for layer in INPUT_LAYERS}
     handles = []
     for layer in HOOKED_LAYERS:
 
@@ -48,12 +54,23 @@ def captured(tmp_path_factory: pytest.TempPathFactory):
         handles.append(
             loaded.model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(hook)
         )
+    for layer in INPUT_LAYERS:
+
+        def input_hook(module, args, kwargs, layer=layer):
+            cos, sin = kwargs["position_embeddings"]
+            inputs[layer].append((kwargs["hidden_states"].clone(), cos.clone(), sin.clone()))
+
+        handles.append(
+            loaded.model.model.layers[layer].self_attn.register_forward_pre_hook(
+                input_hook, with_kwargs=True
+            )
+        )
     try:
         path = capture_mod.capture(SETTINGS, tmp_path_factory.mktemp("cap") / "t", progress=False)
     finally:
         for handle in handles:
             handle.remove()
-    return loaded, open_trace(path, verify=True), attn_out
+    return loaded, open_trace(path, verify=True), attn_out, inputs
 
 
 def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
@@ -69,7 +86,7 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.
 
 @needs_model
 def test_geometry_and_shapes(captured) -> None:
-    _, trace, _ = captured
+    _, trace, _, _ = captured
     g = trace.model
     assert (g.n_layers, g.n_q_heads, g.n_kv_heads, g.head_dim) == (30, 9, 3, 64)
     # one Llama block of SmolLM2-135M: q,o 576x576; k,v 576x192; MLP 3 x 576x1536; 2 norms
@@ -84,7 +101,7 @@ def test_geometry_and_shapes(captured) -> None:
 
 @needs_model
 def test_recomputed_attention_matches_the_model(captured) -> None:
-    _, trace, attn_out = captured
+    _, trace, attn_out, _ = captured
     scale = trace.manifest["model"]["attn_scale"]
     for layer in HOOKED_LAYERS:
         calls = attn_out[layer]
@@ -104,11 +121,53 @@ def test_recomputed_attention_matches_the_model(captured) -> None:
         assert np.linalg.norm(wrong - calls[-1][0]) / np.linalg.norm(calls[-1][0]) > 1e-2
 
 
+def _rel_err(ours: np.ndarray, reference: np.ndarray) -> float:
+    reference = np.asarray(reference, dtype=np.float64)
+    diff = np.asarray(ours, np.float64) - reference
+    return float(np.linalg.norm(diff) / np.linalg.norm(reference))
+
+
+@needs_model
+def test_speculative_queries_follow_the_model_query_path(captured) -> None:
+    import torch
+
+    loaded, trace, _, inputs = captured
+    assert trace.has_speculative_queries and trace.speculative_queries(0) is None
+    assert trace.speculative_queries(1).shape == (9, DECODE_STEPS, 64)
+    layers = loaded.model.model.layers
+    for layer in (2, 14, 29):
+        attn = layers[layer].self_attn
+        calls, previous = inputs[layer], inputs[layer - 1]
+        assert len(calls) == len(previous) == 1 + DECODE_STEPS  # prefill, then each step
+        with torch.inference_mode():
+            # the layer's own input through the projection code = the model's real queries,
+            # at every prompt position (RoPE at many positions) and at every decode step
+            hidden, cos, sin = calls[0]
+            own = project_query(attn, hidden, (cos, sin))[0].numpy()
+            assert own.shape == (9, PROMPT_LEN, 64)
+            assert _rel_err(own, trace.queries(layer)[:, :PROMPT_LEN]) < 2e-3, layer
+            for step in range(DECODE_STEPS):
+                hidden, cos, sin = calls[1 + step]
+                own = project_query(attn, hidden, (cos, sin))[0, :, 0].numpy()
+                assert _rel_err(own, trace.decode_queries(layer)[:, step]) < 2e-3, (layer, step)
+                # the recorded speculation = the previous layer's input through this layer's path
+                spec = project_query(attn, previous[1 + step][0], (cos, sin))[0, :, 0].numpy()
+                recorded = trace.speculative_queries(layer)[:, step]
+                assert _rel_err(spec, recorded) < 2e-3, (layer, step)
+                # ... which is an approximation, not the real query again
+                assert _rel_err(recorded, trace.decode_queries(layer)[:, step]) > 1e-2
+        # without RoPE the projection would not match: the check above can fail
+        hidden, cos, sin = calls[1]
+        with torch.inference_mode():
+            no_rope = project_query(attn, hidden, (torch.ones_like(cos), torch.zeros_like(sin)))
+        assert _rel_err(no_rope[0, :, 0].numpy(), trace.decode_queries(layer)[:, 0]) > 1e-2
+
+
 @needs_model
 def test_tokens_are_the_prompt_then_greedy_continuation(captured) -> None:
     import torch
 
-    loaded, trace, _ = captured
+    loaded, trace, _, _ = captured
     tokens = np.asarray(trace.tokens())
     expected_prompt = loaded.tokenizer(load_text("pydoc").text[:2000])["input_ids"][:PROMPT_LEN]
     np.testing.assert_array_equal(tokens[:PROMPT_LEN], expected_prompt)
@@ -120,7 +179,7 @@ def test_tokens_are_the_prompt_then_greedy_continuation(captured) -> None:
 
 @needs_model
 def test_deterministic_and_decode_only_queries(captured, tmp_path: Path) -> None:
-    _, trace, _ = captured
+    _, trace, _, _ = captured
     again = open_trace(capture_mod.capture(SETTINGS, tmp_path / "again", progress=False))
     decode_only = open_trace(
         capture_mod.capture(replace(SETTINGS, queries="decode"), tmp_path / "dec", progress=False)
@@ -132,6 +191,10 @@ def test_deterministic_and_decode_only_queries(captured, tmp_path: Path) -> None
         np.testing.assert_array_equal(decode_only.keys(layer), trace.keys(layer))
         np.testing.assert_array_equal(decode_only.values(layer), trace.values(layer))
         np.testing.assert_array_equal(decode_only.queries(layer), trace.decode_queries(layer))
+        if layer:
+            np.testing.assert_array_equal(
+                decode_only.speculative_queries(layer), trace.speculative_queries(layer)
+            )
 
 
 @needs_model

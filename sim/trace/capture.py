@@ -11,6 +11,12 @@ one prefill pass with ``logits_to_keep=1`` (full-vocabulary logits for every pos
 take GBs), then ``decode_steps`` greedy steps with a ``DynamicCache`` under
 ``torch.inference_mode()``. Greedy decoding never stops early (EOS is just another token).
 
+Speculative queries (for InfiniGen-style policies): a forward pre-hook on every layer's attention
+module sees its input (the input_layernorm output) and its RoPE tables. At each decode step, layer
+``l >= 1``'s hook projects layer ``l - 1``'s input through layer ``l``'s query path
+(:func:`project_query`: q_proj, q_norm if the model has one, layer ``l``'s RoPE at the same
+position) and records it; the trace stores these next to the true queries.
+
 Decode step ``s`` feeds the token at position ``prompt_len + s`` (the argmax after the previous
 step), so the trace holds ``prompt_len + decode_steps`` positions.
 
@@ -48,7 +54,8 @@ INSTALL_HINT = (
 ATTN_IMPLEMENTATION = "kvsim_capture"
 # Bump when a capture change alters the arrays produced for the same settings, so cached traces
 # under the old key are not reused.
-CAPTURE_VERSION = 1
+# 2: speculative queries (layer l's decode queries from layer l-1's attention input).
+CAPTURE_VERSION = 2
 # Tokens tokenised beyond prompt_len so the cut never falls near a token whose split could
 # depend on text past the character prefix we tokenised.
 _TOKENIZE_MARGIN = 64
@@ -191,15 +198,54 @@ def default_cache_dir() -> Path:
 # model loading and the recording attention function
 
 
-class _Recorder:
-    """Collects one capture's q/k/v per layer as float16 numpy chunks (position order)."""
+def project_query(attn: Any, hidden: Any, position_embeddings: tuple[Any, Any]) -> Any:
+    """Post-RoPE queries (batch, n_q_heads, T, head_dim) of attention module ``attn`` for the
+    attention input ``hidden`` (batch, T, hidden_size), computed as the model's own forward does:
+    ``q_proj``, reshape to heads, ``q_norm`` if the module has one (Gemma 3), then the model's
+    ``apply_rotary_pos_emb`` with ``position_embeddings`` = (cos, sin) of ``attn``'s layer.
 
-    def __init__(self, n_layers: int, query_start: int) -> None:
+    Fed a layer's own input this reproduces its queries; fed the previous layer's input it gives
+    InfiniGen's speculative queries.
+    """
+    model_module = sys.modules[type(attn).__module__]
+    rope = getattr(model_module, "apply_rotary_pos_emb", None)
+    if rope is None:
+        raise CaptureError(f"{model_module.__name__} has no apply_rotary_pos_emb to project with")
+    query = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+    q_norm = getattr(attn, "q_norm", None)
+    if q_norm is not None:
+        query = q_norm(query)
+    cos, sin = position_embeddings
+    query, _ = rope(query, query, cos, sin)
+    return query
+
+
+class _Recorder:
+    """Collects one capture's q/k/v per layer as float16 numpy chunks (position order), and
+    the speculative queries of the decode steps (layers >= 1)."""
+
+    def __init__(self, n_layers: int, query_start: int, speculative_start: int) -> None:
         self.query_start = query_start
+        self.speculative_start = speculative_start  # first position with speculative queries
         self.position = 0  # position of the first token of the current forward pass
         self.keys: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
         self.values: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
         self.queries: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+        self.speculative: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+        self._previous_input: Any = None  # the attention input of the layer just run
+
+    def record_input(self, attn: Any, hidden: Any, position_embeddings: Any) -> None:
+        """Pre-hook of one layer's attention: speculate its queries from the previous layer's
+        input (decode passes only), then remember its own input for the next layer."""
+        import torch
+
+        if self.position < self.speculative_start:
+            return
+        layer = attn.layer_idx
+        if layer >= 1:
+            query = project_query(attn, self._previous_input, position_embeddings)
+            self.speculative[layer].append(query[0].to(torch.float16).numpy())
+        self._previous_input = hidden
 
     def record(self, layer: int, query: Any, key: Any, value: Any) -> None:
         import torch
@@ -226,6 +272,13 @@ def _capture_attention(
     if _ACTIVE_RECORDER is not None:
         _ACTIVE_RECORDER.record(module.layer_idx, query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _speculation_hook(module: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook (with kwargs) on every attention module while capture() runs."""
+    if _ACTIVE_RECORDER is not None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        _ACTIVE_RECORDER.record_input(module, hidden, kwargs["position_embeddings"])
 
 
 def _import_capture_deps() -> tuple[Any, Any]:
@@ -446,13 +499,17 @@ def capture(
     start_s = time.perf_counter()
     # greedy decoding draws nothing; seeded anyway so any future sampling stays reproducible
     torch.manual_seed(settings.seed)
-    recorder = _Recorder(model_info["n_layers"], settings.query_start)
+    recorder = _Recorder(model_info["n_layers"], settings.query_start, prompt_len)
     generated: list[int] = []
     bar = tqdm(
         total=1 + decode_steps, desc=f"capture {settings.key()}", unit="step",
         file=sys.stderr, disable=not progress, dynamic_ncols=True,
     )  # fmt: skip
     _ACTIVE_RECORDER = recorder
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(_speculation_hook, with_kwargs=True)
+        for layer in loaded.model.model.layers
+    ]
     try:
         with torch.inference_mode():
             cache = DynamicCache(config=loaded.model.config)
@@ -475,6 +532,8 @@ def capture(
                 bar.update(1)
     finally:
         _ACTIVE_RECORDER = None
+        for hook in hooks:
+            hook.remove()
         bar.close()
     forward_s = time.perf_counter() - start_s
 
@@ -485,7 +544,8 @@ def capture(
         "key": settings.key(),
         "capture_version": CAPTURE_VERSION,
         "method": "transformers GGUF float32, single-pass prefill (logits_to_keep=1), greedy "
-        "decode with DynamicCache, sdpa attention; q/k post-RoPE",
+        "decode with DynamicCache, sdpa attention; q/k post-RoPE; speculative queries of layer "
+        "l >= 1 = layer l's q_proj (+ q_norm) and RoPE applied to layer l-1's attention input",
         "tokenizer": {
             "add_special_tokens": True,
             "bos_added": bos_added,
@@ -516,8 +576,12 @@ def capture(
             keys = np.concatenate(recorder.keys[layer], axis=1)
             values = np.concatenate(recorder.values[layer], axis=1)
             queries = np.concatenate(recorder.queries[layer], axis=1)
+            speculative = (
+                np.concatenate(recorder.speculative[layer], axis=1) if layer >= 1 else None
+            )
             recorder.keys[layer] = recorder.values[layer] = recorder.queries[layer] = []
-            writer.write_layer(layer, keys, values, queries)
+            recorder.speculative[layer] = []
+            writer.write_layer(layer, keys, values, queries, speculative)
         # the writer holds its own copy of the capture dict; the manifest is written on exit
         writer.manifest["capture"]["wall_time_s"] = round(
             time.perf_counter() - start_s + loaded.load_s, 3

@@ -1,12 +1,19 @@
 """On-disk trace format: one directory per trace, lazily memory-mapped, validated on open.
 
-Layout of a trace directory (format_version 1)::
+Layout of a trace directory (format_version 2; version 1 traces, without the optional
+speculative queries, still open)::
 
     manifest.json                 what the trace is (model, positions, text, capture, checksums)
     tokens.npy                    int32   (n_positions,)
     layer_{l:03d}.keys.npy        float16 (n_kv_heads, n_positions, head_dim)   post-RoPE keys
     layer_{l:03d}.values.npy      float16 (n_kv_heads, n_positions, head_dim)
     layer_{l:03d}.queries.npy     float16 (n_q_heads, n_positions - query_start, head_dim)
+    layer_{l:03d}.spec_queries.npy  float16 (n_q_heads, decode_steps, head_dim)  optional, l >= 1
+
+Speculative queries (InfiniGen): for layer ``l >= 1``, the decode steps' queries of layer ``l``
+computed from layer ``l - 1``'s attention input (its input_layernorm output) through layer
+``l``'s query projection (q_norm if any) and RoPE. A trace holds them for every layer >= 1 or
+for none.
 
 Position convention: decode step ``s`` (0-based) is position ``prompt_len + s``; its query attends
 keys ``[0, prompt_len + s]`` inclusive (its own fresh key included). Query ``j`` of a
@@ -38,7 +45,9 @@ import numpy.lib.format as npy_format
 from sim.errors import TraceError
 from sim.kv.geometry import ModelGeometry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions :func:`open_trace` accepts (1: no speculative queries).
+READABLE_FORMAT_VERSIONS = (1, 2)
 STORED_DTYPE = "float16"
 MANIFEST_NAME = "manifest.json"
 TOKENS_NAME = "tokens.npy"
@@ -59,17 +68,26 @@ _REQUIRED_TOP_KEYS = (
 _REQUIRED_MODEL_KEYS = ("name", "n_layers", "n_q_heads", "n_kv_heads", "head_dim")
 
 
+SPEC_KIND = "spec_queries"
+
+
 def layer_file(layer: int, kind: str) -> str:
-    """File name of one layer's array; ``kind`` is ``keys``, ``values`` or ``queries``."""
+    """File name of one layer's array; ``kind`` is ``keys``, ``values``, ``queries`` or
+    ``spec_queries``."""
     return f"layer_{layer:03d}.{kind}.npy"
 
 
 def expected_files(
-    geometry: ModelGeometry, n_positions: int, query_start: int
+    geometry: ModelGeometry, n_positions: int, query_start: int, speculative_steps: int = 0
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Every file a trace of this shape must hold: name -> (shape, dtype)."""
+    """Every file a trace of this shape must hold: name -> (shape, dtype), canonical order.
+
+    ``speculative_steps > 0`` adds the optional speculative-query files of layers ``1 ..``
+    (shape ``(n_q_heads, speculative_steps, head_dim)``, after each layer's queries).
+    """
     kv_shape = (geometry.n_kv_heads, n_positions, geometry.head_dim)
     q_shape = (geometry.n_q_heads, n_positions - query_start, geometry.head_dim)
+    spec_shape = (geometry.n_q_heads, speculative_steps, geometry.head_dim)
     files: dict[str, tuple[tuple[int, ...], np.dtype]] = {
         TOKENS_NAME: ((n_positions,), _TOKEN_DTYPE)
     }
@@ -77,7 +95,13 @@ def expected_files(
         files[layer_file(layer, "keys")] = (kv_shape, _KV_DTYPE)
         files[layer_file(layer, "values")] = (kv_shape, _KV_DTYPE)
         files[layer_file(layer, "queries")] = (q_shape, _KV_DTYPE)
+        if speculative_steps and layer >= 1:
+            files[layer_file(layer, SPEC_KIND)] = (spec_shape, _KV_DTYPE)
     return files
+
+
+def _speculative_names(files: dict[str, Any]) -> list[str]:
+    return [name for name in files if name.endswith(f".{SPEC_KIND}.npy")]
 
 
 def sha256_file(path: Path) -> str:
@@ -115,7 +139,8 @@ class Trace:
     Attributes: ``path``, ``manifest`` (the parsed manifest.json), ``model`` (the
     :class:`ModelGeometry` of the traced model), ``prompt_len``, ``decode_steps``,
     ``n_positions`` (= prompt_len + decode_steps), ``query_start`` (the first position whose
-    query is stored), ``size_bytes`` (all files on disk, manifest included).
+    query is stored), ``size_bytes`` (all files on disk, manifest included),
+    ``has_speculative_queries`` (the optional InfiniGen speculative queries are stored).
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], model: ModelGeometry) -> None:
@@ -126,6 +151,7 @@ class Trace:
         self.decode_steps: int = manifest["decode_steps"]
         self.n_positions: int = manifest["n_positions"]
         self.query_start: int = manifest["query_start"]
+        self.has_speculative_queries = bool(_speculative_names(manifest["files"]))
         self.size_bytes: int = (path / MANIFEST_NAME).stat().st_size + sum(
             int(entry["bytes"]) for entry in manifest["files"].values()
         )
@@ -172,6 +198,18 @@ class Trace:
     def decode_queries(self, layer: int) -> np.ndarray:
         """Queries of the decode steps only: (n_q_heads, decode_steps, head_dim), a memmap view."""
         return self.queries(layer)[:, self.prompt_len - self.query_start :, :]
+
+    def speculative_queries(self, layer: int) -> np.ndarray | None:
+        """Layer ``layer``'s decode-step queries speculated from layer ``layer - 1``'s input:
+        (n_q_heads, decode_steps, head_dim) float16 memmap, aligned with :meth:`decode_queries`.
+
+        ``None`` for layer 0 (nothing precedes it) and for traces captured without them
+        (:attr:`has_speculative_queries` is False; recapture to get them).
+        """
+        self._check_layer(layer)
+        if layer == 0 or not self.has_speculative_queries:
+            return None
+        return self._load(layer_file(layer, SPEC_KIND))
 
     def tokens(self) -> np.ndarray:
         """Token ids of every position: (n_positions,) int32 memmap."""
@@ -238,10 +276,10 @@ def _validate_manifest(manifest: Any, where: str) -> ModelGeometry:
     missing = [key for key in _REQUIRED_TOP_KEYS if key not in manifest]
     if missing:
         raise TraceError(f"{bad} lacks key(s) {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in READABLE_FORMAT_VERSIONS:
         raise TraceError(
             f"{bad} has format_version {manifest['format_version']!r}; this kvsim reads "
-            f"version {FORMAT_VERSION}"
+            f"version(s) {', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
         )
     if manifest["dtype"] != STORED_DTYPE:
         raise TraceError(
@@ -289,17 +327,30 @@ def _validate_manifest(manifest: Any, where: str) -> ModelGeometry:
 
 
 def _validate_files(path: Path, manifest: dict[str, Any], model: ModelGeometry, where: str) -> None:
-    """Check that the manifest lists exactly the expected files and each one's header and size."""
+    """Check that the manifest lists exactly the expected files (the optional speculative
+    queries: all or none) and each one's header and size."""
     listed: dict[str, Any] = manifest["files"]
-    expected = expected_files(model, manifest["n_positions"], manifest["query_start"])
-    for name in expected:
+    required = expected_files(model, manifest["n_positions"], manifest["query_start"])
+    allowed = expected_files(
+        model, manifest["n_positions"], manifest["query_start"], manifest["decode_steps"]
+    )
+    speculative = _speculative_names(allowed)
+    present = [name for name in speculative if name in listed]
+    if present and len(present) != len(speculative):
+        missing = next(name for name in speculative if name not in listed)
+        raise TraceError(
+            f"{where}: {MANIFEST_NAME} lists {len(present)} of the {len(speculative)} "
+            f"speculative-query files ({missing} is not listed); a trace holds all or none"
+        )
+    expected = allowed if present else required
+    for name in required:
         if name not in listed:
             raise TraceError(
                 f"{where}: {name} is not listed in {MANIFEST_NAME} (the manifest's files do not "
                 f"match its model geometry: {model.n_layers} layers)"
             )
     for name in listed:
-        if name not in expected:
+        if name not in allowed:
             raise TraceError(
                 f"{where}: {name} is listed in {MANIFEST_NAME} but not expected for a model of "
                 f"{model.n_layers} layers (layer count mismatch?)"
@@ -360,9 +411,10 @@ class TraceWriter:
         with TraceWriter(path, model, prompt_len, decode_steps, query_start, text, capture) as w:
             w.write_tokens(tokens)
             for layer in range(n_layers):
-                w.write_layer(layer, keys, values, queries)
+                w.write_layer(layer, keys, values, queries)  # + speculative_queries (l >= 1)
 
-    On a clean exit every layer and the tokens must have been written; the manifest (with
+    On a clean exit every layer and the tokens must have been written (the optional speculative
+    queries for every layer >= 1 or for none); the manifest (with
     sha256, bytes and shape of every file) is written last and the directory renamed to
     ``path``. On any exception the temp dir is removed and nothing appears at ``path``.
     ``model`` holds at least name, n_layers, n_q_heads, n_kv_heads, head_dim (and should hold
@@ -406,6 +458,9 @@ class TraceWriter:
         self.n_positions: int = self.manifest["n_positions"]
         self.query_start = query_start
         self._expected = expected_files(self.geometry, self.n_positions, query_start)
+        self._allowed = expected_files(
+            self.geometry, self.n_positions, query_start, self.manifest["decode_steps"]
+        )
         self._overwrite = overwrite
         self._tmp: Path | None = None
 
@@ -441,8 +496,19 @@ class TraceWriter:
                 f"{self._where}: {missing[0]} was never written ({len(missing)} file(s) missing); "
                 "nothing was saved"
             )
+        written = self.manifest["files"]
+        speculative = _speculative_names(self._allowed)
+        done = [name for name in speculative if name in written]
+        if done and len(done) != len(speculative):
+            missing = next(name for name in speculative if name not in written)
+            raise TraceError(
+                f"{self._where}: {missing} was never written (speculative queries are stored for "
+                "every layer >= 1 or for none); nothing was saved"
+            )
         # keep the files dict in canonical order (tokens, then layer by layer)
-        self.manifest["files"] = {name: self.manifest["files"][name] for name in self._expected}
+        self.manifest["files"] = {
+            name: written[name] for name in self._allowed if name in written
+        }
         self.manifest["capture"].setdefault(
             "created", datetime.now(timezone.utc).isoformat(timespec="seconds")
         )
@@ -466,7 +532,7 @@ class TraceWriter:
     def _save(self, name: str, array: np.ndarray) -> None:
         if self._tmp is None:
             raise RuntimeError("TraceWriter must be used as a context manager (with ...:)")
-        shape, dtype = self._expected[name]
+        shape, dtype = self._allowed[name]
         if array.shape != shape:
             raise TraceError(
                 f"{self._where}: {name} has shape {list(array.shape)}, expected {list(shape)}"
@@ -492,13 +558,19 @@ class TraceWriter:
         }
 
     def write_layer(
-        self, layer: int, keys: np.ndarray, values: np.ndarray, queries: np.ndarray
+        self,
+        layer: int,
+        keys: np.ndarray,
+        values: np.ndarray,
+        queries: np.ndarray,
+        speculative_queries: np.ndarray | None = None,
     ) -> None:
         """Store one layer (float32 or float16 in; float16 on disk).
 
         ``keys``/``values``: (n_kv_heads, n_positions, head_dim); ``queries``:
-        (n_q_heads, n_positions - query_start, head_dim). Raises TraceError on a shape mismatch
-        or a value that overflows float16.
+        (n_q_heads, n_positions - query_start, head_dim); ``speculative_queries`` (optional,
+        layers >= 1 only): (n_q_heads, decode_steps, head_dim). Raises TraceError on a shape
+        mismatch or a value that overflows float16.
         """
         if not (_is_int(layer) or isinstance(layer, np.integer)) or not (
             0 <= layer < self.geometry.n_layers
@@ -509,6 +581,12 @@ class TraceWriter:
         self._save(layer_file(layer, "keys"), np.asarray(keys))
         self._save(layer_file(layer, "values"), np.asarray(values))
         self._save(layer_file(layer, "queries"), np.asarray(queries))
+        if speculative_queries is not None:
+            if layer == 0:
+                raise TraceError(
+                    f"{self._where}: layer 0 has no speculative queries (nothing precedes it)"
+                )
+            self._save(layer_file(layer, SPEC_KIND), np.asarray(speculative_queries))
 
     def write_tokens(self, tokens: np.ndarray) -> None:
         """Store the token ids of every position: (n_positions,) integers, int32 on disk."""
