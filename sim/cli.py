@@ -21,23 +21,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sim.config import load_experiment
-    from sim.experiment import execute, resolve
+    from sim.experiment import plan
     from sim.metrics.records import format_table
-    from sim.plots import accuracy_vs_latency
+    from sim.runner import execute
 
-    config = load_experiment(args.config)
-    if args.output:
-        config = config.model_copy(update={"output": args.output})
-    resolved = resolve(config, Path(args.config))
-    summary = execute(resolved, progress=not args.quiet)
-    print(format_table(summary))
-    print(f"\nresults: {resolved.output_dir}/summary.csv")
-    if config.plot and not args.no_plot:
-        paths = accuracy_vs_latency(
-            summary, resolved.output_dir / "accuracy_vs_latency", config.name
-        )
-        print("plot: " + ", ".join(str(p) for p in paths))
+    planned = plan(args.config, output=args.output)  # every point validated before any work
+    if args.jobs is not None and args.jobs < 1:
+        raise KvsimError(f"--jobs must be >= 1, got {args.jobs}")
+    summary, _report = execute(
+        planned,
+        jobs=args.jobs,
+        scheduler=args.scheduler,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    print(format_table(summary, planned.axes))
+    print(f"\nresults: {planned.output_dir}/summary.csv")
+    if not args.no_plot:
+        from sim.plots import plot_results
+
+        paths = plot_results(planned.output_dir)
+        if paths:
+            print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -109,10 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run an experiment YAML; print and save its results")
+    run = sub.add_parser(
+        "run", help="run an experiment YAML (and its sweep); print and save its results"
+    )
     run.add_argument("config", help="experiment YAML (see experiments/)")
     run.add_argument("--output", help="results directory (default: the config's, or results/NAME)")
-    run.add_argument("--no-plot", action="store_true", help="skip the plot")
+    run.add_argument("--no-plot", action="store_true", help="skip the plots")
+    run.add_argument(
+        "--jobs", "-j", type=int, help="local worker processes (default: one per core)"
+    )
+    run.add_argument(
+        "--scheduler", help="Dask scheduler address (tcp://host:port): run on that cluster"
+    )
+    run.add_argument(
+        "--force", action="store_true", help="rerun runs whose results are already complete"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
 

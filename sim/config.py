@@ -131,8 +131,19 @@ class PipelineSpec(BaseModel):
     swap_layers: bool = False
 
 
+class SweepSpec(BaseModel):
+    """Axes over config keys by dotted path (see :mod:`sim.sweep`): ``grid`` axes combine as a
+    product, ``zip`` axes (equal lengths) advance together."""
+
+    model_config = _STRICT
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] = Field(default_factory=dict)
+
+
 class ExperimentConfig(BaseModel):
-    """One experiment: a trace, a device, a simulated model geometry, the policies to compare."""
+    """One experiment: a trace, a device, a simulated model geometry, the policies to compare,
+    and optionally a ``sweep`` over any of these keys (:mod:`sim.sweep`) and the ``figures`` that
+    ``kvsim plot`` draws from the results (:mod:`sim.figures`)."""
 
     model_config = _STRICT
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -145,20 +156,10 @@ class ExperimentConfig(BaseModel):
     cache: CacheSpec = CacheSpec()
     pipeline: PipelineSpec = PipelineSpec()
     policies: list[dict[str, Any]] = Field(min_length=1)
+    sweep: SweepSpec | None = None
     output: str | None = None
     plot: bool = True
-
-
-def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Parse and validate an experiment YAML (structure only; see ``sim.experiment.resolve``)."""
-    path = Path(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of experiment settings at the top level")
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {pydantic_error_line(exc, '', ExperimentConfig)}") from None
+    figures: list[str | dict[str, Any]] = Field(default_factory=list)
 
 
 def load_model_geometry(name_or_path: str, where: str = "model") -> ModelGeometry:

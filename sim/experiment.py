@@ -1,72 +1,214 @@
-"""From a validated experiment config to result files.
+"""From an experiment YAML to a plan of runs, and from one run's plan to its result files.
 
-``resolve`` checks everything that can be checked before any work starts (device preset,
-simulated model, cache, every policy/layout/replacement spec, the trace or its capture
-settings, budgets against the context). ``execute`` then obtains the trace (capturing it once
-and caching it), runs each policy, and writes each run's records into its own directory
-atomically (a temporary directory renamed when complete), so an interrupted experiment never
-leaves a half-written result behind.
+An experiment is a base config plus an optional ``sweep:`` (see :mod:`sim.sweep`). ``plan``
+expands the sweep, validates every point as if it had been written by hand (device preset and
+overrides, simulated model, cache, every policy/layout/replacement spec, the trace or its capture
+settings, budgets against the context) and turns each (point, policy entry) into a
+:class:`RunPlan` -- plain data, named by a hash of its resolved settings. Nothing runs and nothing
+is written before the whole plan is valid.
+
+Runs that share a trace, a policy spec and a seed share one policy pass (selections and accuracy
+do not depend on the device, cache or layout), so :class:`PassGroup` is the unit of work:
+:func:`run_group` computes the pass once and replays it for each of its runs. The scheduling
+(local processes or Dask) lives in :mod:`sim.runner`.
 
 Results layout (``<output>/``)::
 
-    summary.csv, summary.md          one row per run (see sim.metrics.records)
-    accuracy_vs_latency.png / .pdf   the plot
-    runs/<run>/accuracy.parquet      (step, layer, q_head) accuracy records
-    runs/<run>/clusters.parquet      (step, layer, kv_head) group count and intra-cluster
+    experiment.yaml                  the experiment as given (``kvsim plot`` reads its figures)
+    summary.csv, summary.md          one row per run: label, sweep axes, summary metrics
+    accuracy_vs_latency.png / .pdf   the default plot
+    runs/<run_id>/run.yaml           the run's exact resolved settings (run_id hashes them)
+    runs/<run_id>/summary.json       its summary row
+    runs/<run_id>/accuracy.parquet   (step, layer, q_head) accuracy records
+    runs/<run_id>/clusters.parquet   (step, layer, kv_head) group count and intra-cluster
                                      variance (policies with groups only)
-    runs/<run>/steps.parquet         per-step latency breakdown, I/O and DRAM records
-    runs/<run>/io_sizes.csv          flash read command size distribution
-    runs/<run>/run_lengths.csv       contiguous flash access lengths (entries)
-    runs/<run>/run.yaml              the exact resolved settings of the run
+    runs/<run_id>/steps.parquet      per-step latency breakdown, I/O and DRAM records
+    runs/<run_id>/io_sizes.csv       flash read command size distribution
+    runs/<run_id>/run_lengths.csv    contiguous flash access lengths (entries)
+
+A run directory appears complete or not at all (written to a temporary sibling, then renamed),
+so an interrupted sweep resumes by skipping the runs whose directory exists.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import shutil
-import sys
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 
 from sim.config import ExperimentConfig, load_model_geometry, parse_size_bytes
-from sim.engine import PolicyPass, SimSetup, run_policy_pass, simulate
-from sim.errors import ConfigError
+from sim.errors import ConfigError, KvsimError
+from sim.figures.base import validate_figure_specs
 from sim.hardware import DeviceParams, load_device
 from sim.kv.cache import REPLACEMENTS
 from sim.kv.geometry import ModelGeometry
 from sim.kv.layout import LAYOUTS
-from sim.metrics.records import summarize, summary_table
-from sim.paths import REPO_ROOT, TRACE_CACHE_DIR
+from sim.paths import REPO_ROOT
 from sim.policies import POLICIES
-from sim.policies.base import RetrievalPolicy
-from sim.trace.capture import CaptureSettings, get_or_capture
-from sim.trace.format import Trace, open_trace
+from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
+from sim.trace.capture import CaptureSettings
+from sim.trace.format import open_trace
+from sim.validation import pydantic_error_line, read_yaml
 
-RUN_KEYS = ("label", "layout")  # keys of a policy entry that are not policy parameters
+RUNS_DIR = "runs"
+RUN_SETTINGS = "run.yaml"
+RUN_SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class TraceSource:
+    """Where a run's trace comes from: an existing directory or capture settings."""
+
+    key: str  # identity: the capture's cache key, or "path:<absolute path>"
+    name: str  # short name for tables and legends
+    path: str | None = None
+    capture: dict[str, Any] | None = None
+    prompt_len: int = 0
 
 
 @dataclass
-class Run:
+class RunPlan:
+    """One run: one policy on one trace, device, cache and pipeline. Plain, picklable data."""
+
+    run_id: str
+    pass_id: str
     label: str
-    policy: RetrievalPolicy
-    policy_spec: dict[str, Any]
-    layout_spec: dict[str, Any] | None  # None: chosen from the policy's output ("auto")
+    point: dict[str, Any]
+    trace: TraceSource
+    policy: dict[str, Any]
+    layout: dict[str, Any] | None  # None: chosen from the policy's output ("auto")
+    device: dict[str, Any]
+    model: dict[str, Any] | None  # simulated model geometry; None: the trace's own
+    kv_dtype: str
+    cache: dict[str, Any]  # replacement (spec), capacity (as written)
+    pipeline: dict[str, Any]
+    seed: int
+    experiment: str
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the run's results (what ``run_id`` hashes)."""
+        return {
+            "trace": self.trace.key,
+            "policy": self.policy,
+            "layout": self.layout,
+            "device": self.device,
+            "model": self.model,
+            "kv_dtype": self.kv_dtype,
+            "cache": self.cache,
+            "pipeline": self.pipeline,
+            "seed": self.seed,
+        }
 
 
 @dataclass
-class ResolvedExperiment:
-    config: ExperimentConfig
+class PassGroup:
+    """Runs sharing one policy pass (same trace, policy spec and seed)."""
+
+    pass_id: str
+    runs: list[RunPlan]
+
+
+@dataclass
+class Plan:
+    """A validated experiment: its runs, traces and where results go."""
+
+    config: ExperimentConfig  # the base config (its sweep block included)
     source: Path
-    device: DeviceParams
-    target: ModelGeometry | None  # None: simulate the trace's own model
-    runs: list[Run]
     output_dir: Path
-    trace_path: Path | None
-    capture: CaptureSettings | None
+    runs: list[RunPlan]
+    traces: dict[str, TraceSource] = field(default_factory=dict)
+    axes: list[str] = field(default_factory=list)  # the sweep's dotted keys, in order
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.output_dir / RUNS_DIR
+
+    def run_dir(self, run: RunPlan) -> Path:
+        return self.runs_dir / run.run_id
+
+    def is_complete(self, run: RunPlan) -> bool:
+        return (self.run_dir(run) / RUN_SUMMARY).exists()
+
+    def unique_runs(self) -> list[RunPlan]:
+        """Each distinct run once (a run an axis leaves unchanged is listed per point)."""
+        unique: dict[str, RunPlan] = {}
+        for run in self.runs:
+            unique.setdefault(run.run_id, run)
+        return list(unique.values())
+
+    def groups(self, runs: list[RunPlan]) -> list[PassGroup]:
+        """``runs`` grouped by policy pass, in plan order."""
+        groups: dict[str, PassGroup] = {}
+        planned: set[str] = set()
+        for run in runs:
+            if run.run_id not in planned:  # a run listed under several points runs once
+                planned.add(run.run_id)
+                groups.setdefault(run.pass_id, PassGroup(run.pass_id, [])).runs.append(run)
+        return list(groups.values())
+
+
+def digest(payload: Any, length: int = 12) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+
+def load_raw(path: Path) -> dict[str, Any]:
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of experiment settings at the top level")
+    return data
+
+
+def validate_config(data: dict[str, Any], where: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {pydantic_error_line(exc, '', ExperimentConfig)}") from None
+
+
+def plan(path: str | Path, output: str | Path | None = None) -> Plan:
+    """Validate the experiment at ``path`` and every point of its sweep; raises ConfigError."""
+    source = Path(path)
+    raw = load_raw(source)
+    base = validate_config(raw, str(source))
+    validate_figure_specs(base.figures, str(source))
+    points = expand(base.sweep, f"{source}: sweep")
+    traces: dict[str, TraceSource] = {}
+    runs: list[RunPlan] = []
+    seen: set[tuple[str, str]] = set()
+    for point in points:
+        where = f"{source}" if not point else f"{source} [{describe_point(point)}]"
+        config = validate_config(apply_point(raw, point, str(source)), where)
+        in_point: dict[str, str] = {}
+        for run in _plan_point(config, point, where, traces):
+            if run.run_id in in_point:
+                raise ConfigError(
+                    f"{where}: runs {in_point[run.run_id]!r} and {run.label!r} have identical "
+                    "settings"
+                )
+            in_point[run.run_id] = run.label
+            # A run that an axis leaves unchanged (``full`` under ``policy.budget``) is planned
+            # once and listed once per distinct remaining point.
+            key = (run.run_id, json.dumps(run.point, sort_keys=True, default=str))
+            if key not in seen:
+                seen.add(key)
+                runs.append(run)
+    output_dir = Path(output or base.output or REPO_ROOT / "results" / base.name)
+    axes = list(base.sweep.grid) + list(base.sweep.zip) if base.sweep else []
+    return Plan(base, source, output_dir, runs, traces, axes)
 
 
 def _layout_spec(value: Any, where: str) -> dict[str, Any] | None:
@@ -74,17 +216,48 @@ def _layout_spec(value: Any, where: str) -> dict[str, Any] | None:
         return None
     spec = {"type": value} if isinstance(value, str) else dict(value)
     # Build once with a dummy size so unknown layout names and parameters fail before any run.
-    LAYOUTS.create({**spec, "max_positions": 1}, where=where)
+    LAYOUTS.create({**spec, "max_positions": 1}, where=f"{where}.layout")
     return spec
 
 
-def resolve(config: ExperimentConfig, source: Path) -> ResolvedExperiment:
-    """Validate every part of ``config`` that needs no trace data; raises ConfigError."""
-    where = str(source)
+def _as_spec(value: str | dict[str, Any]) -> dict[str, Any]:
+    return {"type": value} if isinstance(value, str) else dict(value)
+
+
+def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
+    if config.trace.path is not None:
+        path = Path(config.trace.path)
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
+        if not (path / "manifest.json").exists():
+            raise ConfigError(f"{where}: trace.path: no trace at {config.trace.path}")
+        trace = open_trace(path)
+        return TraceSource(
+            key=f"path:{path.resolve()}", name=path.name, path=str(path.resolve()),
+            prompt_len=trace.prompt_len,
+        )
+    spec = config.trace.capture.model_dump()
+    try:
+        settings = CaptureSettings(**spec)
+        settings.validate()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: trace.capture: {exc}") from None
+    name = f"{settings.model}/{settings.text}/{settings.prompt_len}+{settings.decode_steps}"
+    return TraceSource(
+        key=settings.key(), name=name, capture=asdict(settings), prompt_len=settings.prompt_len
+    )
+
+
+def _plan_point(
+    config: ExperimentConfig, point: dict[str, Any], where: str, traces: dict[str, TraceSource]
+) -> list[RunPlan]:
     device = load_device(config.device)
     target = load_model_geometry(config.model, f"{where}: model") if config.model else None
     REPLACEMENTS.create(config.cache.replacement, where=f"{where}: cache.replacement")
-    runs: list[Run] = []
+    trace = _trace_source(config, where)
+    traces.setdefault(trace.key, trace)
+    runs: list[RunPlan] = []
+    labels: set[str] = set()
     for index, entry in enumerate(config.policies):
         at = f"{where}: policies[{index}]"
         if not isinstance(entry, dict):
@@ -92,62 +265,163 @@ def resolve(config: ExperimentConfig, source: Path) -> ResolvedExperiment:
         policy_spec = {k: v for k, v in entry.items() if k not in RUN_KEYS}
         policy = POLICIES.create(policy_spec, where=at)
         label = str(entry.get("label", policy_spec["type"]))
-        if any(run.label == label for run in runs):
+        if label in labels:
             raise ConfigError(f"{at}: duplicate run label {label!r}; give each a distinct 'label'")
-        runs.append(Run(label, policy, policy_spec, _layout_spec(entry.get("layout"), at)))
-    trace_path: Path | None = None
-    capture: CaptureSettings | None = None
-    if config.trace.path is not None:
-        trace_path = Path(config.trace.path)
-        if not trace_path.is_absolute() and not trace_path.exists():
-            trace_path = REPO_ROOT / trace_path
-        if not (trace_path / "manifest.json").exists():
-            raise ConfigError(f"{where}: trace.path: no trace at {config.trace.path}")
-        prompt_len = open_trace(trace_path).prompt_len
-    else:
-        spec = config.trace.capture
-        try:
-            capture = CaptureSettings(**spec.model_dump())
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: trace.capture: {exc}") from None
-        prompt_len = spec.prompt_len
-    for index, run in enumerate(runs):
-        if run.policy.min_context() > prompt_len:
+        labels.add(label)
+        if policy.min_context() > trace.prompt_len:
             raise ConfigError(
-                f"{where}: policies[{index}].budget: {run.policy.min_context()} tokens exceeds "
-                f"the prompt ({prompt_len} tokens)"
+                f"{at}.budget: {policy.min_context()} tokens exceeds the prompt "
+                f"({trace.prompt_len} tokens)"
             )
-    output = Path(config.output) if config.output else REPO_ROOT / "results" / config.name
-    return ResolvedExperiment(config, source, device, target, runs, output, trace_path, capture)
+        pass_key = {"trace": trace.key, "policy": policy_spec, "seed": config.seed}
+        if getattr(policy, "device_aware", False):
+            pass_key["device"] = device.model_dump()
+        run = RunPlan(
+            run_id="",
+            pass_id=digest(pass_key),
+            label=label,
+            point=_applicable(point, policy_spec),
+            trace=trace,
+            policy=policy_spec,
+            layout=_layout_spec(entry.get("layout"), at),
+            device=device.model_dump(mode="json"),
+            model=None if target is None else asdict(target),
+            kv_dtype=config.kv_dtype,
+            cache={
+                "replacement": _as_spec(config.cache.replacement),
+                "capacity": config.cache.capacity,
+            },
+            pipeline=config.pipeline.model_dump(),
+            seed=config.seed,
+            experiment=config.name,
+        )
+        run.run_id = digest(run.identity())
+        runs.append(run)
+    return runs
 
 
-def obtain_trace(resolved: ResolvedExperiment, progress: bool) -> Trace:
-    if resolved.trace_path is not None:
-        return open_trace(resolved.trace_path)
-    path = get_or_capture(resolved.capture, TRACE_CACHE_DIR, progress=progress)
-    return open_trace(path)
+def _applicable(point: dict[str, Any], policy_spec: dict[str, Any]) -> dict[str, Any]:
+    """The point without ``policy.<param>`` axes that the policy does not have."""
+    return {
+        key: value
+        for key, value in point.items()
+        if not key.startswith("policy.") or key.split(".")[1] in policy_spec
+    }
+
+
+# -- one pass group (runs in a worker process) --------------------------------------------------
 
 
 def cache_capacity_bytes(
-    config: ExperimentConfig, device: DeviceParams, target: ModelGeometry, n_positions: int
+    capacity: float | int | str | None,
+    device: DeviceParams,
+    target: ModelGeometry,
+    n_positions: int,
+    kv_dtype: str,
 ) -> int:
-    capacity = config.cache.capacity
+    """``cache.capacity`` in bytes: a size, a fraction of the full KV cache, or the preset's."""
     if capacity is None:
         return int(device.dram.kv_budget_bytes)
     if isinstance(capacity, str):
         return parse_size_bytes(capacity)
     if isinstance(capacity, float) and capacity <= 1.0:
-        return int(capacity * n_positions * target.kv_bytes_per_token(config.kv_dtype))
+        return int(capacity * n_positions * target.kv_bytes_per_token(kv_dtype))
     return int(capacity)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def run_group(
+    runs: list[RunPlan], trace_path: str, runs_dir: str, threads: int = 1
+) -> dict[str, Any]:
+    """Compute the group's policy pass once, replay it for each run, write each run's files.
+
+    Returns ``{"pass_s": ..., "sim_s": [...], "rows": [...]}``. Runs complete one by one: a
+    worker killed half-way keeps the runs it finished.
+    """
+    # imported here so a worker pays for the engine only when it has work
+    from sim.engine import SimSetup, run_policy_pass, simulate
+    from sim.metrics.records import summarize
+
+    first = runs[0]
+    trace = open_trace(trace_path)
+    policy = POLICIES.create(first.policy, where=f"run {first.label}")
+    pp = run_policy_pass(trace, policy, first.seed, progress=False, workers=threads)
+    sim_s, rows = [], []
+    for run in runs:
+        target = ModelGeometry(**run.model) if run.model else trace.model
+        if target.params_per_layer == 0:
+            raise KvsimError(f"run {run.label}: model geometry {target.name!r} lacks "
+                             "params_per_layer")
+        device = DeviceParams.model_validate(run.device)
+        capacity = cache_capacity_bytes(
+            run.cache["capacity"], device, target, trace.n_positions, run.kv_dtype
+        )
+        layout = run.layout
+        if layout is None:
+            has_groups = any(sel.prefill_groups is not None for sel in pp.selections)
+            layout = {"type": "cluster" if has_groups else "sequence"}
+        setup = SimSetup(
+            device=device,
+            target=target,
+            kv_dtype=run.kv_dtype,
+            cache_capacity_bytes=capacity,
+            replacement=dict(run.cache["replacement"]),
+            layout=layout,
+            pipeline=_pipeline(run.pipeline),
+        )
+        sim = simulate(pp, setup, progress=False)
+        row = {
+            "run_id": run.run_id,
+            **summarize(run.label, pp, sim),
+            "trace": run.trace.name,
+            "device": device.name,
+            "model": target.name,
+            **{key: _cell(value) for key, value in run.point.items()},
+        }
+        settings = {
+            "experiment": run.experiment,
+            "run": run.label,
+            "run_id": run.run_id,
+            "point": run.point,
+            "trace": str(trace.path),
+            "trace_key": run.trace.key,
+            "seed": run.seed,
+            "policy": run.policy,
+            "layout": layout,
+            "cache": {**run.cache, "capacity_bytes": capacity},
+            "pipeline": run.pipeline,
+            "model": asdict(target),
+            "kv_dtype": run.kv_dtype,
+            "device": run.device,
+            "timing_s": {"policy_pass": round(pp.wall_s, 3), "simulate": round(sim.wall_s, 3)},
+        }
+        write_run(Path(runs_dir) / run.run_id, pp, sim, settings, row)
+        sim_s.append(sim.wall_s)
+        rows.append(row)
+    return {"pass_s": pp.wall_s, "sim_s": sim_s, "rows": rows}
 
 
-def _write_run(run_dir: Path, pp: PolicyPass, sim: Any, settings: dict[str, Any]) -> None:
+def _pipeline(data: dict[str, Any]):
+    from sim.config import PipelineSpec
+
+    return PipelineSpec(**data)
+
+
+def _cell(value: Any) -> Any:
+    """A sweep value as a table cell (mappings and lists as compact JSON)."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()
+    }
+
+
+def write_run(
+    run_dir: Path, pp: Any, sim: Any, settings: dict[str, Any], row: dict[str, Any]
+) -> None:
     """All files of one run, or none: written to a temporary sibling, then renamed."""
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -159,88 +433,60 @@ def _write_run(run_dir: Path, pp: PolicyPass, sim: Any, settings: dict[str, Any]
         sim.steps.to_parquet(tmp / "steps.parquet", index=False)
         sim.io_sizes.to_csv(tmp / "io_sizes.csv", index=False)
         sim.run_lengths.to_csv(tmp / "run_lengths.csv", index=False)
-        (tmp / "run.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        (tmp / RUN_SETTINGS).write_text(yaml.safe_dump(settings, sort_keys=False))
+        (tmp / RUN_SUMMARY).write_text(json.dumps(_json_safe(row), indent=1))
         shutil.rmtree(run_dir, ignore_errors=True)
         os.replace(tmp, run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def execute(
-    resolved: ResolvedExperiment,
-    progress: bool = True,
-    log=lambda message: print(message, file=sys.stderr),
-) -> pd.DataFrame:
-    """Run every policy of the experiment; returns the summary table (also written)."""
-    config = resolved.config
-    trace = obtain_trace(resolved, progress)
-    target = resolved.target or trace.model
-    if target.params_per_layer == 0:
-        raise ConfigError(
-            f"{resolved.source}: model: geometry {target.name!r} lacks params_per_layer"
-        )
-    capacity = cache_capacity_bytes(config, resolved.device, target, trace.n_positions)
-    full_kv = trace.n_positions * target.kv_bytes_per_token(config.kv_dtype)
-    log(
-        f"trace {trace.path.name}: {trace.model.name}, {trace.prompt_len} prompt + "
-        f"{trace.decode_steps} decode tokens; simulating {target.name} ({config.kv_dtype}) on "
-        f"{resolved.device.name}; KV cache {full_kv / 1e6:.1f} MB, DRAM budget "
-        f"{capacity / 1e6:.1f} MB ({capacity / full_kv:.1%})"
-    )
-    windows = trace.manifest["model"].get("sliding_window") or []
-    if any(w is not None for w in windows):
-        # Not modelled yet: the accuracy reference and the policies see the whole context.
-        log(
-            f"warning: {trace.model.name} has sliding-window layers; kvsim treats every layer "
-            "as global attention over the whole context"
-        )
-    runs_dir = resolved.output_dir / "runs"  # created by the first completed run
+def remove_stale_temporaries(runs_dir: Path, max_age_s: float = 0.0) -> int:
+    """Delete half-written run directories left by a killed worker; returns how many."""
+    if not runs_dir.exists():
+        return 0
+    removed = 0
+    now = time.time()
+    for tmp in runs_dir.glob(".*.tmp-*"):
+        if now - tmp.stat().st_mtime >= max_age_s:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+# -- the summary table --------------------------------------------------------------------------
+
+
+def read_summary(plan_: Plan) -> pd.DataFrame:
+    """One row per completed run of the plan, in plan order (columns: run_id, run, the sweep
+    axes, trace, device, model, then the metrics of :data:`sim.metrics.records.SUMMARY_COLUMNS`)."""
+    from sim.metrics.records import SUMMARY_COLUMNS
+
     rows = []
-    for run in resolved.runs:
-        pp = run_policy_pass(trace, run.policy, config.seed, progress=progress)
-        layout = run.layout_spec
-        if layout is None:
-            has_groups = any(sel.prefill_groups is not None for sel in pp.selections)
-            layout = {"type": "cluster" if has_groups else "sequence"}
-        setup = SimSetup(
-            device=resolved.device,
-            target=target,
-            kv_dtype=config.kv_dtype,
-            cache_capacity_bytes=capacity,
-            replacement=_as_spec(config.cache.replacement),
-            layout=layout,
-            pipeline=config.pipeline,
-        )
-        sim = simulate(pp, setup, progress=progress)
-        settings = {
-            "experiment": config.name,
-            "run": run.label,
-            "seed": config.seed,
-            "trace": str(trace.path),
-            "policy": run.policy_spec,
-            "layout": layout,
-            "cache": {"replacement": setup.replacement, "capacity_bytes": capacity},
-            "pipeline": config.pipeline.model_dump(),
-            "model": target.__dict__,
-            "kv_dtype": config.kv_dtype,
-            "device": resolved.device.model_dump(),
-        }
-        _write_run(runs_dir / run.label, pp, sim, settings)
-        rows.append(summarize(run.label, pp, sim))
-        log(
-            f"  {run.label}: policy pass {pp.wall_s:.1f} s, simulation {sim.wall_s:.1f} s, "
-            f"recall {rows[-1]['attention_recall_mean']:.3f}, "
-            f"latency {rows[-1]['latency_ms_mean']:.2f} ms/token"
-        )
-    summary = summary_table(rows)
-    tmp = resolved.output_dir / f".summary.csv.tmp-{os.getpid()}"
-    summary.to_csv(tmp, index=False)
-    os.replace(tmp, resolved.output_dir / "summary.csv")
-    _atomic_write_text(
-        resolved.output_dir / "summary.md", summary.to_markdown(index=False, floatfmt=".4g") + "\n"
+    for run in plan_.runs:
+        path = plan_.run_dir(run) / RUN_SUMMARY
+        if path.exists():
+            row = {k: v for k, v in json.loads(path.read_text()).items() if k not in plan_.axes}
+            rows.append({**row, **{key: _cell(value) for key, value in run.point.items()}})
+    leading = list(dict.fromkeys(["run_id", "run", *plan_.axes, "trace", "device", "model"]))
+    columns = leading + [c for c in SUMMARY_COLUMNS if c not in leading]
+    frame = pd.DataFrame(rows)
+    for column in columns:
+        if column not in frame:
+            frame[column] = pd.Series(dtype=float)
+    extra = [c for c in frame.columns if c not in columns]
+    return frame[columns + extra]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_summary(plan_: Plan, summary: pd.DataFrame) -> None:
+    atomic_write_text(plan_.output_dir / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(
+        plan_.output_dir / "summary.md", summary.to_markdown(index=False, floatfmt=".4g") + "\n"
     )
-    return summary
-
-
-def _as_spec(value: str | dict[str, Any]) -> dict[str, Any]:
-    return {"type": value} if isinstance(value, str) else dict(value)

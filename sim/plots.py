@@ -15,8 +15,6 @@ matplotlib.use("Agg")  # no display on phones' simulators' build machines
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sim.errors import KvsimError  # noqa: E402
-
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
 
@@ -95,10 +93,24 @@ def accuracy_vs_latency(summary: pd.DataFrame, stem: Path, title: str = "") -> l
     return save_figure(fig, stem)
 
 
+def _point_label(row: pd.Series, axes: list[str]) -> str:
+    """``budget=0.05, device=ufs31-phone``: each axis by the last part of its dotted key."""
+    return ", ".join(f"{axis.rsplit('.', 1)[-1]}={row[axis]}" for axis in axes)
+
+
 def plot_results(results_dir: Path) -> list[Path]:
-    """Redraw the figures of an experiment's results directory from its summary.csv."""
-    summary_path = results_dir / "summary.csv"
-    if not summary_path.exists():
-        raise KvsimError(f"{results_dir}: no summary.csv (run the experiment first)")
-    summary = pd.read_csv(summary_path)
-    return accuracy_vs_latency(summary, results_dir / "accuracy_vs_latency", results_dir.name)
+    """Redraw an experiment's plots from its results directory: the accuracy-vs-latency
+    overview (unless the experiment says ``plot: false``) and every entry of ``figures:``."""
+    from sim.figures import Results, draw_figures
+
+    results = Results.load(results_dir)
+    written: list[Path] = []
+    if results.experiment.get("plot", True) and not results.summary.empty:
+        summary = results.summary.copy()
+        if results.axes:  # one marker per run and sweep point
+            summary["run"] = [
+                f"{row['run']} ({_point_label(row, results.axes)})" for _, row in summary.iterrows()
+            ]
+        written += accuracy_vs_latency(summary, results.dir / "accuracy_vs_latency", results.name)
+    written += draw_figures(results, results.experiment.get("figures") or [])
+    return written

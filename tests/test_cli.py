@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from sim.cli import main
@@ -122,9 +123,12 @@ def test_run_writes_table_results_and_plot(tmp_path, capsys):
     for name in ("summary.csv", "summary.md", "accuracy_vs_latency.png",
                  "accuracy_vs_latency.pdf"):
         assert (out_dir / name).stat().st_size > 0
-    for run in ("full", "static_clusters"):
-        for name in ("accuracy.parquet", "steps.parquet", "io_sizes.csv", "run.yaml"):
-            assert (out_dir / "runs" / run / name).exists()
+    summary = pd.read_csv(out_dir / "summary.csv")
+    assert list(summary["run"]) == ["full", "static_clusters"]
+    for run_id in summary["run_id"]:
+        for name in ("accuracy.parquet", "steps.parquet", "io_sizes.csv", "run.yaml",
+                     "summary.json"):
+            assert (out_dir / "runs" / run_id / name).exists()
     assert not list(out_dir.rglob("*.tmp-*")), "temporary files left behind"
     assert main(["plot", str(out_dir)]) == 0
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from sim.config import ExperimentConfig
 from sim.engine import SimSetup, run_policy_pass, simulate
-from sim.experiment import execute, resolve
+from sim.experiment import plan
 from sim.hardware import load_device
 from sim.policies import POLICIES
+from sim.runner import execute
 
 from .conftest import FIXTURE_TRACE
 
 
-def _config(tmp_path, name: str) -> ExperimentConfig:
-    return ExperimentConfig.model_validate({
+def _config(tmp_path, name: str):
+    return {
         "name": name,
         "trace": {"path": str(FIXTURE_TRACE)},
         "model": "llama-3.2-1b",
@@ -27,26 +28,30 @@ def _config(tmp_path, name: str) -> ExperimentConfig:
             {"type": "static_clusters", "budget": 64, "tokens_per_cluster": 16},
         ],
         "output": str(tmp_path / name),
-    })
+    }
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     summaries = []
+    plans = []
     for name in ("a", "b"):
-        config = _config(tmp, name)
-        summaries.append(execute(resolve(config, tmp / "exp.yaml"), progress=False,
-                                 log=lambda _m: None))
-    return tmp, summaries
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_config(tmp, name)))
+        plans.append(plan(path))
+        summary, _report = execute(plans[-1], progress=False, log=lambda _m: None)
+        summaries.append(summary)
+    return plans, summaries
 
 
 def test_runs_are_deterministic_for_a_seed(two_runs):
-    tmp, (first, second) = two_runs
+    (plan_a, plan_b), (first, second) = two_runs
     pd.testing.assert_frame_equal(first, second)
-    for run in ("token_topk", "static_clusters"):
-        a = pd.read_parquet(tmp / "a" / "runs" / run / "steps.parquet")
-        b = pd.read_parquet(tmp / "b" / "runs" / run / "steps.parquet")
+    for run_a, run_b in zip(plan_a.runs, plan_b.runs, strict=True):
+        assert run_a.run_id == run_b.run_id  # named by settings, not by experiment
+        a = pd.read_parquet(plan_a.run_dir(run_a) / "steps.parquet")
+        b = pd.read_parquet(plan_b.run_dir(run_b) / "steps.parquet")
         pd.testing.assert_frame_equal(a, b)
 
 

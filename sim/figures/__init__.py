@@ -1,0 +1,11 @@
+"""Paper-style figures and tables drawn from an experiment's results directory.
+
+One module per figure; each registers a :class:`~sim.figures.base.Figure` subclass under the
+name an experiment lists in ``figures:``. Figures read result files only (never the engine), so
+``kvsim plot`` redraws them without rerunning anything. To add one: a module here with a
+``@FIGURES.register("name")`` dataclass implementing ``draw``, imported below.
+"""
+
+from sim.figures.base import FIGURES, Figure, Results, draw_figures
+
+__all__ = ["FIGURES", "Figure", "Results", "draw_figures"]

@@ -1,0 +1,129 @@
+"""The figure interface, the results a figure reads, and the shared style.
+
+Style (every figure): Okabe-Ito colour-blind-safe palette, units on every axis, sized for a
+paper column (3.4 in) or page (7 in) width, vector PDF plus PNG, written atomically into
+``<results>/figures/``. Tables go beside them as CSV and markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+import yaml
+
+from sim.errors import KvsimError
+from sim.registry import Registry
+
+FIGURES: Registry[Figure] = Registry("figure")
+
+COLUMN_IN = 3.4  # one paper column, inches
+PAGE_IN = 7.0
+
+
+@dataclass
+class Results:
+    """An experiment's results directory, as figures read it."""
+
+    dir: Path
+    summary: pd.DataFrame
+    experiment: dict[str, Any]
+
+    @classmethod
+    def load(cls, directory: Path | str) -> Results:
+        directory = Path(directory)
+        summary_path = directory / "summary.csv"
+        if not summary_path.exists():
+            raise KvsimError(f"{directory}: no summary.csv (run the experiment first)")
+        try:
+            summary = pd.read_csv(summary_path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise KvsimError(f"{summary_path}: unreadable ({exc})") from None
+        experiment_path = directory / "experiment.yaml"
+        experiment = {}
+        if experiment_path.exists():
+            experiment = yaml.safe_load(experiment_path.read_text()) or {}
+        return cls(directory, summary, experiment)
+
+    @property
+    def name(self) -> str:
+        return str(self.experiment.get("name", self.dir.name))
+
+    @property
+    def axes(self) -> list[str]:
+        sweep = self.experiment.get("sweep") or {}
+        return list(sweep.get("grid") or {}) + list(sweep.get("zip") or {})
+
+    @cached_property
+    def out_dir(self) -> Path:
+        path = self.dir / "figures"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.dir / "runs" / str(run_id)
+
+    def records(self, run_id: str, name: str) -> pd.DataFrame:
+        """A run's record file: ``steps``, ``accuracy``, ``clusters`` (parquet) or
+        ``io_sizes``, ``run_lengths`` (CSV); an empty frame if the run has none."""
+        base = self.run_dir(run_id)
+        for path, reader in ((base / f"{name}.parquet", pd.read_parquet),
+                             (base / f"{name}.csv", pd.read_csv)):
+            if path.exists():
+                return reader(path)
+        if not base.exists():
+            raise KvsimError(f"{base}: no such run (summary.csv and runs/ disagree)")
+        return pd.DataFrame()
+
+    def settings(self, run_id: str) -> dict[str, Any]:
+        return yaml.safe_load((self.run_dir(run_id) / "run.yaml").read_text())
+
+    def run_summary(self, run_id: str) -> dict[str, Any]:
+        return json.loads((self.run_dir(run_id) / "summary.json").read_text())
+
+
+class Figure(ABC):
+    """A figure (or table) drawn from :class:`Results`. Subclasses are dataclasses whose fields
+    are the figure's options (given in the experiment's ``figures:`` entry)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def draw(self, results: Results) -> list[Path]:
+        """Write the figure's files under ``results.out_dir``; return their paths."""
+
+
+def draw_figures(results: Results, specs: list[str | dict[str, Any]]) -> list[Path]:
+    """Every figure of ``specs`` (entries of an experiment's ``figures:``)."""
+    figures = [FIGURES.create(spec, where=f"figures[{i}]") for i, spec in enumerate(specs)]
+    written: list[Path] = []
+    for figure in figures:
+        written += figure.draw(results)
+    return written
+
+
+def validate_figure_specs(specs: list[str | dict[str, Any]], where: str) -> None:
+    """Fail before any run if a figure name or option is unknown (ConfigError)."""
+    for i, spec in enumerate(specs):
+        FIGURES.create(spec, where=f"{where}: figures[{i}]")
+
+
+def atomic_write_table(frame: pd.DataFrame, stem: Path, floatfmt: str = ".4g") -> list[Path]:
+    """``stem``.csv and ``stem``.md, each written to a temporary file and renamed."""
+    written = []
+    for ext, text in (
+        ("csv", frame.to_csv(index=False)),
+        ("md", frame.to_markdown(index=False, floatfmt=floatfmt) + "\n"),
+    ):
+        path = stem.with_suffix(f".{ext}")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        written.append(path)
+    return written

@@ -1,0 +1,251 @@
+"""Running a plan: traces first, then pass groups on local processes or a Dask cluster.
+
+``execute`` is the whole of ``kvsim run``:
+
+1. obtain every trace the plan needs (capturing missing ones, one at a time) -- so a trace
+   that cannot be captured stops the experiment before any run starts;
+2. skip runs whose result directory is complete (unless ``force``);
+3. send each pass group (runs sharing a policy pass, see :mod:`sim.experiment`) to a worker:
+   in-process when there is one worker or one group, else a local process pool, or a Dask
+   cluster when a scheduler address is given; workers write each run as it completes;
+4. show progress (runs done, estimated time left) by watching result directories appear;
+5. write the summary of every completed run of the plan.
+
+An interrupted sweep (Ctrl-C, a crash, a lost worker) keeps every completed run; running the
+same command again does only what is missing. A failing pass group is reported in one line and
+the others go on; ``KVSIM_DEBUG=1`` re-raises it with its traceback instead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from sim.errors import KvsimError
+from sim.experiment import (
+    RUN_SUMMARY,
+    PassGroup,
+    Plan,
+    atomic_write_text,
+    read_summary,
+    remove_stale_temporaries,
+    run_group,
+    write_summary,
+)
+
+POLL_S = 0.5
+
+
+@dataclass
+class Report:
+    """What a run of the plan did: counts, times and the policy-pass reuse it gained."""
+
+    planned: int = 0
+    skipped: int = 0
+    completed: int = 0
+    failed: list[str] = field(default_factory=list)
+    passes: int = 0
+    pass_s: float = 0.0
+    reuse_saved_s: float = 0.0  # pass time not spent thanks to reuse
+    wall_s: float = 0.0
+    workers: int = 1
+    backend: str = "local"
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{self.completed} of {self.planned} runs done in {self.wall_s:.1f} s "
+            f"({self.skipped} already complete) on {self.workers} {self.backend} worker(s)"
+        ]
+        if self.passes:
+            out.append(
+                f"policy passes: {self.passes} computed ({self.pass_s:.1f} s) for "
+                f"{self.completed} runs; reuse saved ~{self.reuse_saved_s:.1f} s"
+            )
+        return out
+
+
+def obtain_traces(plan: Plan, progress: bool, log: Callable[[str], None]) -> dict[str, str]:
+    """Trace key -> trace directory for every trace of the plan (captured when missing)."""
+    from sim.paths import TRACE_CACHE_DIR
+    from sim.trace.capture import CaptureSettings, get_or_capture
+
+    paths = {}
+    for key, source in plan.traces.items():
+        if source.path is not None:
+            paths[key] = source.path
+            continue
+        settings = CaptureSettings(**source.capture)
+        cached = (TRACE_CACHE_DIR / settings.key()).exists()
+        if not cached:
+            log(f"capturing trace {source.name} (cached afterwards under {TRACE_CACHE_DIR})")
+        paths[key] = str(get_or_capture(settings, TRACE_CACHE_DIR, progress=progress))
+    return paths
+
+
+def _ignore_sigint() -> None:
+    # workers leave Ctrl-C to the coordinator, which stops them
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _make_executor(workers: int, scheduler: str | None):
+    if scheduler:
+        try:
+            from dask.distributed import Client
+        except ImportError:
+            raise KvsimError(
+                "--scheduler needs Dask: pip install -e '.[dask]'"
+            ) from None
+        try:
+            client = Client(scheduler, timeout="5s")
+        except (OSError, TimeoutError) as exc:
+            raise KvsimError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        n = max(1, len(client.scheduler_info().get("workers", {})))
+        return client.get_executor(pure=False), client, n
+    pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    return pool, None, workers
+
+
+def execute(
+    plan: Plan,
+    *,
+    jobs: int | None = None,
+    scheduler: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> tuple[pd.DataFrame, Report]:
+    """Run what the plan still needs; returns the summary of all its completed runs."""
+    started = time.perf_counter()
+    runs = plan.unique_runs()
+    report = Report(planned=len(runs))
+    traces = obtain_traces(plan, progress, log)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(plan.output_dir / "experiment.yaml", plan.source.read_text())
+    remove_stale_temporaries(plan.runs_dir)
+    pending = [run for run in runs if force or not plan.is_complete(run)]
+    report.skipped = len(runs) - len(pending)
+    groups = plan.groups(pending)
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    workers = 1 if scheduler is None and (jobs == 1 or len(groups) <= 1) else jobs
+    report.workers, report.backend = workers, "dask" if scheduler else "local"
+    log(
+        f"{plan.config.name}: {len(runs)} runs in {len(plan.groups(runs))} policy "
+        f"passes over {len(plan.traces)} trace(s); {report.skipped} complete, "
+        f"{len(pending)} to run"
+    )
+    if pending:
+        _run_groups(plan, groups, traces, workers, scheduler, progress, report)
+    report.wall_s = time.perf_counter() - started
+    summary = read_summary(plan)
+    write_summary(plan, summary)
+    for line in report.lines():
+        log(line)
+    if report.failed:
+        raise KvsimError(
+            f"{len(report.failed)} pass group(s) failed ({report.failed[0]}); completed runs are "
+            "saved, run the same command again to retry the rest"
+        )
+    return summary, report
+
+
+def _run_groups(
+    plan: Plan,
+    groups: list[PassGroup],
+    traces: dict[str, str],
+    workers: int,
+    scheduler: str | None,
+    progress: bool,
+    report: Report,
+) -> None:
+    total = sum(len(group.runs) for group in groups)
+    bar = tqdm(total=total, unit="run", desc=plan.config.name, disable=not progress,
+               dynamic_ncols=True)
+    # Pass threads per worker: the cores divided among the workers (results do not depend on it).
+    threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def account(group: PassGroup, result: dict[str, Any]) -> None:
+        report.passes += 1
+        report.pass_s += result["pass_s"]
+        report.reuse_saved_s += result["pass_s"] * (len(result["rows"]) - 1)
+        report.completed += len(result["rows"])
+
+    def args(group: PassGroup) -> tuple:
+        runs_dir = str(plan.runs_dir)
+        return group.runs, traces[group.runs[0].trace.key], runs_dir, threads
+
+    def failed(group: PassGroup, exc: BaseException) -> None:
+        if os.environ.get("KVSIM_DEBUG"):
+            raise exc
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        report.failed.append(f"{group.runs[0].label}: {message}")
+
+    if workers == 1 and scheduler is None:
+        for group in groups:
+            try:
+                account(group, run_group(*args(group)))
+            except Exception as exc:  # the group's completed runs are already saved
+                failed(group, exc)
+            bar.update(len(group.runs))
+        bar.close()
+        return
+
+    started = time.time()
+    executor, client, n_workers = _make_executor(workers, scheduler)
+    report.workers = n_workers
+    futures = {executor.submit(run_group, *args(group)): group for group in groups}
+    done_ids: set[str] = set()
+    try:
+        not_done = set(futures)
+        while not_done:
+            finished, not_done = cf.wait(not_done, timeout=POLL_S,
+                                         return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                group = futures[future]
+                try:
+                    account(group, future.result())
+                except Exception as exc:  # a worker died or a run raised
+                    failed(group, exc)
+            # progress from the run directories workers have finished so far
+            now_done = {
+                run.run_id for group in groups for run in group.runs
+                if run.run_id not in done_ids and _written_since(plan, run, started)
+            }
+            done_ids |= now_done
+            bar.update(len(now_done))
+    except KeyboardInterrupt:
+        _stop(executor, client)
+        bar.close()
+        raise
+    bar.close()
+    if client is not None:
+        client.close()
+    else:
+        executor.shutdown(wait=True)
+
+
+def _written_since(plan: Plan, run: Any, since: float) -> bool:
+    path = plan.run_dir(run) / RUN_SUMMARY
+    try:
+        return path.stat().st_mtime >= since - 1.0
+    except FileNotFoundError:
+        return False
+
+
+def _stop(executor: Any, client: Any) -> None:
+    """Stop every worker now; their half-written run directories are temporaries."""
+    if client is not None:
+        client.close()
+        return
+    processes = list(getattr(executor, "_processes", {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
