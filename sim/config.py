@@ -12,12 +12,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.errors import ConfigError
 from sim.kv.geometry import KV_DTYPE_BYTES, ModelGeometry
 from sim.paths import CONFIGS_DIR
-from sim.validation import pydantic_error_line, read_yaml
+from sim.validation import read_yaml
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -131,6 +131,31 @@ class PipelineSpec(BaseModel):
     swap_layers: bool = False
 
 
+class RecordSpec(BaseModel):
+    """Extra per-run records some figures need (all off by default; device-independent).
+
+    ``cluster_layer`` / ``cluster_kv_head``: for policies with groups, save that head's cluster
+    labels at each of ``cluster_steps`` (decode steps; -1 = right after prefill) as
+    ``cluster_labels.parquet`` (Fig. 4), and its co-retrieval matrix, if the policy measured
+    one, as ``coretrieval.npy`` (Fig. 7).
+    ``update_horizon``: if > 0, ``update_retrieval.csv`` holds, over every layer and head, the
+    probability that a just-updated cluster is retrieved within t = 1..horizon steps (Table 2).
+    """
+
+    model_config = _STRICT
+    cluster_layer: int | None = Field(None, ge=0)
+    cluster_kv_head: int = Field(0, ge=0)
+    cluster_steps: list[int] = Field(default_factory=list)
+    update_horizon: int = Field(0, ge=0, le=64)
+
+    @field_validator("cluster_steps")
+    @classmethod
+    def _steps_valid(cls, value: list[int]) -> list[int]:
+        if any(step < -1 for step in value):
+            raise ValueError("steps must be >= -1 (-1: right after prefill)")
+        return value
+
+
 class SweepSpec(BaseModel):
     """Axes over config keys by dotted path (see :mod:`sim.sweep`): ``grid`` axes combine as a
     product, ``zip`` axes (equal lengths) advance together."""
@@ -156,6 +181,7 @@ class ExperimentConfig(BaseModel):
     cache: CacheSpec = CacheSpec()
     pipeline: PipelineSpec = PipelineSpec()
     policies: list[dict[str, Any]] = Field(min_length=1)
+    record: RecordSpec = RecordSpec()
     sweep: SweepSpec | None = None
     output: str | None = None
     plot: bool = True

@@ -94,6 +94,7 @@ class RunPlan:
     pipeline: dict[str, Any]
     seed: int
     experiment: str
+    record: dict[str, Any] = field(default_factory=dict)  # extra records (RecordSpec)
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the run's results (what ``run_id`` hashes)."""
@@ -107,6 +108,7 @@ class RunPlan:
             "cache": self.cache,
             "pipeline": self.pipeline,
             "seed": self.seed,
+            **({"record": self.record} if self.record else {}),
         }
 
 
@@ -294,6 +296,7 @@ def _plan_point(
             pipeline=config.pipeline.model_dump(),
             seed=config.seed,
             experiment=config.name,
+            record=config.record.model_dump(exclude_defaults=True),
         )
         run.run_id = digest(run.identity())
         runs.append(run)
@@ -345,6 +348,7 @@ def run_group(
     trace = open_trace(trace_path)
     policy = POLICIES.create(first.policy, where=f"run {first.label}")
     pp = run_policy_pass(trace, policy, first.seed, progress=False, workers=threads)
+    extra = extra_records(pp, first.record, trace.model.n_layers)
     sim_s, rows = [], []
     for run in runs:
         target = ModelGeometry(**run.model) if run.model else trace.model
@@ -394,7 +398,7 @@ def run_group(
             "device": run.device,
             "timing_s": {"policy_pass": round(pp.wall_s, 3), "simulate": round(sim.wall_s, 3)},
         }
-        write_run(Path(runs_dir) / run.run_id, pp, sim, settings, row)
+        write_run(Path(runs_dir) / run.run_id, pp, sim, settings, row, extra)
         sim_s.append(sim.wall_s)
         rows.append(row)
     return {"pass_s": pp.wall_s, "sim_s": sim_s, "rows": rows}
@@ -419,14 +423,74 @@ def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def extra_records(pp: Any, record: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """The optional records of :class:`sim.config.RecordSpec` (file name -> frame or array)."""
+    import numpy as np
+
+    from sim.config import RecordSpec
+    from sim.metrics.clusters import labels_after, update_retrieval
+
+    spec = RecordSpec(**record)
+    out: dict[str, Any] = {}
+    layer = spec.cluster_layer
+    if layer is not None:
+        if layer >= n_layers:
+            raise KvsimError(f"record.cluster_layer: {layer} >= the trace's {n_layers} layers")
+        selection = pp.selections[layer]
+        head = spec.cluster_kv_head
+        if selection.prefill_groups is not None and spec.cluster_steps:
+            if head >= len(selection.prefill_groups):
+                raise KvsimError(f"record.cluster_kv_head: {head} >= the trace's KV heads")
+            frames = []
+            for step in spec.cluster_steps:
+                step = min(step, pp.decode_steps - 1)
+                labels = labels_after(pp.prompt_len, selection, head, step)
+                frames.append(pd.DataFrame({
+                    "step": np.full(len(labels), step, dtype=np.int32),
+                    "position": np.arange(len(labels), dtype=np.int32),
+                    "group": labels.astype(np.int32),
+                }))
+            out["cluster_labels.parquet"] = pd.concat(frames, ignore_index=True)
+        if selection.coretrieval is not None and head < len(selection.coretrieval):
+            out["coretrieval.npy"] = np.asarray(selection.coretrieval[head])
+    if spec.update_horizon:
+        recent = int(getattr(pp.policy, "recent_tokens", 0) or 0)
+        total = None
+        for selection in pp.selections:
+            counts = update_retrieval(pp.prompt_len, selection, spec.update_horizon, recent)
+            if counts is not None:
+                total = counts if total is None else total + counts
+        if total is not None:
+            out["update_retrieval.csv"] = pd.DataFrame({
+                "within_steps": np.arange(1, spec.update_horizon + 1),
+                "probability": total[1:] / max(int(total[0]), 1),
+                "updates": int(total[0]),
+            })
+    return out
+
+
 def write_run(
-    run_dir: Path, pp: Any, sim: Any, settings: dict[str, Any], row: dict[str, Any]
+    run_dir: Path,
+    pp: Any,
+    sim: Any,
+    settings: dict[str, Any],
+    row: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """All files of one run, or none: written to a temporary sibling, then renamed."""
+    import numpy as np
+
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        for name, data in (extra or {}).items():
+            if name.endswith(".parquet"):
+                data.to_parquet(tmp / name, index=False)
+            elif name.endswith(".csv"):
+                data.to_csv(tmp / name, index=False)
+            else:
+                np.save(tmp / name, data)
         pp.accuracy.to_parquet(tmp / "accuracy.parquet", index=False)
         if not pp.clusters.empty:
             pp.clusters.to_parquet(tmp / "clusters.parquet", index=False)

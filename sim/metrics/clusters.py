@@ -72,3 +72,70 @@ def _head_variance(keys, prompt_len, prefill_groups, append_groups, relabels):
         variance[step] = np.maximum(mean_sq - centre_sq, 0.0).mean()
         n_groups[step] = int(live.sum())
     return variance, n_groups
+
+
+def labels_after(
+    prompt_len: int, selection: LayerSelection, head: int, step: int
+) -> np.ndarray:
+    """Group of every position ``[0, prompt_len + step]`` of KV ``head`` after decode ``step``
+    (its token placed, its relabels applied); ``step = -1``: after prefill. ``-1`` marks
+    positions in no group (sinks)."""
+    labels = np.asarray(selection.prefill_groups[head], dtype=np.int64)
+    if step >= 0:
+        labels = np.concatenate([labels, selection.append_groups[head][: step + 1]])
+    relabels = selection.relabels[head] if selection.relabels is not None else []
+    for event in relabels:
+        if event.step > step:
+            break
+        labels[np.asarray(event.positions)] = event.group
+    return labels
+
+
+def update_retrieval(
+    prompt_len: int, selection: LayerSelection, horizon: int, recent_tokens: int = 0
+) -> np.ndarray | None:
+    """DynaKV Table 2: how soon a just-updated cluster is retrieved.
+
+    A cluster is *updated* at step ``s`` when the step's token joins it or a split at ``s``
+    moves entries into or out of it. It is *retrieved* at step ``s'`` when the selection of
+    ``s'`` contains one of its entries older than the recent window (``recent_tokens``; the
+    window is kept whatever the scores, so it says nothing about retrieval). Returns, per KV
+    head, counts ``(horizon + 1,)``: ``[0]`` updates observed (those with ``horizon`` steps
+    left), ``[t]`` those retrieved within ``t`` steps -- summed over heads. ``None`` without
+    groups.
+    """
+    if selection.prefill_groups is None or selection.append_groups is None or not horizon:
+        return None
+    n_heads, steps = selection.append_groups.shape
+    counts = np.zeros(horizon + 1, dtype=np.int64)
+    for head in range(n_heads):
+        labels = np.concatenate(
+            [selection.prefill_groups[head], selection.append_groups[head]]
+        ).astype(np.int64)
+        relabels = selection.relabels[head] if selection.relabels is not None else []
+        by_step: dict[int, list] = {}
+        for event in relabels:
+            by_step.setdefault(event.step, []).append(event)
+        updated: list[set[int]] = []
+        retrieved: list[set[int]] = []
+        for step in range(steps):
+            # selection of this step: made with the labels as of the previous step
+            context = prompt_len + step
+            positions = np.asarray(selection.heads[head].at(step))
+            positions = positions[positions < context + 1 - recent_tokens]
+            groups = labels[positions]
+            retrieved.append(set(np.unique(groups[groups >= 0]).tolist()))
+            changed = {int(labels[context])}
+            for event in by_step.get(step, ()):
+                moved = np.asarray(event.positions)
+                changed |= set(np.unique(labels[moved]).tolist()) | {int(event.group)}
+                labels[moved] = event.group
+            updated.append({g for g in changed if g >= 0})
+        for step in range(steps - horizon):
+            for group in updated[step]:
+                counts[0] += 1
+                for t in range(1, horizon + 1):
+                    if group in retrieved[step + t]:
+                        counts[t:] += 1
+                        break
+    return counts
