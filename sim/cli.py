@@ -25,24 +25,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sim.metrics.records import format_table
     from sim.runner import execute
 
-    planned = plan(args.config, output=args.output)  # every point validated before any work
     if args.jobs is not None and args.jobs < 1:
         raise KvsimError(f"--jobs must be >= 1, got {args.jobs}")
-    summary, _report = execute(
-        planned,
-        jobs=args.jobs,
-        scheduler=args.scheduler,
-        force=args.force,
-        progress=not args.quiet,
-    )
-    print(format_table(summary, planned.axes))
-    print(f"\nresults: {planned.output_dir}/summary.csv")
-    if not args.no_plot:
-        from sim.plots import plot_results
+    if args.output and len(args.config) > 1:
+        raise KvsimError("--output takes one experiment; each of several uses its own")
+    # every experiment and every point of its sweep is validated before any work starts
+    plans = [plan(path, output=args.output) for path in args.config]
+    for planned in plans:
+        summary, _report = execute(
+            planned,
+            jobs=args.jobs,
+            scheduler=args.scheduler,
+            force=args.force,
+            progress=not args.quiet,
+        )
+        print(format_table(summary, planned.axes))
+        print(f"\nresults: {planned.output_dir}/summary.csv")
+        if not args.no_plot:
+            from sim.plots import plot_results
 
-        paths = plot_results(planned.output_dir)
-        if paths:
-            print("plots: " + ", ".join(str(p) for p in paths))
+            paths = plot_results(planned.output_dir)
+            if paths:
+                print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run an experiment YAML (and its sweep); print and save its results"
     )
-    run.add_argument("config", help="experiment YAML (see experiments/)")
+    run.add_argument("config", nargs="+", help="experiment YAML(s) (see experiments/)")
     run.add_argument("--output", help="results directory (default: the config's, or results/NAME)")
     run.add_argument("--no-plot", action="store_true", help="skip the plots")
     run.add_argument(

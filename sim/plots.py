@@ -19,7 +19,8 @@ OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
 
 
-def _style() -> None:
+def apply_style() -> None:
+    """The shared rcParams: small fonts for a paper column, no top/right spines."""
     plt.rcParams.update(
         {
             "figure.dpi": 150,
@@ -51,7 +52,7 @@ def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
 def accuracy_vs_latency(summary: pd.DataFrame, stem: Path, title: str = "") -> list[Path]:
     """Left: mean attention recall against mean per-token latency, one marker per run (bars:
     p50-p99 latency). Right: the per-token latency breakdown of each run."""
-    _style()
+    apply_style()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.0, 2.6), gridspec_kw={"width_ratios": [1.1, 1]})
     for i, row in enumerate(summary.itertuples(index=False)):
         colour, marker = OKABE_ITO[i % len(OKABE_ITO)], MARKERS[i % len(MARKERS)]
