@@ -244,6 +244,8 @@ def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
         settings.validate()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: trace.capture: {exc}") from None
+    if settings.text.startswith("file:") and not Path(settings.text[5:]).expanduser().is_file():
+        raise ConfigError(f"{where}: trace.capture.text: no file at {settings.text[5:]}")
     name = f"{settings.model}/{settings.text}/{settings.prompt_len}+{settings.decode_steps}"
     return TraceSource(
         key=settings.key(), name=name, capture=asdict(settings), prompt_len=settings.prompt_len

@@ -115,6 +115,9 @@ def test_run_ids_hash_settings_not_names(tmp_path):
         ({"grid": {"seed": [0, 0]}}, "listed twice"),
         ({"zip": {"seed": [0, 0], "kv_dtype": ["fp16", "fp16"]}}, "listed twice"),
         ({"grod": {"seed": [0]}}, "grod"),
+        ({"grid": {"trace": [{"capture": {"text": "file:/nonexistent.txt"}}]}},
+         "nonexistent.txt"),
+        ({"grid": {"trace.capture.model": ["no-such-model"]}}, "no-such-model"),
     ],
 )
 def test_bad_sweeps_fail_before_any_run_with_one_line(tmp_path, capsys, sweep, fragment):
