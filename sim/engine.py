@@ -23,6 +23,17 @@ Two passes keep accuracy and latency apart (see ARCHITECTURE.md, "the one idea")
 
 What is simulated at prefill: nothing is timed. The prompt's K/V are on flash, laid out by the
 layout; the DRAM cache starts empty (cold).
+
+Sliding-window layers (Gemma 3's local layers; the trace manifest's ``model.sliding_window``
+lists a window per layer, ``null`` for a global one): their attention is the model's own, not a
+retrieval decision. The policy pass never asks the policy about them: their selection is
+:meth:`LayerSelection.sliding_window` (the last ``w`` positions, current token included) and
+the accuracy reference is windowed attention, so they score recall 1. In the replay such a
+layer attends ``min(w, P + s + 1)`` entries per KV head from DRAM (a ring buffer of ``w``
+entries per KV head, counted in ``dram_bytes``): no index, no cache, no flash reads or writes,
+nothing to swap. A simulated layer inherits the window of the trace layer it replays
+(:func:`sim.kv.geometry.trace_layer_map`), so a Gemma trace driving a deeper target model keeps
+its local/global pattern spread over the target's depth.
 """
 
 from __future__ import annotations
@@ -81,6 +92,28 @@ class PolicyPass:
     clusters: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
+def sliding_windows(trace: Trace) -> list[int | None]:
+    """Each trace layer's sliding window from the manifest (``None``: global attention).
+
+    Raises KvsimError if ``model.sliding_window`` is present but not one integer >= 1 or
+    ``null`` per layer.
+    """
+    n_layers = trace.model.n_layers
+    windows = trace.manifest["model"].get("sliding_window")
+    if windows is None:
+        return [None] * n_layers
+
+    def valid(w: object) -> bool:
+        return w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)
+
+    if not isinstance(windows, list) or len(windows) != n_layers or not all(map(valid, windows)):
+        raise KvsimError(
+            f"trace {trace.path.name}: model.sliding_window must list {n_layers} windows (an "
+            f"integer >= 1, or null for a global layer), got {windows!r}"
+        )
+    return list(windows)
+
+
 def _layer_pass(
     trace: Trace, policy: RetrievalPolicy, seed: int, layer: int
 ) -> tuple[LayerSelection, pd.DataFrame, pd.DataFrame | None]:
@@ -98,11 +131,17 @@ def _layer_pass(
         stored_queries=trace.queries(layer),
         query_start=trace.query_start,
     )
-    try:
-        selection = policy.select_layer(ctx)
-    except ValueError as exc:  # the policy's settings do not fit this trace
-        raise KvsimError(f"policy {policy.name!r} on trace layer {layer}: {exc}") from None
-    scores = layer_accuracy(queries, keys, trace.values(layer), trace.prompt_len, selection)
+    window = sliding_windows(trace)[layer]
+    if window is not None:  # the model's own local attention: no retrieval to decide
+        selection = LayerSelection.sliding_window(ctx, window)
+    else:
+        try:
+            selection = policy.select_layer(ctx)
+        except ValueError as exc:  # the policy's settings do not fit this trace
+            raise KvsimError(f"policy {policy.name!r} on trace layer {layer}: {exc}") from None
+    scores = layer_accuracy(
+        queries, keys, trace.values(layer), trace.prompt_len, selection, window=window
+    )
     n_q, steps = queries.shape[0], queries.shape[1]
     frame = pd.DataFrame(
         {
@@ -256,7 +295,6 @@ class _Replay:
             target.n_q_heads + 2 * target.n_kv_heads
         )
         self.compute, self.dram = compute, dram
-        self.full = [sel.is_full for sel in pp.selections]
         capacity_entries = setup.cache_capacity_bytes // (self.entry_bytes * self.n_layers)
         self.caches: list[LayerCache | None] = []
         self.layouts: list[list[FlashLayout]] = []
@@ -268,7 +306,7 @@ class _Replay:
                 layout_spec[name] = value
         for layer in range(self.n_layers):
             selection = pp.selections[self.layer_map[layer]]
-            if selection.is_full:
+            if selection.is_resident:  # full attention or a sliding window: all in DRAM
                 self.caches.append(None)
                 self.layouts.append([])
                 continue
@@ -486,8 +524,15 @@ class _Replay:
         rec[self.col["write_commands"]] += len(command_bytes)
         self.flash.write(command_bytes)
 
+    def _resident_entries(self, selection: LayerSelection, step: int) -> int:
+        """Entries per KV head a cacheless layer holds and attends at ``step``: the whole
+        context with the current token, or at most its sliding window."""
+        context = self.pp.prompt_len + step + 1
+        return context if selection.window is None else min(selection.window, context)
+
     def _dram_bytes(self, step: int) -> float:
-        """Resident KV (cache, or everything for full attention) plus every policy index.
+        """Resident KV (cache, or everything for full attention, or a sliding window) plus
+        every policy index.
 
         With ``swap_layers`` the caches count as the step's largest pair of resident images
         (the running layer's, at its end, plus the one being swapped in for the next layer)
@@ -501,7 +546,8 @@ class _Replay:
             index_bytes.append(vectors * self.vector_bytes)
             cache = self.caches[layer]
             if cache is None:
-                total += (self.pp.prompt_len + step + 1) * self.n_heads * self.entry_bytes
+                resident = self._resident_entries(selection, step)
+                total += resident * self.n_heads * self.entry_bytes
             else:
                 buffered = sum(layout.buffered_entries for layout in self.layouts[layer])
                 resident = 0 if self.swap else cache.resident_entries
@@ -517,7 +563,7 @@ class _Replay:
     def _layer(self, step: int, layer: int, rec: np.ndarray):
         env, col = self.env, self.col
         selection = self.pp.selections[self.layer_map[layer]]
-        full = selection.is_full
+        full = selection.is_resident  # no cache, no reads: full attention or a window
         head_dim, group = self.setup.target.head_dim, self.setup.target.group_size
         pipeline = self.setup.pipeline
         prefetch = not full and not self.pp.policy.selection_needs_query
@@ -562,7 +608,7 @@ class _Replay:
             rec[col["dense_us"]] += self.dense_pre_us - first_us
 
         if full:
-            attended = (self.pp.prompt_len + step + 1) * self.n_heads
+            attended = self._resident_entries(selection, step) * self.n_heads
         else:
             if not prefetch and not split:
                 reads, attended = self._lookup(step, layer, rec)

@@ -17,6 +17,11 @@ Definitions (DESIGN.md section 6), for query head ``q`` at decode step ``s`` wit
   to selected + current, renormalised;
 * ``n_selected``: ``k`` (the full context for full attention).
 
+Sliding-window layers (``window=w``, Gemma 3's local layers): the exact reference is the
+model's own windowed attention, step ``s`` seeing only ``(P + s - w, P + s]`` (the convention
+of :meth:`sim.policies.base.LayerSelection.sliding_window`); mass, top-k and output are all
+measured against it, so the window itself scores recall 1 and error 0.
+
 Weights below ``e^-80`` of a row's maximum are floored there (no float32 subnormals, which slow
 the matmuls ~50x); the top-k is ranked by logit, which orders exactly like the probability.
 """
@@ -37,13 +42,15 @@ def layer_accuracy(
     prompt_len: int,
     selection: LayerSelection,
     chunk_steps: int = 32,
+    window: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Accuracy metrics of one layer's selection, each an array of shape (H_q, S).
 
     ``queries``: (H_q, S, d); ``keys``/``values``: (H_kv, P + S, d), any float dtype (float16
     memmaps are converted once to float32). ``selection.heads`` must hold one
     :class:`HeadSelections` per KV head with S steps; raises ValueError if a step's positions are
-    not sorted, unique and inside ``[0, P + s)``.
+    not sorted, unique and inside ``[0, P + s)``. ``window``: the layer's sliding window (the
+    reference is then windowed attention), ``None`` for a global layer.
     """
     n_q, n_steps, head_dim = queries.shape
     n_kv = keys.shape[0]
@@ -85,7 +92,7 @@ def layer_accuracy(
         stop = min(n_steps, start + chunk_steps)
         steps, width = stop - start, prompt_len + stop
         w, norm, logits = decode_attention_weights(
-            queries, k32, prompt_len, start, stop, out=buf_w, logits_out=buf_l
+            queries, k32, prompt_len, start, stop, out=buf_w, logits_out=buf_l, window=window
         )
         flat_rows, flat_pos = [], []  # per head: chunk row and position of every entry
         for h, sel in enumerate(heads):
@@ -130,6 +137,37 @@ def layer_accuracy(
         "output_rel_error": per_query_head(error),
         "n_selected": np.repeat(counts, group, axis=0).astype(np.int64),
     }
+
+
+def reference_output(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    prompt_len: int,
+    window: int | None = None,
+    chunk_steps: int = 32,
+) -> np.ndarray:
+    """The exact attention output the metrics compare against, (H_q, S, d) float32.
+
+    Softmax of ``q . k / sqrt(d)`` over ``[0, P + s]`` (the step's own key included), or over
+    ``(P + s - window, P + s]`` for a sliding-window layer; the same weights ``layer_accuracy``
+    uses (floored at ``e^-80`` of the row maximum).
+    """
+    n_q, n_steps, head_dim = queries.shape
+    _check_shapes(queries, keys, values, prompt_len)
+    n_kv = keys.shape[0]
+    k32 = np.asarray(keys, dtype=np.float32)
+    v32 = np.asarray(values, dtype=np.float32)
+    out = np.empty((n_q, n_steps, head_dim), np.float32)
+    for start in range(0, n_steps, chunk_steps):
+        stop = min(n_steps, start + chunk_steps)
+        w, norm, _ = decode_attention_weights(queries, k32, prompt_len, start, stop,
+                                              window=window)
+        flat = w.reshape(n_kv, -1, prompt_len + stop)
+        o = np.matmul(flat, v32[:, : prompt_len + stop]).reshape(*w.shape[:3], head_dim)
+        o /= norm[..., None]
+        out[:, start:stop] = o.reshape(n_q, stop - start, head_dim)
+    return out
 
 
 def _topk_recall(

@@ -131,6 +131,9 @@ class LayerSelection:
     ``coretrieval[h]``: (n_groups, n_groups) counts of how often two prefill groups were
     retrieved together, measured before decoding (for layouts that co-locate them, DynaKV
     Fig. 7); ``None`` if the policy does not measure it.
+    ``window``: set (to ``w``) only for a sliding-window layer of the model itself (Gemma 3's
+    local layers, see :meth:`sliding_window`): ``heads`` then lists the window, which stays in
+    DRAM (no cache, no flash); ``None`` for every policy-made selection.
     """
 
     heads: list[HeadSelections] | None
@@ -140,15 +143,47 @@ class LayerSelection:
     relabels: list[list[Relabel]] | None = None
     extra_reads: list[HeadSelections] | None = None
     coretrieval: list[np.ndarray] | None = None
+    window: int | None = None
 
     @property
     def is_full(self) -> bool:
         return self.heads is None
 
+    @property
+    def is_resident(self) -> bool:
+        """Attended wholly from DRAM, nothing cached or read: full attention or a window."""
+        return self.heads is None or self.window is not None
+
     @classmethod
     def full(cls, ctx: LayerContext) -> LayerSelection:
         """Every stored position, no index, no groups (the reference, or a dense layer)."""
         return cls(heads=None, index_vectors=np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64))
+
+    @classmethod
+    def sliding_window(cls, ctx: LayerContext, window: int) -> LayerSelection:
+        """A sliding-window layer of ``window`` positions, as the model attends it.
+
+        The convention is transformers' (``sliding_window_overlay``: key ``j`` is visible to
+        query ``i`` iff ``j > i - window``, on top of the causal ``j <= i``): the query at
+        position ``t = P + s`` attends ``(t - window, t]``, its own key included, i.e. the
+        stored positions ``[max(0, t - window + 1), t)`` (``min(window - 1, t)`` of them) plus
+        the current token. Every KV head lists the same window; no index, no groups.
+        """
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"a sliding window must be an integer >= 1, got {window!r}")
+        ends = ctx.prompt_len + np.arange(ctx.decode_steps, dtype=np.int64)  # t = P + s
+        starts = np.maximum(0, ends - window + 1)
+        offsets = np.zeros(ctx.decode_steps + 1, dtype=np.int64)
+        np.cumsum(ends - starts, out=offsets[1:])
+        # position of every entry: its step's window start plus its rank inside the window
+        step_of = np.repeat(np.arange(ctx.decode_steps), ends - starts)
+        positions = (starts[step_of] + np.arange(offsets[-1]) - offsets[step_of]).astype(np.int32)
+        heads = HeadSelections(positions, offsets)
+        return cls(
+            heads=[heads] * ctx.n_kv_heads,
+            index_vectors=np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64),
+            window=window,
+        )
 
 
 def tokens_for_budget(budget: float, context_len: int) -> int:
@@ -200,6 +235,7 @@ def decode_attention_weights(
     stop: int,
     out: np.ndarray | None = None,
     logits_out: np.ndarray | None = None,
+    window: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Unnormalised exact softmax weights of decode steps ``[start, stop)``, all heads at once.
 
@@ -214,6 +250,9 @@ def decode_attention_weights(
     kept there, same shape, unclamped (so ranking by them has no ties from the floor).
     ``out`` / ``logits_out``: optional float32 buffers of at least ``H_kv * G * C * (P + stop)``
     elements, reused across chunks to save page faults.
+    ``window``: a sliding-window layer's reference (see :meth:`LayerSelection.sliding_window`):
+    step ``s`` sees only ``(P + s - window, P + s]``; earlier positions are treated like the
+    future ones (logit -inf, weight exactly 0).
     """
     n_q, _, head_dim = queries.shape
     n_kv = keys.shape[0]
@@ -238,6 +277,12 @@ def decode_attention_weights(
     future = (slice(None), slice(None), rows, prompt_len + start + cols)
     logits4 = logits.reshape(n_kv, group, steps, width)
     logits4[future] = -np.inf
+    expired = None
+    if window is not None:
+        # (steps, width): position j is out of step r's window iff j <= P + start + r - window
+        current = prompt_len + start + np.arange(steps)
+        expired = np.arange(width)[None, :] <= (current - window)[:, None]
+        logits4[:, :, expired] = -np.inf
     logits -= logits.max(axis=-1, keepdims=True)
     # Floor at e^-80 so exp never yields float32 subnormals: such a weight is noise next to the
     # row max's 1, but subnormals make the later matmuls ~50x slower on x86.
@@ -245,6 +290,8 @@ def decode_attention_weights(
     np.exp(w, out=w)
     w4 = w.reshape(n_kv, group, steps, width)
     w4[future] = 0.0
+    if expired is not None:
+        w4[:, :, expired] = 0.0
     return w4, w4.sum(axis=-1), (None if logits_out is None else logits4)
 
 
