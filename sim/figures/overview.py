@@ -1,13 +1,15 @@
 """DynaKV Fig. 10: normalised accuracy, per-token latency and effective bandwidth of every
 policy, grouped by trace (model x text), with the average over traces.
 
-Normalised accuracy = the run's attention recall (option ``accuracy``) / the baseline's on
-the same trace (option ``baseline``, default ``token_topk``: the no-cluster, token-level top-k
-upper bound), which must use the same budget. ``points`` picks the sweep point each run is
-shown at (``{default: {cache.replacement: lru}, dynakv: {cache.replacement: cluster_aligned}}``)
-when the experiment runs every policy at several; ``runs`` orders or restricts the bars.
-Writes ``fig10_overview.{pdf,png}`` and the numbers as ``fig10_overview.{csv,md}`` (one row
-per run and trace, then one ``average`` row per run).
+Normalised accuracy = the run's attention recall (option ``accuracy``; by default
+``retrieval_recall_mean``, the recall over the layers the policy decides, which leaves out a
+model's own sliding-window layers, or ``attention_recall_mean`` in older results) / the
+baseline's on the same trace (option ``baseline``, default ``token_topk``: the no-cluster,
+token-level top-k upper bound), which must use the same budget. ``points`` picks the sweep
+point each run is shown at when the experiment runs every policy at several, e.g.
+``{default: {cache.replacement: lru}, dynakv: {cache.replacement: cluster_aligned}}``;
+``runs`` orders or restricts the bars. Writes ``fig10_overview.{pdf,png}`` and the numbers as
+``fig10_overview.{csv,md}`` (one row per run and trace, then one ``average`` row per run).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class OverviewFigure(Figure):
     """Normalised accuracy, latency and effective bandwidth per policy and trace (Fig. 10)."""
 
     baseline: str = "token_topk"
-    accuracy: str = "attention_recall_mean"
+    accuracy: str = ""  # "": retrieval_recall_mean if the summary has it, else attention recall
     points: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: list[str] = field(default_factory=list)
     stem: str = "fig10_overview"
@@ -65,9 +67,16 @@ class OverviewFigure(Figure):
             raise ValueError(f"{self.name}: points maps run labels (or 'default') to "
                              "{column: value}")
 
+    def accuracy_column(self, frame: pd.DataFrame) -> str:
+        if self.accuracy:
+            return self.accuracy
+        return ("retrieval_recall_mean" if "retrieval_recall_mean" in frame
+                else "attention_recall_mean")
+
     def table(self, results: Results) -> pd.DataFrame:
         frame = require_rows(results, self.name)
-        metrics = [self.accuracy, "latency_ms_mean", "effective_bandwidth_mb_s"]
+        accuracy = self.accuracy_column(frame)
+        metrics = [accuracy, "latency_ms_mean", "effective_bandwidth_mb_s"]
         require_metrics(frame, metrics, self.name)
         frame = pick_points(frame, self.points, self.name, results)
         one_row_per(frame, [RUN, TRACE], self.name,
@@ -81,7 +90,7 @@ class OverviewFigure(Figure):
                     f"{self.name}: run {row.run} has budget {budget} but {self.baseline} has "
                     f"{', '.join(map(str, base_budget))}; normalisation needs the same budget"
                 )
-        by_trace = base.set_index(TRACE)[self.accuracy]
+        by_trace = base.set_index(TRACE)[accuracy]
         missing = sorted(set(frame[TRACE]) - set(by_trace.index))
         if missing:
             raise KvsimError(f"{self.name}: no {self.baseline} run on trace {missing[0]}")
@@ -90,10 +99,10 @@ class OverviewFigure(Figure):
         out = pd.DataFrame({
             RUN: frame[RUN].astype(str),
             TRACE: frame[TRACE],
-            self.accuracy: frame[self.accuracy],
-            f"baseline_{self.accuracy}": frame[TRACE].map(by_trace),
+            accuracy: frame[accuracy],
+            f"baseline_{accuracy}": frame[TRACE].map(by_trace),
         })
-        out["normalised_accuracy"] = out[self.accuracy] / out[f"baseline_{self.accuracy}"]
+        out["normalised_accuracy"] = out[accuracy] / out[f"baseline_{accuracy}"]
         out["latency_ms_mean"] = frame["latency_ms_mean"]
         out["effective_bandwidth_mb_s"] = frame["effective_bandwidth_mb_s"]
         out["order"] = out[RUN].map({r: i for i, r in enumerate(order)})
