@@ -13,9 +13,11 @@ Two passes keep accuracy and latency apart (see ARCHITECTURE.md, "the one idea")
    projection + MLP)``
 
    Reads of a policy whose selection does not need the current query are issued at the start of
-   the layer and overlap the QKV projection and scoring; otherwise they start after scoring. The
-   time the layer waits for its reads is the ``io_wait`` stall. Writes are not awaited but share
-   the flash queue, units and link with later reads.
+   the layer and overlap the QKV projection and scoring; otherwise they start after scoring. A
+   policy selecting one layer ahead (``selection_lead_layers = 1``, InfiniGen) scores layer
+   ``l + 1``'s index and issues its reads during layer ``l``, right after its QKV projection
+   (layer 0 selects for itself first). The time the layer waits for its reads is the ``io_wait``
+   stall. Writes are not awaited but share the flash queue, units and link with later reads.
 
    With ``pipeline.swap_layers`` each layer's cache lives on flash between its turns: its
    image is read back while the previous layer runs, its lookup waits for it, and the entries
@@ -130,6 +132,10 @@ def _layer_pass(
         rng=np.random.default_rng([seed, layer]),
         stored_queries=trace.queries(layer),
         query_start=trace.query_start,
+        speculative_queries=(
+            None if (spec := trace.speculative_queries(layer)) is None
+            else np.asarray(spec, dtype=np.float32)
+        ),
     )
     window = sliding_windows(trace)[layer]
     if window is not None:  # the model's own local attention: no retrieval to decide
@@ -345,6 +351,10 @@ class _Replay:
         # layer, and the largest (current + incoming) resident image pair of the step
         self.swap = setup.pipeline.swap_layers
         self.swap_in: list[simpy.Event | None] = [None] * self.n_layers
+        # lead policies (selection_lead_layers): reads, entries and swap snapshot of the next
+        # layer, issued at this layer's speculation point
+        self.lead: dict[int, tuple] = {}
+        self.lead_index: dict[int, simpy.Event] = {}  # the next layer's streamed index
         self.step_cache_peak = 0
         self.records = np.zeros((pp.decode_steps, len(STEP_COLUMNS)), dtype=np.float64)
         self.col = {name: i for i, name in enumerate(STEP_COLUMNS)}
@@ -576,15 +586,20 @@ class _Replay:
                 incoming = self._swap_in(next_step, next_layer)
             if not full:
                 before = [self.caches[layer].resident(h) for h in range(self.n_heads)]
-        if prefetch:
+        lead = self.lead.pop(layer, None)  # scored and issued during the previous layer
+        if lead is not None:
+            reads, attended, before = lead
+        elif prefetch:
             reads, attended = self._lookup(step, layer, rec)
-        vectors = selection.index_vectors[self.head_map, step].sum()
+        vectors = 0 if lead is not None else selection.index_vectors[self.head_map, step].sum()
         index_ready = None
         if pipeline.stream_index and vectors:
             index_ready = self._stream_index(int(vectors), rec)
+        if pipeline.stream_index and self.pp.policy.selection_lead_layers:
+            self._stream_next_index(step, layer, rec)  # overlaps the QKV projection too
 
         # QKV projection, or only Q's part when K/V's overlaps the transfer
-        split = pipeline.overlap_transfer and not full and not prefetch
+        split = pipeline.overlap_transfer and not full and not prefetch and lead is None
         first_us = self.dense_q_us if split else self.dense_pre_us
         yield env.timeout(first_us)
         rec[col["dense_us"]] += first_us
@@ -609,9 +624,11 @@ class _Replay:
 
         if full:
             attended = self._resident_entries(selection, step) * self.n_heads
-        else:
-            if not prefetch and not split:
-                reads, attended = self._lookup(step, layer, rec)
+        if not full and not prefetch and not split and lead is None:
+            reads, attended = self._lookup(step, layer, rec)
+        if self.pp.policy.selection_lead_layers:
+            yield from self._speculate(step, layer, rec)
+        if not full:
             waited_from = env.now
             yield reads
             rec[col["io_wait_us"]] += env.now - waited_from
@@ -634,6 +651,46 @@ class _Replay:
 
         yield env.timeout(self.dense_post_us)
         rec[col["dense_us"]] += self.dense_post_us
+
+    def _speculated_vectors(self, step: int, layer: int) -> int:
+        """Index vectors of the layer after ``layer`` if a lead policy speculates it there."""
+        nxt = layer + 1
+        if nxt >= self.n_layers or self.caches[nxt] is None:
+            return 0
+        return int(self.pp.selections[self.layer_map[nxt]].index_vectors[self.head_map, step].sum())
+
+    def _stream_next_index(self, step: int, layer: int, rec: np.ndarray) -> None:
+        """``stream_index`` with a lead policy: start reading the next layer's index at the
+        start of ``layer``, so it overlaps this layer's QKV projection as a layer's own does."""
+        vectors = self._speculated_vectors(step, layer)
+        if vectors:
+            self.lead_index[layer + 1] = self._stream_index(vectors, rec)
+
+    def _speculate(self, step: int, layer: int, rec: np.ndarray):
+        """A lead policy's speculation point in ``layer`` (InfiniGen): score the next layer's
+        index (once streamed in, with ``stream_index``) and issue its reads now; the next layer
+        waits on them instead of scoring and reading for itself. Nothing past the last layer
+        (the next step's layer 0 selects for itself) or for a layer without a cache."""
+        nxt = layer + 1
+        if nxt >= self.n_layers or self.caches[nxt] is None:
+            return
+        vectors = self._speculated_vectors(step, layer)
+        index_ready = self.lead_index.pop(nxt, None)
+        if index_ready is not None:
+            waited_from = self.env.now
+            yield index_ready
+            rec[self.col["io_wait_us"]] += self.env.now - waited_from
+        if vectors:
+            target = self.setup.target
+            score_us = float(scoring_us(vectors, target.head_dim, target.group_size,
+                                        self.vector_bytes, self.compute, self.dram))
+            yield self.env.timeout(score_us)
+            rec[self.col["scoring_us"]] += score_us
+        before = None
+        if self.swap:  # what the next layer holds before its reads (see _swap_out)
+            before = [self.caches[nxt].resident(h) for h in range(self.n_heads)]
+        reads, attended = self._lookup(step, nxt, rec)
+        self.lead[nxt] = (reads, attended, before)
 
     def decode(self, on_step: Callable[[], None] | None):
         col = self.col

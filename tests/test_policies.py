@@ -20,6 +20,8 @@ from sim.policies.base import (
 
 PROMPT, STEPS, N_Q, N_KV, D = 64, 12, 6, 2, 16
 BUDGET, SINKS, RECENT = 16, 2, 3
+# policies whose budget is a cap (InfiniGen fetches what its threshold admits, at most that)
+VARIABLE_SIZE = {"infinigen"}
 
 
 def make_layer(seed: int = 0, prompt: int = PROMPT, steps: int = STEPS):
@@ -96,7 +98,10 @@ def test_selection_contract(name, budget, layer):
             pos = head.at(s)
             assert (np.diff(pos) > 0).all(), "sorted and unique"
             assert pos.min() >= 0 and pos.max() < ctx_len
-            assert len(pos) == policy.budget_at(ctx_len)
+            if name in VARIABLE_SIZE:
+                assert len(pos) <= policy.budget_at(ctx_len)
+            else:
+                assert len(pos) == policy.budget_at(ctx_len)
             forced = set(range(policy.sink_tokens))
             forced |= set(range(ctx_len - policy.recent_tokens, ctx_len))
             assert forced <= set(pos.tolist())

@@ -24,7 +24,8 @@ PROMPT, STEPS, LAYERS, HEADS, GROUP, DIM = 96, 10, 3, 2, 2, 16
 
 @pytest.fixture(scope="module")
 def synthetic_trace(tmp_path_factory):
-    """Keys drawn around a few directions (so clusters exist), queries near some of them."""
+    """Keys drawn around a few directions (so clusters exist), queries near some of them;
+    speculative queries (layers >= 1, for InfiniGen) are the decode queries plus noise."""
     rng = np.random.default_rng(7)
     path = tmp_path_factory.mktemp("trace") / "synthetic"
     total = PROMPT + STEPS
@@ -40,7 +41,11 @@ def synthetic_trace(tmp_path_factory):
             values = rng.normal(size=(HEADS, total, DIM))
             queries = np.repeat(keys, GROUP, axis=0) * 0.5 + rng.normal(size=(HEADS * GROUP,
                                                                                 total, DIM))
-            writer.write_layer(layer, keys, values, queries)
+            speculative = None
+            if layer >= 1:
+                speculative = queries[:, PROMPT:] + 0.5 * rng.normal(size=(HEADS * GROUP, STEPS,
+                                                                           DIM))
+            writer.write_layer(layer, keys, values, queries, speculative)
         writer.write_tokens(np.arange(total, dtype=np.int32))
     return open_trace(path)
 

@@ -17,6 +17,7 @@ from . import (  # noqa: E402, F401
     dynakv,
     full,
     h2o,
+    infinigen,
     oracle,
     pqcache,
     quest,

@@ -35,6 +35,9 @@ class LayerContext:
     ``stored_queries``: the trace's query array of this layer as stored (memory-mapped,
     float16, positions ``query_start ..``), for policies that need prompt queries (H2O's
     accumulated attention, co-retrieval statistics); read it through :meth:`prompt_queries`.
+    ``speculative_queries``: (n_q_heads, S, head_dim) float32, this layer's decode queries
+    speculated from the previous layer's attention input (InfiniGen); ``None`` for layer 0 and
+    for traces captured without them (see ``Trace.speculative_queries``).
     """
 
     layer: int
@@ -44,6 +47,7 @@ class LayerContext:
     rng: np.random.Generator
     stored_queries: np.ndarray | None = None
     query_start: int = 0
+    speculative_queries: np.ndarray | None = None
 
     def prompt_queries(self, start: int = 0) -> np.ndarray:
         """Queries of prompt positions ``[start, P)`` as float32 (n_q_heads, P - start, d).
@@ -208,10 +212,15 @@ class RetrievalPolicy(ABC):
 
     ``selection_needs_query``: ``False`` for policies whose selection does not depend on the
     current query (StreamingLLM), so the engine may start their reads before scoring.
+    ``selection_lead_layers``: 1 for policies that select layer ``l + 1``'s entries during layer
+    ``l`` (InfiniGen's speculation): the engine scores layer ``l + 1``'s index and issues its
+    reads right after layer ``l``'s QKV projection; layer 0 is scored and read at its own
+    scoring point. 0 (the default): each layer selects for itself.
     """
 
     name: ClassVar[str]
     selection_needs_query: ClassVar[bool] = True
+    selection_lead_layers: ClassVar[int] = 0
 
     @abstractmethod
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
