@@ -46,7 +46,13 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from sim.config import ExperimentConfig, load_model_geometry, parse_size_bytes
+from sim.config import (
+    CacheSpec,
+    ExperimentConfig,
+    PipelineSpec,
+    load_model_geometry,
+    parse_size_bytes,
+)
 from sim.errors import ConfigError, KvsimError
 from sim.figures.base import validate_figure_specs
 from sim.hardware import DeviceParams, load_device
@@ -267,6 +273,10 @@ def _plan_point(
         if not isinstance(entry, dict):
             raise ConfigError(f"{at}: expected a mapping with a 'type' key, got {entry!r}")
         policy_spec = {k: v for k, v in entry.items() if k not in RUN_KEYS}
+        cache = _override(CacheSpec, config.cache, entry.get("cache"), f"{at}.cache")
+        pipeline = _override(PipelineSpec, config.pipeline, entry.get("pipeline"),
+                             f"{at}.pipeline")
+        REPLACEMENTS.create(cache.replacement, where=f"{at}.cache.replacement")
         policy = POLICIES.create(policy_spec, where=at)
         label = str(entry.get("label", policy_spec["type"]))
         if label in labels:
@@ -292,10 +302,10 @@ def _plan_point(
             model=None if target is None else asdict(target),
             kv_dtype=config.kv_dtype,
             cache={
-                "replacement": _as_spec(config.cache.replacement),
-                "capacity": config.cache.capacity,
+                "replacement": _as_spec(cache.replacement),
+                "capacity": cache.capacity,
             },
-            pipeline=config.pipeline.model_dump(),
+            pipeline=pipeline.model_dump(),
             seed=config.seed,
             experiment=config.name,
             record=config.record.model_dump(exclude_defaults=True),
@@ -303,6 +313,18 @@ def _plan_point(
         run.run_id = digest(run.identity())
         runs.append(run)
     return runs
+
+
+def _override(model: type, base: Any, entry: Any, where: str) -> Any:
+    """A policy entry's own ``cache`` / ``pipeline`` settings merged over the experiment's."""
+    if entry is None:
+        return base
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {entry!r}")
+    try:
+        return model.model_validate({**base.model_dump(), **entry})
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {pydantic_error_line(exc, '', model)}") from None
 
 
 def _applicable(point: dict[str, Any], policy_spec: dict[str, Any]) -> dict[str, Any]:
@@ -372,7 +394,7 @@ def run_group(
             cache_capacity_bytes=capacity,
             replacement=dict(run.cache["replacement"]),
             layout=layout,
-            pipeline=_pipeline(run.pipeline),
+            pipeline=PipelineSpec(**run.pipeline),
         )
         sim = simulate(pp, setup, progress=False)
         row = {
@@ -404,12 +426,6 @@ def run_group(
         sim_s.append(sim.wall_s)
         rows.append(row)
     return {"pass_s": pp.wall_s, "sim_s": sim_s, "rows": rows}
-
-
-def _pipeline(data: dict[str, Any]):
-    from sim.config import PipelineSpec
-
-    return PipelineSpec(**data)
 
 
 def _cell(value: Any) -> Any:

@@ -34,7 +34,9 @@ from sim.config import SweepSpec
 from sim.errors import ConfigError
 from sim.policies import POLICIES
 
-RUN_KEYS = ("label", "layout")  # keys of a policy entry that are not policy parameters
+# keys of a policy entry that are not policy parameters: its label, its flash layout, and its
+# own cache / pipeline settings (merged over the experiment-wide ones)
+RUN_KEYS = ("label", "layout", "cache", "pipeline")
 
 
 def expand(sweep: SweepSpec | None, where: str = "sweep") -> list[dict[str, Any]]:

@@ -130,3 +130,18 @@ def test_bad_sweeps_fail_before_any_run_with_one_line(tmp_path, capsys, sweep, f
     assert code == 2, err
     assert err.count("\n") == 0 and "Traceback" not in err and fragment in err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written or removed
+
+
+def test_a_policy_entry_can_carry_its_own_cache_and_pipeline(tmp_path):
+    data = {**BASE, "policies": [
+        {"type": "token_topk", "budget": 0.1},
+        {"type": "dynakv", "budget": 0.1, "cache": {"replacement": "cluster_aligned"},
+         "pipeline": {"stream_index": True}},
+    ]}
+    base_run, own = plan(_write(tmp_path, data)).runs
+    assert base_run.cache == {"replacement": {"type": "lru"}, "capacity": 0.25}
+    assert own.cache == {"replacement": {"type": "cluster_aligned"}, "capacity": 0.25}
+    assert own.pipeline["stream_index"] and not base_run.pipeline["stream_index"]
+    bad = {**data, "policies": [{"type": "dynakv", "cache": {"replacment": "lru"}}]}
+    with pytest.raises(ConfigError, match=r"policies\[0\]\.cache.*replacment"):
+        plan(_write(tmp_path, bad, "bad.yaml"))
