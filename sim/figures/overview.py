@@ -8,8 +8,10 @@ baseline's on the same trace (option ``baseline``, default ``token_topk``: the n
 token-level top-k upper bound), which must use the same budget. ``points`` picks the sweep
 point each run is shown at when the experiment runs every policy at several, e.g.
 ``{default: {cache.replacement: lru}, dynakv: {cache.replacement: cluster_aligned}}``;
-``runs`` orders or restricts the bars. Writes ``fig10_overview.{pdf,png}`` and the numbers as
-``fig10_overview.{csv,md}`` (one row per run and trace, then one ``average`` row per run).
+``runs`` orders or restricts the bars; ``references`` (default ``[full]``) are drawn as
+dashed lines across each group instead of bars. Writes ``fig10_overview.{pdf,png}`` and the
+numbers as ``fig10_overview.{csv,md}`` (one row per run and trace, then one ``average`` row
+per run).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sim.figures.common import (
 from sim.plots import apply_style, save_figure
 
 AVERAGE = "average"
+REFERENCE_COLOURS = ("black", "#999999")
 
 
 def policy_budget(results: Results, run_id: str) -> Any:
@@ -58,6 +61,7 @@ class OverviewFigure(Figure):
     accuracy: str = ""  # "": retrieval_recall_mean if the summary has it, else attention recall
     points: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=lambda: ["full"])
     stem: str = "fig10_overview"
 
     def __post_init__(self) -> None:
@@ -114,11 +118,13 @@ class OverviewFigure(Figure):
     def draw(self, results: Results) -> list[Path]:
         table = self.table(results)
         stem = results.out_dir / self.stem
-        runs = list(dict.fromkeys(table[RUN]))
+        runs = [r for r in dict.fromkeys(table[RUN]) if r not in self.references]
+        references = [r for r in dict.fromkeys(table[RUN]) if r in self.references]
         traces = [t for t in dict.fromkeys(table[TRACE]) if t != AVERAGE]
         names = trace_names(traces)
         groups = [*traces, AVERAGE]
         offsets, width = bar_offsets(len(runs))
+        span = (offsets[0] - width / 2, offsets[-1] + width / 2) if runs else (-0.4, 0.4)
         apply_style()
         panels = (
             ("normalised_accuracy",
@@ -142,8 +148,16 @@ class OverviewFigure(Figure):
                 if len(present) > 1:
                     ax.errorbar(xs[-1], mean, yerr=[[mean - min(present)], [max(present) - mean]],
                                 color="black", lw=0.7, capsize=1.5)
+            for j, run in enumerate(references):  # a dashed segment across each group
+                rows = per_trace[per_trace[RUN] == run].set_index(TRACE)[metric]
+                values = [rows.get(t, np.nan) for t in traces]
+                present = [v for v in values if np.isfinite(v)]
+                for g, value in enumerate([*values, np.mean(present) if present else np.nan]):
+                    ax.hlines(value, g + span[0], g + span[1], colors=REFERENCE_COLOURS[j % 2],
+                              linestyles="--", lw=1.0,
+                              label=f"{run} (reference)" if g == 0 else None)
             if metric == "normalised_accuracy":
-                ax.axhline(1.0, color="black", lw=0.6, ls="--")
+                ax.axhline(1.0, color="grey", lw=0.5, ls=":")
             ax.axvline(len(traces) - 0.5, color="grey", lw=0.5, ls=":")
             ax.set_ylabel(label)
             ax.grid(axis="y", alpha=0.3, lw=0.5)
