@@ -220,13 +220,17 @@ def short(axis: str) -> str:
 
 def key_label(values: Iterable[Any], columns: list[str]) -> str:
     """``dynakv, replacement=lru`` for the values of ``[run, cache.replacement]``."""
-    parts = []
+    parts, on, off = [], [], []
     for column, value in zip(columns, values, strict=True):
         if isinstance(value, float) and math.isnan(value):
             continue
+        if str(value) in ("True", "False"):  # a switch: named when on, left out when off
+            (on if str(value) == "True" else off).append(short(column))
+            continue
         parts.append(str(value) if column in (RUN, "cache.replacement", "device")
                      else f"{short(column)}={value}")
-    return ", ".join(parts)
+    label = " + ".join([", ".join(parts), *on] if parts else on)
+    return label or ", ".join(f"no {name}" for name in off)
 
 
 def one_row_per(frame: pd.DataFrame, keys: list[str], figure: str, hint: str) -> None:

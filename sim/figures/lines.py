@@ -10,7 +10,8 @@ Options: ``x`` the sweep axis (dotted key, or its last part when unambiguous); `
 summary columns or step-derived metrics (:data:`sim.figures.common.STEP_METRICS`), one panel
 each; ``hue`` the column that names the lines (default the run label; any other sweep axis
 that varies splits lines further); ``where`` keeps the rows matching ``{column: value}``;
-``x_percent`` shows a fraction axis in %; ``logx``/``logy``; ``stem`` the file name; ``title``.
+``x_percent`` shows a fraction axis in %; ``logx``; ``logy`` (true, or the metrics whose
+panels get a log axis); ``stem`` the file name; ``title``.
 Runs the x axis does not apply to (``full`` under ``policy.budget``) are drawn as dashed
 horizontal references. Besides the PDF and PNG, ``<stem>.csv``/``.md`` hold the plotted
 numbers (line, x, metric, mean, min, max, traces).
@@ -58,7 +59,7 @@ class MetricLines(Figure):
     where: dict[str, Any] = field(default_factory=dict)
     x_percent: bool = False
     logx: bool = False
-    logy: bool = False
+    logy: bool | list[str] = False  # True: every panel; a list: those metrics' panels
     stem: str = ""
     title: str = ""
 
@@ -129,7 +130,8 @@ class MetricLines(Figure):
                       else pd.to_numeric(part["x"]).to_numpy() * scale)
                 err = np.vstack([part["mean"] - part["min"], part["max"] - part["mean"]])
                 ax.errorbar(xs, part["mean"], yerr=err if max_traces > 1 else None,
-                            color=colour(i), marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.0,
+                            color=colour(i), marker=MARKERS[i % len(MARKERS)],
+                            ms=max(2.5, 5.0 - 0.6 * i), lw=1.0,  # coinciding lines stay visible
                             capsize=2, elinewidth=0.7, label=line)
             if categorical:
                 ax.set_xticks(range(len(ticks)), ticks)
@@ -139,7 +141,7 @@ class MetricLines(Figure):
                     ax.set_xscale("log", base=2)
                 if len(values) <= 8:
                     ax.set_xticks(values, [f"{v:g}" for v in values])
-            if self.logy:
+            if self.logy is True or (isinstance(self.logy, list) and metric in self.logy):
                 ax.set_yscale("log")
             ax.set_xlabel(axis_label(x, self.x_percent))
             ax.set_ylabel(metric_label(metric))
@@ -183,6 +185,8 @@ class CacheFigure(MetricLines):
         default_factory=lambda: ["peak_dram_mb", "latency_ms_mean", "misses_per_token"]
     )
     x_percent: bool = True
+    logx: bool = True
+    logy: bool | list[str] = field(default_factory=lambda: ["misses_per_token"])
 
 
 @FIGURES.register("fig15_budget")
