@@ -11,7 +11,8 @@ summary columns or step-derived metrics (:data:`sim.figures.common.STEP_METRICS`
 each; ``hue`` the column that names the lines (default the run label; any other sweep axis
 that varies splits lines further); ``where`` keeps the rows matching ``{column: value}``;
 ``x_percent`` shows a fraction axis in %; ``logx``; ``logy`` (true, or the metrics whose
-panels get a log axis); ``stem`` the file name; ``title``.
+panels get a log axis); ``show_traces`` adds each trace's own line (dotted); ``stem`` the
+file name; ``title``.
 Runs the x axis does not apply to (``full`` under ``policy.budget``) are drawn as dashed
 horizontal references. Besides the PDF and PNG, ``<stem>.csv``/``.md`` hold the plotted
 numbers (line, x, metric, mean, min, max, traces).
@@ -60,6 +61,7 @@ class MetricLines(Figure):
     x_percent: bool = False
     logx: bool = False
     logy: bool | list[str] = False  # True: every panel; a list: those metrics' panels
+    show_traces: bool = False
     stem: str = ""
     title: str = ""
 
@@ -78,6 +80,11 @@ class MetricLines(Figure):
 
     def table(self, results: Results) -> tuple[pd.DataFrame, str, list[str]]:
         """The plotted numbers (long format), the x column and the line-key columns."""
+        table, x, keys, _ = self.data(results)
+        return table, x, keys
+
+    def data(self, results: Results) -> tuple[pd.DataFrame, str, list[str], pd.DataFrame]:
+        """:meth:`table` plus the per-trace rows it aggregates (with a ``line`` column)."""
         frame = require_rows(results, self.name)
         if self.where:
             frame = select(frame, self.where, self.name, results)
@@ -96,12 +103,12 @@ class MetricLines(Figure):
             stats.insert(2, "metric", metric)
             parts.append(stats)
         table = pd.concat(parts, ignore_index=True).rename(columns={x: "x"})
-        return table, x, keys
+        return table, x, keys, frame
 
     # -- drawing ----------------------------------------------------------------------------
 
     def draw(self, results: Results) -> list[Path]:
-        table, x, _ = self.table(results)
+        table, x, _, frame = self.data(results)
         stem = results.out_dir / (self.stem or self._default_stem(x))
         apply_style()
         n = len(self.metrics)
@@ -128,6 +135,14 @@ class MetricLines(Figure):
                     part = part.sort_values("x", key=lambda v: pd.to_numeric(v))
                 xs = ([ticks.index(str(v)) for v in part["x"]] if categorical
                       else pd.to_numeric(part["x"]).to_numpy() * scale)
+                if self.show_traces:  # each trace's own line, thin and dotted
+                    own = frame[(frame["line"] == line) & frame[x].notna()]
+                    for _, one in own.groupby(TRACE, sort=False):
+                        if not categorical:
+                            one = one.sort_values(x, key=lambda v: pd.to_numeric(v))
+                        tx = ([ticks.index(str(v)) for v in one[x]] if categorical
+                              else pd.to_numeric(one[x]).to_numpy() * scale)
+                        ax.plot(tx, one[metric], color=colour(i), lw=0.6, ls=":", alpha=0.8)
                 err = np.vstack([part["mean"] - part["min"], part["max"] - part["mean"]])
                 ax.errorbar(xs, part["mean"], yerr=err if max_traces > 1 else None,
                             color=colour(i), marker=MARKERS[i % len(MARKERS)],
@@ -149,6 +164,8 @@ class MetricLines(Figure):
         handles, labels = axes[0][0].get_legend_handles_labels()
         note = (f"mean over {max_traces} traces; bars: min-max" if max_traces > 1
                 else "one trace")
+        if self.show_traces and max_traces > 1:
+            note += "; dotted: each trace"
         fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0),
                    ncol=min(len(labels), 4 if n > 1 else 2), frameon=False,
                    title=f"{self.title or results.name} ({note})", title_fontsize=7)
@@ -171,6 +188,7 @@ class SplitBufferFigure(MetricLines):
         default_factory=lambda: ["read_mb_per_token", "forced_load_entries_per_token"]
     )
     logx: bool = True
+    show_traces: bool = True
 
 
 @FIGURES.register("fig14_cache")
