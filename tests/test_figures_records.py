@@ -256,3 +256,17 @@ def test_table2_matches_update_retrieval_csv(records):
     table = pd.read_csv(records.out_dir / "table2_update_retrieval.csv")
     assert [c for c in table.columns if c.startswith("t=")] == [f"t={t}"
                                                                for t in range(1, HORIZON + 1)]
+
+
+def test_a_layout_axis_names_each_run_of_fig12(tmp_path):
+    """A ``policy.layout`` axis keeps its value in each run's point (the figure's series)."""
+    path = tmp_path / "layouts.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "layouts", "trace": {"path": str(FIXTURE_TRACE)},
+        "policies": [{"type": "full"}, {"type": "dynakv", **KNOBS}],
+        "sweep": {"grid": {"policy.layout": ["sequence", "cluster"]}},
+    }))
+    points = {(run.label, run.layout["type"] if run.layout else None): run.point
+              for run in plan(path).runs}
+    assert points[("dynakv", "cluster")] == {"policy.layout": "cluster"}
+    assert points[("dynakv", "sequence")] == {"policy.layout": "sequence"}

@@ -274,7 +274,8 @@ class Coretrieval(Figure):
     and in the ``intra_inter`` layout's chain order (:func:`sim.kv.layouts_dynakv.
     coretrieval_chain`); each panel gives the share of co-retrievals between neighbouring
     clusters. The diagonal is each cluster's retrieval frequency; the last label is the sinks'
-    group (always retrieved). Also writes ``fig7_coretrieval.{csv,md}``.
+    group (always retrieved); colours on a square-root scale. Also writes
+    ``fig7_coretrieval.{csv,md}`` with every trace's runs (the figure shows one trace).
 
     Options: ``trace`` (default: the first trace with a matrix), ``runs`` (labels; default:
     every run with a matrix), ``order`` ("both", "chain" or "position").
@@ -288,11 +289,39 @@ class Coretrieval(Figure):
         if self.order not in ("both", "chain", "position"):
             raise ValueError(f"order must be 'both', 'chain' or 'position', got {self.order!r}")
 
-    def draw(self, results: Results) -> list[Path]:
-        from matplotlib.colors import LinearSegmentedColormap
-        from matplotlib.ticker import MaxNLocator
-
+    @staticmethod
+    def _measure(results: Results, run_id: str, label: str) -> tuple:
+        """(table row, counts, orders, neighbour shares, queries) of one run's matrix."""
         from sim.trace.format import open_trace
+
+        settings = results.settings(run_id)
+        counts = np.load(results.run_dir(run_id) / "coretrieval.npy")
+        prompt = open_trace(settings["trace"]).prompt_len
+        queries = min(int(getattr(policy_of(settings), "coretrieval_queries", 0)), prompt - 1)
+        if queries <= 0:
+            raise KvsimError(f"fig7_coretrieval: run {label!r} measured no co-retrieval "
+                             "queries (coretrieval_queries = 0)")
+        labels_path = results.run_dir(run_id) / "cluster_labels.parquet"
+        prefill = None
+        if labels_path.exists():
+            frame = pd.read_parquet(labels_path)
+            prefill = frame[frame["step"] == frame["step"].min()]
+            prefill = prefill[prefill["position"] < prompt]["group"].to_numpy()
+        orders = coretrieval_orders(counts, prefill)
+        shares = {k: adjacent_share(counts, orders[k]) for k in orders}
+        record = record_settings(results, run_id)
+        row = {
+            "layer": record.get("cluster_layer"), "kv_head": record.get("cluster_kv_head", 0),
+            "clusters": counts.shape[0], "queries": queries,
+            "mean_retrieved_per_query": float(np.trace(counts)) / queries,
+            "adjacent_share_cluster_order": shares["position"],
+            "adjacent_share_chain_order": shares["chain"],
+        }
+        return row, counts, orders, shares, queries
+
+    def draw(self, results: Results) -> list[Path]:
+        from matplotlib.colors import LinearSegmentedColormap, PowerNorm
+        from matplotlib.ticker import MaxNLocator
 
         name, runs = pick_trace(results, self.trace, "fig7_coretrieval", needs="coretrieval.npy")
         rows = _runs_with(results, runs, self.runs, "coretrieval.npy", "fig7_coretrieval",
@@ -302,39 +331,28 @@ class Coretrieval(Figure):
         table: list[dict[str, Any]] = []
         items: list[tuple] = []
         seen: dict[tuple, int] = {}
-        for run_id, label in zip(rows["run_id"], rows["run"], strict=True):
-            settings = results.settings(run_id)
-            counts = np.load(results.run_dir(run_id) / "coretrieval.npy")
-            prompt = open_trace(settings["trace"]).prompt_len
-            queries = min(int(getattr(policy_of(settings), "coretrieval_queries", 0)), prompt - 1)
-            if queries <= 0:
-                raise KvsimError(f"fig7_coretrieval: run {label!r} measured no co-retrieval "
-                                 "queries (coretrieval_queries = 0)")
-            labels_path = results.run_dir(run_id) / "cluster_labels.parquet"
-            prefill = None
-            if labels_path.exists():
-                frame = pd.read_parquet(labels_path)
-                prefill = frame[frame["step"] == frame["step"].min()]
-                prefill = prefill[prefill["position"] < prompt]["group"].to_numpy()
-            orders = coretrieval_orders(counts, prefill)
-            shares = {k: adjacent_share(counts, orders[k]) for k in orders}
-            record = record_settings(results, run_id)
-            table.append({
-                "run": label, "trace": short_trace(name),
-                "layer": record.get("cluster_layer"), "kv_head": record.get("cluster_kv_head", 0),
-                "clusters": counts.shape[0], "queries": queries,
-                "mean_retrieved_per_query": float(np.trace(counts)) / queries,
-                "adjacent_share_cluster_order": shares["position"],
-                "adjacent_share_chain_order": shares["chain"],
-            })
+        shown = set(rows["run_id"])
+        # the table covers every trace; the figure the chosen one
+        every = unique_runs(results.summary)
+        if self.runs:
+            every = every[every["run"].astype(str).isin(self.runs)]
+        for _, run in every.iterrows():
+            run_id, label = run["run_id"], str(run["run"])
+            if not (results.run_dir(run_id) / "coretrieval.npy").exists():
+                continue
+            row, counts, orders, shares, queries = self._measure(results, run_id, label)
+            table.append({"run": label, "trace": short_trace(run["trace"]), **row})
+            if run_id not in shown:
+                continue
             # runs sharing a policy pass (one policy, several layouts) have the same matrix:
             # drawn once, named after the first of them
             key = (counts.shape, counts.tobytes())
             if key in seen:
-                items[seen[key]][1].append(str(label))
+                items[seen[key]][1].append(label)
             else:
                 seen[key] = len(items)
-                items.append((counts / queries, [str(label)], orders, shares))
+                items.append((counts / queries, [label], orders, shares))
+        table = sorted(table, key=lambda r: r["trace"] != short_trace(name))  # shown one first
         stem = results.out_dir / "fig7_coretrieval"
         written = atomic_write_table(pd.DataFrame(table), stem)
 
@@ -358,8 +376,9 @@ class Coretrieval(Figure):
                 k += 1
                 order = orders[kind]
                 n = len(order)
-                image = ax.imshow(freq[np.ix_(order, order)], cmap=cmap, vmin=0, vmax=1,
-                                  interpolation="nearest", extent=(-0.5, n - 0.5, n - 0.5, -0.5))
+                image = ax.imshow(freq[np.ix_(order, order)], cmap=cmap,
+                                  norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest",
+                                  extent=(-0.5, n - 0.5, n - 0.5, -0.5))
                 ax.set_title(f"{label}\n{titles[kind]}: {shares[kind]:.0%}", fontsize=6.5)
                 if row == n_rows - 1 or k + n_cols > n_panels:
                     ax.set_xlabel("cluster (rank in order)")
@@ -376,7 +395,7 @@ class Coretrieval(Figure):
                      f"{table[0]['kv_head']}, {table[0]['queries']} prompt queries\n"
                      "%: share of co-retrievals between neighbouring clusters", fontsize=7)
         bar = fig.colorbar(image, ax=axes, shrink=0.8, pad=0.02)
-        bar.set_label("co-retrievals per query")
+        bar.set_label("co-retrievals per query (sqrt scale)")
         bar.ax.tick_params(labelsize=6)
         return written + save_figure(fig, stem)
 

@@ -64,12 +64,15 @@ def _cdf(frame: pd.DataFrame, grid: np.ndarray) -> np.ndarray:
 @dataclass
 class RunLengths(Figure):
     """Fig. 12: contiguous flash access length (entries per contiguous run) per run label
-    (one layout each), CDF with the mean marked plus the mean per layout over traces.
-    A run label without flash reads (``full``) is left out. Options: none."""
+    (one layout each, or a ``policy.layout`` axis: one series per label and value of the
+    non-trace sweep axes), CDF with the mean marked plus the mean per series over traces.
+    A run without flash reads (``full``) is left out. Options: none."""
 
     def draw(self, results: Results) -> list[Path]:
         runs = unique_runs(results.summary)
         traces = traces_of(runs)
+        # one series per run label and value of the sweep axes other than the trace's
+        axes = [a for a in results.axes if not a.startswith("trace.") and a in runs]
         series: dict[str, dict] = {}
         for _, run in runs.iterrows():
             path = results.run_dir(run["run_id"]) / "run_lengths.csv"
@@ -80,13 +83,14 @@ class RunLengths(Figure):
             frame = frame[frame["runs"] > 0].sort_values("run_entries")
             if frame.empty:
                 continue  # no flash reads (full attention)
-            label = str(run["run"])
+            extra = [f"{a.rsplit('.', 1)[-1]}={run[a]}" for a in axes if pd.notna(run[a])]
+            label = str(run["run"]) + (f" ({', '.join(extra)})" if extra else "")
             layout = (results.settings(run["run_id"]).get("layout") or {}).get("type", "?")
             entry = series.setdefault(label, {"layout": layout, "traces": {}})
             if str(run["trace"]) in entry["traces"]:
                 raise KvsimError(
-                    f"fig12_run_lengths: run {label!r} appears twice for trace {run['trace']} "
-                    "(another sweep axis?); give each layout its own label"
+                    f"fig12_run_lengths: run {label!r} appears twice for trace {run['trace']}; "
+                    "give each layout its own label"
                 )
             entry["traces"][str(run["trace"])] = frame
         if not series:
@@ -150,7 +154,7 @@ class RunLengths(Figure):
         ax.set_ylabel("CDF (share of contiguous runs)")
         ax.grid(alpha=0.3, lw=0.5)
         fig.legend(*ax.get_legend_handles_labels(), frameon=False, fontsize=6,
-                   loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(names), 3))
+                   loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(names), 4))
         bx.set_xticks(range(len(names)))
         bx.set_xticklabels(names, rotation=25, ha="right")
         bx.set_ylabel("mean run length (KV entries)")
