@@ -328,11 +328,12 @@ def _override(model: type, base: Any, entry: Any, where: str) -> Any:
 
 
 def _applicable(point: dict[str, Any], policy_spec: dict[str, Any]) -> dict[str, Any]:
-    """The point without ``policy.<param>`` axes that the policy does not have."""
+    """The point without ``policy.<param>`` axes that the policy does not have (``layout`` and
+    ``label`` axes apply to every entry)."""
     return {
         key: value
         for key, value in point.items()
-        if not key.startswith("policy.") or key.split(".")[1] in policy_spec
+        if not key.startswith("policy.") or key.split(".")[1] in (*policy_spec, *RUN_KEYS)
     }
 
 
