@@ -20,52 +20,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib
-import inspect
-import warnings
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from sim.errors import CaptureError
 
 _DOC_SEPARATOR = "\n\n----\n\n"
-
-# Pure-Python modules (no C accelerator replacing their docstrings), sorted; fixed so that the
-# text only changes with the Python version, never with what happens to be imported.
-STDLIB_DOCSTRING_MODULES: tuple[str, ...] = (
-    "argparse",
-    "ast",
-    "calendar",
-    "configparser",
-    "dataclasses",
-    "difflib",
-    "email.message",
-    "enum",
-    "fractions",
-    "ftplib",
-    "gettext",
-    "http.client",
-    "inspect",
-    "ipaddress",
-    "logging",
-    "mailbox",
-    "optparse",
-    "pathlib",
-    "pydoc",
-    "shutil",
-    "smtplib",
-    "statistics",
-    "string",
-    "subprocess",
-    "tarfile",
-    "textwrap",
-    "threading",
-    "typing",
-    "unittest.case",
-    "urllib.parse",
-    "urllib.request",
-    "zipfile",
-)
 
 _BUILTIN_SOURCES = ("pydoc", "stdlib-docstrings")
 
@@ -126,45 +88,23 @@ def _pydoc_text() -> str:
     return _DOC_SEPARATOR.join(f"{key}\n\n{topics[key].strip()}" for key in sorted(topics))
 
 
-def _public_doc(obj: object) -> str | None:
-    doc = inspect.getdoc(obj)
-    return doc.strip() if doc else None
-
-
 def _stdlib_docstrings_text() -> str:
-    # some modules expose deprecated aliases (typing.io) that warn when their docs are read
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _collect_stdlib_docstrings()
-
-
-def _collect_stdlib_docstrings() -> str:
-    docs: list[str] = []
-    for module_name in STDLIB_DOCSTRING_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # pragma: no cover - all are stdlib; kept for odd builds
-            continue
-        parts = [f"Module {module_name}"]
-        if doc := _public_doc(module):
-            parts.append(doc)
-        for attr in sorted(vars(module)):
-            obj = getattr(module, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != module_name:
-                continue
-            if inspect.isclass(obj):
-                if doc := _public_doc(obj):
-                    parts.append(f"class {module_name}.{attr}\n\n{doc}")
-                for meth_name in sorted(vars(obj)):
-                    meth = vars(obj)[meth_name]
-                    if meth_name.startswith("_") or not inspect.isfunction(meth):
-                        continue
-                    if meth.__doc__ and (doc := _public_doc(meth)):
-                        parts.append(f"method {module_name}.{attr}.{meth_name}\n\n{doc}")
-            elif inspect.isfunction(obj) and obj.__doc__ and (doc := _public_doc(obj)):
-                parts.append(f"function {module_name}.{attr}\n\n{doc}")
-        docs.append("\n\n".join(parts))
-    return _DOC_SEPARATOR.join(docs)
+    """Collected in a fresh interpreter that sees only the standard library (``-I -S``): what
+    the calling process has imported (torch wraps ``inspect`` functions, for one) must not
+    change the text, or a cached trace would look stale."""
+    script = Path(__file__).with_name("_stdlib_docs.py")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-I", "-S", str(script)],
+            capture_output=True,
+            check=True,
+            timeout=300,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CaptureError(
+            f"text stdlib-docstrings: collecting the docstrings failed ({exc})"
+        ) from None
+    return result.stdout.decode("utf-8")
 
 
 def _file_name(spec: str) -> str:
