@@ -25,9 +25,7 @@ from sim.registry import Registry
 __all__ = [
     "LAYOUTS",
     "ClusterLayout",
-    "DualHeadLayout",
     "FlashLayout",
-    "IntraInterLayout",
     "SequenceLayout",
 ]
 
@@ -216,7 +214,3 @@ class ClusterLayout(FlashLayout):
         # The log starts right after the prefill area and grows one slot per decode token.
         return position
 
-
-# DynaKV's continuity-centric layouts (intra_inter, dual_head) live in their own module; they
-# register into LAYOUTS on import.
-from sim.kv.layouts_dynakv import DualHeadLayout, IntraInterLayout  # noqa: E402
