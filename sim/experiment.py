@@ -420,6 +420,7 @@ def run_group(
             "pipeline": run.pipeline,
             "model": asdict(target),
             "kv_dtype": run.kv_dtype,
+            "record": run.record,
             "device": run.device,
             "timing_s": {"policy_pass": round(pp.wall_s, 3), "simulate": round(sim.wall_s, 3)},
         }
@@ -473,10 +474,12 @@ def extra_records(pp: Any, record: dict[str, Any], n_layers: int) -> dict[str, A
         if selection.coretrieval is not None and head < len(selection.coretrieval):
             out["coretrieval.npy"] = np.asarray(selection.coretrieval[head])
     if spec.update_horizon:
-        recent = int(getattr(pp.policy, "recent_tokens", 0) or 0)
+        def tail(step: int) -> int:
+            return pp.policy.kept_tail_start(pp.prompt_len, step)
+
         total = None
         for selection in pp.selections:
-            counts = update_retrieval(pp.prompt_len, selection, spec.update_horizon, recent)
+            counts = update_retrieval(pp.prompt_len, selection, spec.update_horizon, tail)
             if counts is not None:
                 total = counts if total is None else total + counts
         if total is not None:

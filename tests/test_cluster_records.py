@@ -48,8 +48,21 @@ def test_update_retrieval_counts_by_hand():
 def test_recent_window_entries_do_not_count_as_retrieval():
     # step 1 selects position 6, the token of step 0 (group 1), inside a 2-token window
     sel = _selection([[0], [6], [0]], [1, 0, 1])
-    assert update_retrieval(PROMPT, sel, horizon=1, recent_tokens=0).tolist() == [2, 1]
-    assert update_retrieval(PROMPT, sel, horizon=1, recent_tokens=2).tolist() == [2, 0]
+    assert update_retrieval(PROMPT, sel, horizon=1).tolist() == [2, 1]
+    # a 2-token window at step s: positions from PROMPT + s + 1 - 2 on are kept, not retrieved
+    window = lambda step: PROMPT + step + 1 - 2  # noqa: E731
+    assert update_retrieval(PROMPT, sel, horizon=1, kept_tail_start=window).tolist() == [2, 0]
+
+
+def test_clusterkv_unclustered_window_is_a_kept_tail():
+    from sim.policies import POLICIES
+
+    policy = POLICIES.create({"type": "clusterkv", "budget": 64, "update_interval": 4})
+    # steps 0-3: window starts at the prompt's end; step 5: after the update at step 4
+    assert policy.kept_tail_start(100, 2) == 100
+    assert policy.kept_tail_start(100, 5) == 104
+    recent = POLICIES.create({"type": "static_clusters", "budget": 64, "recent_tokens": 8})
+    assert recent.kept_tail_start(100, 5) == 100 + 5 + 1 - 8
 
 
 def test_split_updates_both_halves():

@@ -10,6 +10,8 @@ O(groups x head_dim) plus the entries that changed group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from sim.policies.base import LayerSelection
@@ -92,17 +94,20 @@ def labels_after(
 
 
 def update_retrieval(
-    prompt_len: int, selection: LayerSelection, horizon: int, recent_tokens: int = 0
+    prompt_len: int,
+    selection: LayerSelection,
+    horizon: int,
+    kept_tail_start: Callable[[int], int] | None = None,
 ) -> np.ndarray | None:
     """DynaKV Table 2: how soon a just-updated cluster is retrieved.
 
     A cluster is *updated* at step ``s`` when the step's token joins it or a split at ``s``
     moves entries into or out of it. It is *retrieved* at step ``s'`` when the selection of
-    ``s'`` contains one of its entries older than the recent window (``recent_tokens``; the
-    window is kept whatever the scores, so it says nothing about retrieval). Returns, per KV
-    head, counts ``(horizon + 1,)``: ``[0]`` updates observed (those with ``horizon`` steps
-    left), ``[t]`` those retrieved within ``t`` steps -- summed over heads. ``None`` without
-    groups.
+    ``s'`` contains one of its entries before ``kept_tail_start(s')`` (the policy's
+    always-attended tail -- a recent window, ClusterKV's unclustered window -- is kept whatever
+    the scores, so it says nothing about retrieval; default: nothing excluded). Returns counts
+    ``(horizon + 1,)`` summed over KV heads: ``[0]`` updates observed (those with ``horizon``
+    steps left), ``[t]`` those retrieved within ``t`` steps. ``None`` without groups.
     """
     if selection.prefill_groups is None or selection.append_groups is None or not horizon:
         return None
@@ -122,7 +127,8 @@ def update_retrieval(
             # selection of this step: made with the labels as of the previous step
             context = prompt_len + step
             positions = np.asarray(selection.heads[head].at(step))
-            positions = positions[positions < context + 1 - recent_tokens]
+            if kept_tail_start is not None:
+                positions = positions[positions < kept_tail_start(step)]
             groups = labels[positions]
             retrieved.append(set(np.unique(groups[groups >= 0]).tolist()))
             changed = {int(labels[context])}

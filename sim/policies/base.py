@@ -230,6 +230,12 @@ class RetrievalPolicy(ABC):
         """The smallest context length the policy's settings make sense for (config check)."""
         return 1
 
+    def kept_tail_start(self, prompt_len: int, step: int) -> int:
+        """First position of the tail the policy attends at decode ``step`` whatever the scores
+        (its recent window), so statistics can tell retrieval from keeping; the step's context
+        is ``[0, prompt_len + step]``."""
+        return prompt_len + step + 1 - int(getattr(self, "recent_tokens", 0) or 0)
+
 
 # --------------------------------------------------------------------------------------------
 # Exact decode attention (shared by oracle policies and sim.metrics.accuracy)

@@ -94,6 +94,11 @@ class ClusterKV(ClusteredPolicy):
         super().__post_init__()
         check_count("full_layers", self.full_layers)
 
+    def kept_tail_start(self, prompt_len: int, step: int) -> int:
+        """The unclustered window (tokens since the last local update) is attended always."""
+        window_start = prompt_len + (step // self.update_interval) * self.update_interval
+        return min(super().kept_tail_start(prompt_len, step), window_start)
+
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
         if ctx.layer < self.full_layers:
             return LayerSelection.full(ctx)
