@@ -147,6 +147,17 @@ class Plan:
     def is_complete(self, run: RunPlan) -> bool:
         return (self.run_dir(run) / RUN_SUMMARY).exists()
 
+    def made_by_other_code(self, runs: list[RunPlan], code: str) -> int:
+        """How many of these complete runs were made by a different kvsim source."""
+        count = 0
+        for run in runs:
+            try:
+                settings = yaml.safe_load((self.run_dir(run) / RUN_SETTINGS).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            count += isinstance(settings, dict) and settings.get("code") != code
+        return count
+
     def unique_runs(self) -> list[RunPlan]:
         """Each distinct run once (a run an axis leaves unchanged is listed per point)."""
         unique: dict[str, RunPlan] = {}
@@ -163,6 +174,17 @@ class Plan:
                 planned.add(run.run_id)
                 groups.setdefault(run.pass_id, PassGroup(run.pass_id, [])).runs.append(run)
         return list(groups.values())
+
+
+def code_fingerprint() -> str:
+    """Hash of kvsim's own source (every ``sim/**/*.py``), stored with each run so that reusing
+    a run made by different code can be flagged."""
+    root = Path(__file__).resolve().parent
+    sha = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        sha.update(path.relative_to(root).as_posix().encode())
+        sha.update(path.read_bytes())
+    return sha.hexdigest()[:12]
 
 
 def digest(payload: Any, length: int = 12) -> str:
@@ -374,6 +396,7 @@ def run_group(
     policy = POLICIES.create(first.policy, where=f"run {first.label}")
     pp = run_policy_pass(trace, policy, first.seed, progress=False, workers=threads)
     extra = extra_records(pp, first.record, trace.model.n_layers)
+    code = code_fingerprint()
     sim_s, rows = [], []
     for run in runs:
         target = ModelGeometry(**run.model) if run.model else trace.model
@@ -423,6 +446,7 @@ def run_group(
             "record": run.record,
             "device": run.device,
             "timing_s": {"policy_pass": round(pp.wall_s, 3), "simulate": round(sim.wall_s, 3)},
+            "code": code,
         }
         write_run(Path(runs_dir) / run.run_id, pp, sim, settings, row, extra)
         sim_s.append(sim.wall_s)

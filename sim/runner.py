@@ -36,6 +36,7 @@ from sim.experiment import (
     PassGroup,
     Plan,
     atomic_write_text,
+    code_fingerprint,
     read_summary,
     remove_stale_temporaries,
     run_group,
@@ -133,6 +134,15 @@ def execute(
     remove_stale_temporaries(plan.runs_dir)
     pending = [run for run in runs if force or not plan.is_complete(run)]
     report.skipped = len(runs) - len(pending)
+    if report.skipped:
+        pending_ids = {run.run_id for run in pending}
+        skipped = [run for run in runs if run.run_id not in pending_ids]
+        stale = plan.made_by_other_code(skipped, code_fingerprint())
+        if stale:
+            log(
+                f"note: {stale} of the {report.skipped} complete runs were made by different "
+                "kvsim code; they are reused as they are (--force reruns them)"
+            )
     groups = plan.groups(pending)
     jobs = max(1, jobs or os.cpu_count() or 1)
     workers = 1 if scheduler is None and (jobs == 1 or len(groups) <= 1) else jobs

@@ -80,6 +80,21 @@ def test_rerun_skips_complete_runs_and_force_reruns(tmp_path):
     pd.testing.assert_frame_equal(first, forced)
 
 
+def test_reused_runs_from_other_code_are_flagged(tmp_path):
+    planned = _plan(tmp_path)
+    execute(planned, jobs=1, **QUIET)
+    run = planned.runs[0]
+    settings_path = planned.run_dir(run) / "run.yaml"
+    settings = yaml.safe_load(settings_path.read_text())
+    settings["code"] = "0" * 12  # as if made by an older kvsim
+    settings_path.write_text(yaml.safe_dump(settings))
+    lines = []
+    _summary, report = execute(planned, jobs=1, progress=False, log=lines.append)
+    assert report.completed == 0
+    assert any("1 of the 6 complete runs were made by different kvsim code" in line
+               for line in lines)
+
+
 def test_crash_mid_sweep_keeps_completed_runs_and_resumes(tmp_path, monkeypatch):
     planned = _plan(tmp_path)
     import sim.engine as engine  # the worker imports the engine lazily: patch it there
