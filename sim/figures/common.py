@@ -27,7 +27,7 @@ RUN = "run"
 
 METRIC_LABELS = {
     "attention_recall_mean": "attention recall (share of mass)",
-    "retrieval_recall_mean": "attention recall, retrieval layers (share of mass)",
+    "retrieval_recall_mean": "recall, retrieved layers (share of mass)",
     "attention_recall_p10": "attention recall, 10th percentile (share)",
     "topk_recall_mean": "top-k recall (share of exact top-k)",
     "output_rel_error_mean": "attention output error (relative L2)",

@@ -167,7 +167,7 @@ class MetricLines(Figure):
         if self.show_traces and max_traces > 1:
             note += "; dotted: each trace"
         fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0),
-                   ncol=min(len(labels), 4 if n > 1 else 2), frameon=False,
+                   ncol=min(len(labels), 6 if n > 1 else 3), frameon=False,
                    title=f"{self.title or results.name} ({note})", title_fontsize=7)
         fig.tight_layout()
         written = save_figure(fig, stem)
@@ -214,3 +214,4 @@ class BudgetFigure(MetricLines):
 
     x: str = "policy.budget"
     x_percent: bool = True
+    logx: bool = True
