@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -379,24 +380,67 @@ def cache_capacity_bytes(
     return int(capacity)
 
 
-def run_group(
-    runs: list[RunPlan], trace_path: str, runs_dir: str, threads: int = 1
-) -> dict[str, Any]:
-    """Compute the group's policy pass once, replay it for each run, write each run's files.
+def pass_cache_dir() -> Path | None:
+    """Where policy passes are kept for reuse across experiments: ``$KVSIM_PASS_CACHE``
+    (``off`` disables it), else ``results/.pass-cache`` in the repository."""
+    value = os.environ.get("KVSIM_PASS_CACHE")
+    if value is not None and value.strip().lower() in ("", "0", "off", "none"):
+        return None
+    return Path(value).expanduser() if value else REPO_ROOT / "results" / ".pass-cache"
 
-    Returns ``{"pass_s": ..., "sim_s": [...], "rows": [...]}``. Runs complete one by one: a
-    worker killed half-way keeps the runs it finished.
+
+def _policy_pass(
+    run: RunPlan, trace: Any, threads: int, cache_dir: str | None, code: str
+) -> tuple[Any, bool]:
+    """The run's policy pass, from the pass cache when an identical one is there (same pass
+    settings, same trace files, same kvsim source); computed and stored otherwise."""
+    from sim.engine import run_policy_pass
+
+    path = None
+    if cache_dir:
+        manifest = hashlib.sha256((Path(trace.path) / "manifest.json").read_bytes()).hexdigest()
+        key = digest({"pass": run.pass_id, "trace": manifest, "code": code}, 20)
+        path = Path(cache_dir) / f"{key}.pkl"
+        if path.exists():
+            try:
+                with path.open("rb") as handle:
+                    return pickle.load(handle), True
+            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+                pass  # unreadable entry: compute it again (and replace it)
+    policy = POLICIES.create(run.policy, where=f"run {run.label}")
+    pp = run_policy_pass(trace, policy, run.seed, progress=False, workers=threads)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with tmp.open("wb") as handle:
+            pickle.dump(pp, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    return pp, False
+
+
+def run_group(
+    runs: list[RunPlan],
+    trace_path: str,
+    runs_dir: str,
+    threads: int = 1,
+    pass_cache: str | None = None,
+) -> dict[str, Any]:
+    """Obtain the group's policy pass once (computed, or from ``pass_cache``), replay it for
+    each run, write each run's files.
+
+    Returns ``{"pass_s", "pass_cached", "sim_s", "rows"}`` (``pass_s``: the pass's compute time,
+    when it was computed). Runs complete one by one: a worker killed half-way keeps the runs it
+    finished.
     """
     # imported here so a worker pays for the engine only when it has work
-    from sim.engine import SimSetup, run_policy_pass, simulate
+    from sim.engine import SimSetup, simulate
     from sim.metrics.records import summarize
 
     first = runs[0]
     trace = open_trace(trace_path)
-    policy = POLICIES.create(first.policy, where=f"run {first.label}")
-    pp = run_policy_pass(trace, policy, first.seed, progress=False, workers=threads)
-    extra = extra_records(pp, first.record, trace.model.n_layers)
     code = code_fingerprint()
+    pp, cached = _policy_pass(first, trace, threads, pass_cache, code)
+    extra = extra_records(pp, first.record, trace.model.n_layers)
     sim_s, rows = [], []
     for run in runs:
         target = ModelGeometry(**run.model) if run.model else trace.model
@@ -451,7 +495,7 @@ def run_group(
         write_run(Path(runs_dir) / run.run_id, pp, sim, settings, row, extra)
         sim_s.append(sim.wall_s)
         rows.append(row)
-    return {"pass_s": pp.wall_s, "sim_s": sim_s, "rows": rows}
+    return {"pass_s": pp.wall_s, "pass_cached": cached, "sim_s": sim_s, "rows": rows}
 
 
 def _cell(value: Any) -> Any:

@@ -37,6 +37,7 @@ from sim.experiment import (
     Plan,
     atomic_write_text,
     code_fingerprint,
+    pass_cache_dir,
     read_summary,
     remove_stale_temporaries,
     run_group,
@@ -54,9 +55,10 @@ class Report:
     skipped: int = 0
     completed: int = 0
     failed: list[str] = field(default_factory=list)
-    passes: int = 0
+    passes: int = 0  # policy passes computed
+    cached_passes: int = 0  # policy passes loaded from the pass cache
     pass_s: float = 0.0
-    reuse_saved_s: float = 0.0  # pass time not spent thanks to reuse
+    reuse_saved_s: float = 0.0  # pass compute time (worker CPU) not spent thanks to reuse
     wall_s: float = 0.0
     workers: int = 1
     backend: str = "local"
@@ -66,10 +68,11 @@ class Report:
             f"{self.completed} of {self.planned} runs done in {self.wall_s:.1f} s "
             f"({self.skipped} already complete) on {self.workers} {self.backend} worker(s)"
         ]
-        if self.passes:
+        if self.passes or self.cached_passes:
             out.append(
-                f"policy passes: {self.passes} computed ({self.pass_s:.1f} s) for "
-                f"{self.completed} runs; reuse saved ~{self.reuse_saved_s:.1f} s"
+                f"policy passes: {self.passes} computed ({self.pass_s:.1f} s), "
+                f"{self.cached_passes} from the pass cache, for {self.completed} runs; reuse "
+                f"saved ~{self.reuse_saved_s:.1f} s of pass compute"
             )
         return out
 
@@ -183,14 +186,22 @@ def _run_groups(
     threads = max(1, (os.cpu_count() or 1) // workers)
 
     def account(group: PassGroup, result: dict[str, Any]) -> None:
-        report.passes += 1
-        report.pass_s += result["pass_s"]
-        report.reuse_saved_s += result["pass_s"] * (len(result["rows"]) - 1)
-        report.completed += len(result["rows"])
+        uses = len(result["rows"])
+        if result.get("pass_cached"):
+            report.cached_passes += 1
+            report.reuse_saved_s += result["pass_s"] * uses
+        else:
+            report.passes += 1
+            report.pass_s += result["pass_s"]
+            report.reuse_saved_s += result["pass_s"] * (uses - 1)
+        report.completed += uses
+
+    cache = pass_cache_dir()
 
     def args(group: PassGroup) -> tuple:
         runs_dir = str(plan.runs_dir)
-        return group.runs, traces[group.runs[0].trace.key], runs_dir, threads
+        return (group.runs, traces[group.runs[0].trace.key], runs_dir, threads,
+                None if cache is None else str(cache))
 
     def failed(group: PassGroup, exc: BaseException) -> None:
         if os.environ.get("KVSIM_DEBUG"):

@@ -14,6 +14,20 @@ FIXTURE_TRACE = Path(__file__).resolve().parent.parent / "traces" / "sample" / (
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_pass_cache(tmp_path_factory):
+    """Tests keep their policy passes out of the repository's results/.pass-cache."""
+    import os
+
+    previous = os.environ.get("KVSIM_PASS_CACHE")
+    os.environ["KVSIM_PASS_CACHE"] = str(tmp_path_factory.mktemp("pass-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("KVSIM_PASS_CACHE", None)
+    else:
+        os.environ["KVSIM_PASS_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def fixture_trace():
     from sim.trace.format import open_trace

@@ -33,6 +33,12 @@ SWEEP = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_pass_cache(monkeypatch):
+    """Pass counts below are per experiment; the cross-experiment pass cache has its own test."""
+    monkeypatch.setenv("KVSIM_PASS_CACHE", "off")
+
+
 def _plan(tmp_path, data=SWEEP, out="out"):
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump({**data, "output": str(tmp_path / out)}))
@@ -78,6 +84,22 @@ def test_rerun_skips_complete_runs_and_force_reruns(tmp_path):
     forced, report = execute(planned, jobs=1, force=True, **QUIET)
     assert report.completed == 6
     pd.testing.assert_frame_equal(first, forced)
+
+
+def test_pass_cache_serves_another_experiment_with_identical_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSIM_PASS_CACHE", str(tmp_path / "passes"))
+    first, report = execute(_plan(tmp_path, out="first"), jobs=1, **QUIET)
+    assert report.passes == 2 and report.cached_passes == 0
+    assert len(list((tmp_path / "passes").glob("*.pkl"))) == 2
+    second, report = execute(_plan(tmp_path, out="second"), jobs=1, **QUIET)
+    assert report.passes == 0 and report.cached_passes == 2 and report.completed == 6
+    pd.testing.assert_frame_equal(first, second)
+    # a corrupt entry is recomputed, not trusted
+    for entry in (tmp_path / "passes").glob("*.pkl"):
+        entry.write_bytes(b"not a pickle")
+    third, report = execute(_plan(tmp_path, out="third"), jobs=1, **QUIET)
+    assert report.passes == 2
+    pd.testing.assert_frame_equal(first, third)
 
 
 def test_reused_runs_from_other_code_are_flagged(tmp_path):
