@@ -7,11 +7,13 @@ plus PNG, written atomically.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")  # no display on phones' simulators' build machines
+if "ipykernel" not in sys.modules:  # headless by default; notebooks keep their inline backend
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 

@@ -143,3 +143,19 @@ def test_sinks_filling_the_prompt_are_caught_before_running(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0 and "Traceback" not in err
     assert "policies[1]" in err and "160 tokens" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_results_find_a_run_by_label_and_sweep_point(tmp_path):
+    from sim.errors import KvsimError
+    from sim.figures import Results
+
+    text = GOOD + "sweep:\n  grid:\n    policy.budget: [64, 96]\n"
+    config = _write(tmp_path, text)
+    out_dir = tmp_path / "out"
+    assert main(["run", str(config), "--output", str(out_dir), "--quiet", "--no-plot"]) == 0
+    results = Results.load(out_dir)
+    run_id = results.run_id("static_clusters", policy__budget=96)
+    settings = results.settings(run_id)
+    assert settings["policy"]["budget"] == 96 and settings["run"] == "static_clusters"
+    with pytest.raises(KvsimError, match="2 runs match"):
+        results.run_id("static_clusters")

@@ -66,6 +66,19 @@ class Results:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def run_id(self, run: str, **axes: Any) -> str:
+        """The id of the run labelled ``run`` at the sweep point given by ``axes`` (dotted keys
+        with ``.`` written as ``__``: ``policy__budget=0.05``); raises if not exactly one."""
+        rows = self.summary[self.summary["run"] == run]
+        for key, value in axes.items():
+            column = key.replace("__", ".")
+            if column not in rows:
+                raise KvsimError(f"{self.dir}: no sweep axis {column!r} in summary.csv")
+            rows = rows[rows[column] == value]
+        if len(rows) != 1:
+            raise KvsimError(f"{self.dir}: {len(rows)} runs match run={run!r} {axes or ''}")
+        return str(rows["run_id"].iloc[0])
+
     def run_dir(self, run_id: str) -> Path:
         return self.dir / "runs" / str(run_id)
 
