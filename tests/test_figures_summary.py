@@ -328,3 +328,23 @@ def test_a_copied_results_dir_redraws(sweeps, tmp_path):
     shutil.copytree(sweeps["cache"].dir, copy)
     written = plot_results(copy)
     assert any(p.name == "fig14_cache.pdf" for p in written)
+
+
+def test_where_and_points_treat_an_axis_a_run_lacks_as_any_value(sweeps):
+    results = sweeps["budget"]
+    figure = FIGURES.create({"type": "fig15_budget", "where": {"run": ["full", "dynakv"]}})
+    table, _, _ = figure.table(results)
+    assert set(table["line"]) == {"full", "dynakv"}
+    # full has no budget: its one result stands for every budget a point pins
+    overview = FIGURES.create({"type": "fig10_overview", "baseline": "token_topk",
+                               "points": {"default": {"policy.budget": 0.3}}}).table(results)
+    assert set(overview["run"]) == {"full", "token_topk", "dynakv"}
+
+
+def test_line_labels_name_switches_only_when_on():
+    from sim.figures.common import key_label
+
+    columns = ["cache.replacement", "pipeline.swap_layers"]
+    assert key_label(["lru", False], columns) == "lru"
+    assert key_label(["lru", True], columns) == "lru + swap_layers"
+    assert key_label(["dynakv", 0.1], ["run", "policy.budget"]) == "dynakv, budget=0.1"
