@@ -178,14 +178,21 @@ class Plan:
 
 
 def code_fingerprint() -> str:
-    """Hash of kvsim's own source (every ``sim/**/*.py``), stored with each run so that reusing
-    a run made by different code can be flagged."""
+    """Hash of the kvsim source that decides a run's records (``sim/**/*.py`` except figures,
+    plots, CLI and scheduling), stored with each run and keying the pass cache, so reusing
+    results made by different code is flagged or avoided."""
     root = Path(__file__).resolve().parent
     sha = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        sha.update(path.relative_to(root).as_posix().encode())
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith(_PRESENTATION):
+            continue  # drawing and scheduling never change a run's records
+        sha.update(relative.encode())
         sha.update(path.read_bytes())
     return sha.hexdigest()[:12]
+
+
+_PRESENTATION = ("figures/", "plots.py", "cli.py", "runner.py", "__main__.py")
 
 
 def digest(payload: Any, length: int = 12) -> str:
@@ -295,13 +302,16 @@ def _plan_point(
         at = f"{where}: policies[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{at}: expected a mapping with a 'type' key, got {entry!r}")
-        policy_spec = {k: v for k, v in entry.items() if k not in RUN_KEYS}
+        given = {k: v for k, v in entry.items() if k not in RUN_KEYS}
         cache = _override(CacheSpec, config.cache, entry.get("cache"), f"{at}.cache")
         pipeline = _override(PipelineSpec, config.pipeline, entry.get("pipeline"),
                              f"{at}.pipeline")
         REPLACEMENTS.create(cache.replacement, where=f"{at}.cache.replacement")
-        policy = POLICIES.create(policy_spec, where=at)
-        label = str(entry.get("label", policy_spec["type"]))
+        policy = POLICIES.create(given, where=at)
+        # every parameter, defaults filled in: {dynakv} and {dynakv, buffer_max: <default>} are
+        # the same run and share one policy pass
+        policy_spec = {"type": given["type"], **_parameters(policy)}
+        label = str(entry.get("label", given["type"]))
         if label in labels:
             raise ConfigError(f"{at}: duplicate run label {label!r}; give each a distinct 'label'")
         labels.add(label)
@@ -336,6 +346,18 @@ def _plan_point(
         run.run_id = digest(run.identity())
         runs.append(run)
     return runs
+
+
+def _parameters(policy: Any) -> dict[str, Any]:
+    """A policy's constructor parameters and their values, as plain YAML/JSON data."""
+    import dataclasses
+
+    values = {}
+    for item in dataclasses.fields(policy):
+        if item.init:
+            value = getattr(policy, item.name)
+            values[item.name] = list(value) if isinstance(value, tuple) else value
+    return values
 
 
 def _override(model: type, base: Any, entry: Any, where: str) -> Any:
