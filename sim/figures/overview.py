@@ -162,7 +162,7 @@ class OverviewFigure(Figure):
             ax.set_ylabel(label)
             ax.grid(axis="y", alpha=0.3, lw=0.5)
         axes[-1].set_xticks(range(len(groups)),
-                            [names[t] for t in traces]
+                            [names[t].replace("/", "\n") for t in traces]
                             + [f"average of {len(traces)}\n(bars: min-max)"])
         axes[-1].set_xlabel("trace (model / text)")
         handles, labels = axes[0].get_legend_handles_labels()
