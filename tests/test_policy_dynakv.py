@@ -12,6 +12,8 @@ from sim.policies import POLICIES
 from sim.policies.base import LayerContext, LayerSelection
 from sim.policies.dynakv import split_in_two
 
+from .dynakv_reference import ReferenceDynaKV
+
 # --------------------------------------------------------------------------------------------
 # A tiny layer worked out by hand: 1 KV head, 1 query head, 2-D keys, P = 9.
 #   position 0: the sink; A = positions 1-4 around (10, 0); B = positions 5-8 around (-10, 0),
@@ -232,6 +234,81 @@ def test_cluster_invariants(
             assert set(seen[sinks:].tolist()) == live
             assert (seen[:sinks] == sink_id).all()
         assert event is None
+
+
+# --------------------------------------------------------------------------------------------
+# The optimised step loop equals the original one (tests/dynakv_reference.py) bit for bit
+# --------------------------------------------------------------------------------------------
+
+
+def assert_same_selection(got: LayerSelection, want: LayerSelection) -> None:
+    def same_heads(a, b):
+        assert (a is None) == (b is None)
+        for x, y in zip(a or [], b or [], strict=True):
+            np.testing.assert_array_equal(x.positions, y.positions, strict=True)
+            np.testing.assert_array_equal(x.offsets, y.offsets, strict=True)
+
+    same_heads(got.heads, want.heads)
+    same_heads(got.extra_reads, want.extra_reads)
+    for name in ("index_vectors", "prefill_groups", "append_groups"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), strict=True)
+    assert (got.relabels is None) == (want.relabels is None)
+    for x, y in zip(got.relabels or [], want.relabels or [], strict=True):
+        assert len(x) == len(y)
+        for a, b in zip(x, y, strict=True):
+            assert (a.step, a.group) == (b.step, b.group)
+            np.testing.assert_array_equal(a.positions, b.positions, strict=True)
+    assert (got.coretrieval is None) == (want.coretrieval is None)
+    for x, y in zip(got.coretrieval or [], want.coretrieval or [], strict=True):
+        np.testing.assert_array_equal(x, y, strict=True)
+
+
+def same_as_reference(seed, prompt, steps, n_kv, group, d, **params):
+    queries, keys = drifting_layer(seed, prompt, steps, n_kv, group, d)
+    spec = {"type": "dynakv", **params}
+    fast = POLICIES.create(spec)
+    reference = ReferenceDynaKV(**{k: v for k, v in spec.items() if k != "type"})
+    ctx = lambda: LayerContext(0, keys, queries, prompt, np.random.default_rng(seed))  # noqa: E731
+    assert_same_selection(fast.select_layer(ctx()), reference.select_layer(ctx()))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    prompt=st.integers(12, 80),
+    steps=st.integers(1, 30),
+    n_kv=st.integers(1, 2),
+    d=st.integers(2, 6),
+    budget=st.one_of(st.integers(1, 40), st.floats(0.01, 1.0)),
+    sinks=st.integers(0, 4),
+    recent=st.integers(0, 6),
+    per_cluster=st.integers(2, 10),
+    buffer_max=st.integers(1, 5),
+    tau_quantile=st.floats(0.0, 1.0),
+    distance=st.sampled_from(["euclidean", "cosine"]),
+    adaptation=st.booleans(),
+)
+def test_step_loop_matches_the_reference_implementation(
+    seed, prompt, steps, n_kv, d, budget, sinks, recent, per_cluster, buffer_max,
+    tau_quantile, distance, adaptation,
+):
+    if isinstance(budget, int) and budget < sinks + recent:
+        budget = sinks + recent  # a token budget must hold the forced positions
+    same_as_reference(
+        seed, prompt, steps, n_kv, 2, d, budget=budget, sink_tokens=sinks,
+        recent_tokens=recent, tokens_per_cluster=per_cluster, buffer_max=buffer_max,
+        tau_quantile=tau_quantile, distance=distance, adaptation=adaptation,
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("buffer_max", [2, 16])
+def test_step_loop_matches_the_reference_on_a_longer_layer(seed, buffer_max):
+    # Hundreds of positions and steps: many splits, buffers, forced loads and truncations.
+    same_as_reference(
+        seed, 400, 120, 2, 3, 8, budget=0.1, sink_tokens=4, recent_tokens=8,
+        tokens_per_cluster=20, buffer_max=buffer_max, tau_quantile=0.5,
+    )
 
 
 # --------------------------------------------------------------------------------------------

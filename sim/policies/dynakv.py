@@ -171,59 +171,131 @@ class DynaKV(ClusteredPolicy):
             centroids = state.csum[:n0] / size[:, None]
             state.labels[prompt:] = nearest_centroid(space[prompt:], centroids)
             static_scores = group_query @ (state.rsum[:n0] / size[:, None]).T
+            # sink_id = n0 = the last: ranked below every cluster (forced by the base anyway)
+            static_scores = np.concatenate(
+                (static_scores, np.full((n_steps, 1), -np.inf)), axis=1
+            )
         run.append_groups = state.labels[prompt:].copy()
+        append_groups = run.append_groups
+        buffers = state.buffers
+        selected_steps, n_clusters, extra_steps = run.selected, run.n_clusters, run.extra
+        state.init_members(prompt, prompt - self.recent_tokens)
+        decode64 = space[prompt:].astype(np.float64)  # the new tokens, for nearest()
 
         for s in range(n_steps):
             width = prompt + s
+            state.advance_span(width - self.recent_tokens)
             # (1) rank the clusters, fill the budget; the active set is what is in DRAM.
             if self.adaptation:
                 scores = state.representatives() @ group_query[s]
                 scores[state.sink_id] = -np.inf  # the sinks' group: forced by the base anyway
             else:
-                scores = np.append(static_scores[s], -np.inf)  # sink_id = n0 = the last
-            priority = cluster_priorities(scores[None, :], state.labels[:width])
-            buffered = state.buffered_positions()
-            if len(buffered):
-                # Buffered entries (DRAM) first inside their cluster. A cluster of rank r holds
-                # priorities r (width + 1) + (width - p) <= r (width + 1) + width and the next
-                # one starts above r (width + 1) + width + 1: move p to the open interval
-                # between, r (width + 1) + width + 1 - (p + 1) / (width + 2) (earliest first).
-                priority[0, buffered] += 1 + buffered - (buffered + 1) / (width + 2)
-            selected = self._fill(priority, prompt, s)[0]
-            run.selected.append(selected)
-            run.n_clusters.append(state.count - 1)
-            run.extra.append(np.zeros(0, np.int32))
-            if not self.adaptation:
-                continue
-            active = state.active(selected, buffered)
-
-            # (2) place the new token.
+                scores = static_scores[s]
+            buffered = state.buffered_positions() if buffers else _NO_POSITIONS
+            selected = self._select(scores, state, prompt, s, buffered)
+            selected_steps.append(selected)
+            n_clusters.append(state.count - 1)
+            extra_steps.append(_NO_READS)
             new = width
-            j = state.nearest(space[new])
-            state.labels[new] = run.append_groups[s] = j
+            if not self.adaptation:
+                state.add_member(int(state.labels[new]), new)
+                continue
+
+            # (2) place the new token. Its cluster and variance depend on neither the labels
+            # nor the sizes, so the active set (of the state before the placement) is only
+            # computed when a split may need it.
+            j = state.nearest(decode64[s])
+            deviation, variance = state.append_variance(j, new)
+            active = None
+            if variance > tau or buffers:
+                active = state.active(selected, buffered)
+            state.labels[new] = append_groups[s] = j
             state.size[j] += 1
-            variance = state.append_variance(j, new)
+            state.add_member(j, new)
             if variance <= tau:
-                state.append(j, new)
+                state.append(j, new, deviation)
             elif active[j]:
                 self._split(state, run, j, s, new)
             else:
-                state.buffers.setdefault(j, []).append(new)
+                buffers.setdefault(j, []).append(new)
+            if not buffers:
+                continue
             # (3) delayed splits of the loaded clusters.
-            for c in sorted(state.buffers):
+            for c in sorted(buffers):
                 if active[c]:
                     self._split(state, run, c, s, new)
             # (4) buffers full: force-load the cluster with the largest buffer and split it.
             extra = []
-            while sum(len(b) for b in state.buffers.values()) >= self.buffer_max:
-                c = max(sorted(state.buffers), key=lambda k: len(state.buffers[k]))
+            while sum(len(b) for b in buffers.values()) >= self.buffer_max:
+                c = max(sorted(buffers), key=lambda k: len(buffers[k]))
                 members = state.members(c, width)
                 in_dram = np.isin(members, selected) | np.isin(members, buffered)
                 extra.append(members[~in_dram])
                 self._split(state, run, c, s, new)
             if extra:
-                run.extra[-1] = np.unique(np.concatenate(extra)).astype(np.int32)
+                extra_steps[-1] = np.unique(np.concatenate(extra)).astype(np.int32)
         return run
+
+    def _select(
+        self, scores: np.ndarray, state: _Clusters, prompt: int, s: int, buffered: np.ndarray
+    ) -> np.ndarray:
+        """Step ``s``'s selection (sorted int32): forced sinks and recent window, then the
+        clusters whole in score order (ties: lowest id), the last one truncated, its buffered
+        entries first and then its earliest positions.
+
+        This is the budgeted base's fill of :func:`cluster_priorities` with the buffered
+        entries moved to the front of their cluster (:meth:`_select_by_priority`, used when
+        the budget covers the whole context or not even the forced positions): every
+        priority is distinct, so the top-k set is the first k in this order. Computed on
+        clusters instead: a cluster's positions in the unforced span ``[sinks, width -
+        recent)`` are the first ``span_count`` of its sorted stored members."""
+        width = prompt + s
+        sinks, recent = self.sink_tokens, self.recent_tokens
+        k = self.budget_at(width)
+        if k >= width or k < min(width, sinks + recent):
+            return self._select_by_priority(scores, state.labels[:width], prompt, s, buffered)
+        # Otherwise sinks + recent <= k < width: the forced blocks [0, sinks) and [hi, width)
+        # are disjoint and the clusters fill the other rest >= 0 positions, from [sinks, hi).
+        hi = width - recent
+        rest = k - sinks - recent
+        order = np.argsort(-scores, kind="stable")
+        in_span = state.span_count
+        filled = np.cumsum(in_span[order])
+        b = int(np.searchsorted(filled, rest))  # the boundary cluster's rank
+        stored = state.stored
+        parts = [stored[c][: in_span[c]] for c in order[:b].tolist()]
+        part = rest - (int(filled[b - 1]) if b else 0)  # 0 <= part <= its count in the span
+        if part:
+            c = int(order[b])
+            inside = stored[c][: in_span[c]]
+            first = [p for p in state.buffers.get(c, ()) if p < hi]  # buffered: >= prompt
+            if first:
+                inside = np.concatenate((first, inside[~np.isin(inside, first)]))
+            parts.append(inside[:part])
+        if parts:
+            chosen = np.concatenate(parts)  # a fresh array: sorted in place
+            chosen.sort()
+        else:
+            chosen = _NO_POSITIONS
+        out = np.empty(k, np.int32)
+        out[:sinks] = np.arange(sinks)
+        out[sinks : sinks + len(chosen)] = chosen
+        out[sinks + len(chosen) :] = np.arange(hi, width)
+        return out
+
+    def _select_by_priority(
+        self, scores: np.ndarray, labels: np.ndarray, prompt: int, s: int, buffered: np.ndarray
+    ) -> np.ndarray:
+        """The reference fill: per-position priorities, the budgeted base's top-k."""
+        width = prompt + s
+        priority = cluster_priorities(scores[None, :], labels)
+        if len(buffered):
+            # Buffered entries (DRAM) first inside their cluster. A cluster of rank r holds
+            # priorities r (width + 1) + (width - p) <= r (width + 1) + width and the next
+            # one starts above r (width + 1) + width + 1: move p to the open interval
+            # between, r (width + 1) + width + 1 - (p + 1) / (width + 2) (earliest first).
+            priority[0, buffered] += 1 + buffered - (buffered + 1) / (width + 2)
+        return self._fill(priority, prompt, s)[0]
 
     def _split(self, state: _Clusters, run: _HeadRun, j: int, step: int, last: int) -> None:
         """Split cluster ``j`` (members up to position ``last``, buffer included) in two."""
@@ -235,8 +307,10 @@ class DynaKV(ClusteredPolicy):
         new_id = state.add_cluster()
         state.labels[moved] = new_id
         state.buffers.pop(j, None)
-        state.recompute(j, members[~move])
+        kept = members[~move]
+        state.recompute(j, kept)
         state.recompute(new_id, moved)
+        state.move_members(j, kept, new_id, members[move])
         run.relabels.append(Relabel(step, moved, new_id))
 
 
@@ -269,6 +343,10 @@ def split_in_two(points: np.ndarray, iters: int) -> np.ndarray:
     return half
 
 
+_NO_POSITIONS = np.zeros(0, np.int64)
+_NO_READS = np.zeros(0, np.int32)  # shared by the steps without forced reads (never mutated)
+
+
 @dataclass
 class _HeadRun:
     """One KV head's outputs, per decode step."""
@@ -294,35 +372,92 @@ class _Clusters:
         d = space.shape[1]
         self.n = np.ones(capacity)  # 1 for unused slots and the sinks: no division by zero
         self.csum = np.zeros((capacity, d))
-        self.rsum = np.zeros((capacity, d))
         self.m2 = np.zeros(capacity)
         self.centroid = np.zeros((capacity, d))
-        self.rep = np.zeros((capacity, d))
+        # Euclidean clustering space = the raw keys: the raw-key sums and representatives are
+        # the clustering-space ones (same operations on the same numbers), kept once.
+        self.same_space = space is keys
+        self.rsum = self.csum if self.same_space else np.zeros((capacity, d))
+        self.rep = self.centroid if self.same_space else np.zeros((capacity, d))
         self.half_sq = np.zeros(capacity)
         self.size = np.zeros(capacity, np.int64)
         self.count = sink_id + 1
         self.labels = np.full(len(keys), sink_id, np.int32)
         self.buffers: dict[int, list[int]] = {}
+        self._scratch = np.zeros(len(keys), bool)  # all False between uses
+        # Stored members of each cluster (positions < the current step's new token, plus it
+        # once placed), ascending: stored[c][:n_stored[c]] (arrays grow by doubling).
+        self.stored: list[np.ndarray] = [_NO_POSITIONS] * capacity
+        self.n_stored = np.zeros(capacity, np.int64)
+        # Members of each cluster in the unforced span [sinks, span_end): its first members.
+        self.span_count = np.zeros(capacity, np.int64)
+        self.sinks, self.span_end = 0, 0
 
     def init_prefill(self, prefill_lab: np.ndarray, sinks: int, prompt: int) -> None:
         n0 = self.sink_id
+        self.sinks = sinks
         self.labels[sinks:prompt] = prefill_lab
         self.n[:n0] = np.bincount(prefill_lab, minlength=n0)
         self.size[:n0] = self.n[:n0]
         self.size[n0] = sinks
         points = self.space[sinks:prompt]
         self.csum[:n0] = sum_by_label(points, prefill_lab, n0)
-        self.rsum[:n0] = sum_by_label(self.keys[sinks:prompt], prefill_lab, n0)
+        if not self.same_space:
+            self.rsum[:n0] = sum_by_label(self.keys[sinks:prompt], prefill_lab, n0)
         self._derive(slice(0, n0))
         deviation = points - self.centroid[prefill_lab]
         self.m2[:n0] = np.bincount(prefill_lab, (deviation**2).sum(axis=1), minlength=n0)
+
+    def init_members(self, prompt: int, span_end: int) -> None:
+        """Index the prompt's members, the unforced span ending at ``span_end``."""
+        labels = self.labels[:prompt]
+        counts = np.bincount(labels, minlength=self.count)
+        by_cluster = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])
+        for c, members in enumerate(by_cluster):
+            self.stored[c] = members
+        self.n_stored[: self.count] = counts
+        self.span_end = self.sinks
+        self.advance_span(span_end)
+
+    def advance_span(self, span_end: int) -> None:
+        """Move the end of the unforced span to ``span_end`` (non-decreasing)."""
+        start = max(self.span_end, self.sinks)
+        if span_end > start:
+            if span_end - start == 1:
+                self.span_count[self.labels[start]] += 1
+            else:
+                self.span_count[: self.count] += np.bincount(
+                    self.labels[start:span_end], minlength=self.count
+                )
+            self.span_end = span_end
+
+    def add_member(self, j: int, position: int) -> None:
+        """``position`` (after every stored one) joined cluster ``j``."""
+        n = int(self.n_stored[j])
+        row = self.stored[j]
+        if n == len(row):
+            grown = np.empty(max(8, 2 * n), np.int64)
+            grown[:n] = row
+            self.stored[j] = row = grown
+        row[n] = position
+        self.n_stored[j] = n + 1
+
+    def move_members(self, j: int, kept: np.ndarray, new_id: int, moved: np.ndarray) -> None:
+        """A split: cluster ``j`` keeps ``kept``, ``moved`` form ``new_id`` (both ascending,
+        all stored members of ``j`` between them)."""
+        self.stored[j], self.n_stored[j] = kept, len(kept)
+        self.stored[new_id], self.n_stored[new_id] = moved, len(moved)
+        in_span = int(np.searchsorted(moved, self.span_end))  # moved are >= sinks
+        self.span_count[j] -= in_span
+        self.span_count[new_id] += in_span
 
     def representatives(self) -> np.ndarray:
         return self.rep[: self.count]
 
     def nearest(self, x: np.ndarray) -> int:
-        """The cluster of the nearest centroid (Euclidean in the clustering space)."""
-        affinity = self.centroid[: self.count] @ x.astype(np.float64) - self.half_sq[: self.count]
+        """The cluster of the nearest centroid (Euclidean in the clustering space) of ``x``
+        (float64)."""
+        affinity = self.centroid[: self.count] @ x - self.half_sq[: self.count]
         affinity[self.sink_id] = -np.inf
         return int(np.argmax(affinity))
 
@@ -330,23 +465,26 @@ class _Clusters:
         """Centroid, representative and half squared centroid norm from the sums."""
         n = self.n[rows] if isinstance(rows, int) else self.n[rows, None]
         self.centroid[rows] = self.csum[rows] / n
-        self.rep[rows] = self.rsum[rows] / n
+        if not self.same_space:
+            self.rep[rows] = self.rsum[rows] / n
         self.half_sq[rows] = 0.5 * (self.centroid[rows] ** 2).sum(axis=-1)
 
-    def append_variance(self, j: int, position: int) -> float:
-        """Variance of cluster ``j``'s statistics with ``position`` added (Welford)."""
-        n = self.n[j]
+    def append_variance(self, j: int, position: int) -> tuple[np.ndarray, float]:
+        """Variance of cluster ``j``'s statistics with ``position`` added (Welford), and the
+        position's deviation from the centroid (for :meth:`append`)."""
+        n = float(self.n[j])
         deviation = self.space[position] - self.centroid[j]
-        return float((self.m2[j] + n / (n + 1) * (deviation @ deviation)) / (n + 1))
+        return deviation, float((self.m2[j] + n / (n + 1) * (deviation @ deviation)) / (n + 1))
 
-    def append(self, j: int, position: int) -> None:
-        n = self.n[j]
-        x = self.space[position].astype(np.float64)
-        deviation = x - self.centroid[j]
+    def append(self, j: int, position: int, deviation: np.ndarray) -> None:
+        """Add ``position`` to cluster ``j``'s statistics (``deviation`` from
+        :meth:`append_variance`, before any change to ``j``)."""
+        n = float(self.n[j])
         self.m2[j] += n / (n + 1) * (deviation @ deviation)
         self.n[j] = n + 1
-        self.csum[j] += x
-        self.rsum[j] += self.keys[position]
+        self.csum[j] += self.space[position]
+        if not self.same_space:
+            self.rsum[j] += self.keys[position]
         self._derive(j)
 
     def buffered_positions(self) -> np.ndarray:
@@ -358,14 +496,19 @@ class _Clusters:
         """Clusters whose members (labelled so far) are all in DRAM: selected or buffered."""
         held = np.bincount(self.labels[selected], minlength=self.count)
         if len(buffered):
-            extra = buffered[~np.isin(buffered, selected)]
+            in_selection = self._scratch
+            in_selection[selected] = True
+            extra = buffered[~in_selection[buffered]]
+            in_selection[selected] = False
             held += np.bincount(self.labels[extra], minlength=self.count)
         active = held == self.size[: self.count]
         active[self.sink_id] = False
         return active
 
     def members(self, j: int, stop: int) -> np.ndarray:
-        return np.flatnonzero(self.labels[:stop] == j)
+        """Cluster ``j``'s members at positions ``< stop`` (ascending, a fresh array)."""
+        row = self.stored[j][: self.n_stored[j]]
+        return row[: np.searchsorted(row, stop)].copy()
 
     def add_cluster(self) -> int:
         self.count += 1
@@ -375,6 +518,7 @@ class _Clusters:
         points = self.space[members].astype(np.float64)
         self.n[j] = self.size[j] = len(members)
         self.csum[j] = points.sum(axis=0)
-        self.rsum[j] = self.keys[members].astype(np.float64).sum(axis=0)
+        if not self.same_space:
+            self.rsum[j] = self.keys[members].astype(np.float64).sum(axis=0)
         self._derive(j)
         self.m2[j] = float(((points - self.centroid[j]) ** 2).sum())
