@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 from scipy import sparse
 from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from . import POLICIES
 from .base import BudgetedPolicy, LayerContext, LayerIndex, LayerSelection, check_count
@@ -207,11 +207,22 @@ def kmeans_labels(points: np.ndarray, n_clusters: int, max_iter: int, seed: int)
     km = KMeans(wanted, init="random", n_init=1, max_iter=max_iter, random_state=seed)
     # One OpenMP thread: at this size (thousands of keys) sklearn's threads mostly spin at
     # barriers, which is up to 5x slower when the cores are shared (parallel runs, BLAS).
-    with threadpool_limits(limits=1, user_api="openmp"):
+    with _threadpools().limit(limits=1, user_api="openmp"):
         km.fit(points)
     # Compact the labels: an empty cluster would be an index vector that never matches.
     _, labels = np.unique(km.labels_, return_inverse=True)
     return labels.reshape(-1)
+
+
+_CONTROLLER: list[ThreadpoolController] = []
+
+
+def _threadpools() -> ThreadpoolController:
+    """One controller for every k-means call: building one scans the loaded libraries (a few
+    ms), and scikit-learn's OpenMP runtime is loaded with this module."""
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0]
 
 
 def cluster_priorities(
@@ -280,16 +291,65 @@ def prefill_coretrieval(
         rep = sum_by_label(np.asarray(keys[h, :prompt], np.float32), labels, n + 1)[:n]
         rep /= np.maximum(size, 1.0)[:, None]
         scores = group_query[h].astype(np.float64) @ rep.T  # (m, n)
-        priority = cluster_priorities(scores, labels)  # (m, P)
-        rows = policy._fill(priority, prompt - m, 0)
-        counts = np.fromiter((len(r) for r in rows), np.int64, count=m)
-        flat = np.concatenate(rows).astype(np.int64)
-        row_of = np.repeat(np.arange(m), counts)
-        kept = flat < np.maximum(context[row_of] - policy.recent_tokens, policy.sink_tokens)
-        retrieved = np.zeros((m, n_groups), np.int64)
-        retrieved[row_of[kept], labels[flat[kept]]] = 1
+        retrieved = _retrieved_groups(policy, scores, labels, n_groups, context)
         out.append(retrieved.T @ retrieved)
     return out
+
+
+def _retrieved_groups(
+    policy: BudgetedPolicy,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    n_groups: int,
+    context: np.ndarray,
+) -> np.ndarray:
+    """(rows, n_groups) int64 0/1: the groups each row's fill retrieves (see
+    :func:`prefill_coretrieval`); row ``i`` is a query with causal context ``context[i]``
+    (ascending by one) and cluster scores ``scores[i]``.
+
+    The fill ranks every position by :func:`cluster_priorities`; all priorities are distinct,
+    so when the budget covers the forced positions and not the whole context, the selection
+    is the forced ones plus whole clusters in rank order (the unranked label last), the last
+    one truncated. Which groups that retrieves only needs each cluster's count in the unforced
+    span ``[sinks, context - recent)``, so those rows are computed on clusters; the others
+    take the budgeted base's fill of the per-position priorities."""
+    n_rows, n = scores.shape
+    sinks, recent = policy.sink_tokens, policy.recent_tokens
+    budgets = np.array([policy.budget_at(int(c)) for c in context])
+    generic = (budgets < context) & (budgets >= np.minimum(context, sinks + recent))
+    retrieved = np.zeros((n_rows, n_groups), np.int64)
+    # Rank order of the labels per row: clusters by score (stable), then the unranked label.
+    order = np.argsort(-scores, axis=1, kind="stable")
+    if n_groups > n:
+        order = np.concatenate((order, np.full((n_rows, n_groups - n), n)), axis=1)
+    # Label counts in [sinks, context[i] - recent) for every row (the span grows by one).
+    ends = np.maximum(context - recent, sinks)
+    in_span = np.zeros((n_rows, n_groups), np.int64)
+    in_span[0] = np.bincount(labels[sinks : ends[0]], minlength=n_groups)
+    grew = np.flatnonzero(ends[1:] > ends[:-1]) + 1
+    in_span[grew, labels[ends[grew] - 1]] = 1
+    np.cumsum(in_span, axis=0, out=in_span)
+    ranked = np.take_along_axis(in_span, order, axis=1)
+    filled = np.cumsum(ranked, axis=1)
+    rest = budgets - sinks - recent
+    boundary = (filled < rest[:, None]).sum(axis=1)  # rank of the truncated cluster
+    before = np.take_along_axis(filled, np.maximum(boundary - 1, 0)[:, None], axis=1)[:, 0]
+    part = rest - np.where(boundary > 0, before, 0)
+    rank = np.arange(n_groups)[None, :]
+    taken = ((rank < boundary[:, None]) & (ranked > 0)) | (
+        (rank == boundary[:, None]) & (part > 0)[:, None]
+    )
+    np.put_along_axis(retrieved, order, taken.astype(np.int64), axis=1)
+    retrieved[:, labels[:sinks]] = 1  # the sinks, always selected
+    for i in np.flatnonzero(~generic).tolist():
+        # The budget holds the whole context or not even the forced positions.
+        retrieved[i] = 0
+        priority = cluster_priorities(scores[i : i + 1], labels)
+        width_start = int(context[i]) - i  # _fill's (prompt, start) for this row: (c - i, i)
+        selected = policy._fill(priority, width_start, i)[0].astype(np.int64)
+        kept = selected[selected < max(int(context[i]) - recent, sinks)]
+        retrieved[i, labels[kept]] = 1
+    return retrieved
 
 
 def sum_by_label(x: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
