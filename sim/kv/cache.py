@@ -47,7 +47,8 @@ class ReplacementPolicy(ABC):
     1. ``on_access(h, selected, now)`` for every head, with **all** positions the head selects now
        (hits and misses alike, including misses that end up streamed), before any eviction;
     2. ``victims(candidates, n)`` then ``on_evict(victims)`` if the misses do not fit;
-    3. ``on_insert(h, admitted, now)`` for the misses that become resident.
+    3. ``on_insert(h, admitted, now)`` for the misses that become resident (through
+       :meth:`on_insert_flat`, all heads at once, which built-in policies implement directly).
 
     :meth:`LayerCache.insert` calls ``on_access`` for positions already resident and
     ``on_insert`` for new ones. Hooks have no-op defaults; only ``victims`` is abstract.
@@ -80,6 +81,15 @@ class ReplacementPolicy(ABC):
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:  # noqa: B027
         """``positions`` (sorted, unique) of ``head`` became resident at time ``now``."""
 
+    def on_insert_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        """:meth:`on_insert` for entries of any heads by flat index (int64, ascending), as the
+        cache calls it; the default splits them per head. Override for speed only."""
+        m = self.max_positions
+        bounds = np.searchsorted(flat_idx, np.arange(1, self.n_heads) * m)
+        for h, part in enumerate(np.split(flat_idx, bounds)):
+            if part.size:
+                self.on_insert(h, part - h * m, now)
+
     def on_evict(self, flat_idx: np.ndarray) -> None:  # noqa: B027
         """The entries at ``flat_idx`` were evicted (no longer resident)."""
 
@@ -88,6 +98,12 @@ class ReplacementPolicy(ABC):
     ) -> None:
         """From ``now`` on, ``positions`` of ``head`` belong to ``groups`` (one label each):
         the prompt's clusters, a decode token joining one, a split moving members."""
+
+    def assign_group(self, head: int, position: int, group: int, now: int) -> None:
+        """:meth:`assign_groups` for one position (the engine's append); override for speed."""
+        self.assign_groups(
+            head, np.array([position], dtype=np.int64), np.array([group], dtype=np.int64), now
+        )
 
     def observe_future(  # noqa: B027
         self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]
@@ -144,6 +160,9 @@ class LRUReplacement(_OldestStampReplacement):
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self._stamp_rows[head][positions] = now
 
+    def on_insert_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        self._stamp_flat[flat_idx] = now
+
 
 @REPLACEMENTS.register("fifo")
 @dataclass(eq=False)
@@ -153,6 +172,9 @@ class FIFOReplacement(_OldestStampReplacement):
 
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self._stamp_rows[head][positions] = now
+
+    def on_insert_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        self._stamp_flat[flat_idx] = now
 
 
 @REPLACEMENTS.register("lfu")
@@ -179,6 +201,10 @@ class LFUReplacement(ReplacementPolicy):
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self._count_rows[head][positions] = 1
         self._stamp_rows[head][positions] = now
+
+    def on_insert_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        self._count_flat[flat_idx] = 1
+        self._stamp_flat[flat_idx] = now
 
     def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
         if n >= candidates.size:
@@ -296,6 +322,9 @@ class BeladyReplacement(ReplacementPolicy):
 
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self._touch(head, positions, now)
+
+    def on_insert_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        self._touch(0, flat_idx, now)  # head 0: flat indices are head 0's positions
 
     def next_use_rank(self, flat_idx: np.ndarray) -> np.ndarray:
         """Rank (index among the observed distinct ``now`` values) of each entry's first
@@ -442,30 +471,10 @@ class ClusterAlignedReplacement(ReplacementPolicy):
     def assign_groups(
         self, head: int, positions: np.ndarray, groups: np.ndarray, now: int
     ) -> None:
-        self._clock(now)
         if positions.size == 1:  # the engine's append: one token, scalar bookkeeping
-            p = int(positions[0])
-            new = self._gid_for(head, int(groups[0]))
-            row = self._gid_rows[head]
-            old = int(row[p])
-            if old == new:
-                return
-            if not self._has_groups:
-                self._start_groups()
-            self._gsize[old] -= 1  # slot 0 (no group) absorbs the ungrouped
-            self._gsize[new] += 1
-            if self._res_rows[head][p]:
-                self._gres[old] -= 1
-                self._gres[new] += 1
-            row[p] = new
-            stamp = self._stamp_rows[head][p]
-            if stamp > self._glast[new]:
-                self._glast[new] = stamp
-            if now >= 0:
-                self._gupd[new] = self._tick
-                if old:
-                    self._gupd[old] = self._tick
+            self.assign_group(head, int(positions[0]), int(groups[0]), now)
             return
+        self._clock(now)
         if not positions.size:
             return
         labels, inverse = np.unique(groups, return_inverse=True)
@@ -494,6 +503,30 @@ class ClusterAlignedReplacement(ReplacementPolicy):
             self._gupd[new] = self._tick
             self._gupd[old[old > 0]] = self._tick
 
+    def assign_group(self, head: int, position: int, group: int, now: int) -> None:
+        self._clock(now)
+        p = position
+        new = self._gid_for(head, group)
+        row = self._gid_rows[head]
+        old = int(row[p])
+        if old == new:
+            return
+        if not self._has_groups:
+            self._start_groups()
+        self._gsize[old] -= 1  # slot 0 (no group) absorbs the ungrouped
+        self._gsize[new] += 1
+        if self._res_rows[head][p]:
+            self._gres[old] -= 1
+            self._gres[new] += 1
+        row[p] = new
+        stamp = self._stamp_rows[head][p]
+        if stamp > self._glast[new]:
+            self._glast[new] = stamp
+        if now >= 0:
+            self._gupd[new] = self._tick
+            if old:
+                self._gupd[old] = self._tick
+
     # -- hooks ---------------------------------------------------------------------------------
 
     def on_access(self, head: int, positions: np.ndarray, now: int) -> None:
@@ -513,6 +546,19 @@ class ClusterAlignedReplacement(ReplacementPolicy):
             else:
                 np.add.at(self._gres, gid, 1)
 
+    def on_insert_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        if now != self._now:
+            self._clock(now)
+        self._stamp_flat[flat_idx] = now
+        self._res_flat[flat_idx] = True
+        if self._has_groups:
+            gid = self._gid_flat[flat_idx]
+            self._glast[gid] = now
+            if gid.size == 1:
+                self._gres[gid[0]] += 1
+            else:
+                np.add.at(self._gres, gid, 1)
+
     def on_evict(self, flat_idx: np.ndarray) -> None:
         self._res_flat[flat_idx] = False
         if self._has_groups:
@@ -521,8 +567,9 @@ class ClusterAlignedReplacement(ReplacementPolicy):
     # -- victims -------------------------------------------------------------------------------
 
     def _protected_groups(self, n_groups: int) -> np.ndarray | None:
-        """Per group: 1 if in the reserved region now, else 0; ``None`` if the region is
-        empty. The region is measured in resident entries (selected now or not)."""
+        """Ids of the groups in the reserved region now (possibly with groups that have no
+        resident entry); ``None`` if the region is empty. The region is measured in resident
+        entries (selected now or not)."""
         capacity = self.capacity_entries
         if capacity is None or self.recent_steps == 0:
             return None
@@ -530,18 +577,18 @@ class ClusterAlignedReplacement(ReplacementPolicy):
         if budget <= 0:
             return None
         updated = self._gupd[:n_groups]
-        resident = self._gres[:n_groups]
         # slot 0 (no group) is never updated
-        ids = np.flatnonzero((updated > self._tick - self.recent_steps) & (resident > 0))
+        ids = (updated > self._tick - self.recent_steps).nonzero()[0]
         if not ids.size:
             return None
-        order = np.lexsort((ids, -updated[ids]))  # newest update first, then first labelled
-        fit = int(np.searchsorted(np.cumsum(resident[ids[order]]), budget, side="right"))
+        # Newest update first, then first labelled (ids ascending: a stable sort). Groups
+        # with no resident entry stay in the order: they add nothing to the running total
+        # and have no candidate to protect, so the protected entries are the same.
+        order = ids[np.argsort(-updated[ids], kind="stable")]
+        fit = int(self._gres[order].cumsum().searchsorted(budget, side="right"))
         if fit == 0:
             return None
-        flag = np.zeros(n_groups, dtype=np.int64)
-        flag[ids[order[:fit]]] = 1
-        return flag
+        return order[:fit]
 
     def _size_class(self, size: np.ndarray | int) -> np.ndarray:
         if self.size_classes == "log2":
@@ -565,15 +612,19 @@ class ClusterAlignedReplacement(ReplacementPolicy):
         )
         protected = self._protected_groups(n_groups)
         if protected is not None:
-            group_key += protected * self._PROTECTED
+            group_key[protected] += self._PROTECTED
         key = group_key[gid]
-        ungrouped = np.flatnonzero(gid == 0) if not gid.all() else gid[:0]
-        if ungrouped.size:  # a group of one: its own latest use
+        if not gid.all():  # an entry without a group is a group of one: its own latest use
+            ungrouped = np.flatnonzero(gid == 0)
             single = int(m - self._size_class(1)) << self._USE_BITS
             key[ungrouped] = single + (self._stamp_flat[candidates[ungrouped]] & use_mask)
-        threshold = np.partition(key, n - 1)[n - 1]
-        below = np.flatnonzero(key < threshold)
-        tied = np.flatnonzero(key == threshold)
+        tied = (key == key.min()).nonzero()[0]
+        if tied.size >= n:  # the usual case: the n-th smallest key is the smallest
+            below = tied[:0]
+        else:
+            threshold = np.partition(key, n - 1)[n - 1]
+            below = (key < threshold).nonzero()[0]
+            tied = (key == threshold).nonzero()[0]
         need = n - below.size
         if need == tied.size:
             return candidates[np.concatenate((below, tied))]
@@ -599,9 +650,10 @@ class ClusterAlignedReplacement(ReplacementPolicy):
         rest = need - whole.size
         if rest < boundary.size:
             b_stamp = self._stamp_flat[candidates[boundary]]
-            # boundary is ascending, so its index order is the flat index order
-            b_key = (b_stamp - b_stamp.min()) * boundary.size + np.arange(boundary.size)
-            boundary = boundary[np.argpartition(b_key, rest - 1)[:rest]]
+            # boundary is ascending, so a stable sort breaks ties by lowest flat index
+            boundary = boundary[b_stamp.argsort(kind="stable")[:rest]]
+        if not below.size and not whole.size:
+            return candidates[boundary]
         return candidates[np.concatenate((below, whole, boundary))]
 
 
@@ -660,8 +712,17 @@ class LayerCache:
         self.check_inputs = check_inputs
         self._resident = np.zeros((n_heads, max_positions), dtype=bool)
         self._resident_flat = self._resident.reshape(-1)
-        # Row views made once: 1-D take/put is ~2x cheaper than resident[h, positions].
+        # Row views made once: 1-D indexing is ~2x cheaper than resident[h, positions].
         self._rows = list(self._resident)
+        # The resident entries' flat indices, ascending: the eviction candidates come from
+        # here (O(resident)) rather than from a scan of the whole layer (O(heads x positions)).
+        self._resident_idx = np.zeros(0, dtype=np.int64)
+        # Scratch marks of the protected entries (all False between calls).
+        self._mark = np.zeros((n_heads, max_positions), dtype=bool)
+        self._mark_flat = self._mark.reshape(-1)
+        self._mark_rows = list(self._mark)
+        self._offsets = [h * max_positions for h in range(n_heads)]
+        self._head_offsets = np.arange(n_heads, dtype=np.int64) * max_positions
         self.resident_entries = 0
         self.peak_resident_entries = 0
         self.hits = 0
@@ -687,7 +748,7 @@ class LayerCache:
         misses: list[np.ndarray] = []
         n_selected = 0
         for h, sel in enumerate(selections):
-            misses.append(sel[~rows[h].take(sel)])
+            misses.append(sel[~rows[h][sel]])
             n_selected += sel.size
             rep.on_access(h, sel, now)
         n_miss = sum(m.size for m in misses)
@@ -707,13 +768,27 @@ class LayerCache:
         afterwards unless the capacity is 0 (or smaller than the number inserted, in which case
         the lowest positions are kept). Does not change ``hits``/``misses``/``streamed``.
         """
+        first = head_positions[0] if head_positions else None
+        if (
+            len(head_positions) == self.n_heads
+            and isinstance(first, np.ndarray)
+            and first.shape == (1,)
+            and all(pos is first for pos in head_positions)
+            and 0 <= first[0] < self.max_positions
+        ):
+            # The engine's append: the same new position in every head (one gather, and the
+            # flat indices computed once).
+            flat = self._head_offsets + int(first[0])
+            if not self._resident_flat[flat].any():
+                self._admit(head_positions, head_positions, 0, now, count=False, flat=flat)
+                return
         self._check_selections(head_positions, "head_positions")
         rows = self._rows
         rep = self.replacement
         new: list[np.ndarray] = []
         n_old = 0
         for h, pos in enumerate(head_positions):
-            is_res = rows[h].take(pos)
+            is_res = rows[h][pos]
             fresh = pos[~is_res]
             new.append(fresh)
             if fresh.size != pos.size:
@@ -726,12 +801,22 @@ class LayerCache:
         """Sorted positions of ``head`` currently resident (for tests and invariants)."""
         if not 0 <= head < self.n_heads:
             raise ValueError(f"head must be in [0, {self.n_heads}), got {head}")
-        return np.flatnonzero(self._resident[head])
+        start = head * self.max_positions
+        lo, hi = np.searchsorted(self._resident_idx, (start, start + self.max_positions))
+        return self._resident_idx[lo:hi] - start
 
     def assign_groups(
         self, head: int, positions: np.ndarray, groups: np.ndarray | int, now: int
     ) -> None:
         """Forward a group change of ``head``'s ``positions`` to the replacement policy."""
+        if (
+            type(positions) is np.ndarray
+            and positions.size == 1
+            and positions.dtype.kind in "iu"
+            and isinstance(groups, (int, np.integer))
+        ):  # the engine's append: one position, one label
+            self.replacement.assign_group(head, int(positions.flat[0]), int(groups), now)
+            return
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         groups = np.asarray(groups, dtype=np.int64)
         if groups.shape != positions.shape:
@@ -770,23 +855,31 @@ class LayerCache:
         n_protected: int,
         now: int,
         count: bool = True,
+        flat: np.ndarray | None = None,
     ) -> None:
         """Insert the non-resident ``new[h]`` entries, evicting non-protected ones as needed.
 
         ``protected[h]`` may contain non-resident positions too (they are simply not
-        candidates); ``n_protected`` counts its resident entries.
+        candidates); ``n_protected`` counts its resident entries. ``flat``: the flat indices
+        of ``new`` (ascending), if the caller has them.
         """
         n_new = sum(m.size for m in new)
         free = self.capacity_entries - self.resident_entries
+        resident_idx = self._resident_idx
         if n_new > free:
             evictable = self.resident_entries - n_protected
             n_evict = min(n_new - free, evictable)
             if n_evict > 0:
-                # Only here do we pay a full scan of the layer; the fast path above skips it.
-                mask = self._resident.copy()
-                for h, sel in enumerate(protected):
-                    mask[h, sel] = False
-                candidates = np.flatnonzero(mask)
+                if n_protected:
+                    # The candidates: resident entries not protected (marked, then unmarked).
+                    marks = self._mark_rows
+                    for h, sel in enumerate(protected):
+                        marks[h][sel] = True
+                    candidates = resident_idx[~self._mark_flat[resident_idx]]
+                    for h, sel in enumerate(protected):
+                        marks[h][sel] = False
+                else:
+                    candidates = resident_idx.copy()  # the policy may keep what it is given
                 victims = np.asarray(self.replacement.victims(candidates, n_evict), dtype=np.int64)
                 if victims.size != n_evict:
                     raise RuntimeError(
@@ -794,7 +887,7 @@ class LayerCache:
                         f" entries, expected {n_evict}"
                     )
                 if self.check_inputs and (
-                    not mask.reshape(-1)[victims].all() or np.unique(victims).size != n_evict
+                    not np.isin(victims, candidates).all() or np.unique(victims).size != n_evict
                 ):
                     raise RuntimeError(
                         f"{type(self.replacement).__name__}.victims returned non-candidates"
@@ -803,20 +896,26 @@ class LayerCache:
                 self._resident_flat[victims] = False
                 self.replacement.on_evict(victims)
                 self.resident_entries -= n_evict
+                resident_idx = resident_idx[self._resident_flat[resident_idx]]
             room = self.capacity_entries - self.resident_entries
             if room < n_new:
                 new = self._keep_lowest(new, room)
+                flat = None
                 if count:
                     self.streamed += n_new - room
-        rows = self._rows
-        rep = self.replacement
-        admitted = 0
-        for h, pos in enumerate(new):
-            if pos.size:
-                rows[h][pos] = True
-                rep.on_insert(h, pos, now)
-                admitted += pos.size
-        self.resident_entries += admitted
+        if flat is None:
+            offsets = self._offsets
+            added = [pos.astype(np.int64) + offsets[h] for h, pos in enumerate(new) if pos.size]
+            # Heads ascending, positions ascending within one: flat indices ascending.
+            flat = np.concatenate(added) if added else None
+        if flat is not None and flat.size:
+            self._resident_flat[flat] = True
+            self.replacement.on_insert_flat(flat, now)
+            self.resident_entries += flat.size
+            resident_idx = np.concatenate((resident_idx, flat))
+            # Two sorted runs: the stable sort (timsort for int64) merges them in linear time.
+            resident_idx.sort(kind="stable")
+        self._resident_idx = resident_idx
         if self.resident_entries > self.peak_resident_entries:
             self.peak_resident_entries = self.resident_entries
 
