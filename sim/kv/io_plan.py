@@ -59,6 +59,20 @@ def plan_reads(
 ) -> ReadPlan:
     """Commands reading the entries at ``slots`` (any order; duplicates count once), in the
     regions ``regions`` (same length as ``slots``; default: all in region 0)."""
+    slots, regions = _checked(slots, regions)
+    if slots.size <= _SMALL and _check_sizes(entry_bytes, page_size, max_io_bytes):
+        keys = _small_keys(slots, regions)
+        if keys is not None:
+            offsets, sizes, command_regions, run_entries = _small_commands(
+                keys, entry_bytes, page_size, max_io_bytes, runs=True
+            )
+            return ReadPlan(
+                command_bytes=np.array(sizes, dtype=np.int64),
+                useful_bytes=len(keys) * int(entry_bytes),
+                run_entries=np.array(run_entries, dtype=np.int64),
+                command_offset_bytes=np.array(offsets, dtype=np.int64),
+                command_regions=np.array(command_regions, dtype=np.int64),
+            )
     slots, regions, steps = _sorted_unique(slots, regions)
     offsets, sizes, command_regions = _page_commands(
         slots, regions, entry_bytes, page_size, max_io_bytes
@@ -92,30 +106,51 @@ def plan_writes(
     Every touched page is written whole (a sub-page append rewrites its page: real write
     amplification), adjacent pages are coalesced, commands split at ``max_io_bytes``.
     """
+    slots, regions = _checked(slots, regions)
+    if slots.size <= _SMALL and _check_sizes(entry_bytes, page_size, max_io_bytes):
+        keys = _small_keys(slots, regions)
+        if keys is not None:
+            sizes = _small_commands(keys, entry_bytes, page_size, max_io_bytes, runs=False)[1]
+            return np.array(sizes, dtype=np.int64)
     slots, regions, _ = _sorted_unique(slots, regions)
     return _page_commands(slots, regions, entry_bytes, page_size, max_io_bytes)[1]
 
 
 _REGION_SHIFT = 40  # slots below 2**40 entries; regions packed above them in one sort key
+#: Plans of at most this many slots (the engine's appends, most cache misses) are computed
+#: with Python ints: for a handful of entries numpy's per-call overhead dominates.
+_SMALL = 16
+
+
+def _checked(
+    slots: np.ndarray, regions: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``slots`` as int64 (validated: integers >= 0) and ``regions`` as int64 of its shape."""
+    slots = np.asarray(slots)
+    if slots.size and slots.dtype.kind not in "iu":  # np.issubdtype(dtype, np.integer)
+        raise ValueError(f"slots must be integers, got dtype {slots.dtype}")
+    slots = slots.astype(np.int64, copy=False).reshape(-1)
+    if slots.size:
+        # a Python min is cheaper than numpy's reduction on a handful of slots
+        lowest = min(slots.tolist()) if slots.size <= _SMALL else slots.min()
+        if lowest < 0:
+            raise ValueError(f"slots must be >= 0, got {lowest}")
+    if regions is not None:
+        regions = np.asarray(regions, dtype=np.int64).reshape(-1)
+        if regions.shape != slots.shape:
+            raise ValueError(f"regions must match slots, got {regions.shape} vs {slots.shape}")
+    return slots, regions
 
 
 def _sorted_unique(
     slots: np.ndarray, regions: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(slots, regions) sorted by (region, slot) and de-duplicated, plus the slot differences."""
-    slots = np.asarray(slots)
-    if slots.size and not np.issubdtype(slots.dtype, np.integer):
-        raise ValueError(f"slots must be integers, got dtype {slots.dtype}")
-    slots = slots.astype(np.int64, copy=False).reshape(-1)
-    if slots.size and slots.min() < 0:
-        raise ValueError(f"slots must be >= 0, got {slots.min()}")
+    """(slots, regions) (checked by :func:`_checked`) sorted by (region, slot) and
+    de-duplicated, plus the slot differences."""
     if regions is None:
         regions = np.zeros(slots.size, dtype=np.int64)
         key = slots
     else:
-        regions = np.asarray(regions, dtype=np.int64).reshape(-1)
-        if regions.shape != slots.shape:
-            raise ValueError(f"regions must match slots, got {regions.shape} vs {slots.shape}")
         key = (regions << _REGION_SHIFT) | slots
     # Callers usually pass sorted unique keys; only pay for np.unique when they do not.
     if (np.diff(key) <= 0).any():
@@ -123,6 +158,76 @@ def _sorted_unique(
         slots = key & ((1 << _REGION_SHIFT) - 1)
         regions = key >> _REGION_SHIFT
     return slots, regions, np.diff(slots)
+
+
+def _check_sizes(entry_bytes: int, page_size: int, max_io_bytes: int) -> bool:
+    if entry_bytes <= 0:
+        raise ValueError(f"entry_bytes must be > 0, got {entry_bytes}")
+    if page_size <= 0:
+        raise ValueError(f"page_size must be > 0, got {page_size}")
+    if max_io_bytes < page_size:
+        raise ValueError(f"max_io_bytes must be >= page_size ({page_size}), got {max_io_bytes}")
+    return True
+
+
+def _small_keys(slots: np.ndarray, regions: np.ndarray | None) -> list[tuple[int, int]] | None:
+    """Sorted distinct (region, slot) pairs, or ``None`` outside the packed key's range (the
+    numpy path then reproduces its exact behaviour)."""
+    slot_list = slots.tolist()
+    if regions is None:
+        region_list = [0] * len(slot_list)
+    else:
+        region_list = regions.tolist()
+        if region_list and min(region_list) < 0:
+            return None
+    if slot_list and max(slot_list) >> _REGION_SHIFT:
+        return None
+    return sorted(set(zip(region_list, slot_list, strict=True)))
+
+
+def _small_commands(
+    keys: list[tuple[int, int]], entry_bytes: int, page_size: int, max_io_bytes: int, runs: bool
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """:func:`_page_commands` (offsets, sizes, regions) and the runs of consecutive slots,
+    with Python ints, for sorted distinct (region, slot) ``keys``."""
+    entry_bytes, page_size = int(entry_bytes), int(page_size)
+    max_pages = int(max_io_bytes) // page_size
+    offsets: list[int] = []
+    sizes: list[int] = []
+    regions: list[int] = []
+    run_entries: list[int] = []
+
+    def flush(region: int, first: int, last: int) -> None:
+        pages = last - first + 1
+        while pages > max_pages:
+            offsets.append(first * page_size)
+            sizes.append(max_pages * page_size)
+            regions.append(region)
+            first += max_pages
+            pages -= max_pages
+        offsets.append(first * page_size)
+        sizes.append(pages * page_size)
+        regions.append(region)
+
+    region = prev_slot = first = last = -1
+    for r, slot in keys:
+        first_byte = slot * entry_bytes
+        first_page = first_byte // page_size
+        last_page = (first_byte + entry_bytes - 1) // page_size
+        if r != region or first_page > last + 1:
+            if region >= 0:
+                flush(region, first, last)
+            first = first_page
+        last = last_page
+        if runs:
+            if r == region and slot == prev_slot + 1:
+                run_entries[-1] += 1
+            else:
+                run_entries.append(1)
+        region, prev_slot = r, slot
+    if region >= 0:
+        flush(region, first, last)
+    return offsets, sizes, regions, run_entries
 
 
 def _page_commands(
@@ -153,6 +258,8 @@ def _page_commands(
     run_first_page = first_page[run_start_idx]
     run_last_page = last_page[np.append(run_start_idx[1:] - 1, slots.size - 1)]
     run_pages = run_last_page - run_first_page + 1
+    if run_pages.max() <= max_pages:  # the usual case: one command per run
+        return run_first_page * page_size, run_pages * page_size, regions[run_start_idx]
     # Split each run into ceil(pages / max_pages) commands: all full-size but the last.
     n_cmds = -(-run_pages // max_pages)
     total = int(n_cmds.sum())

@@ -373,7 +373,18 @@ class DualHeadLayout(FlashLayout):
             self._settle(g, members, extra=1, exclude=left)
             rewritten = self._slot_of[members]
         pool_index, side = self._home[g]
-        slot = self._occupy(pool_index, side, g, 1)[0]
+        # _occupy(pool_index, side, g, 1) with Python ints (once per decode token and head)
+        pool = self._pools[pool_index]
+        if pool.free < 1:
+            raise AssertionError("pool overflow")  # never: the branches above make room
+        if side == "lo":
+            pool.lo = g
+            slot = pool.lo_next
+            pool.lo_next += 1
+        else:
+            pool.hi = g
+            slot = pool.hi_next
+            pool.hi_next -= 1
         self._last = (g, position, rewritten)
         return int(slot)
 
@@ -400,16 +411,19 @@ class DualHeadLayout(FlashLayout):
         c = counts[i, j]
         keep = c > 0
         i, j, c = i[keep], j[keep], c[keep]
-        ri = np.array([rank[labels[k]] for k in i.tolist()], dtype=np.int64)
-        rj = np.array([rank[labels[k]] for k in j.tolist()], dtype=np.int64)
+        rank_of = np.array([rank[label] for label in labels.tolist()], dtype=np.int64)
+        ri, rj = rank_of[i], rank_of[j]
         lo, hi = np.minimum(ri, rj), np.maximum(ri, rj)
         paired: set = set()
         pools: list[tuple[int, ...]] = []
-        for k in np.lexsort((hi, lo, -c)).tolist():
-            a, b = order[lo[k]], order[hi[k]]
+        by_count = np.lexsort((hi, lo, -c))
+        for lo_k, hi_k in zip(lo[by_count].tolist(), hi[by_count].tolist(), strict=True):
+            a, b = order[lo_k], order[hi_k]
             if a not in paired and b not in paired:
                 paired.update((a, b))
                 pools.append((a, b))
+                if len(paired) + 1 >= n:
+                    break  # at most one label left: no pair can form
         pools.extend((label,) for label in order if label not in paired)
         return pools
 
