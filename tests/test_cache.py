@@ -143,6 +143,50 @@ def test_custom_policy_hooks_called_in_order():
     ]
 
 
+def test_default_on_insert_flat_calls_on_insert_per_head():
+    log: list[tuple] = []
+
+    class Spy(ReplacementPolicy):
+        def on_insert(self, head, positions, now):
+            log.append((head, positions.tolist(), now))
+
+        def victims(self, candidates, n):
+            return candidates[:n]
+
+    c = LayerCache(3, 10, 30, Spy(), check_inputs=True)
+    c.access([a(1, 4), a(), a(0, 9)], now=7)
+    c.insert([a(5)] * 3, now=8)
+    assert log == [(0, [1, 4], 7), (2, [0, 9], 7), (0, [5], 8), (1, [5], 8), (2, [5], 8)]
+
+
+@pytest.mark.parametrize("name", REPLACEMENTS.names())
+def test_insert_of_one_shared_position_array_matches_separate_arrays(name):
+    # The engine inserts the new token as one array shared by every head (a fast path);
+    # separate but equal arrays take the general path: same residents and counters.
+    rng = np.random.default_rng(5)
+    n_heads, prompt, steps = 3, 40, 30
+    caches = [make(n_heads, prompt + steps, 25, name) for _ in range(2)]
+    ops = []
+    for s in range(steps):
+        ops.append([np.sort(rng.choice(prompt + s, 6, replace=False)) for _ in range(n_heads)])
+        ops.append([np.array([prompt + s])] * n_heads)
+    future = [(s // 2, per_head) for s, per_head in enumerate(ops)]
+    for i, c in enumerate(caches):
+        if c.replacement.needs_future:
+            c.observe_future(future)
+        for s, per_head in enumerate(ops):
+            if s % 2 == 0:
+                c.access(per_head, s // 2)
+            else:
+                c.insert(per_head if i == 0 else [p.copy() for p in per_head], s // 2)
+    shared, separate = caches
+    for h in range(n_heads):
+        assert shared.resident(h).tolist() == separate.resident(h).tolist()
+    assert (shared.hits, shared.misses, shared.resident_entries) == (
+        separate.hits, separate.misses, separate.resident_entries
+    )
+
+
 # ---------------------------------------------------------------------------- invariants
 
 

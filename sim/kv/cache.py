@@ -614,7 +614,9 @@ class ClusterAlignedReplacement(ReplacementPolicy):
         if protected is not None:
             group_key[protected] += self._PROTECTED
         key = group_key[gid]
-        if not gid.all():  # an entry without a group is a group of one: its own latest use
+        # An entry without a group (gid 0, counted resident in _gres[0]) is a group of one:
+        # its own latest use.
+        if self._gres[0] and not gid.all():
             ungrouped = np.flatnonzero(gid == 0)
             single = int(m - self._size_class(1)) << self._USE_BITS
             key[ungrouped] = single + (self._stamp_flat[candidates[ungrouped]] & use_mask)
