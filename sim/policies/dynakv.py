@@ -161,7 +161,8 @@ class DynaKV(ClusteredPolicy):
         prefill_lab = kmeans_labels(clustered, wanted, self.max_iter, seed)
         n0 = int(prefill_lab.max()) + 1
         state = _Clusters(space, keys, capacity=n0 + 1 + 2 * n_steps + 2, sink_id=n0)
-        state.init_prefill(prefill_lab, sinks, prompt)
+        space64 = space.astype(np.float64)  # what the statistics are computed in
+        state.init_prefill(prefill_lab, sinks, prompt, space64)
         tau = float(np.quantile(state.m2[:n0] / state.n[:n0], self.tau_quantile))
         run = _HeadRun(prefill_groups=state.labels[:prompt].copy())
         if not self.adaptation:
@@ -179,8 +180,7 @@ class DynaKV(ClusteredPolicy):
         append_groups = run.append_groups
         buffers = state.buffers
         selected_steps, n_clusters, extra_steps = run.selected, run.n_clusters, run.extra
-        state.init_members(prompt, prompt - self.recent_tokens)
-        decode64 = space[prompt:].astype(np.float64)  # the new tokens, for nearest()
+        state.init_members(prompt, prompt - self.recent_tokens, self.recent_tokens)
 
         for s in range(n_steps):
             width = prompt + s
@@ -204,7 +204,7 @@ class DynaKV(ClusteredPolicy):
             # (2) place the new token. Its cluster and variance depend on neither the labels
             # nor the sizes, so the active set (of the state before the placement) is only
             # computed when a split may need it.
-            j = state.nearest(decode64[s])
+            j = state.nearest(space64[new])
             deviation, variance = state.append_variance(j, new)
             active = None
             if variance > tau or buffers:
@@ -258,29 +258,31 @@ class DynaKV(ClusteredPolicy):
         # are disjoint and the clusters fill the other rest >= 0 positions, from [sinks, hi).
         hi = width - recent
         rest = k - sinks - recent
-        order = np.argsort(-scores, kind="stable")
-        in_span = state.span_count
-        filled = np.cumsum(in_span[order])
-        b = int(np.searchsorted(filled, rest))  # the boundary cluster's rank
-        stored = state.stored
-        parts = [stored[c][: in_span[c]] for c in order[:b].tolist()]
-        part = rest - (int(filled[b - 1]) if b else 0)  # 0 <= part <= its count in the span
+        in_span, stored = state.span_count, state.stored
+        parts = []
+        taken = 0
+        # Clusters by score (ties: lowest id) until the next one reaches the budget.
+        for c in np.argsort(-scores, kind="stable").tolist():
+            count = in_span[c]
+            if taken + count >= rest:
+                break
+            if count:
+                parts.append(stored[c][:count])
+                taken += count
+        part = rest - taken  # the boundary cluster's share: 0 <= part <= count
         if part:
-            c = int(order[b])
-            inside = stored[c][: in_span[c]]
+            inside = stored[c][:count]
             first = [p for p in state.buffers.get(c, ()) if p < hi]  # buffered: >= prompt
             if first:
                 inside = np.concatenate((first, inside[~np.isin(inside, first)]))
             parts.append(inside[:part])
+        out = np.empty(k, np.int32)
+        out[:sinks] = state.sink_range
         if parts:
             chosen = np.concatenate(parts)  # a fresh array: sorted in place
             chosen.sort()
-        else:
-            chosen = _NO_POSITIONS
-        out = np.empty(k, np.int32)
-        out[:sinks] = np.arange(sinks)
-        out[sinks : sinks + len(chosen)] = chosen
-        out[sinks + len(chosen) :] = np.arange(hi, width)
+            out[sinks:hi - width + k] = chosen
+        out[hi - width + k :] = state.recent_offsets + width
         return out
 
     def _select_by_priority(
@@ -389,27 +391,38 @@ class _Clusters:
         # once placed), ascending: stored[c][:n_stored[c]] (arrays grow by doubling).
         self.stored: list[np.ndarray] = [_NO_POSITIONS] * capacity
         self.n_stored = np.zeros(capacity, np.int64)
-        # Members of each cluster in the unforced span [sinks, span_end): its first members.
-        self.span_count = np.zeros(capacity, np.int64)
+        # Members of each cluster in the unforced span [sinks, span_end): its first members
+        # (Python ints: read and bumped one cluster at a time).
+        self.span_count = [0] * capacity
         self.sinks, self.span_end = 0, 0
+        self.sink_range = self.recent_offsets = _NO_POSITIONS
 
-    def init_prefill(self, prefill_lab: np.ndarray, sinks: int, prompt: int) -> None:
+    def init_prefill(
+        self, prefill_lab: np.ndarray, sinks: int, prompt: int, space64: np.ndarray
+    ) -> None:
+        """The prompt's clusters (``space64``: the clustering space as float64)."""
         n0 = self.sink_id
         self.sinks = sinks
         self.labels[sinks:prompt] = prefill_lab
         self.n[:n0] = np.bincount(prefill_lab, minlength=n0)
         self.size[:n0] = self.n[:n0]
         self.size[n0] = sinks
-        points = self.space[sinks:prompt]
+        points = space64[sinks:prompt]
         self.csum[:n0] = sum_by_label(points, prefill_lab, n0)
         if not self.same_space:
             self.rsum[:n0] = sum_by_label(self.keys[sinks:prompt], prefill_lab, n0)
         self._derive(slice(0, n0))
-        deviation = points - self.centroid[prefill_lab]
-        self.m2[:n0] = np.bincount(prefill_lab, (deviation**2).sum(axis=1), minlength=n0)
+        # points - centroid[label], squared, in one buffer (no page faults on temporaries)
+        deviation = self.centroid.take(prefill_lab, axis=0)
+        np.subtract(points, deviation, out=deviation)
+        np.square(deviation, out=deviation)
+        self.m2[:n0] = np.bincount(prefill_lab, deviation.sum(axis=1), minlength=n0)
 
-    def init_members(self, prompt: int, span_end: int) -> None:
-        """Index the prompt's members, the unforced span ending at ``span_end``."""
+    def init_members(self, prompt: int, span_end: int, recent: int) -> None:
+        """Index the prompt's members, the unforced span ending at ``span_end``; the forced
+        positions' offsets (sinks from 0, the ``recent`` window from the step's width)."""
+        self.sink_range = np.arange(self.sinks, dtype=np.int32)
+        self.recent_offsets = np.arange(-recent, 0, dtype=np.int32)
         labels = self.labels[:prompt]
         counts = np.bincount(labels, minlength=self.count)
         by_cluster = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])
@@ -423,12 +436,12 @@ class _Clusters:
         """Move the end of the unforced span to ``span_end`` (non-decreasing)."""
         start = max(self.span_end, self.sinks)
         if span_end > start:
-            if span_end - start == 1:
-                self.span_count[self.labels[start]] += 1
+            labels = self.labels[start:span_end]
+            if len(labels) == 1:  # every decode step
+                self.span_count[int(labels[0])] += 1
             else:
-                self.span_count[: self.count] += np.bincount(
-                    self.labels[start:span_end], minlength=self.count
-                )
+                added = np.bincount(labels, minlength=len(self.span_count)).tolist()
+                self.span_count = [x + y for x, y in zip(self.span_count, added, strict=True)]
             self.span_end = span_end
 
     def add_member(self, j: int, position: int) -> None:
@@ -459,7 +472,7 @@ class _Clusters:
         (float64)."""
         affinity = self.centroid[: self.count] @ x - self.half_sq[: self.count]
         affinity[self.sink_id] = -np.inf
-        return int(np.argmax(affinity))
+        return int(affinity.argmax())
 
     def _derive(self, rows: slice | int) -> None:
         """Centroid, representative and half squared centroid norm from the sums."""

@@ -163,7 +163,10 @@ class StaticClusters(ClusteredPolicy):
         # Centroid = mean of members (not sklearn's last centres), so a decode key equal to a
         # cluster's mean provably joins that cluster.
         centroid_sum = sum_by_label(clustered, prefill_lab, n)
-        rep_sum = sum_by_label(keys[self.sink_tokens : prompt], prefill_lab, n)
+        if space is keys:  # euclidean: the clustering space is the raw keys
+            rep_sum = centroid_sum.copy()
+        else:
+            rep_sum = sum_by_label(keys[self.sink_tokens : prompt], prefill_lab, n)
         decode = space[prompt:]
         labels = np.full(len(keys), n, np.int32)
         labels[self.sink_tokens : prompt] = prefill_lab
@@ -358,7 +361,7 @@ def sum_by_label(x: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     onehot = sparse.csr_matrix(
         (np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(n, len(labels))
     )
-    return np.asarray(onehot @ x.astype(np.float64))
+    return np.asarray(onehot @ np.asarray(x, dtype=np.float64))
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
