@@ -566,10 +566,9 @@ class ClusterAlignedReplacement(ReplacementPolicy):
 
     # -- victims -------------------------------------------------------------------------------
 
-    def _protected_groups(self, n_groups: int) -> np.ndarray | None:
-        """Ids of the groups in the reserved region now (possibly with groups that have no
-        resident entry); ``None`` if the region is empty. The region is measured in resident
-        entries (selected now or not)."""
+    def _protected_groups(self, n_groups: int) -> list[int] | None:
+        """Ids of the groups in the reserved region now; ``None`` if the region is empty.
+        The region is measured in resident entries (selected now or not)."""
         capacity = self.capacity_entries
         if capacity is None or self.recent_steps == 0:
             return None
@@ -581,14 +580,18 @@ class ClusterAlignedReplacement(ReplacementPolicy):
         ids = (updated > self._tick - self.recent_steps).nonzero()[0]
         if not ids.size:
             return None
-        # Newest update first, then first labelled (ids ascending: a stable sort). Groups
-        # with no resident entry stay in the order: they add nothing to the running total
-        # and have no candidate to protect, so the protected entries are the same.
-        order = ids[np.argsort(-updated[ids], kind="stable")]
-        fit = int(self._gres[order].cumsum().searchsorted(budget, side="right"))
-        if fit == 0:
-            return None
-        return order[:fit]
+        # A handful of groups: Python ints. Newest update first, then first labelled; the
+        # first ones whose resident entries total at most the budget (groups with none
+        # change neither the total nor the victims, having no candidates).
+        protected = []
+        total = 0
+        order = zip((-updated[ids]).tolist(), ids.tolist(), self._gres[ids].tolist(), strict=True)
+        for _, group, resident in sorted(order):
+            total += resident
+            if total > budget:
+                break
+            protected.append(group)
+        return protected or None
 
     def _size_class(self, size: np.ndarray | int) -> np.ndarray:
         if self.size_classes == "log2":
@@ -748,18 +751,23 @@ class LayerCache:
         rows = self._rows
         rep = self.replacement
         misses: list[np.ndarray] = []
+        index: list[np.ndarray] = []
         n_selected = 0
         for h, sel in enumerate(selections):
-            misses.append(sel[~rows[h][sel]])
+            # numpy indexes with intp ~3x faster than with int32 (the engine's selections):
+            # convert once, index with the copy (the misses keep the caller's dtype).
+            idx = sel if sel.dtype == np.intp else sel.astype(np.intp)
+            index.append(idx)
+            misses.append(sel[~rows[h][idx]])
             n_selected += sel.size
-            rep.on_access(h, sel, now)
+            rep.on_access(h, idx, now)
         n_miss = sum(m.size for m in misses)
         n_hit = n_selected - n_miss
         self.hits += n_hit
         self.misses += n_miss
         if n_miss:
             # Hits are the protected entries: they are in use now and must not be evicted.
-            self._admit(misses, protected=selections, n_protected=n_hit, now=now)
+            self._admit(misses, protected=index, n_protected=n_hit, now=now)
         return misses
 
     def insert(self, head_positions: list[np.ndarray], now: int) -> None:

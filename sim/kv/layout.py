@@ -159,6 +159,8 @@ class FlashLayout(ABC):
         lo, hi = positions.min(), positions.max()
         if lo < 0 or hi >= self._n_placed:
             raise ValueError(f"positions must be placed, in [0, {self._n_placed}); got {lo}..{hi}")
+        if positions.dtype != np.intp and positions.dtype.kind in "iu":
+            positions = positions.astype(np.intp)  # numpy gathers ~3x faster with intp
         return self._slot_of[positions]
 
     # ------------------------------------------------------------------ subclass surface
