@@ -74,14 +74,18 @@ def plan_reads(
                 command_regions=np.array(command_regions, dtype=np.int64),
             )
     slots, regions, steps = _sorted_unique(slots, regions)
+    changes = None if regions is None else regions[1:] != regions[:-1]
     offsets, sizes, command_regions = _page_commands(
-        slots, regions, entry_bytes, page_size, max_io_bytes
+        slots, regions, entry_bytes, page_size, max_io_bytes, changes
     )
     if slots.size:
-        # A new run starts wherever the next requested slot is not the adjacent one.
-        starts = np.flatnonzero((steps != 1) | (np.diff(regions) != 0)) + 1
-        bounds = np.concatenate(([0], starts, [slots.size]))
-        run_entries = np.diff(bounds).astype(np.int64)
+        # A new run starts wherever the next requested slot is not the adjacent one (the
+        # sort keys of adjacent slots of one region differ by exactly 1).
+        breaks = steps != 1
+        if changes is not None:
+            breaks |= changes
+        bounds = np.concatenate(([0], np.flatnonzero(breaks) + 1, [slots.size]))
+        run_entries = np.diff(bounds)
     else:
         run_entries = np.zeros(0, dtype=np.int64)
     return ReadPlan(
@@ -113,7 +117,8 @@ def plan_writes(
             sizes = _small_commands(keys, entry_bytes, page_size, max_io_bytes, runs=False)[1]
             return np.array(sizes, dtype=np.int64)
     slots, regions, _ = _sorted_unique(slots, regions)
-    return _page_commands(slots, regions, entry_bytes, page_size, max_io_bytes)[1]
+    changes = None if regions is None else regions[1:] != regions[:-1]
+    return _page_commands(slots, regions, entry_bytes, page_size, max_io_bytes, changes)[1]
 
 
 _REGION_SHIFT = 40  # slots below 2**40 entries; regions packed above them in one sort key
@@ -144,20 +149,29 @@ def _checked(
 
 def _sorted_unique(
     slots: np.ndarray, regions: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(slots, regions) (checked by :func:`_checked`) sorted by (region, slot) and
-    de-duplicated, plus the slot differences."""
-    if regions is None:
-        regions = np.zeros(slots.size, dtype=np.int64)
-        key = slots
-    else:
-        key = (regions << _REGION_SHIFT) | slots
-    # Callers usually pass sorted unique keys; only pay for np.unique when they do not.
-    if (np.diff(key) <= 0).any():
-        key = np.unique(key)
-        slots = key & ((1 << _REGION_SHIFT) - 1)
-        regions = key >> _REGION_SHIFT
-    return slots, regions, np.diff(slots)
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(slots, regions) (checked by :func:`_checked`; ``regions`` may be ``None``: all 0)
+    sorted by (region, slot) and de-duplicated, plus the differences of consecutive sort
+    keys ``region << 40 | slot``."""
+    key = slots if regions is None else (regions << _REGION_SHIFT) | slots
+    steps = np.diff(key)
+    # Callers usually pass sorted unique keys; only pay for a sort when they do not.
+    if (steps <= 0).any():
+        key = np.sort(key)
+        steps = np.diff(key)
+        repeated = steps == 0
+        if repeated.any():
+            keep = np.empty(key.size, dtype=bool)
+            keep[0] = True
+            np.logical_not(repeated, out=keep[1:])
+            key = key[keep]
+            steps = np.diff(key)
+        if regions is None:
+            slots = key
+        else:
+            slots = key & ((1 << _REGION_SHIFT) - 1)
+            regions = key >> _REGION_SHIFT
+    return slots, regions, steps
 
 
 def _check_sizes(entry_bytes: int, page_size: int, max_io_bytes: int) -> bool:
@@ -231,10 +245,16 @@ def _small_commands(
 
 
 def _page_commands(
-    slots: np.ndarray, regions: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes: int
+    slots: np.ndarray,
+    regions: np.ndarray | None,
+    entry_bytes: int,
+    page_size: int,
+    max_io_bytes: int,
+    changes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(offsets, sizes, regions) of the commands covering the pages touched by ``slots``
-    (sorted by (region, slot), unique)."""
+    (sorted by (region, slot), unique; ``regions`` ``None``: all 0; ``changes``: where the
+    region changes between consecutive slots, if the caller has it)."""
     if entry_bytes <= 0:
         raise ValueError(f"entry_bytes must be > 0, got {entry_bytes}")
     if page_size <= 0:
@@ -247,17 +267,23 @@ def _page_commands(
     max_pages = max_io_bytes // page_size
     first_byte = slots * entry_bytes
     first_page = first_byte // page_size
-    last_page = (first_byte + entry_bytes - 1) // page_size
+    if page_size % entry_bytes:
+        last_page = (first_byte + entry_bytes - 1) // page_size
+    else:  # entries tile the pages: none straddles two
+        last_page = first_page
     # Slots are sorted, so both page bounds are non-decreasing: entry i starts a new page run
     # exactly when its first page is beyond the previous entry's last page + 1.
     new_run = np.empty(slots.size, dtype=bool)
     new_run[0] = True
     np.greater(first_page[1:], last_page[:-1] + 1, out=new_run[1:])
-    new_run[1:] |= regions[1:] != regions[:-1]
+    if regions is not None:
+        new_run[1:] |= regions[1:] != regions[:-1] if changes is None else changes
     run_start_idx = np.flatnonzero(new_run)
     run_first_page = first_page[run_start_idx]
     run_last_page = last_page[np.append(run_start_idx[1:] - 1, slots.size - 1)]
     run_pages = run_last_page - run_first_page + 1
+    if regions is None:
+        regions = np.zeros(slots.size, dtype=np.int64)
     if run_pages.max() <= max_pages:  # the usual case: one command per run
         return run_first_page * page_size, run_pages * page_size, regions[run_start_idx]
     # Split each run into ceil(pages / max_pages) commands: all full-size but the last.
