@@ -610,12 +610,14 @@ class ClusterAlignedReplacement(ReplacementPolicy):
         # Stage 1: one packed key per group, gathered per candidate (members share it).
         use_mask = (1 << self._USE_BITS) - 1
         m = self.max_positions
-        group_key = ((m - self._size_class(self._gsize[:n_groups])) << self._USE_BITS) + (
-            self._glast[:n_groups] & use_mask
-        )
+        sizes = self._gsize[:n_groups]
+        if self.size_classes != "exact":
+            sizes = self._size_class(sizes)
+        group_key = ((m - sizes) << self._USE_BITS) + (self._glast[:n_groups] & use_mask)
         protected = self._protected_groups(n_groups)
         if protected is not None:
-            group_key[protected] += self._PROTECTED
+            for group in protected:  # a handful: scalar updates beat an index array
+                group_key[group] += self._PROTECTED
         key = group_key[gid]
         # An entry without a group (gid 0, counted resident in _gres[0]) is a group of one:
         # its own latest use.
