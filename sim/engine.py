@@ -62,10 +62,11 @@ from sim.hardware import (
     dense_layer_us,
     scoring_us,
 )
-from sim.kv.cache import REPLACEMENTS, LayerCache
+from sim.kv.cache import LayerCache
 from sim.kv.geometry import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
 from sim.kv.io_plan import plan_reads, plan_writes
-from sim.kv.layout import LAYOUTS, FlashLayout
+from sim.kv.layouts import LAYOUTS, FlashLayout
+from sim.kv.replacement import REPLACEMENTS
 from sim.metrics.accuracy import layer_accuracy
 from sim.metrics.clusters import cluster_variance
 from sim.policies.base import LayerContext, LayerSelection, Relabel, RetrievalPolicy

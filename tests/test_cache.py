@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.errors import ConfigError
-from sim.kv.cache import REPLACEMENTS, LayerCache, ReplacementPolicy
+from sim.kv.cache import LayerCache
+from sim.kv.replacement import REPLACEMENTS, ReplacementPolicy
 
 FAST = settings(max_examples=60, deadline=None)
 

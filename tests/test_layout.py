@@ -1,4 +1,4 @@
-"""Flash layouts (sim.kv.layout) and command coalescing (sim.kv.io_plan).
+"""Flash layouts (sim.kv.layouts) and command coalescing (sim.kv.io_plan).
 
 Hand cases have their numbers derived in comments; hypothesis checks the invariants: layouts are
 bijections, plans cover every requested byte and read each page once.
@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from sim.errors import ConfigError
 from sim.kv.io_plan import plan_reads, plan_writes
-from sim.kv.layout import LAYOUTS, ClusterLayout, FlashLayout, SequenceLayout
+from sim.kv.layouts import LAYOUTS, FlashLayout
+from sim.kv.layouts.cluster import ClusterLayout
+from sim.kv.layouts.sequence import SequenceLayout
 
 FAST = settings(max_examples=60, deadline=None)
 

@@ -14,8 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.engine import PolicyPass, SimSetup, _Replay
-from sim.kv.layout import LAYOUTS
-from sim.kv.layouts_dynakv import DualHeadLayout, IntraInterLayout, coretrieval_chain
+from sim.kv.layouts import LAYOUTS
+from sim.kv.layouts.coretrieval import coretrieval_chain
+from sim.kv.layouts.dual_head import DualHeadLayout
+from sim.kv.layouts.intra_inter import IntraInterLayout
 from sim.policies import POLICIES
 from sim.policies.base import HeadSelections, LayerContext, LayerSelection
 

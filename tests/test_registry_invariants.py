@@ -13,8 +13,8 @@ import pytest
 
 from sim.engine import STEP_COLUMNS, SimSetup, _Replay, run_policy_pass
 from sim.hardware import load_device
-from sim.kv.cache import REPLACEMENTS
-from sim.kv.layout import LAYOUTS
+from sim.kv.layouts import LAYOUTS
+from sim.kv.replacement import REPLACEMENTS
 from sim.policies import POLICIES
 from sim.policies.base import BudgetedPolicy
 from sim.trace.format import TraceWriter, open_trace

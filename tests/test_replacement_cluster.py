@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from sim.engine import PolicyPass, SimSetup, _Replay, simulate
 from sim.errors import ConfigError
-from sim.kv.cache import REPLACEMENTS, LayerCache
+from sim.kv.cache import LayerCache
 from sim.kv.geometry import ModelGeometry
+from sim.kv.replacement import REPLACEMENTS
 from sim.policies.base import HeadSelections, LayerSelection, Relabel
 
 from .conftest import HAND_DEVICE, HandPolicy
