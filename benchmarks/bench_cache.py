@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(
-        f"LayerCache.access, max_positions={MAX_POSITIONS}, ~{SELECTED} selected/head,"
+        f"LayerCache.access, n_positions={MAX_POSITIONS}, ~{SELECTED} selected/head,"
         f" {args.replacement}, {args.steps} steps"
     )
     for n_heads in (3, 8):

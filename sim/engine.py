@@ -305,7 +305,7 @@ class _Replay:
         capacity_entries = setup.cache_capacity_bytes // (self.entry_bytes * self.n_layers)
         self.caches: list[LayerCache | None] = []
         self.layouts: list[list[FlashLayout]] = []
-        layout_spec = {**setup.layout, "max_positions": self.max_positions}
+        layout_spec = {**setup.layout, "n_positions": self.max_positions}
         declared = {f.name for f in dataclasses.fields(LAYOUTS.get(layout_spec["type"]))}
         # sizes a layout may need (a page-aligned write buffer): filled in if it declares them
         for name, value in (("entry_bytes", self.entry_bytes), ("page_bytes", self.page_bytes)):

@@ -254,7 +254,7 @@ def _layout_spec(value: Any, where: str) -> dict[str, Any] | None:
         return None
     spec = {"type": value} if isinstance(value, str) else dict(value)
     # Build once with a dummy size so unknown layout names and parameters fail before any run.
-    LAYOUTS.create({**spec, "max_positions": 1}, where=f"{where}.layout")
+    LAYOUTS.create({**spec, "n_positions": 1}, where=f"{where}.layout")
     return spec
 
 

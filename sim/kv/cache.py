@@ -6,10 +6,10 @@ chooses victims (the split of cachetools' ``Cache`` / ``LRUCache.popitem`` and l
 ``to_evict``). Capacity is counted in *entries* (one token position of one KV head; all entries
 of a layer have the same byte size, so bytes are ``entries * entry_bytes`` outside this module).
 
-State is kept in ``(n_heads, max_positions)`` numpy arrays and every call is vectorised: the
+State is kept in ``(n_heads, n_positions)`` numpy arrays and every call is vectorised: the
 engine calls :meth:`LayerCache.access` once per (decode step, layer), about 250K times per run.
 The common path (the misses fit in the free space) does per-head fancy indexing only; the
-eviction path scans the layer once (``O(n_heads * max_positions)``).
+eviction path scans the layer once (``O(n_heads * n_positions)``).
 
 ``now`` is an integer logical clock supplied by the caller (the engine passes
 ``step * n_layers + layer``); it only orders events, it is not simulated time.
@@ -31,8 +31,8 @@ class LayerCache:
 
     Parameters
     ----------
-    n_heads, max_positions:
-        Layer shape; positions are ``0 <= p < max_positions``.
+    n_heads, n_positions:
+        Layer shape; positions are ``0 <= p < n_positions``.
     capacity_entries:
         Most entries resident at once (all heads together); 0 disables caching.
     replacement:
@@ -50,7 +50,7 @@ class LayerCache:
     def __init__(
         self,
         n_heads: int,
-        max_positions: int,
+        n_positions: int,
         capacity_entries: int,
         replacement: ReplacementPolicy,
         *,
@@ -58,8 +58,8 @@ class LayerCache:
     ) -> None:
         if n_heads <= 0:
             raise ValueError(f"n_heads must be > 0, got {n_heads}")
-        if max_positions <= 0:
-            raise ValueError(f"max_positions must be > 0, got {max_positions}")
+        if n_positions <= 0:
+            raise ValueError(f"n_positions must be > 0, got {n_positions}")
         if capacity_entries < 0:
             raise ValueError(f"capacity_entries must be >= 0, got {capacity_entries}")
         if not isinstance(replacement, ReplacementPolicy):
@@ -71,14 +71,14 @@ class LayerCache:
                 "create one instance per LayerCache"
             )
         replacement.capacity_entries = int(capacity_entries)
-        replacement.bind(n_heads, max_positions)
+        replacement.bind(n_heads, n_positions)
         replacement._kvsim_bound = True  # type: ignore[attr-defined]
         self.n_heads = n_heads
-        self.max_positions = max_positions
+        self.n_positions = n_positions
         self.capacity_entries = int(capacity_entries)
         self.replacement = replacement
         self.check_inputs = check_inputs
-        self._resident = np.zeros((n_heads, max_positions), dtype=bool)
+        self._resident = np.zeros((n_heads, n_positions), dtype=bool)
         self._resident_flat = self._resident.reshape(-1)
         # Row views made once: 1-D indexing is ~2x cheaper than resident[h, positions].
         self._rows = list(self._resident)
@@ -86,11 +86,11 @@ class LayerCache:
         # here (O(resident)) rather than from a scan of the whole layer (O(heads x positions)).
         self._resident_idx = np.zeros(0, dtype=np.int64)
         # Scratch marks of the protected entries (all False between calls).
-        self._mark = np.zeros((n_heads, max_positions), dtype=bool)
+        self._mark = np.zeros((n_heads, n_positions), dtype=bool)
         self._mark_flat = self._mark.reshape(-1)
         self._mark_rows = list(self._mark)
-        self._offsets = [h * max_positions for h in range(n_heads)]
-        self._head_offsets = np.arange(n_heads, dtype=np.int64) * max_positions
+        self._offsets = [h * n_positions for h in range(n_heads)]
+        self._head_offsets = np.arange(n_heads, dtype=np.int64) * n_positions
         self.resident_entries = 0
         self.peak_resident_entries = 0
         self.hits = 0
@@ -147,7 +147,7 @@ class LayerCache:
             and isinstance(first, np.ndarray)
             and first.shape == (1,)
             and all(pos is first for pos in head_positions)
-            and 0 <= first[0] < self.max_positions
+            and 0 <= first[0] < self.n_positions
         ):
             # The engine's append: the same new position in every head (one gather, and the
             # flat indices computed once).
@@ -174,8 +174,8 @@ class LayerCache:
         """Sorted positions of ``head`` currently resident (for tests and invariants)."""
         if not 0 <= head < self.n_heads:
             raise ValueError(f"head must be in [0, {self.n_heads}), got {head}")
-        start = head * self.max_positions
-        lo, hi = np.searchsorted(self._resident_idx, (start, start + self.max_positions))
+        start = head * self.n_positions
+        lo, hi = np.searchsorted(self._resident_idx, (start, start + self.n_positions))
         return self._resident_idx[lo:hi] - start
 
     def assign_groups(
@@ -309,9 +309,9 @@ class LayerCache:
         if len(per_head) != self.n_heads:
             raise ValueError(f"{what}: expected {self.n_heads} heads, got {len(per_head)}")
         for h, sel in enumerate(per_head):
-            if sel.size and (sel[0] < 0 or sel[-1] >= self.max_positions):
+            if sel.size and (sel[0] < 0 or sel[-1] >= self.n_positions):
                 raise ValueError(
-                    f"{what}[{h}]: positions must be in [0, {self.max_positions}),"
+                    f"{what}[{h}]: positions must be in [0, {self.n_positions}),"
                     f" got {sel[0]}..{sel[-1]}"
                 )
             if self.check_inputs and sel.size > 1 and not (np.diff(sel) > 0).all():

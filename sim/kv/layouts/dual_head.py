@@ -100,7 +100,7 @@ class DualHeadLayout(FlashLayout):
     entry size and the device's page size); the buffer needs both.
 
     Parameters:
-        max_positions (int): positions of the region (the trace's final context length).
+        n_positions (int): positions of the region (the trace's final context length).
         pool_slack (float, default 1.0): ``pool_entries`` = largest prefill group x this; 1.0
             is the paper's pool of twice the maximum cluster size.
         write_buffer_groups (int, default 0): hot groups whose appends are page-buffered in
@@ -141,7 +141,7 @@ class DualHeadLayout(FlashLayout):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.entry_bytes == 0 or self.page_bytes == 0:
             raise ValueError("entry_bytes and page_bytes must be > 0")
-        self._gid_of = np.full(self.max_positions, _UNPLACED, dtype=np.int64)
+        self._gid_of = np.full(self.n_positions, _UNPLACED, dtype=np.int64)
 
     # ------------------------------------------------------------------ public API
 

@@ -37,7 +37,7 @@ class IntraInterLayout(ClusterLayout):
     before decoding (``place_prefill(..., coretrieval=...)``): clusters retrieved together sit
     next to each other, so one sequential read can cover several. Without a usable matrix the
     order is ``cluster``'s (smallest position first). Decode tokens go to an append log after
-    the prefill area in sequence order (as ``cluster``); no knobs besides ``max_positions``.
+    the prefill area in sequence order (as ``cluster``); no knobs besides ``n_positions``.
     """
 
     def _prefill_slots(self, prompt_len: int, groups: np.ndarray | None) -> np.ndarray:

@@ -24,7 +24,7 @@ class ReplacementPolicy(ABC):
     """Chooses which resident entries to evict; the cache does everything else.
 
     One instance serves exactly one :class:`LayerCache` (``bind`` allocates its state). Entries
-    are addressed per head by position, or globally by *flat index* ``head * max_positions +
+    are addressed per head by position, or globally by *flat index* ``head * n_positions +
     position``. Call order within one :meth:`LayerCache.access`:
 
     1. ``on_access(h, selected, now)`` for every head, with **all** positions the head selects now
@@ -53,10 +53,10 @@ class ReplacementPolicy(ABC):
     #: before :meth:`bind` (``None`` when the policy is used on its own).
     capacity_entries: int | None = None
 
-    def bind(self, n_heads: int, max_positions: int) -> None:
-        """Allocate per-entry state for a layer of ``n_heads`` x ``max_positions`` entries."""
+    def bind(self, n_heads: int, n_positions: int) -> None:
+        """Allocate per-entry state for a layer of ``n_heads`` x ``n_positions`` entries."""
         self.n_heads = n_heads
-        self.max_positions = max_positions
+        self.n_positions = n_positions
 
     def on_access(self, head: int, positions: np.ndarray, now: int) -> None:  # noqa: B027
         """``positions`` (sorted, unique) of ``head`` are used at time ``now``."""
@@ -67,7 +67,7 @@ class ReplacementPolicy(ABC):
     def on_insert_flat(self, flat_idx: np.ndarray, now: int) -> None:
         """:meth:`on_insert` for entries of any heads by flat index (int64, ascending), as the
         cache calls it; the default splits them per head. Override for speed only."""
-        m = self.max_positions
+        m = self.n_positions
         bounds = np.searchsorted(flat_idx, np.arange(1, self.n_heads) * m)
         for h, part in enumerate(np.split(flat_idx, bounds)):
             if part.size:

@@ -40,13 +40,13 @@ class BeladyReplacement(ReplacementPolicy):
 
     needs_future: ClassVar[bool] = True
 
-    def bind(self, n_heads: int, max_positions: int) -> None:
-        super().bind(n_heads, max_positions)
+    def bind(self, n_heads: int, n_positions: int) -> None:
+        super().bind(n_heads, n_positions)
         self._times: np.ndarray | None = None  # distinct observed `now` values, ascending
         self._past = 0  # observed uses of a smaller rank lie in the past
 
     def observe_future(self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
-        m = self.max_positions
+        m = self.n_positions
         n_flat = self.n_heads * m
         times = np.fromiter((now for now, _ in accesses), dtype=np.int64, count=len(accesses))
         distinct = np.unique(times)
@@ -107,7 +107,7 @@ class BeladyReplacement(ReplacementPolicy):
             # Uses of rank < _past are over; those at `now` itself may still be to come.
             self._past = rank if rank >= 0 and self._times[rank] == now else rank + 1
         if positions.size:
-            self._advance(positions + head * self.max_positions, self._rank)
+            self._advance(positions + head * self.n_positions, self._rank)
 
     def on_access(self, head: int, positions: np.ndarray, now: int) -> None:
         self._touch(head, positions, now)

@@ -72,15 +72,15 @@ class ClusterAlignedReplacement(GroupBookkeeping):
         if self.size_classes not in ("exact", "log2"):
             raise ValueError(f"size_classes must be 'exact' or 'log2', got {self.size_classes!r}")
 
-    #: Key layout of a group: (protected, max_positions - size class, latest use), packed in
-    #: one int64 as protected << 62 | (max_positions - size) << 40 | latest use.
+    #: Key layout of a group: (protected, n_positions - size class, latest use), packed in
+    #: one int64 as protected << 62 | (n_positions - size) << 40 | latest use.
     _USE_BITS: ClassVar[int] = 40
     _PROTECTED: ClassVar[int] = 1 << 62
 
-    def bind(self, n_heads: int, max_positions: int) -> None:
-        if max_positions >= 1 << (62 - self._USE_BITS):
-            raise ValueError(f"cluster_aligned: max_positions {max_positions} too large")
-        super().bind(n_heads, max_positions)
+    def bind(self, n_heads: int, n_positions: int) -> None:
+        if n_positions >= 1 << (62 - self._USE_BITS):
+            raise ValueError(f"cluster_aligned: n_positions {n_positions} too large")
+        super().bind(n_heads, n_positions)
 
     # -- victims -------------------------------------------------------------------------------
 
@@ -127,7 +127,7 @@ class ClusterAlignedReplacement(GroupBookkeeping):
         n_groups = self._n_groups
         # Stage 1: one packed key per group, gathered per candidate (members share it).
         use_mask = (1 << self._USE_BITS) - 1
-        m = self.max_positions
+        m = self.n_positions
         sizes = self._gsize[:n_groups]
         if self.size_classes != "exact":
             sizes = self._size_class(sizes)

@@ -37,14 +37,14 @@ class GroupBookkeeping(ReplacementPolicy):
 
     _NEVER: ClassVar[int] = -(1 << 62)
 
-    def bind(self, n_heads: int, max_positions: int) -> None:
-        super().bind(n_heads, max_positions)
-        self._stamp = np.zeros((n_heads, max_positions), dtype=np.int64)
+    def bind(self, n_heads: int, n_positions: int) -> None:
+        super().bind(n_heads, n_positions)
+        self._stamp = np.zeros((n_heads, n_positions), dtype=np.int64)
         self._stamp_flat = self._stamp.reshape(-1)
         self._stamp_rows = list(self._stamp)
         # Internal group id per entry; 0 = no group (slot 0 of the group arrays is a dummy,
         # so hot paths can scatter through it without masking).
-        self._gid = np.zeros((n_heads, max_positions), dtype=np.int64)
+        self._gid = np.zeros((n_heads, n_positions), dtype=np.int64)
         self._gid_flat = self._gid.reshape(-1)
         self._gid_rows = list(self._gid)
         self._gid_of: dict[tuple[int, int], int] = {}  # (head, label) -> internal id
@@ -53,7 +53,7 @@ class GroupBookkeeping(ReplacementPolicy):
         self._glast = np.zeros(64, dtype=np.int64)  # latest use of any member
         self._gupd = np.full(64, self._NEVER, dtype=np.int64)  # tick of the latest update
         self._gres = np.zeros(64, dtype=np.int64)  # resident members (kept once groups exist)
-        self._res = np.zeros((n_heads, max_positions), dtype=bool)
+        self._res = np.zeros((n_heads, n_positions), dtype=bool)
         self._res_flat = self._res.reshape(-1)
         self._res_rows = list(self._res)
         self._has_groups = False

@@ -18,10 +18,10 @@ class LFUReplacement(ReplacementPolicy):
     inserted, the inserting use counting as one; ties go to the least recently used, then to the
     lowest flat index, so that runs are deterministic."""
 
-    def bind(self, n_heads: int, max_positions: int) -> None:
-        super().bind(n_heads, max_positions)
-        self._count = np.zeros((n_heads, max_positions), dtype=np.int64)
-        self._stamp = np.zeros((n_heads, max_positions), dtype=np.int64)
+    def bind(self, n_heads: int, n_positions: int) -> None:
+        super().bind(n_heads, n_positions)
+        self._count = np.zeros((n_heads, n_positions), dtype=np.int64)
+        self._stamp = np.zeros((n_heads, n_positions), dtype=np.int64)
         self._count_flat = self._count.reshape(-1)
         self._stamp_flat = self._stamp.reshape(-1)
         self._count_rows = list(self._count)

@@ -17,9 +17,9 @@ class _OldestStampReplacement(ReplacementPolicy):
     """Evicts the entries with the smallest per-entry stamp; ties go to the lowest flat index
     so that runs are deterministic. Subclasses decide when the stamp is written."""
 
-    def bind(self, n_heads: int, max_positions: int) -> None:
-        super().bind(n_heads, max_positions)
-        self._stamp = np.zeros((n_heads, max_positions), dtype=np.int64)
+    def bind(self, n_heads: int, n_positions: int) -> None:
+        super().bind(n_heads, n_positions)
+        self._stamp = np.zeros((n_heads, n_positions), dtype=np.int64)
         self._stamp_flat = self._stamp.reshape(-1)
         # Row views made once: indexing a 1-D row is ~2x cheaper than stamp[head, positions].
         self._stamp_rows = list(self._stamp)
