@@ -19,7 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from sim.kv.cache import REPLACEMENTS, LayerCache  # noqa: E402
+from sim.kv.cache import LayerCache  # noqa: E402
+from sim.kv.replacement import REPLACEMENTS  # noqa: E402
 
 MAX_POSITIONS = 8448
 SELECTED = 800
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(
-        f"LayerCache.access, max_positions={MAX_POSITIONS}, ~{SELECTED} selected/head,"
+        f"LayerCache.access, n_positions={MAX_POSITIONS}, ~{SELECTED} selected/head,"
         f" {args.replacement}, {args.steps} steps"
     )
     for n_heads in (3, 8):

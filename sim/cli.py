@@ -96,8 +96,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(_args: argparse.Namespace) -> int:
-    from sim.kv.cache import REPLACEMENTS
-    from sim.kv.layout import LAYOUTS
+    from sim.kv.layouts import LAYOUTS
+    from sim.kv.replacement import REPLACEMENTS
     from sim.paths import CONFIGS_DIR
     from sim.policies import POLICIES
     from sim.trace.sources import list_sources

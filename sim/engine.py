@@ -62,10 +62,11 @@ from sim.hardware import (
     dense_layer_us,
     scoring_us,
 )
-from sim.kv.cache import REPLACEMENTS, LayerCache
+from sim.kv.cache import LayerCache
 from sim.kv.geometry import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
 from sim.kv.io_plan import plan_reads, plan_writes
-from sim.kv.layout import LAYOUTS, FlashLayout
+from sim.kv.layouts import LAYOUTS, FlashLayout
+from sim.kv.replacement import REPLACEMENTS
 from sim.metrics.accuracy import layer_accuracy
 from sim.metrics.clusters import cluster_variance
 from sim.policies.base import LayerContext, LayerSelection, Relabel, RetrievalPolicy
@@ -304,7 +305,7 @@ class _Replay:
         capacity_entries = setup.cache_capacity_bytes // (self.entry_bytes * self.n_layers)
         self.caches: list[LayerCache | None] = []
         self.layouts: list[list[FlashLayout]] = []
-        layout_spec = {**setup.layout, "max_positions": self.max_positions}
+        layout_spec = {**setup.layout, "n_positions": self.max_positions}
         declared = {f.name for f in dataclasses.fields(LAYOUTS.get(layout_spec["type"]))}
         # sizes a layout may need (a page-aligned write buffer): filled in if it declares them
         for name, value in (("entry_bytes", self.entry_bytes), ("page_bytes", self.page_bytes)):

@@ -57,9 +57,9 @@ from sim.config import (
 from sim.errors import ConfigError, KvsimError
 from sim.figures.base import validate_figure_specs
 from sim.hardware import DeviceParams, load_device
-from sim.kv.cache import REPLACEMENTS
 from sim.kv.geometry import ModelGeometry
-from sim.kv.layout import LAYOUTS
+from sim.kv.layouts import LAYOUTS
+from sim.kv.replacement import REPLACEMENTS
 from sim.paths import REPO_ROOT
 from sim.policies import POLICIES
 from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
@@ -254,7 +254,7 @@ def _layout_spec(value: Any, where: str) -> dict[str, Any] | None:
         return None
     spec = {"type": value} if isinstance(value, str) else dict(value)
     # Build once with a dummy size so unknown layout names and parameters fail before any run.
-    LAYOUTS.create({**spec, "max_positions": 1}, where=f"{where}.layout")
+    LAYOUTS.create({**spec, "n_positions": 1}, where=f"{where}.layout")
     return spec
 
 

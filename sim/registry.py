@@ -1,13 +1,25 @@
-"""Name -> class registries for the pluggable parts (policies, layouts, cache replacement).
+"""Name -> class registries for the pluggable parts (policies, layouts, cache replacement,
+figures).
 
 A YAML spec picks a member with ``type:`` and passes every other key to the constructor, so a
 misspelt parameter fails loudly instead of being ignored.
+
+Discovery, the one rule for every family: a registry is bound to a package and its members are
+the classes that the package's modules register with ``@REGISTRY.register("name")``. The first
+call of :meth:`Registry.names`, :meth:`~Registry.get`, :meth:`~Registry.create` or
+:meth:`~Registry.parameters` imports every module of the package (its direct modules and
+subpackages as ``pkgutil.iter_modules`` lists them, in sorted order), so adding a member is adding
+one module: no list to edit, and importing the package (or the module that defines the registry)
+loads no member.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
+import pkgutil
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -17,11 +29,24 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to classes of one family; raises on duplicates and unknown names."""
+    """Maps names to classes of one family; raises on duplicates and unknown names.
 
-    def __init__(self, family: str) -> None:
+    ``package``: dotted name of the package whose modules define the members (discovered on
+    first use, see the module docstring); ``None``: only what is registered explicitly.
+    Discovery holds a lock, so threads that look members up at the same time (the policy
+    passes' thread pool) all see the complete registry; a module that fails to import fails
+    the lookup and is retried at the next one.
+    """
+
+    def __init__(self, family: str, package: str | None = None) -> None:
         self.family = family
+        self.package = package
         self._members: dict[str, type[T]] = {}
+        self._discovered = package is None
+        self._discovering = False
+        # Re-entrant: a member module that looks the registry up while it is being imported
+        # (same thread) sees the members registered so far instead of deadlocking.
+        self._lock = threading.RLock()
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         def decorator(cls: type[T]) -> type[T]:
@@ -33,10 +58,40 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def discover(self) -> None:
+        """Import every module of :attr:`package` once (sorted by name); idempotent."""
+        if self._discovered:
+            return
+        with self._lock:
+            if self._discovered or self._discovering:
+                return
+            self._discovering = True
+            try:
+                for module in self.member_modules():
+                    importlib.import_module(module)
+                self._discovered = True
+            finally:
+                self._discovering = False
+
+    def member_modules(self) -> list[str]:
+        """Dotted names of the modules discovery imports (sorted; empty without a package).
+
+        Every module is imported, helpers and the one defining the registry included:
+        importing an already imported module is a no-op, and a helper registers nothing.
+        """
+        if self.package is None:
+            return []
+        package = importlib.import_module(self.package)
+        return sorted(
+            f"{self.package}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
+        )
+
     def names(self) -> list[str]:
+        self.discover()
         return sorted(self._members)
 
     def get(self, name: str) -> type[T]:
+        self.discover()
         try:
             return self._members[name]
         except KeyError:

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.errors import ConfigError
-from sim.kv.cache import REPLACEMENTS, LayerCache, ReplacementPolicy
+from sim.kv.cache import LayerCache
+from sim.kv.replacement import REPLACEMENTS, ReplacementPolicy
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -20,9 +21,9 @@ def a(*xs: int) -> np.ndarray:
     return np.array(xs, dtype=np.int64)
 
 
-def make(n_heads: int, max_positions: int, capacity: int, name: str = "lru") -> LayerCache:
+def make(n_heads: int, n_positions: int, capacity: int, name: str = "lru") -> LayerCache:
     return LayerCache(
-        n_heads, max_positions, capacity, REPLACEMENTS.create(name), check_inputs=True
+        n_heads, n_positions, capacity, REPLACEMENTS.create(name), check_inputs=True
     )
 
 
@@ -193,8 +194,8 @@ def test_insert_of_one_shared_position_array_matches_separate_arrays(name):
 @st.composite
 def workloads(draw):
     n_heads = draw(st.integers(1, 3))
-    max_positions = draw(st.integers(1, 40))
-    capacity = draw(st.integers(0, n_heads * max_positions))
+    n_positions = draw(st.integers(1, 40))
+    capacity = draw(st.integers(0, n_heads * n_positions))
     ops = []
     for _ in range(draw(st.integers(1, 25))):
         kind = draw(st.sampled_from(["access", "access", "insert"]))
@@ -203,8 +204,8 @@ def workloads(draw):
                 sorted(
                     draw(
                         st.sets(
-                            st.integers(0, max_positions - 1),
-                            max_size=max_positions if kind == "access" else 2,
+                            st.integers(0, n_positions - 1),
+                            max_size=n_positions if kind == "access" else 2,
                         )
                     )
                 ),
@@ -213,15 +214,15 @@ def workloads(draw):
             for _ in range(n_heads)
         ]
         ops.append((kind, per_head))
-    return n_heads, max_positions, capacity, ops
+    return n_heads, n_positions, capacity, ops
 
 
 @FAST
 @pytest.mark.parametrize("name", REPLACEMENTS.names())
 @given(w=workloads())
 def test_cache_invariants(name, w):
-    n_heads, max_positions, capacity, ops = w
-    c = make(n_heads, max_positions, capacity, name)
+    n_heads, n_positions, capacity, ops = w
+    c = make(n_heads, n_positions, capacity, name)
     if c.replacement.needs_future:
         # Offline policies (Belady) are told the run's accesses first, as the engine does.
         c.observe_future([(now, per_head) for now, (_kind, per_head) in enumerate(ops)])

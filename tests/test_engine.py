@@ -174,7 +174,8 @@ def test_extra_reads_are_fetched_but_not_attended():
 
 
 def test_relabels_reach_the_layout_and_relocations_are_written():
-    from sim.kv.layout import LAYOUTS, SequenceLayout
+    from sim.kv.layouts import LAYOUTS
+    from sim.kv.layouts.sequence import SequenceLayout
 
     moved_to = {}
 

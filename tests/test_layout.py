@@ -1,4 +1,4 @@
-"""Flash layouts (sim.kv.layout) and command coalescing (sim.kv.io_plan).
+"""Flash layouts (sim.kv.layouts) and command coalescing (sim.kv.io_plan).
 
 Hand cases have their numbers derived in comments; hypothesis checks the invariants: layouts are
 bijections, plans cover every requested byte and read each page once.
@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from sim.errors import ConfigError
 from sim.kv.io_plan import plan_reads, plan_writes
-from sim.kv.layout import LAYOUTS, ClusterLayout, FlashLayout, SequenceLayout
+from sim.kv.layouts import LAYOUTS, FlashLayout
+from sim.kv.layouts.cluster import ClusterLayout
+from sim.kv.layouts.sequence import SequenceLayout
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -184,7 +186,7 @@ def test_multi_region_plan_is_the_union_of_region_plans(per_region, entry_bytes,
 
 
 def test_sequence_layout():
-    lay = SequenceLayout(max_positions=10)
+    lay = SequenceLayout(n_positions=10)
     lay.place_prefill(4, None)
     assert lay.slots(np.arange(4)).tolist() == [0, 1, 2, 3]
     assert lay.place_append(4, None) == 4
@@ -194,7 +196,7 @@ def test_sequence_layout():
 def test_cluster_layout_groups_in_order_of_smallest_position():
     # Labels: position 0->7, 1->3, 2->7, 3->5, 4->3, 5->5. Groups by smallest position:
     # label 7 {0,2} at slots 0,1; label 3 {1,4} at 2,3; label 5 {3,5} at 4,5.
-    lay = ClusterLayout(max_positions=8)
+    lay = ClusterLayout(n_positions=8)
     lay.place_prefill(6, np.array([7, 3, 7, 5, 3, 5]))
     assert lay.slots(np.arange(6)).tolist() == [0, 2, 1, 4, 3, 5]
     # Decode tokens go to a log after the prefill area, whatever their group.
@@ -205,13 +207,13 @@ def test_cluster_layout_groups_in_order_of_smallest_position():
 
 
 def test_cluster_layout_without_groups_is_sequence():
-    lay = ClusterLayout(max_positions=5)
+    lay = ClusterLayout(n_positions=5)
     lay.place_prefill(3, None)
     assert lay.slots(np.arange(3)).tolist() == [0, 1, 2]
 
 
 def test_layout_misuse_raises():
-    lay = SequenceLayout(max_positions=5)
+    lay = SequenceLayout(n_positions=5)
     with pytest.raises(ValueError, match="before place_prefill"):
         lay.place_append(0, None)
     with pytest.raises(ValueError, match="prompt_len"):
@@ -225,15 +227,15 @@ def test_layout_misuse_raises():
         lay.place_append(4, None)
     with pytest.raises(ValueError, match="placed"):
         lay.slots(np.array([3]))
-    with pytest.raises(ValueError, match="max_positions"):
-        SequenceLayout(max_positions=0)
+    with pytest.raises(ValueError, match="n_positions"):
+        SequenceLayout(n_positions=0)
 
 
 def test_layout_registry():
     assert {"sequence", "cluster"} <= set(LAYOUTS.names())
-    # max_positions is the first field, so the engine's construction works for every member.
+    # n_positions is the first field, so the engine's construction works for every member.
     for name in LAYOUTS.names():
-        assert LAYOUTS.parameters(name)[0] == "max_positions"
+        assert LAYOUTS.parameters(name)[0] == "n_positions"
     with pytest.raises(ConfigError, match="valid: .*cluster"):
         LAYOUTS.get("nope")
 
@@ -245,14 +247,14 @@ def test_layout_registry():
 @pytest.mark.parametrize("name", LAYOUTS.names())
 @given(data=st.data())
 def test_layout_is_a_bijection(name, data):
-    max_positions = data.draw(st.integers(1, 200))
-    prompt_len = data.draw(st.integers(0, max_positions))
-    n_append = data.draw(st.integers(0, max_positions - prompt_len))
+    n_positions = data.draw(st.integers(1, 200))
+    prompt_len = data.draw(st.integers(0, n_positions))
+    n_append = data.draw(st.integers(0, n_positions - prompt_len))
     grouped = data.draw(st.booleans())
     n_labels = data.draw(st.integers(1, 12))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     groups = rng.integers(-1, n_labels, prompt_len) if grouped else None
-    lay: FlashLayout = LAYOUTS.get(name)(max_positions=max_positions)
+    lay: FlashLayout = LAYOUTS.get(name)(n_positions=n_positions)
     lay.place_prefill(prompt_len, groups)
     prefill_slots = lay.slots(np.arange(prompt_len))
     appended = [
@@ -264,7 +266,7 @@ def test_layout_is_a_bijection(name, data):
     all_slots = lay.slots(np.arange(n))
     assert (all_slots >= 0).all()
     if lay.bounded_slots:
-        assert (all_slots < max_positions).all()
+        assert (all_slots < n_positions).all()
     assert np.unique(all_slots).size == n  # injective: no entry overwritten
     if not lay.relocates:
         assert all_slots.tolist()[prompt_len:] == appended

@@ -14,8 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.engine import PolicyPass, SimSetup, _Replay
-from sim.kv.layout import LAYOUTS
-from sim.kv.layouts_dynakv import DualHeadLayout, IntraInterLayout, coretrieval_chain
+from sim.kv.layouts import LAYOUTS
+from sim.kv.layouts.coretrieval import coretrieval_chain
+from sim.kv.layouts.dual_head import DualHeadLayout
+from sim.kv.layouts.intra_inter import IntraInterLayout
 from sim.policies import POLICIES
 from sim.policies.base import HeadSelections, LayerContext, LayerSelection
 
@@ -57,14 +59,14 @@ def test_chain_without_a_usable_matrix_is_cluster_order():
 def test_intra_inter_slots():
     # Order 0, 3, 2, 1: group 0 {1, 4} -> slots 0, 1; 3 {0, 5} -> 2, 3; 2 {3, 7} -> 4, 5;
     # 1 {2, 6} -> 6, 7.
-    lay = IntraInterLayout(max_positions=10)
+    lay = IntraInterLayout(n_positions=10)
     lay.place_prefill(8, GROUPS, coretrieval=CORE)
     assert lay.slots(np.arange(8)).tolist() == [2, 0, 6, 4, 1, 3, 7, 5]
     assert lay.place_append(8, 1) == 8  # the append log, as `cluster`
     # without co-retrieval: `cluster`'s layout
-    plain = LAYOUTS.get("cluster")(max_positions=10)
+    plain = LAYOUTS.get("cluster")(n_positions=10)
     plain.place_prefill(8, GROUPS)
-    lay = IntraInterLayout(max_positions=10)
+    lay = IntraInterLayout(n_positions=10)
     lay.place_prefill(8, GROUPS)
     assert lay.slots(np.arange(8)).tolist() == plain.slots(np.arange(8)).tolist()
 
@@ -75,7 +77,7 @@ def test_intra_inter_slots():
 def test_dual_head_pair_grows_toward_each_other():
     # Groups 0 {0, 2, 4} and 1 {1, 3}, co-retrieved -> one pool; pool_entries = 3 x 2.0 = 6,
     # pool of 12 slots: group 0 up from 0 (slots 0, 1, 2), group 1 down from 11 (11, 10).
-    lay = DualHeadLayout(max_positions=20, pool_slack=2.0)
+    lay = DualHeadLayout(n_positions=20, pool_slack=2.0)
     lay.place_prefill(5, np.array([0, 1, 0, 1, 0]), coretrieval=np.array([[3, 2], [2, 3]]))
     assert lay.slots(np.arange(5)).tolist() == [0, 11, 1, 10, 2]
     for position, group, slot in [(5, 0, 3), (6, 1, 9), (7, 0, 4), (8, 1, 8)]:
@@ -88,7 +90,7 @@ def test_dual_head_pair_grows_toward_each_other():
 def test_dual_head_full_pool_relocates_the_appending_group():
     # pool_entries = 3, pool of 6: group 0 at 0, 1, 2 and group 1 at 5, 4; position 5 (group
     # 1) takes slot 3, the last free one.
-    lay = DualHeadLayout(max_positions=20)
+    lay = DualHeadLayout(n_positions=20)
     lay.place_prefill(5, np.array([0, 1, 0, 1, 0]), coretrieval=np.array([[3, 2], [2, 3]]))
     assert lay.place_append(5, 1) == 3
     assert lay.due_writes(3).tolist() == [3]
@@ -107,7 +109,7 @@ def test_dual_head_full_pool_relocates_the_appending_group():
 def test_dual_head_relabel_moves_exactly_the_split_half():
     # No co-retrieval: cluster order pairs (0, 1); pool_entries = 4, pool of 8: group 0 at
     # 0..3 (positions 0..3), group 1 at 7, 6 (positions 4, 5).
-    lay = DualHeadLayout(max_positions=20)
+    lay = DualHeadLayout(n_positions=20)
     lay.place_prefill(6, np.array([0, 0, 0, 0, 1, 1]))
     assert lay.slots(np.arange(6)).tolist() == [0, 1, 2, 3, 7, 6]
     # Split: positions 1, 3 become group 9. No pool has a vacant head -> a new pool of 8 from
@@ -124,7 +126,7 @@ def test_dual_head_relabel_moves_exactly_the_split_half():
 
 
 def test_dual_head_relabel_into_an_existing_group_rewrites_it_whole():
-    lay = DualHeadLayout(max_positions=20)
+    lay = DualHeadLayout(n_positions=20)
     lay.place_prefill(6, np.array([0, 0, 0, 0, 1, 1]))
     # group 1 {4, 5} gains position 0: group 1 leaves its head; {0, 4, 5} go to a new pool
     # (start 8) in position order: 8, 9, 10.
@@ -133,7 +135,7 @@ def test_dual_head_relabel_into_an_existing_group_rewrites_it_whole():
 
 
 def test_dual_head_without_groups_is_sequence():
-    lay = DualHeadLayout(max_positions=5)
+    lay = DualHeadLayout(n_positions=5)
     lay.place_prefill(3, None)
     assert lay.place_append(3, None) == 3
     assert lay.due_writes(3).tolist() == [3]
@@ -143,8 +145,8 @@ def test_dual_head_without_groups_is_sequence():
 def test_dual_head_parameters_are_validated():
     for bad in ({"pool_slack": 0}, {"write_buffer_groups": -1}, {"entry_bytes": 0}):
         with pytest.raises(ValueError):
-            DualHeadLayout(max_positions=4, **bad)
-    lay = DualHeadLayout(max_positions=4, write_buffer_groups=1)  # sizes not given
+            DualHeadLayout(n_positions=4, **bad)
+    lay = DualHeadLayout(n_positions=4, write_buffer_groups=1)  # sizes not given
     with pytest.raises(ValueError, match="entry_bytes and page_bytes"):
         lay.place_prefill(2, np.array([0, 1]))
 
@@ -155,7 +157,7 @@ def test_dual_head_parameters_are_validated():
 def test_write_buffer_holds_a_hot_group_until_a_page_is_full():
     # 1024 B entries, 4096 B pages: 4 entries per page. Row sums 5 and 3: group 0 is the one
     # hot group. pool_entries = 2 x 4 = 8, pool of 16: group 0 at 0, 1; group 1 at 15, 14.
-    lay = DualHeadLayout(max_positions=20, pool_slack=4.0, write_buffer_groups=1,
+    lay = DualHeadLayout(n_positions=20, pool_slack=4.0, write_buffer_groups=1,
                          entry_bytes=1024, page_bytes=4096)
     lay.place_prefill(4, np.array([0, 1, 0, 1]), coretrieval=np.array([[4, 1], [1, 2]]))
     for position, held in [(4, 1), (5, 2), (6, 3)]:
@@ -170,7 +172,7 @@ def test_write_buffer_holds_a_hot_group_until_a_page_is_full():
 
 
 def test_split_writes_the_buffered_entries_it_moves():
-    lay = DualHeadLayout(max_positions=20, pool_slack=4.0, write_buffer_groups=1,
+    lay = DualHeadLayout(n_positions=20, pool_slack=4.0, write_buffer_groups=1,
                          entry_bytes=1024, page_bytes=4096)
     lay.place_prefill(4, np.array([0, 1, 0, 1]), coretrieval=np.array([[4, 1], [1, 2]]))
     for position in (4, 5):
@@ -206,7 +208,7 @@ def test_engine_fills_the_entry_and_page_sizes():
 
 def test_defaults_are_documented():
     for cls, names in ((DualHeadLayout, ("pool_slack", "write_buffer_groups")),):
-        lay = cls(max_positions=1)
+        lay = cls(n_positions=1)
         for name in names:
             assert f"{name} (" in cls.__doc__ and f"default {getattr(lay, name)}" in cls.__doc__
     for cls in (DualHeadLayout, IntraInterLayout):
@@ -238,8 +240,8 @@ def _assert_contiguous(lay: DualHeadLayout, members: dict[int, list[int]]) -> No
 @pytest.mark.parametrize("name", LAYOUTS.names())
 @given(data=st.data())
 def test_layouts_stay_bijective_and_report_every_rewrite(name, data):
-    max_positions = data.draw(st.integers(1, 120))
-    prompt_len = data.draw(st.integers(0, max_positions))
+    n_positions = data.draw(st.integers(1, 120))
+    prompt_len = data.draw(st.integers(0, n_positions))
     n_labels = data.draw(st.integers(1, 6))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     groups = rng.integers(0, n_labels, prompt_len)
@@ -249,7 +251,7 @@ def test_layouts_stay_bijective_and_report_every_rewrite(name, data):
         params = {"pool_slack": data.draw(st.sampled_from([0.5, 1.0, 2.0])),
                   "write_buffer_groups": data.draw(st.integers(0, 2)),
                   "entry_bytes": 1024, "page_bytes": data.draw(st.sampled_from([1024, 4096]))}
-    lay = LAYOUTS.get(name)(max_positions=max_positions, **params)
+    lay = LAYOUTS.get(name)(n_positions=n_positions, **params)
     lay.place_prefill(prompt_len, groups, coretrieval=core)
     label = {p: int(g) for p, g in enumerate(groups)}
     on_flash = dict(enumerate(lay.slots(np.arange(prompt_len)).tolist()))  # position -> slot
@@ -261,7 +263,7 @@ def test_layouts_stay_bijective_and_report_every_rewrite(name, data):
             on_flash[where[s]] = s
 
     next_label = 100
-    for position in range(prompt_len, max_positions):
+    for position in range(prompt_len, n_positions):
         group = int(rng.integers(n_labels + 2))
         label[position] = group
         record(lay.due_writes(lay.place_append(position, group)))
@@ -277,7 +279,7 @@ def test_layouts_stay_bijective_and_report_every_rewrite(name, data):
         slots = lay.slots(np.arange(n))
         assert (slots >= 0).all() and np.unique(slots).size == n
         if lay.bounded_slots:
-            assert (slots < max_positions).all()
+            assert (slots < n_positions).all()
         # every entry is on flash at its current slot, except those a write buffer holds
         stale = sum(on_flash.get(p) != s for p, s in enumerate(slots.tolist()))
         assert stale == lay.buffered_entries

@@ -1,22 +1,35 @@
-"""Every registered policy, layout and replacement policy through the shared invariants.
+"""Every registered policy, layout and replacement policy through the shared invariants, and
+the registries' discovery rule.
 
 Generated from the registries, so a new member cannot go untested: on a small synthetic trace
 (written with the real trace writer, all queries stored) each run must keep recall in [0, 1]
 (exactly 1 for full attention), never exceed the DRAM budget, account every byte once, and
-never lose or duplicate a KV entry on flash.
+never lose or duplicate a KV entry on flash. Discovery: each registry's members are exactly the
+classes its package's modules register, found without any list, and importing a package loads
+none of them.
 """
 
 from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sim.engine import STEP_COLUMNS, SimSetup, _Replay, run_policy_pass
+from sim.figures import FIGURES
 from sim.hardware import load_device
-from sim.kv.cache import REPLACEMENTS
-from sim.kv.layout import LAYOUTS
+from sim.kv.layouts import LAYOUTS
+from sim.kv.replacement import REPLACEMENTS
 from sim.policies import POLICIES
 from sim.policies.base import BudgetedPolicy
+from sim.registry import Registry
 from sim.trace.format import TraceWriter, open_trace
 
 PROMPT, STEPS, LAYERS, HEADS, GROUP, DIM = 96, 10, 3, 2, 2, 16
@@ -124,3 +137,121 @@ def test_every_layout(synthetic_trace, layout):
 @pytest.mark.parametrize("replacement", REPLACEMENTS.names())
 def test_every_replacement(synthetic_trace, replacement):
     _check_run(synthetic_trace, "dynakv", "cluster", replacement)
+
+
+# ---------------------------------------------------------------------------------- discovery
+
+REGISTRIES = {"sim.policies": POLICIES, "sim.kv.layouts": LAYOUTS,
+              "sim.kv.replacement": REPLACEMENTS, "sim.figures": FIGURES}
+
+
+@pytest.mark.parametrize("package", sorted(REGISTRIES))
+def test_registry_holds_exactly_what_its_package_modules_register(package):
+    """A package scan done here, independently of the registry: every class defined in a
+    module of the package that carries a registered name (``register`` sets ``cls.name``)."""
+    registry = REGISTRIES[package]
+    assert registry.package == package
+    registered = {}
+    root = importlib.import_module(package)
+    for info in pkgutil.iter_modules(root.__path__):
+        module = importlib.import_module(f"{package}.{info.name}")
+        for obj in vars(module).values():
+            own_name = vars(obj).get("name") if isinstance(obj, type) else None
+            if isinstance(own_name, str) and obj.__module__ == module.__name__:
+                registered[own_name] = obj
+    assert registry.names() == sorted(registered)
+    for name, cls in registered.items():
+        assert registry.get(name) is cls
+
+
+def test_importing_the_packages_loads_no_member():
+    """Only a lookup discovers: whoever imports a package (or a registry object, or
+    ``sim.figures.Results``) loads no member module."""
+    code = (
+        "import sys\n"
+        "import sim.figures, sim.kv.layouts, sim.kv.replacement, sim.policies\n"
+        "from sim.figures import FIGURES, Results\n"
+        "from sim.kv.layouts import LAYOUTS\n"
+        "from sim.kv.replacement import REPLACEMENTS\n"
+        "from sim.policies import POLICIES\n"
+        "for registry in (FIGURES, LAYOUTS, REPLACEMENTS, POLICIES):\n"
+        "    loaded = set(registry.member_modules()) & set(sys.modules)\n"
+        "    assert loaded <= {registry.package + '.base'}, loaded\n"
+        "    assert registry.names(), registry.family\n"
+        "    assert set(registry.member_modules()) <= set(sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root)
+
+
+def _drop_package(tmp_path, monkeypatch, name: str, modules: dict[str, str]):
+    """A throwaway package ``name`` with a registry ``THINGS`` bound to it and ``modules``."""
+    package = tmp_path / name
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from sim.registry import Registry\n"
+        "THINGS = Registry('thing', package=__name__)\n"
+    )
+    for module, body in modules.items():
+        (package / f"{module}.py").write_text(f"from {name} import THINGS\n\n{body}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    return importlib.import_module(name)
+
+
+@pytest.fixture
+def _forget_dropped_packages():
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("dropped_"):
+            del sys.modules[name]
+
+
+def _member(name: str, slow: bool = False) -> str:
+    sleep = "import time\ntime.sleep(0.2)\n\n" if slow else ""
+    return (f"{sleep}@THINGS.register({name!r})\n"
+            f"class {name.capitalize()}:\n    def __init__(self, size: int = 1) -> None:\n"
+            "        self.size = size\n")
+
+
+@pytest.mark.usefixtures("_forget_dropped_packages")
+def test_a_module_dropped_into_the_package_is_discovered(tmp_path, monkeypatch):
+    package = _drop_package(tmp_path, monkeypatch, "dropped_ok",
+                            {"beta": _member("beta"), "alpha": _member("alpha"),
+                             "helpers": "HELPER = 1\n"})
+    assert "dropped_ok.alpha" not in sys.modules  # the package import loads no member
+    assert package.THINGS.names() == ["alpha", "beta"]
+    assert package.THINGS.create({"type": "beta", "size": 3}).size == 3
+    assert package.THINGS.parameters("alpha") == ["size"]
+
+
+@pytest.mark.usefixtures("_forget_dropped_packages")
+def test_a_duplicate_name_raises(tmp_path, monkeypatch):
+    package = _drop_package(tmp_path, monkeypatch, "dropped_dup",
+                            {"one": _member("same"), "two": _member("same")})
+    with pytest.raises(ValueError, match="duplicate thing name 'same'"):
+        package.THINGS.names()
+    registry = Registry("thing")
+    registry.register("x")(type("X", (), {}))
+    with pytest.raises(ValueError, match="duplicate"):
+        registry.register("x")(type("Y", (), {}))
+
+
+@pytest.mark.usefixtures("_forget_dropped_packages")
+def test_concurrent_first_lookups_all_see_every_member(tmp_path, monkeypatch):
+    """The policy passes run in a thread pool: a lookup that arrives while another thread is
+    discovering waits for the whole registry instead of seeing part of it."""
+    package = _drop_package(tmp_path, monkeypatch, "dropped_threads",
+                            {"alpha": _member("alpha", slow=True), "beta": _member("beta")})
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(package.THINGS.names()))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == [["alpha", "beta"]] * 4

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.engine import PolicyPass, SimSetup, _Replay, simulate
-from sim.kv.cache import REPLACEMENTS, LayerCache
+from sim.kv.cache import LayerCache
 from sim.kv.geometry import ModelGeometry
+from sim.kv.replacement import REPLACEMENTS
 from sim.policies.base import HeadSelections, LayerSelection
 
 from .conftest import HAND_DEVICE, HandPolicy
@@ -22,18 +23,18 @@ def a(*xs: int) -> np.ndarray:
     return np.array(xs, dtype=np.int64)
 
 
-def make(max_positions: int, capacity: int, name: str, n_heads: int = 1) -> LayerCache:
+def make(n_positions: int, capacity: int, name: str, n_heads: int = 1) -> LayerCache:
     return LayerCache(
-        n_heads, max_positions, capacity, REPLACEMENTS.create(name), check_inputs=True
+        n_heads, n_positions, capacity, REPLACEMENTS.create(name), check_inputs=True
     )
 
 
 Op = tuple[str, list[int]]  # ("access" | "insert", sorted positions), single head
 
 
-def run_ops(name: str, ops: list[Op], capacity: int, max_positions: int) -> tuple[int, list]:
+def run_ops(name: str, ops: list[Op], capacity: int, n_positions: int) -> tuple[int, list]:
     """Replay single-head ``ops`` at now = 0, 1, ...; misses and resident set after each op."""
-    c = make(max_positions, capacity, name)
+    c = make(n_positions, capacity, name)
     if c.replacement.needs_future:
         c.observe_future([(now, [a(*pos)]) for now, (_kind, pos) in enumerate(ops)])
     residents = []
@@ -69,7 +70,7 @@ def test_lfu_exact_victims():
         ("access", [9]),  # t13: 9:(2,13)
         ("access", [2]),  # t14: 0:(3,5) 1:(1,12) 9:(2,13) -> evict 1 (its old count 3 is gone)
     ]
-    _, residents = run_ops("lfu", ops, capacity=3, max_positions=10)
+    _, residents = run_ops("lfu", ops, capacity=3, n_positions=10)
     victims = [
         sorted(set(before) - set(after))
         for before, after in zip([[]] + residents[:-1], residents, strict=True)
@@ -96,10 +97,10 @@ TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
 
 def test_belady_textbook_reference_string():
     ops: list[Op] = [("access", [p]) for p in TEXTBOOK]
-    figures = {name: run_ops(name, ops, capacity=3, max_positions=8)[0]
+    figures = {name: run_ops(name, ops, capacity=3, n_positions=8)[0]
                for name in ("belady", "lru", "fifo")}
     assert figures == {"belady": 9, "lru": 12, "fifo": 15}
-    _, residents = run_ops("belady", ops, capacity=3, max_positions=8)
+    _, residents = run_ops("belady", ops, capacity=3, n_positions=8)
     # The textbook's OPT frames after the last fault (reference 17: 7 replaces 2).
     assert residents[-1] == [0, 1, 7]
 
@@ -113,14 +114,14 @@ def test_belady_evicts_never_used_again_first_then_farthest():
         ("access", [0]),
         ("access", [3, 5]),
     ]
-    misses, residents = run_ops("belady", ops, capacity=4, max_positions=8)
+    misses, residents = run_ops("belady", ops, capacity=4, n_positions=8)
     assert residents[1] == [0, 1, 3, 4] and residents[2] == [0, 1, 3, 5]
     assert misses == 6
 
 
 def test_belady_ties_go_to_lowest_flat_index():
     ops: list[Op] = [("access", [0, 1, 2]), ("access", [3]), ("access", [4])]
-    _, residents = run_ops("belady", ops, capacity=3, max_positions=8)
+    _, residents = run_ops("belady", ops, capacity=3, n_positions=8)
     assert residents == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]  # all never used again
 
 
@@ -199,9 +200,9 @@ def single_head_runs(draw, max_prompt: int = 12, max_steps: int = 30):
 @settings(max_examples=150, deadline=None)
 @given(run=single_head_runs())
 def test_belady_is_the_lower_bound_and_matches_the_reference(run):
-    capacity, max_positions, ops = run
+    capacity, n_positions, ops = run
     results = {
-        name: run_ops(name, ops, capacity, max_positions)
+        name: run_ops(name, ops, capacity, n_positions)
         for name in ("belady", "lru", "lfu", "fifo")
     }
     belady_misses, belady_residents = results["belady"]
@@ -215,26 +216,26 @@ def test_belady_is_the_lower_bound_and_matches_the_reference(run):
 @settings(max_examples=60, deadline=None)
 @given(run=single_head_runs(max_prompt=5, max_steps=8))
 def test_belady_equals_exhaustive_optimum(run):
-    capacity, max_positions, ops = run
-    assert run_ops("belady", ops, capacity, max_positions)[0] == optimal_misses(ops, capacity)
+    capacity, n_positions, ops = run
+    assert run_ops("belady", ops, capacity, n_positions)[0] == optimal_misses(ops, capacity)
 
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_belady_lower_bound_over_heads(data):
     # Several heads share the capacity: each (head, position) is one entry to MIN.
-    n_heads, max_positions = data.draw(st.integers(2, 3)), 8
+    n_heads, n_positions = data.draw(st.integers(2, 3)), 8
     capacity = data.draw(st.integers(n_heads, 3 * n_heads))
     ops = []
     for _ in range(data.draw(st.integers(1, 25))):
         per_head = [
-            data.draw(st.sets(st.integers(0, max_positions - 1), max_size=capacity // n_heads))
+            data.draw(st.sets(st.integers(0, n_positions - 1), max_size=capacity // n_heads))
             for _ in range(n_heads)
         ]
         ops.append([a(*sorted(p)) for p in per_head])
     misses = {}
     for name in REPLACEMENTS.names():
-        c = make(max_positions, capacity, name, n_heads=n_heads)
+        c = make(n_positions, capacity, name, n_heads=n_heads)
         if c.replacement.needs_future:
             c.observe_future(list(enumerate(ops)))
         for now, per_head in enumerate(ops):

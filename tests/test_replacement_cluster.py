@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from sim.engine import PolicyPass, SimSetup, _Replay, simulate
 from sim.errors import ConfigError
-from sim.kv.cache import REPLACEMENTS, LayerCache
+from sim.kv.cache import LayerCache
 from sim.kv.geometry import ModelGeometry
+from sim.kv.replacement import REPLACEMENTS
 from sim.policies.base import HeadSelections, LayerSelection, Relabel
 
 from .conftest import HAND_DEVICE, HandPolicy
@@ -23,9 +24,9 @@ def a(*xs: int) -> np.ndarray:
     return np.array(xs, dtype=np.int64)
 
 
-def make(max_positions: int, capacity: int, n_heads: int = 1, **knobs) -> LayerCache:
+def make(n_positions: int, capacity: int, n_heads: int = 1, **knobs) -> LayerCache:
     rep = REPLACEMENTS.create({"type": "cluster_aligned", **knobs})
-    return LayerCache(n_heads, max_positions, capacity, rep, check_inputs=True)
+    return LayerCache(n_heads, n_positions, capacity, rep, check_inputs=True)
 
 
 def groups_of(c: LayerCache, sizes: dict[int, list[int]], head: int = 0) -> None:
@@ -154,18 +155,18 @@ def test_groups_are_per_head_and_spread_over_heads():
 @st.composite
 def multi_head_ops(draw):
     n_heads = draw(st.integers(1, 3))
-    max_positions = draw(st.integers(2, 30))
-    capacity = draw(st.integers(1, n_heads * max_positions))
+    n_positions = draw(st.integers(2, 30))
+    capacity = draw(st.integers(1, n_heads * n_positions))
     ops = []
     for _ in range(draw(st.integers(1, 30))):
         kind = draw(st.sampled_from(["access", "access", "insert"]))
         per_head = [
-            a(*sorted(draw(st.sets(st.integers(0, max_positions - 1),
-                                   max_size=max_positions if kind == "access" else 2))))
+            a(*sorted(draw(st.sets(st.integers(0, n_positions - 1),
+                                   max_size=n_positions if kind == "access" else 2))))
             for _ in range(n_heads)
         ]
         ops.append((kind, per_head))
-    return n_heads, max_positions, capacity, ops
+    return n_heads, n_positions, capacity, ops
 
 
 def replay(c: LayerCache, ops) -> list:
@@ -184,12 +185,12 @@ def replay(c: LayerCache, ops) -> list:
 def test_without_groups_it_is_lru(w, singletons):
     """No groups (fast path), or every entry labelled its own group at the prompt (the general
     path): the same misses and residents as LRU after every operation."""
-    n_heads, max_positions, capacity, ops = w
-    lru = LayerCache(n_heads, max_positions, capacity, REPLACEMENTS.create("lru"))
-    ca = make(max_positions, capacity, n_heads=n_heads)
+    n_heads, n_positions, capacity, ops = w
+    lru = LayerCache(n_heads, n_positions, capacity, REPLACEMENTS.create("lru"))
+    ca = make(n_positions, capacity, n_heads=n_heads)
     if singletons:
         for h in range(n_heads):
-            ca.assign_groups(h, np.arange(max_positions), np.arange(max_positions) + 7, -1)
+            ca.assign_groups(h, np.arange(n_positions), np.arange(n_positions) + 7, -1)
     assert replay(ca, ops) == replay(lru, ops)
     assert (ca.hits, ca.misses, ca.streamed) == (lru.hits, lru.misses, lru.streamed)
 
@@ -222,9 +223,9 @@ def grouped_runs(draw):
 
 def run_grouped(name: str, run, **knobs) -> int:
     capacity, prompt, labels, steps, _ = run
-    max_positions = prompt + len(steps)
+    n_positions = prompt + len(steps)
     rep = REPLACEMENTS.create({"type": name, **knobs})
-    c = LayerCache(1, max_positions, capacity, rep, check_inputs=True)
+    c = LayerCache(1, n_positions, capacity, rep, check_inputs=True)
     if rep.needs_future:
         future = []
         for s, (sel, _group, _split) in enumerate(steps):

@@ -3,17 +3,11 @@
 One module per figure; each registers a :class:`~sim.figures.base.Figure` subclass under the
 name an experiment lists in ``figures:``. Figures read result files only (never the engine), so
 ``kvsim plot`` redraws them without rerunning anything. To add one: a module here with a
-``@FIGURES.register("name")`` dataclass implementing ``draw``; every module of this package is
-imported below, so registering is all it takes.
+``@FIGURES.register("name")`` dataclass implementing ``draw``; :data:`FIGURES` imports every
+module of this package on its first lookup (:class:`sim.registry.Registry`), so registering is
+all it takes, and importing this package (e.g. for :class:`Results`) loads no figure.
 """
 
-import importlib
-import pkgutil
-
 from sim.figures.base import FIGURES, Figure, Results, draw_figures
-
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["FIGURES", "Figure", "Results", "draw_figures"]

@@ -21,7 +21,7 @@ import yaml
 from sim.errors import KvsimError
 from sim.registry import Registry
 
-FIGURES: Registry[Figure] = Registry("figure")
+FIGURES: Registry[Figure] = Registry("figure", package="sim.figures")
 
 COLUMN_IN = 3.4  # one paper column, inches
 PAGE_IN = 7.0

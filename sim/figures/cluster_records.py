@@ -237,8 +237,7 @@ FIG7_HINT = ("set record: {cluster_layer: L} for a policy that measures co-retri
 def coretrieval_orders(matrix: np.ndarray, prefill_labels: np.ndarray | None) -> dict[str, Any]:
     """The clusters in the ``cluster`` layout's order (smallest prefill position first; label
     order without labels) and in the ``intra_inter`` layout's chain order."""
-    import sim.kv.layout  # noqa: F401 - first: importing layouts_dynakv alone is circular
-    from sim.kv.layouts_dynakv import coretrieval_chain
+    from sim.kv.layouts.coretrieval import coretrieval_chain
 
     n = matrix.shape[0]
     if prefill_labels is not None:
@@ -271,7 +270,7 @@ class Coretrieval(Figure):
     """Fig. 7: co-retrieval frequency (co-retrievals per query) of one KV head's prefill
     clusters, measured by the policy on the last ``coretrieval_queries`` prompt queries before
     decoding. Per run, the matrix in the ``cluster`` layout's order (smallest position first)
-    and in the ``intra_inter`` layout's chain order (:func:`sim.kv.layouts_dynakv.
+    and in the ``intra_inter`` layout's chain order (:func:`sim.kv.layouts.coretrieval.
     coretrieval_chain`); each panel gives the share of co-retrievals between neighbouring
     clusters. The diagonal is each cluster's retrieval frequency; the last label is the sinks'
     group (always retrieved); colours on a square-root scale. Also writes

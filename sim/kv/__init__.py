@@ -1,6 +1,2 @@
-"""KV-cache bookkeeping: byte geometry, flash layouts, DRAM cache and its replacement policies."""
-
-# DynaKV's continuity-centric layouts (intra_inter, dual_head) live in their own module and
-# register into sim.kv.layout.LAYOUTS on import; importing them here (the package runs before any
-# of its modules) registers them whichever module a caller imports first.
-from sim.kv import layout, layouts_dynakv  # noqa: F401
+"""KV-cache bookkeeping: byte geometry, flash layouts (:mod:`sim.kv.layouts`), the DRAM cache
+(:mod:`sim.kv.cache`) and its replacement policies (:mod:`sim.kv.replacement`), I/O plans."""

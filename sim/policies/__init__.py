@@ -1,6 +1,9 @@
 """KV-retrieval policies: one module each, registered by name in :data:`POLICIES`.
 
-A YAML policy spec ``{type: token_topk, budget: 1024}`` builds ``POLICIES.create(spec)``.
+A YAML policy spec ``{type: token_topk, budget: 1024}`` builds ``POLICIES.create(spec)``. The
+registry finds its members itself (:class:`sim.registry.Registry`): every module of this package
+is imported on the first lookup, so a new policy is one module here with a
+``@POLICIES.register("name")`` dataclass; importing this package loads none of them.
 """
 
 from __future__ import annotations
@@ -9,19 +12,6 @@ from sim.registry import Registry
 
 from .base import RetrievalPolicy
 
-POLICIES: Registry[RetrievalPolicy] = Registry("policy")
+POLICIES: Registry[RetrievalPolicy] = Registry("policy", package=__name__)
 
-# Imported for their registration side effect; they need POLICIES defined above.
-from . import (  # noqa: E402, F401
-    clusterkv,
-    dynakv,
-    full,
-    h2o,
-    infinigen,
-    oracle,
-    pqcache,
-    quest,
-    static_clusters,
-    streaming_llm,
-    token_topk,
-)
+__all__ = ["POLICIES"]

@@ -83,7 +83,7 @@ class DynaKV(ClusteredPolicy):
     ``coretrieval_queries`` prompt queries (``None`` without prompt queries in the trace).
     Techniques 2 (dual-head, co-retrieval-ordered flash pools, page-aligned append buffers)
     and 3 (pipelined virtualisation, cluster-aligned replacement) are not part of the policy:
-    they consume these groups and relabels in ``sim/kv/layout.py`` and ``sim/kv/cache.py``.
+    they consume these groups and relabels in ``sim/kv/layouts/`` and ``sim/kv/replacement/``.
 
     Parameters:
         budget (int | float, default 1024): tokens per step and KV head, or a fraction in

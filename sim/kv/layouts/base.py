@@ -1,6 +1,6 @@
 """Where each KV entry of one (layer, KV head) lives in its flash region.
 
-Every (layer, KV head) owns a page-aligned flash region of ``max_positions`` entry slots; slot
+Every (layer, KV head) owns a page-aligned flash region of ``n_positions`` entry slots; slot
 ``s`` is the byte range ``[s * entry_bytes, (s + 1) * entry_bytes)`` of the region. A layout maps
 token positions to slots. It is a bijection between the positions placed so far and their slots:
 no entry is lost or stored twice.
@@ -8,8 +8,8 @@ no entry is lost or stored twice.
 Usage (one instance per (layer, KV head)): ``place_prefill`` once, then ``place_append`` for each
 decode token in sequence order (position ``P``, ``P + 1``, ...), and ``slots`` at any time for
 placed positions. Members are dataclasses registered in :data:`LAYOUTS`; the engine builds them
-with ``LAYOUTS.get(name)(max_positions=..., **params)`` where ``params`` are the YAML
-hyperparameters, so ``max_positions`` is always the first field.
+with ``LAYOUTS.get(name)(n_positions=..., **params)`` where ``params`` are the YAML
+hyperparameters, so ``n_positions`` is always the first field.
 """
 
 from __future__ import annotations
@@ -22,12 +22,7 @@ import numpy as np
 
 from sim.registry import Registry
 
-__all__ = [
-    "LAYOUTS",
-    "ClusterLayout",
-    "FlashLayout",
-    "SequenceLayout",
-]
+__all__ = ["LAYOUTS", "FlashLayout"]
 
 _UNPLACED = -1
 
@@ -36,7 +31,7 @@ _UNPLACED = -1
 class FlashLayout(ABC):
     """Base of every flash layout of one (layer, KV head) region.
 
-    ``max_positions``: slots in the region (the trace's final context length).
+    ``n_positions``: slots in the region (the trace's final context length).
 
     The base validates arguments and keeps the position -> slot table; subclasses implement
     :meth:`_prefill_slots` and :meth:`_append_slot`. ``place_prefill``/``place_append`` may be
@@ -44,28 +39,28 @@ class FlashLayout(ABC):
 
     Class flags (contract tests and callers read them): ``relocates`` -- placed entries may
     move later (their rewrites are reported by :meth:`due_writes` and :meth:`relabel`);
-    ``bounded_slots`` -- every slot is below ``max_positions`` (a layout with pools uses a
+    ``bounded_slots`` -- every slot is below ``n_positions`` (a layout with pools uses a
     larger, unbounded slot space; the engine keys commands by region, so that is fine).
     """
 
     relocates: ClassVar[bool] = False
     bounded_slots: ClassVar[bool] = True
 
-    max_positions: int
+    n_positions: int
     _slot_of: np.ndarray = field(init=False, repr=False)
     _n_placed: int = field(init=False, repr=False, default=0)
     _prompt_len: int | None = field(init=False, repr=False, default=None)
     coretrieval: np.ndarray | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_positions, bool) or not isinstance(
-            self.max_positions, (int, np.integer)
+        if isinstance(self.n_positions, bool) or not isinstance(
+            self.n_positions, (int, np.integer)
         ):
-            raise ValueError(f"max_positions must be an int, got {self.max_positions!r}")
-        if self.max_positions <= 0:
-            raise ValueError(f"max_positions must be > 0, got {self.max_positions}")
-        self.max_positions = int(self.max_positions)
-        self._slot_of = np.full(self.max_positions, _UNPLACED, dtype=np.int64)
+            raise ValueError(f"n_positions must be an int, got {self.n_positions!r}")
+        if self.n_positions <= 0:
+            raise ValueError(f"n_positions must be > 0, got {self.n_positions}")
+        self.n_positions = int(self.n_positions)
+        self._slot_of = np.full(self.n_positions, _UNPLACED, dtype=np.int64)
 
     # ------------------------------------------------------------------ public API
 
@@ -96,8 +91,8 @@ class FlashLayout(ABC):
         self.coretrieval = coretrieval
         if self._prompt_len is not None:
             raise ValueError(f"place_prefill already called (prompt_len={self._prompt_len})")
-        if not 0 <= prompt_len <= self.max_positions:
-            raise ValueError(f"prompt_len must be in [0, {self.max_positions}], got {prompt_len}")
+        if not 0 <= prompt_len <= self.n_positions:
+            raise ValueError(f"prompt_len must be in [0, {self.n_positions}], got {prompt_len}")
         if groups is not None:
             groups = np.asarray(groups)
             if groups.shape != (prompt_len,):
@@ -118,8 +113,8 @@ class FlashLayout(ABC):
                 f"decode tokens are appended in sequence order: expected position"
                 f" {self._n_placed}, got {position}"
             )
-        if position >= self.max_positions:
-            raise ValueError(f"region full: position {position} >= max_positions")
+        if position >= self.n_positions:
+            raise ValueError(f"region full: position {position} >= n_positions")
         slot = int(self._append_slot(position, group))
         self._slot_of[position] = slot
         self._n_placed += 1
@@ -174,45 +169,4 @@ class FlashLayout(ABC):
         """Slot of the decode token at ``position`` (not used by any placed position)."""
 
 
-LAYOUTS: Registry[FlashLayout] = Registry("flash layout")
-
-
-@LAYOUTS.register("sequence")
-@dataclass(eq=False)
-class SequenceLayout(FlashLayout):
-    """Sequence order: slot = position (what llama.cpp-style KV offloading does)."""
-
-    def _prefill_slots(self, prompt_len: int, groups: np.ndarray | None) -> np.ndarray:
-        return np.arange(prompt_len, dtype=np.int64)
-
-    def _append_slot(self, position: int, group: int | None) -> int:
-        return position
-
-
-@LAYOUTS.register("cluster")
-@dataclass(eq=False)
-class ClusterLayout(FlashLayout):
-    """Intra-cluster contiguity (DynaKV, arXiv 2511.07427, §4.2 "intra-cluster").
-
-    Prefill positions are grouped by label; the groups are laid out one after another in the
-    order of their smallest position, positions ascending within a group. Decode tokens go to a
-    log after the prefill area in sequence order: a plain cluster-contiguous layout has no room
-    to grow a cluster in place (DynaKV's dual-head layout fixes that; not this class). With
-    ``groups=None`` it is :class:`SequenceLayout`.
-    """
-
-    def _prefill_slots(self, prompt_len: int, groups: np.ndarray | None) -> np.ndarray:
-        if groups is None or prompt_len == 0:
-            return np.arange(prompt_len, dtype=np.int64)
-        _, first_pos, inverse = np.unique(groups, return_index=True, return_inverse=True)
-        # np.unique's return_index is the first occurrence = the group's smallest position.
-        group_start = first_pos[inverse.reshape(-1)]
-        order = np.lexsort((np.arange(prompt_len), group_start))  # positions in slot order
-        slot_of = np.empty(prompt_len, dtype=np.int64)
-        slot_of[order] = np.arange(prompt_len, dtype=np.int64)
-        return slot_of
-
-    def _append_slot(self, position: int, group: int | None) -> int:
-        # The log starts right after the prefill area and grows one slot per decode token.
-        return position
-
+LAYOUTS: Registry[FlashLayout] = Registry("flash layout", package="sim.kv.layouts")

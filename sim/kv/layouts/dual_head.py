@@ -1,15 +1,8 @@
-"""DynaKV's continuity-centric flash layouts (arXiv 2511.07427, Technique 2, §4.2).
-
-* ``intra_inter``: each cluster contiguous (intra-cluster) and clusters that are often
-  retrieved together placed side by side (inter-cluster), from the co-retrieval matrix the
-  policy measured before decoding (``LayerSelection.coretrieval``).
-* ``dual_head``: pairs of co-retrieved clusters share a pool of twice the largest cluster; the
-  two grow toward each other from the pool's ends, so appends land next to their cluster and
-  move no data; a split's moved half goes to another pool; optionally, appends of the hottest
-  clusters collect in DRAM until a full flash page of the cluster can be written.
-
-Both register in :data:`sim.kv.layout.LAYOUTS` (imported at the end of ``sim.kv.layout``).
-"""
+"""DynaKV's dual-head layout (arXiv 2511.07427, Technique 2, §4.2): pairs of co-retrieved
+clusters share a pool of twice the largest cluster; the two grow toward each other from the
+pool's ends, so appends land next to their cluster and move no data; a split's moved half goes
+to another pool; optionally, appends of the hottest clusters collect in DRAM until a full flash
+page of the cluster can be written."""
 
 from __future__ import annotations
 
@@ -19,114 +12,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from sim.kv.layout import _UNPLACED, LAYOUTS, ClusterLayout, FlashLayout
+from sim.kv.layouts.base import _UNPLACED, LAYOUTS, FlashLayout
+from sim.kv.layouts.coretrieval import _usable_coretrieval, coretrieval_chain
 
-__all__ = ["DualHeadLayout", "IntraInterLayout", "coretrieval_chain"]
-
-
-def _cluster_order(groups: np.ndarray) -> np.ndarray:
-    """Distinct labels of ``groups`` in the order of their smallest position."""
-    labels, first = np.unique(groups, return_index=True)
-    return labels[np.argsort(first, kind="stable")]
-
-
-def _usable_coretrieval(groups: np.ndarray, coretrieval: np.ndarray | None) -> np.ndarray | None:
-    """The symmetric co-retrieval counts between the present labels (sorted), zero diagonal,
-    or ``None`` if there is no matrix or it does not cover every label (labels must be
-    ``0..n-1`` indices of an (n, n) matrix)."""
-    if coretrieval is None or groups.size == 0:
-        return None
-    matrix = np.asarray(coretrieval)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        return None
-    labels = np.unique(groups)
-    if labels[0] < 0 or labels[-1] >= matrix.shape[0]:
-        return None
-    sub = matrix[np.ix_(labels, labels)].astype(np.float64)
-    sub = sub + sub.T
-    np.fill_diagonal(sub, 0.0)
-    return sub
-
-
-def coretrieval_chain(groups: np.ndarray, coretrieval: np.ndarray | None) -> np.ndarray:
-    """Order of the labels of ``groups`` on flash for inter-cluster contiguity.
-
-    Greedy chain over the co-retrieval counts ``C`` (symmetrised: ``C[i, j] + C[j, i]``): start
-    with the most co-retrieved pair ``(i, j)``, ``i < j`` (ties: the smallest ``i``, then
-    ``j``), chain ``[i, j]``; then repeatedly append the unplaced label most co-retrieved with
-    the chain's end (ties: the smallest label). When the end was never retrieved with any
-    unplaced label (all counts 0), the chain continues with the most co-retrieved pair of
-    unplaced labels (same tie rule), so co-retrieved clusters stay adjacent; labels never
-    co-retrieved with anything come last in ascending order. Without a usable matrix (``None``,
-    or labels outside ``0..n-1``): the order of smallest position (the ``cluster`` layout's).
-    """
-    groups = np.asarray(groups)
-    counts = _usable_coretrieval(groups, coretrieval)
-    if counts is None:
-        return _cluster_order(groups)
-    labels = np.unique(groups)
-    n = len(labels)
-    placed = np.zeros(n, dtype=bool)
-    chain: list[int] = []
-
-    def best_pair() -> tuple[int, int] | None:
-        free = ~placed
-        sub = np.where(free[:, None] & free[None, :], counts, -1.0)
-        sub = np.triu(sub, 1) - np.tril(np.ones((n, n)))  # upper triangle only
-        flat = int(np.argmax(sub))  # row-major: smallest i, then j, on ties
-        i, j = divmod(flat, n)
-        return (i, j) if sub[i, j] > 0 else None
-
-    while not placed.all():
-        end = chain[-1] if chain else None
-        if end is not None:
-            row = np.where(placed, -1.0, counts[end])
-            nxt = int(np.argmax(row))
-            if row[nxt] > 0:
-                chain.append(nxt)
-                placed[nxt] = True
-                continue
-        pair = best_pair()
-        if pair is None:  # nothing left is co-retrieved: ascending labels
-            rest = np.flatnonzero(~placed).tolist()
-            chain.extend(rest)
-            placed[:] = True
-            break
-        chain.extend(pair)
-        placed[list(pair)] = True
-    return labels[np.array(chain, dtype=np.int64)]
-
-
-def _slots_in_order(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Slot of each position when the groups are laid out one after another in ``order``,
-    positions ascending inside a group."""
-    prompt_len = len(groups)
-    rank = np.argsort(order, kind="stable")  # rank[k]: place in ``order`` of the k-th label
-    labels = order[rank]
-    group_rank = rank[np.searchsorted(labels, groups)]
-    by_slot = np.lexsort((np.arange(prompt_len), group_rank))
-    slot_of = np.empty(prompt_len, dtype=np.int64)
-    slot_of[by_slot] = np.arange(prompt_len, dtype=np.int64)
-    return slot_of
-
-
-@LAYOUTS.register("intra_inter")
-@dataclass(eq=False)
-class IntraInterLayout(ClusterLayout):
-    """Intra- plus inter-cluster contiguity (DynaKV, arXiv 2511.07427, §4.2, Fig. 7 and 12).
-
-    As ``cluster`` (each prefill group one contiguous extent, positions ascending), but the
-    groups follow :func:`coretrieval_chain` of the co-retrieval matrix the policy measured
-    before decoding (``place_prefill(..., coretrieval=...)``): clusters retrieved together sit
-    next to each other, so one sequential read can cover several. Without a usable matrix the
-    order is ``cluster``'s (smallest position first). Decode tokens go to an append log after
-    the prefill area in sequence order (as ``cluster``); no knobs besides ``max_positions``.
-    """
-
-    def _prefill_slots(self, prompt_len: int, groups: np.ndarray | None) -> np.ndarray:
-        if groups is None or prompt_len == 0:
-            return np.arange(prompt_len, dtype=np.int64)
-        return _slots_in_order(groups, coretrieval_chain(groups, self.coretrieval))
+__all__ = ["DualHeadLayout"]
 
 
 @dataclass(eq=False)
@@ -211,7 +100,7 @@ class DualHeadLayout(FlashLayout):
     entry size and the device's page size); the buffer needs both.
 
     Parameters:
-        max_positions (int): positions of the region (the trace's final context length).
+        n_positions (int): positions of the region (the trace's final context length).
         pool_slack (float, default 1.0): ``pool_entries`` = largest prefill group x this; 1.0
             is the paper's pool of twice the maximum cluster size.
         write_buffer_groups (int, default 0): hot groups whose appends are page-buffered in
@@ -252,7 +141,7 @@ class DualHeadLayout(FlashLayout):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.entry_bytes == 0 or self.page_bytes == 0:
             raise ValueError("entry_bytes and page_bytes must be > 0")
-        self._gid_of = np.full(self.max_positions, _UNPLACED, dtype=np.int64)
+        self._gid_of = np.full(self.n_positions, _UNPLACED, dtype=np.int64)
 
     # ------------------------------------------------------------------ public API
 
