@@ -47,6 +47,7 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
+from sim.atomic import TEMPORARY_GLOB, atomic_write, atomic_write_text
 from sim.config import (
     CacheSpec,
     ExperimentConfig,
@@ -432,11 +433,8 @@ def _policy_pass(
     policy = POLICIES.create(run.policy, where=f"run {run.label}")
     pp = run_policy_pass(trace, policy, run.seed, progress=False, workers=threads)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tmp.open("wb") as handle:
+        with atomic_write(path) as tmp, tmp.open("wb") as handle:
             pickle.dump(pp, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
     return pp, False
 
 
@@ -592,10 +590,8 @@ def write_run(
     """All files of one run, or none: written to a temporary sibling, then renamed."""
     import numpy as np
 
-    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_write(run_dir) as tmp:
+        tmp.mkdir()
         for name, data in (extra or {}).items():
             if name.endswith(".parquet"):
                 data.to_parquet(tmp / name, index=False)
@@ -611,10 +607,6 @@ def write_run(
         sim.run_lengths.to_csv(tmp / "run_lengths.csv", index=False)
         (tmp / RUN_SETTINGS).write_text(yaml.safe_dump(settings, sort_keys=False))
         (tmp / RUN_SUMMARY).write_text(json.dumps(_json_safe(row), indent=1))
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.replace(tmp, run_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_stale_temporaries(runs_dir: Path, max_age_s: float = 0.0) -> int:
@@ -623,7 +615,7 @@ def remove_stale_temporaries(runs_dir: Path, max_age_s: float = 0.0) -> int:
         return 0
     removed = 0
     now = time.time()
-    for tmp in runs_dir.glob(".*.tmp-*"):
+    for tmp in runs_dir.glob(TEMPORARY_GLOB):
         if now - tmp.stat().st_mtime >= max_age_s:
             shutil.rmtree(tmp, ignore_errors=True)
             removed += 1
@@ -652,13 +644,6 @@ def read_summary(plan_: Plan) -> pd.DataFrame:
             frame[column] = pd.Series(dtype=float)
     extra = [c for c in frame.columns if c not in columns]
     return frame[columns + extra]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_summary(plan_: Plan, summary: pd.DataFrame) -> None:

@@ -6,7 +6,6 @@ plus PNG, written atomically.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,8 @@ if "ipykernel" not in sys.modules:  # headless by default; notebooks keep their 
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from sim.atomic import atomic_write  # noqa: E402
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
@@ -43,9 +44,8 @@ def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
     written = []
     for ext in ("png", "pdf"):
         path = stem.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.{ext}")
-        fig.savefig(tmp, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, bbox_inches="tight")
         written.append(path)
     plt.close(fig)
     return written

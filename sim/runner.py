@@ -30,12 +30,12 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from sim.atomic import atomic_write_text
 from sim.errors import KvsimError
 from sim.experiment import (
     RUN_SUMMARY,
     PassGroup,
     Plan,
-    atomic_write_text,
     code_fingerprint,
     pass_cache_dir,
     read_summary,

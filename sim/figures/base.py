@@ -8,7 +8,6 @@ paper column (3.4 in) or page (7 in) width, vector PDF plus PNG, written atomica
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +17,7 @@ from typing import Any, ClassVar
 import pandas as pd
 import yaml
 
+from sim.atomic import atomic_write_text
 from sim.errors import KvsimError
 from sim.registry import Registry
 
@@ -135,8 +135,6 @@ def atomic_write_table(frame: pd.DataFrame, stem: Path, floatfmt: str = ".4g") -
         ("md", frame.to_markdown(index=False, floatfmt=floatfmt) + "\n"),
     ):
         path = stem.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
         written.append(path)
     return written

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from sim.atomic import atomic_write
 from sim.errors import CaptureError, TraceError
 from sim.trace.format import FORMAT_VERSION, Trace, TraceWriter, open_trace
 from sim.trace.sources import TextSource, load_text, source_name
@@ -103,16 +104,12 @@ def _locate_gemma3(cache_dir: Path) -> tuple[Path, str]:
     model_dir = cache_dir / "models"
     target = model_dir / gemma_pkg.MODEL_NAME
     if not target.is_file():
-        model_dir.mkdir(parents=True, exist_ok=True)
-        # assemble into a temp name and rename, so an interrupted run leaves no partial GGUF
-        tmp = model_dir / f".{gemma_pkg.MODEL_NAME}.{os.getpid()}.partial"
+        # assembled under a temporary name, so an interrupted run leaves no partial GGUF
         try:
-            gemma_pkg.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
+            with atomic_write(target) as tmp:
+                gemma_pkg.assemble(tmp, overwrite=True)
         except (OSError, ValueError) as exc:
             raise CaptureError(f"model gemma3-270m: assembling the GGUF failed ({exc})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
     return model_dir, target.name
 
 
