@@ -7,7 +7,8 @@ in 6 policy passes (each pass is replayed on the 3 bandwidths, so both computed 
 occur):
 
 * wall time and runs per minute of a fresh sweep (new temporary output directory, ``force``);
-* policy passes computed, their time and the pass time reuse saved (from ``sim.runner.Report``);
+* policy passes computed, their time and the pass time reuse saved (from
+  ``sim.experiment.runner.Report``);
 * peak RSS of each worker process: local pool children sampled with psutil while the sweep runs
   (and the exact largest child peak from ``getrusage(RUSAGE_CHILDREN)`` once they exit); one
   local worker is the process itself (its ``VmHWM``); Dask workers report their ``VmHWM``
@@ -120,8 +121,8 @@ def measure(config: str, settings: dict) -> dict:
     """One fresh sweep in this process; returns the figures as a dict (run in a child)."""
     import yaml
 
-    from sim.experiment import plan
-    from sim.runner import execute
+    from sim.experiment.planning import plan
+    from sim.experiment.runner import execute
 
     backend, workers = CONFIGS[config]
     quiet = {"progress": False, "log": lambda _message: None}
@@ -186,7 +187,7 @@ def _fmt_rss(values: list[float]) -> str:
 def run_figures(jobs: int | None) -> None:
     """``kvsim run`` on every experiments/fig*.yaml and table*.yaml, each timed separately."""
     from sim.errors import KvsimError
-    from sim.experiment import plan
+    from sim.experiment.planning import plan
     from sim.paths import TRACE_CACHE_DIR
     from sim.trace.capture import CaptureSettings
 

@@ -21,9 +21,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sim.experiment import plan
+    from sim.experiment.planning import plan
+    from sim.experiment.runner import execute
     from sim.metrics.records import format_table
-    from sim.runner import execute
 
     if args.jobs is not None and args.jobs < 1:
         raise KvsimError(f"--jobs must be >= 1, got {args.jobs}")

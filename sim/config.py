@@ -136,8 +136,9 @@ class RecordSpec(BaseModel):
 
     ``cluster_layer`` / ``cluster_kv_head``: for policies with groups, save that head's cluster
     labels at each of ``cluster_steps`` (decode steps; -1 = right after prefill) as
-    ``cluster_labels.parquet`` (Fig. 4), and its co-retrieval matrix, if the policy measured
-    one, as ``coretrieval.npy`` (Fig. 7).
+    ``cluster_labels.parquet`` with its keys' 2-D PCA as ``cluster_keys.parquet`` (Fig. 4), and
+    its co-retrieval matrix, if the policy measured one, as ``coretrieval.npy`` (Fig. 7);
+    ``cluster_record.json`` holds the trace and policy facts needed to read them.
     ``update_horizon``: if > 0, ``update_retrieval.csv`` holds, over every layer and head, the
     probability that a just-updated cluster is retrieved within t = 1..horizon steps (Table 2).
     """

@@ -19,8 +19,8 @@ Paths address the experiment YAML itself, with two conveniences:
 - ``device.<section>.<key>`` overrides one number of the device preset
   (``device.flash.read_bandwidth_mb_s``); ``device`` alone swaps the preset.
 
-Points are validated like hand-written configs (see :mod:`sim.experiment`), so a grid over a key
-that does not exist fails with the same one-line error as a misspelt key would.
+Points are validated like hand-written configs (see :mod:`sim.experiment.planning`), so a grid
+over a key that does not exist fails with the same one-line error as a misspelt key would.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from sim.errors import KvsimError
-from sim.experiment import plan
-from sim.runner import execute
+from sim.experiment.planning import plan
+from sim.experiment.runner import execute
 
 from .conftest import FIXTURE_TRACE
 

@@ -7,7 +7,6 @@ paper column (3.4 in) or page (7 in) width, vector PDF plus PNG, written atomica
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,6 +19,7 @@ import yaml
 from sim.atomic import atomic_write_text
 from sim.errors import KvsimError
 from sim.registry import Registry
+from sim.result_files import EXPERIMENT, FIGURES_DIR, RUN_SETTINGS, RUNS_DIR, SUMMARY_CSV
 
 FIGURES: Registry[Figure] = Registry("figure")
 
@@ -38,14 +38,14 @@ class Results:
     @classmethod
     def load(cls, directory: Path | str) -> Results:
         directory = Path(directory)
-        summary_path = directory / "summary.csv"
+        summary_path = directory / SUMMARY_CSV
         if not summary_path.exists():
-            raise KvsimError(f"{directory}: no summary.csv (run the experiment first)")
+            raise KvsimError(f"{directory}: no {SUMMARY_CSV} (run the experiment first)")
         try:
             summary = pd.read_csv(summary_path)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise KvsimError(f"{summary_path}: unreadable ({exc})") from None
-        experiment_path = directory / "experiment.yaml"
+        experiment_path = directory / EXPERIMENT
         experiment = {}
         if experiment_path.exists():
             experiment = yaml.safe_load(experiment_path.read_text()) or {}
@@ -62,7 +62,7 @@ class Results:
 
     @cached_property
     def out_dir(self) -> Path:
-        path = self.dir / "figures"
+        path = self.dir / FIGURES_DIR
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -73,14 +73,14 @@ class Results:
         for key, value in axes.items():
             column = key.replace("__", ".")
             if column not in rows:
-                raise KvsimError(f"{self.dir}: no sweep axis {column!r} in summary.csv")
+                raise KvsimError(f"{self.dir}: no sweep axis {column!r} in {SUMMARY_CSV}")
             rows = rows[rows[column] == value]
         if len(rows) != 1:
             raise KvsimError(f"{self.dir}: {len(rows)} runs match run={run!r} {axes or ''}")
         return str(rows["run_id"].iloc[0])
 
     def run_dir(self, run_id: str) -> Path:
-        return self.dir / "runs" / str(run_id)
+        return self.dir / RUNS_DIR / str(run_id)
 
     def records(self, run_id: str, name: str) -> pd.DataFrame:
         """A run's record file: ``steps``, ``accuracy``, ``clusters`` (parquet) or
@@ -91,14 +91,11 @@ class Results:
             if path.exists():
                 return reader(path)
         if not base.exists():
-            raise KvsimError(f"{base}: no such run (summary.csv and runs/ disagree)")
+            raise KvsimError(f"{base}: no such run ({SUMMARY_CSV} and {RUNS_DIR}/ disagree)")
         return pd.DataFrame()
 
     def settings(self, run_id: str) -> dict[str, Any]:
-        return yaml.safe_load((self.run_dir(run_id) / "run.yaml").read_text())
-
-    def run_summary(self, run_id: str) -> dict[str, Any]:
-        return json.loads((self.run_dir(run_id) / "summary.json").read_text())
+        return yaml.safe_load((self.run_dir(run_id) / RUN_SETTINGS).read_text())
 
 
 class Figure(ABC):

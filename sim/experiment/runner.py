@@ -5,7 +5,8 @@
 1. obtain every trace the plan needs (capturing missing ones, one at a time) -- so a trace
    that cannot be captured stops the experiment before any run starts;
 2. skip runs whose result directory is complete (unless ``force``);
-3. send each pass group (runs sharing a policy pass, see :mod:`sim.experiment`) to a worker:
+3. send each pass group (runs sharing a policy pass, see :mod:`sim.experiment.planning`) to a
+   worker (:func:`sim.experiment.pass_group.run_group`):
    in-process when there is one worker or one group, else a local process pool, or a Dask
    cluster when a scheduler address is given; workers write each run as it completes;
 4. show progress (runs done, estimated time left) by watching result directories appear;
@@ -30,19 +31,17 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from sim.atomic import atomic_write_text
 from sim.errors import KvsimError
-from sim.experiment import (
-    RUN_SUMMARY,
-    PassGroup,
-    Plan,
-    code_fingerprint,
-    pass_cache_dir,
+from sim.experiment.pass_group import pass_cache_dir, run_group
+from sim.experiment.planning import Plan
+from sim.experiment.runs import PassGroup, code_fingerprint
+from sim.experiment.store import (
     read_summary,
     remove_stale_temporaries,
-    run_group,
+    write_experiment,
     write_summary,
 )
+from sim.result_files import RUN_SUMMARY
 
 POLL_S = 0.5
 
@@ -133,7 +132,7 @@ def execute(
     report = Report(planned=len(runs))
     traces = obtain_traces(plan, progress, log)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plan.output_dir / "experiment.yaml", plan.source.read_text())
+    write_experiment(plan)
     remove_stale_temporaries(plan.runs_dir)
     pending = [run for run in runs if force or not plan.is_complete(run)]
     report.skipped = len(runs) - len(pending)
