@@ -42,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_table(summary, planned.axes))
         print(f"\nresults: {planned.output_dir}/summary.csv")
         if not args.no_plot:
-            from sim.plots import plot_results
+            from sim.figures.plots import plot_results
 
             paths = plot_results(planned.output_dir)
             if paths:
@@ -88,7 +88,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from sim.plots import plot_results
+    from sim.figures.plots import plot_results
 
     for path in plot_results(Path(args.results)):
         print(path)

@@ -1,8 +1,8 @@
-"""The figure interface, the results a figure reads, and the shared style.
+"""The figure interface and the results a figure reads.
 
-Style (every figure): Okabe-Ito colour-blind-safe palette, units on every axis, sized for a
-paper column (3.4 in) or page (7 in) width, vector PDF plus PNG, written atomically into
-``<results>/figures/``. Tables go beside them as CSV and markdown.
+A figure reads an experiment's result files (:class:`Results`; names in
+:mod:`sim.result_files`) and writes into ``<results>/figures/``: PNG + PDF in the shared style
+(:mod:`sim.figures.style`), tables beside them as CSV and markdown (:func:`atomic_write_table`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,6 @@ from sim.registry import Registry
 from sim.result_files import EXPERIMENT, FIGURES_DIR, RUN_SETTINGS, RUNS_DIR, SUMMARY_CSV
 
 FIGURES: Registry[Figure] = Registry("figure")
-
-COLUMN_IN = 3.4  # one paper column, inches
-PAGE_IN = 7.0
-
 
 @dataclass
 class Results:

@@ -28,8 +28,8 @@ import pandas as pd
 
 from sim.errors import KvsimError
 from sim.figures._runs import pick_trace, record_settings, require, short_trace, unique_runs
-from sim.figures.base import COLUMN_IN, FIGURES, PAGE_IN, Figure, Results, atomic_write_table
-from sim.plots import OKABE_ITO, apply_style, plt, save_figure
+from sim.figures.base import FIGURES, Figure, Results, atomic_write_table
+from sim.figures.style import COLUMN_IN, OKABE_ITO, PAGE_IN, apply_style, plt, save_figure
 from sim.result_files import (
     CLUSTER_KEYS,
     CLUSTER_LABELS,

@@ -23,8 +23,8 @@ import pandas as pd
 
 from sim.errors import KvsimError
 from sim.figures._runs import short_trace, traces_of, unique_runs
-from sim.figures.base import FIGURES, PAGE_IN, Figure, Results, atomic_write_table
-from sim.plots import MARKERS, OKABE_ITO, apply_style, plt, save_figure
+from sim.figures.base import FIGURES, Figure, Results, atomic_write_table
+from sim.figures.style import MARKERS, OKABE_ITO, PAGE_IN, apply_style, plt, save_figure
 from sim.result_files import RUN_LENGTHS
 
 POOLED = "pooled"
