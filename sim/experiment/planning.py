@@ -212,8 +212,6 @@ def _plan_point(
                 f"({trace.prompt_len} tokens)"
             )
         pass_key = {"trace": trace.key, "policy": policy_spec, "seed": config.seed}
-        if getattr(policy, "device_aware", False):
-            pass_key["device"] = device.model_dump()
         run = RunPlan(
             run_id="",
             pass_id=digest(pass_key),
