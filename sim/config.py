@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.errors import ConfigError
+from sim.hardware.device import DEFAULT_PRESET
 from sim.kv.geometry import KV_DTYPE_BYTES, ModelGeometry
 from sim.paths import CONFIGS_DIR
 from sim.validation import read_yaml
@@ -176,7 +177,7 @@ class ExperimentConfig(BaseModel):
     description: str = ""
     seed: int = 0
     trace: TraceSpec
-    device: str | dict[str, Any] = "ufs40-flagship"
+    device: str | dict[str, Any] = DEFAULT_PRESET
     model: str | None = None
     kv_dtype: Literal[tuple(KV_DTYPE_BYTES)] = "fp16"  # type: ignore[valid-type]
     cache: CacheSpec = CacheSpec()
@@ -189,13 +190,21 @@ class ExperimentConfig(BaseModel):
     figures: list[str | dict[str, Any]] = Field(default_factory=list)
 
 
+MODELS_DIR = CONFIGS_DIR / "models"
+
+
+def model_names() -> list[str]:
+    """Names of the simulated model geometries (``model:`` of an experiment)."""
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+
+
 def load_model_geometry(name_or_path: str, where: str = "model") -> ModelGeometry:
     """A simulated model geometry from ``configs/models/<name>.yaml`` or a YAML path."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONFIGS_DIR / "models" / f"{name_or_path}.yaml"
+        path = MODELS_DIR / f"{name_or_path}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
+        known = model_names()
         raise ConfigError(f"{where}: unknown model {name_or_path!r}; valid: {', '.join(known)}")
     data = read_yaml(path)
     try:
