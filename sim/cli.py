@@ -51,7 +51,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from sim.paths import TRACE_CACHE_DIR
+    from sim.paths import trace_cache_dir
     from sim.trace.capture import CaptureSettings, capture, get_or_capture
 
     try:
@@ -68,7 +68,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     if args.out:
         path = capture(settings, Path(args.out), progress=True)
     else:
-        path = get_or_capture(settings, TRACE_CACHE_DIR, progress=True)
+        path = get_or_capture(settings, trace_cache_dir(), progress=True)
     print(path)
     return 0
 

@@ -41,6 +41,7 @@ from sim.experiment.store import (
     write_experiment,
     write_summary,
 )
+from sim.paths import trace_cache_dir
 from sim.result_files import RUN_SUMMARY
 
 POLL_S = 0.5
@@ -78,19 +79,19 @@ class Report:
 
 def obtain_traces(plan: Plan, progress: bool, log: Callable[[str], None]) -> dict[str, str]:
     """Trace key -> trace directory for every trace of the plan (captured when missing)."""
-    from sim.paths import TRACE_CACHE_DIR
     from sim.trace.capture import CaptureSettings, get_or_capture
 
+    cache_dir = trace_cache_dir()
     paths = {}
     for key, source in plan.traces.items():
         if source.path is not None:
             paths[key] = source.path
             continue
         settings = CaptureSettings(**source.capture)
-        cached = (TRACE_CACHE_DIR / settings.key()).exists()
+        cached = (cache_dir / settings.key()).exists()
         if not cached:
-            log(f"capturing trace {source.name} (cached afterwards under {TRACE_CACHE_DIR})")
-        paths[key] = str(get_or_capture(settings, TRACE_CACHE_DIR, progress=progress))
+            log(f"capturing trace {source.name} (cached afterwards under {cache_dir})")
+        paths[key] = str(get_or_capture(settings, cache_dir, progress=progress))
     return paths
 
 
