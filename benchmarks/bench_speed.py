@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=5.0, help="total wall budget, x floor")
     args = parser.parse_args()
 
-    from sim.paths import TRACE_CACHE_DIR
+    from sim.paths import trace_cache_dir
     from sim.trace.capture import CaptureSettings, get_or_capture
     from sim.trace.format import open_trace
 
@@ -117,7 +117,7 @@ def main() -> None:
         prompt_len=args.prompt_len,
         decode_steps=args.decode_steps,
     )
-    path = get_or_capture(settings, TRACE_CACHE_DIR, progress=True)
+    path = get_or_capture(settings, trace_cache_dir(), progress=True)
     trace = open_trace(path)
     size_mb = trace.size_bytes / 2**20
     print(

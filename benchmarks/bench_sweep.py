@@ -7,7 +7,8 @@ in 6 policy passes (each pass is replayed on the 3 bandwidths, so both computed 
 occur):
 
 * wall time and runs per minute of a fresh sweep (new temporary output directory, ``force``);
-* policy passes computed, their time and the pass time reuse saved (from ``sim.runner.Report``);
+* policy passes computed, their time and the pass time reuse saved (from
+  ``sim.experiment.runner.Report``);
 * peak RSS of each worker process: local pool children sampled with psutil while the sweep runs
   (and the exact largest child peak from ``getrusage(RUSAGE_CHILDREN)`` once they exit); one
   local worker is the process itself (its ``VmHWM``); Dask workers report their ``VmHWM``
@@ -120,8 +121,8 @@ def measure(config: str, settings: dict) -> dict:
     """One fresh sweep in this process; returns the figures as a dict (run in a child)."""
     import yaml
 
-    from sim.experiment import plan
-    from sim.runner import execute
+    from sim.experiment.planning import plan
+    from sim.experiment.runner import execute
 
     backend, workers = CONFIGS[config]
     quiet = {"progress": False, "log": lambda _message: None}
@@ -186,8 +187,8 @@ def _fmt_rss(values: list[float]) -> str:
 def run_figures(jobs: int | None) -> None:
     """``kvsim run`` on every experiments/fig*.yaml and table*.yaml, each timed separately."""
     from sim.errors import KvsimError
-    from sim.experiment import plan
-    from sim.paths import TRACE_CACHE_DIR
+    from sim.experiment.planning import plan
+    from sim.paths import trace_cache_dir
     from sim.trace.capture import CaptureSettings
 
     paths = sorted((REPO_ROOT / "experiments").glob("fig*.yaml"))
@@ -208,7 +209,7 @@ def run_figures(jobs: int | None) -> None:
                 uncached = [
                     source.name for source in planned.traces.values()
                     if source.capture is not None
-                    and not (TRACE_CACHE_DIR / CaptureSettings(**source.capture).key()).exists()
+                    and not (trace_cache_dir() / CaptureSettings(**source.capture).key()).exists()
                 ]
                 if uncached:
                     note = "includes capturing " + ", ".join(uncached)
@@ -254,13 +255,13 @@ def main() -> None:
         print(json.dumps(measure(args.child, json.loads(args.settings))))
         return
 
-    from sim.paths import TRACE_CACHE_DIR
+    from sim.paths import trace_cache_dir
     from sim.trace.capture import CaptureSettings, get_or_capture
     from sim.trace.format import open_trace
 
     settings = {"model": "smollm2-135m", "text": args.text, "prompt_len": args.prompt_len,
                 "decode_steps": args.decode_steps}
-    path = get_or_capture(CaptureSettings(**settings), TRACE_CACHE_DIR, progress=True)
+    path = get_or_capture(CaptureSettings(**settings), trace_cache_dir(), progress=True)
     trace = open_trace(path)
     n_runs = len(POLICIES) * len(BUDGETS) * len(BANDWIDTHS_MB_S)
     print(f"trace {path.name}: {trace.prompt_len}+{trace.decode_steps} positions, "

@@ -23,7 +23,7 @@ import pandas as pd
 from sim.config import PipelineSpec, load_model_geometry
 from sim.engine import PolicyPass, SimSetup, run_policy_pass, simulate
 from sim.hardware import load_device
-from sim.paths import TRACE_CACHE_DIR
+from sim.paths import trace_cache_dir
 from sim.policies import POLICIES
 from sim.trace.capture import CaptureSettings, get_or_capture
 from sim.trace.format import open_trace
@@ -47,7 +47,7 @@ def main() -> None:
 
     settings = CaptureSettings(text=args.text, prompt_len=args.prompt_len,
                                decode_steps=args.decode_steps)
-    trace = open_trace(get_or_capture(settings, TRACE_CACHE_DIR, progress=True))
+    trace = open_trace(get_or_capture(settings, trace_cache_dir(), progress=True))
     device = load_device("ufs40-flagship")
     target = load_model_geometry(args.model)
     full_kv = trace.n_positions * target.kv_bytes_per_token("fp16")

@@ -7,7 +7,7 @@ Data flow (one direction only)::
     Selections + Trace --> recall, top-k recall, error         sim.metrics.accuracy
     Selections --cache--> misses --layout--> commands          sim.kv
     commands --Device (SimPy)--> timings                       sim.hardware, sim.engine
-    timings + accuracy --> records --> summary --> plots       sim.metrics.records, sim.plots
+    timings + accuracy --> records --> summary --> plots       sim.metrics.records, sim.figures
 
 Simulated time is in microseconds everywhere (names end in ``_us``); sizes in bytes (``_bytes``).
 """

@@ -21,9 +21,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sim.experiment import plan
+    from sim.experiment.planning import plan
+    from sim.experiment.runner import execute
     from sim.metrics.records import format_table
-    from sim.runner import execute
 
     if args.jobs is not None and args.jobs < 1:
         raise KvsimError(f"--jobs must be >= 1, got {args.jobs}")
@@ -42,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_table(summary, planned.axes))
         print(f"\nresults: {planned.output_dir}/summary.csv")
         if not args.no_plot:
-            from sim.plots import plot_results
+            from sim.figures.plots import plot_results
 
             paths = plot_results(planned.output_dir)
             if paths:
@@ -51,7 +51,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from sim.paths import TRACE_CACHE_DIR
+    from sim.paths import trace_cache_dir
     from sim.trace.capture import CaptureSettings, capture, get_or_capture
 
     try:
@@ -68,7 +68,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     if args.out:
         path = capture(settings, Path(args.out), progress=True)
     else:
-        path = get_or_capture(settings, TRACE_CACHE_DIR, progress=True)
+        path = get_or_capture(settings, trace_cache_dir(), progress=True)
     print(path)
     return 0
 
@@ -88,7 +88,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from sim.plots import plot_results
+    from sim.figures.plots import plot_results
 
     for path in plot_results(Path(args.results)):
         print(path)
@@ -96,20 +96,28 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(_args: argparse.Namespace) -> int:
+    from sim.config import model_names
+    from sim.hardware import preset_names
     from sim.kv.layouts import LAYOUTS
     from sim.kv.replacement import REPLACEMENTS
-    from sim.paths import CONFIGS_DIR
     from sim.policies import POLICIES
+    from sim.trace.capture import MODELS
     from sim.trace.sources import list_sources
 
-    print("policies:     " + ", ".join(POLICIES.names()))
-    print("layouts:      " + ", ".join(LAYOUTS.names()))
-    print("replacement:  " + ", ".join(REPLACEMENTS.names()))
-    devices = sorted(p.stem for p in (CONFIGS_DIR / "devices").glob("*.yaml"))
-    models = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
-    print("devices:      " + ", ".join(devices))
-    print("models:       " + ", ".join(models))
-    print("texts:        " + ", ".join(list_sources()) + ", file:PATH")
+    # two model namespaces: the sizes a run simulates, and the real models traces come from
+    rows = [
+        ("policies", ", ".join(POLICIES.names())),
+        ("layouts", ", ".join(LAYOUTS.names())),
+        ("replacement", ", ".join(REPLACEMENTS.names())),
+        ("devices", ", ".join(preset_names())),
+        ("simulated models", ", ".join(model_names()) + "  (model: in an experiment)"),
+        ("capturable models", ", ".join(MODELS)
+         + "  (kvsim capture --model, trace.capture.model)"),
+        ("texts", ", ".join(list_sources()) + ", file:PATH"),
+    ]
+    width = max(len(label) for label, _ in rows) + 2
+    for label, names in rows:
+        print(f"{label + ':':<{width}}{names}")
     return 0
 
 
@@ -137,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     cap = sub.add_parser("capture", help="capture a trace from a real model (capture extra)")
-    cap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | gemma3-270m")
+    cap.add_argument("--model", default="smollm2-135m",
+                     help="a capturable model (kvsim list): smollm2-135m | gemma3-270m")
     cap.add_argument("--text", default="pydoc", help="built-in text name or file:PATH")
     cap.add_argument("--prompt-len", type=int, default=2048)
     cap.add_argument("--decode-steps", type=int, default=128)

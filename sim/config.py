@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.errors import ConfigError
+from sim.hardware.device import DEFAULT_PRESET
 from sim.kv.geometry import KV_DTYPE_BYTES, ModelGeometry
 from sim.paths import CONFIGS_DIR
 from sim.validation import read_yaml
@@ -136,8 +137,9 @@ class RecordSpec(BaseModel):
 
     ``cluster_layer`` / ``cluster_kv_head``: for policies with groups, save that head's cluster
     labels at each of ``cluster_steps`` (decode steps; -1 = right after prefill) as
-    ``cluster_labels.parquet`` (Fig. 4), and its co-retrieval matrix, if the policy measured
-    one, as ``coretrieval.npy`` (Fig. 7).
+    ``cluster_labels.parquet`` with its keys' 2-D PCA as ``cluster_keys.parquet`` (Fig. 4), and
+    its co-retrieval matrix, if the policy measured one, as ``coretrieval.npy`` (Fig. 7);
+    ``cluster_record.json`` holds the trace and policy facts needed to read them.
     ``update_horizon``: if > 0, ``update_retrieval.csv`` holds, over every layer and head, the
     probability that a just-updated cluster is retrieved within t = 1..horizon steps (Table 2).
     """
@@ -175,7 +177,7 @@ class ExperimentConfig(BaseModel):
     description: str = ""
     seed: int = 0
     trace: TraceSpec
-    device: str | dict[str, Any] = "ufs40-flagship"
+    device: str | dict[str, Any] = DEFAULT_PRESET
     model: str | None = None
     kv_dtype: Literal[tuple(KV_DTYPE_BYTES)] = "fp16"  # type: ignore[valid-type]
     cache: CacheSpec = CacheSpec()
@@ -188,13 +190,21 @@ class ExperimentConfig(BaseModel):
     figures: list[str | dict[str, Any]] = Field(default_factory=list)
 
 
+MODELS_DIR = CONFIGS_DIR / "models"
+
+
+def model_names() -> list[str]:
+    """Names of the simulated model geometries (``model:`` of an experiment)."""
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+
+
 def load_model_geometry(name_or_path: str, where: str = "model") -> ModelGeometry:
     """A simulated model geometry from ``configs/models/<name>.yaml`` or a YAML path."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONFIGS_DIR / "models" / f"{name_or_path}.yaml"
+        path = MODELS_DIR / f"{name_or_path}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
+        known = model_names()
         raise ConfigError(f"{where}: unknown model {name_or_path!r}; valid: {', '.join(known)}")
     data = read_yaml(path)
     try:

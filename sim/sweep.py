@@ -19,8 +19,8 @@ Paths address the experiment YAML itself, with two conveniences:
 - ``device.<section>.<key>`` overrides one number of the device preset
   (``device.flash.read_bandwidth_mb_s``); ``device`` alone swaps the preset.
 
-Points are validated like hand-written configs (see :mod:`sim.experiment`), so a grid over a key
-that does not exist fails with the same one-line error as a misspelt key would.
+Points are validated like hand-written configs (see :mod:`sim.experiment.planning`), so a grid
+over a key that does not exist fails with the same one-line error as a misspelt key would.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import json
 from typing import Any
 
 from sim.config import SweepSpec
+from sim.dotted import NotASection, set_dotted
 from sim.errors import ConfigError
+from sim.hardware.device import DEFAULT_PRESET
 from sim.policies import POLICIES
 
 # keys of a policy entry that are not policy parameters: its label, its flash layout, and its
@@ -105,9 +107,9 @@ def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
         if not param:
             raise ConfigError(f"{where}: name a parameter, e.g. policies.{label}.budget")
         _set_nested(entries[0], param, value, where)
-    elif head == "device" and rest and isinstance(data.get("device", "ufs40-flagship"), str):
+    elif head == "device" and rest and isinstance(data.get("device", DEFAULT_PRESET), str):
         # a preset name becomes a preset with overrides
-        data["device"] = {"preset": data.get("device", "ufs40-flagship")}
+        data["device"] = {"preset": data.get("device", DEFAULT_PRESET)}
         _set_nested(data["device"], rest, value, where)
     else:
         _set_nested(data, key, value, where)
@@ -143,14 +145,12 @@ def _set_on_policies(data: dict[str, Any], param: str, value: Any, where: str) -
 
 
 def _set_nested(data: dict[str, Any], key: str, value: Any, where: str) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{where}: {part!r} holds {child!r}, not a mapping of settings")
-        node = child
-    node[parts[-1]] = value
+    try:
+        set_dotted(data, key, value)
+    except NotASection as exc:
+        raise ConfigError(
+            f"{where}: {exc.parts[-1]!r} holds {exc.found!r}, not a mapping of settings"
+        ) from None
 
 
 def describe_point(point: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from sim.errors import CaptureError
+from sim.paths import trace_cache_dir
 from sim.trace import capture as capture_mod
 from sim.trace.capture import CaptureSettings, get_or_capture, project_query
 from sim.trace.format import layer_file, open_trace
@@ -257,10 +258,10 @@ def test_settings_key_is_stable_and_distinct() -> None:
 
 def test_cache_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KVSIM_TRACE_CACHE", str(tmp_path))
-    assert capture_mod.default_cache_dir() == tmp_path
+    assert trace_cache_dir() == tmp_path
     monkeypatch.delenv("KVSIM_TRACE_CACHE")
     assert (
-        capture_mod.default_cache_dir() == Path(__file__).resolve().parents[1] / "traces" / "cache"
+        trace_cache_dir() == Path(__file__).resolve().parents[1] / "traces" / "cache"
     )
 
 

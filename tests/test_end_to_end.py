@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from sim.engine import SimSetup, run_policy_pass, simulate
-from sim.experiment import plan
+from sim.experiment.planning import plan
+from sim.experiment.runner import execute
 from sim.hardware import load_device
 from sim.policies import POLICIES
-from sim.runner import execute
 
 from .conftest import FIXTURE_TRACE
 

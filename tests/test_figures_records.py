@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from sim.errors import KvsimError
-from sim.experiment import plan
+from sim.experiment.planning import plan
+from sim.experiment.runner import execute
 from sim.figures import FIGURES, Results, draw_figures
 from sim.hardware import load_device
-from sim.runner import execute
 from sim.trace.format import TraceWriter, open_trace
 
 from .conftest import FIXTURE_TRACE

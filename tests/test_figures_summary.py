@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from sim.errors import ConfigError, KvsimError
-from sim.experiment import plan
+from sim.experiment.planning import plan
+from sim.experiment.runner import execute
 from sim.figures import FIGURES, Results, draw_figures
-from sim.plots import plot_results
-from sim.runner import execute
+from sim.figures.plots import plot_results
 from sim.trace.format import TraceWriter, open_trace
 
 from .conftest import FIXTURE_TRACE

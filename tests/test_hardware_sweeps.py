@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from sim.experiment import plan
-from sim.runner import execute
+from sim.experiment.planning import plan
+from sim.experiment.runner import execute
 
 from .conftest import FIXTURE_TRACE
 

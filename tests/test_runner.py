@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from sim.errors import KvsimError
-from sim.experiment import plan
-from sim.runner import execute
+from sim.experiment.planning import plan
+from sim.experiment.runner import execute
 
 from .conftest import FIXTURE_TRACE
 
@@ -213,3 +213,17 @@ def test_unreachable_scheduler_is_one_error(tmp_path):
     pytest.importorskip("dask.distributed")
     with pytest.raises(KvsimError, match="Dask scheduler"):
         execute(_plan(tmp_path), scheduler="tcp://127.0.0.1:1", **QUIET)
+
+
+def test_a_worker_loads_no_plotting_library():
+    # what a worker imports to run a pass group: its entry module and, lazily, the engine and
+    # the summary metrics; figures (and matplotlib) belong to the coordinating process only
+    code = (
+        "import sys\n"
+        "import sim.experiment.pass_group, sim.engine, sim.metrics.records\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'"
+        " or m.startswith('sim.figures')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"

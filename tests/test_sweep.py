@@ -8,7 +8,7 @@ import yaml
 from sim.cli import main
 from sim.config import SweepSpec
 from sim.errors import ConfigError
-from sim.experiment import plan
+from sim.experiment.planning import plan
 from sim.sweep import apply_point, expand
 
 from .conftest import FIXTURE_TRACE

@@ -1,5 +1,5 @@
 """Helpers the record-based figures share: which runs of a results directory to draw, the
-per-run ``record:`` settings, the policy object of a run and one-line errors for missing files.
+per-run ``record:`` settings and one-line errors for missing files.
 
 Private to :mod:`sim.figures` (the leading underscore: registers no figure).
 """
@@ -13,12 +13,13 @@ import pandas as pd
 
 from sim.errors import KvsimError
 from sim.figures.base import Results
+from sim.result_files import SUMMARY_CSV
 
 
 def unique_runs(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per run_id (a run an axis leaves unchanged is listed once per point)."""
     if "run_id" not in summary:
-        raise KvsimError("summary.csv has no run_id column (rerun the experiment)")
+        raise KvsimError(f"{SUMMARY_CSV} has no run_id column (rerun the experiment)")
     return summary.drop_duplicates("run_id", keep="first").reset_index(drop=True)
 
 
@@ -38,7 +39,7 @@ def pick_trace(
     runs = unique_runs(results.summary)
     names = traces_of(runs)
     if not names:
-        raise KvsimError(f"{figure}: {results.dir}/summary.csv lists no runs")
+        raise KvsimError(f"{figure}: {results.dir}/{SUMMARY_CSV} lists no runs")
     if trace is None:
         having = [
             n for n in names
@@ -70,13 +71,6 @@ def record_settings(results: Results, run_id: str) -> dict[str, Any]:
         if key.startswith("record."):
             record[key.split(".", 1)[1]] = value
     return record
-
-
-def policy_of(settings: dict[str, Any]) -> Any:
-    """The run's policy object (for its default parameters: sinks, co-retrieval queries)."""
-    from sim.policies import POLICIES
-
-    return POLICIES.create(settings["policy"], where=f"run {settings.get('run')}")
 
 
 def require(results: Results, run_id: str, name: str, figure: str, hint: str) -> Path:

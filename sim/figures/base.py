@@ -1,14 +1,12 @@
-"""The figure interface, the results a figure reads, and the shared style.
+"""The figure interface and the results a figure reads.
 
-Style (every figure): Okabe-Ito colour-blind-safe palette, units on every axis, sized for a
-paper column (3.4 in) or page (7 in) width, vector PDF plus PNG, written atomically into
-``<results>/figures/``. Tables go beside them as CSV and markdown.
+A figure reads an experiment's result files (:class:`Results`; names in
+:mod:`sim.result_files`) and writes into ``<results>/figures/``: PNG + PDF in the shared style
+(:mod:`sim.figures.style`), tables beside them as CSV and markdown (:func:`atomic_write_table`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,14 +16,12 @@ from typing import Any, ClassVar
 import pandas as pd
 import yaml
 
+from sim.atomic import atomic_write_text
 from sim.errors import KvsimError
 from sim.registry import Registry
+from sim.result_files import EXPERIMENT, FIGURES_DIR, RUN_SETTINGS, RUNS_DIR, SUMMARY_CSV
 
 FIGURES: Registry[Figure] = Registry("figure", package="sim.figures")
-
-COLUMN_IN = 3.4  # one paper column, inches
-PAGE_IN = 7.0
-
 
 @dataclass
 class Results:
@@ -38,14 +34,14 @@ class Results:
     @classmethod
     def load(cls, directory: Path | str) -> Results:
         directory = Path(directory)
-        summary_path = directory / "summary.csv"
+        summary_path = directory / SUMMARY_CSV
         if not summary_path.exists():
-            raise KvsimError(f"{directory}: no summary.csv (run the experiment first)")
+            raise KvsimError(f"{directory}: no {SUMMARY_CSV} (run the experiment first)")
         try:
             summary = pd.read_csv(summary_path)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise KvsimError(f"{summary_path}: unreadable ({exc})") from None
-        experiment_path = directory / "experiment.yaml"
+        experiment_path = directory / EXPERIMENT
         experiment = {}
         if experiment_path.exists():
             experiment = yaml.safe_load(experiment_path.read_text()) or {}
@@ -62,7 +58,7 @@ class Results:
 
     @cached_property
     def out_dir(self) -> Path:
-        path = self.dir / "figures"
+        path = self.dir / FIGURES_DIR
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -73,14 +69,14 @@ class Results:
         for key, value in axes.items():
             column = key.replace("__", ".")
             if column not in rows:
-                raise KvsimError(f"{self.dir}: no sweep axis {column!r} in summary.csv")
+                raise KvsimError(f"{self.dir}: no sweep axis {column!r} in {SUMMARY_CSV}")
             rows = rows[rows[column] == value]
         if len(rows) != 1:
             raise KvsimError(f"{self.dir}: {len(rows)} runs match run={run!r} {axes or ''}")
         return str(rows["run_id"].iloc[0])
 
     def run_dir(self, run_id: str) -> Path:
-        return self.dir / "runs" / str(run_id)
+        return self.dir / RUNS_DIR / str(run_id)
 
     def records(self, run_id: str, name: str) -> pd.DataFrame:
         """A run's record file: ``steps``, ``accuracy``, ``clusters`` (parquet) or
@@ -91,14 +87,11 @@ class Results:
             if path.exists():
                 return reader(path)
         if not base.exists():
-            raise KvsimError(f"{base}: no such run (summary.csv and runs/ disagree)")
+            raise KvsimError(f"{base}: no such run ({SUMMARY_CSV} and {RUNS_DIR}/ disagree)")
         return pd.DataFrame()
 
     def settings(self, run_id: str) -> dict[str, Any]:
-        return yaml.safe_load((self.run_dir(run_id) / "run.yaml").read_text())
-
-    def run_summary(self, run_id: str) -> dict[str, Any]:
-        return json.loads((self.run_dir(run_id) / "summary.json").read_text())
+        return yaml.safe_load((self.run_dir(run_id) / RUN_SETTINGS).read_text())
 
 
 class Figure(ABC):
@@ -135,8 +128,6 @@ def atomic_write_table(frame: pd.DataFrame, stem: Path, floatfmt: str = ".4g") -
         ("md", frame.to_markdown(index=False, floatfmt=floatfmt) + "\n"),
     ):
         path = stem.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
         written.append(path)
     return written

@@ -1,20 +1,24 @@
 """Figures and tables from the optional cluster records of a run (``record:`` block, see
-:class:`sim.config.RecordSpec`):
+:class:`sim.config.RecordSpec`; written by :mod:`sim.experiment.extra_records`):
 
 * ``fig4_cluster_pca`` (DynaKV Fig. 4): one KV head's keys in 2-D PCA, coloured by cluster, at
   increasing decode lengths, one row per method (static update, local update, DynaKV) --
-  from ``cluster_labels.parquet`` (``record: {cluster_layer, cluster_kv_head, cluster_steps}``)
-  and the trace's keys;
+  from ``cluster_labels.parquet`` and ``cluster_keys.parquet``
+  (``record: {cluster_layer, cluster_kv_head, cluster_steps}``);
 * ``fig7_coretrieval`` (DynaKV Fig. 7): the co-retrieval frequency matrix of one head's prefill
   clusters, in the ``cluster`` layout's order and in the ``intra_inter`` layout's chain order
   -- from ``coretrieval.npy`` (``record.cluster_layer``);
 * ``table2_update_retrieval`` (DynaKV Table 2): the probability that a just-updated cluster is
   retrieved within t steps, per method and trace -- from ``update_retrieval.csv``
   (``record.update_horizon``).
+
+Like every figure, these read result files only (``cluster_record.json`` holds what they need
+from the trace and the policy).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +27,16 @@ import numpy as np
 import pandas as pd
 
 from sim.errors import KvsimError
-from sim.figures._runs import (
-    pick_trace,
-    policy_of,
-    record_settings,
-    require,
-    short_trace,
-    unique_runs,
+from sim.figures._runs import pick_trace, record_settings, require, short_trace, unique_runs
+from sim.figures.base import FIGURES, Figure, Results, atomic_write_table
+from sim.figures.style import COLUMN_IN, OKABE_ITO, PAGE_IN, apply_style, plt, save_figure
+from sim.result_files import (
+    CLUSTER_KEYS,
+    CLUSTER_LABELS,
+    CLUSTER_RECORD,
+    CORETRIEVAL,
+    UPDATE_RETRIEVAL,
 )
-from sim.figures.base import COLUMN_IN, FIGURES, PAGE_IN, Figure, Results, atomic_write_table
-from sim.plots import OKABE_ITO, apply_style, plt, save_figure
 
 GREY = "#BBBBBB"
 # Okabe-Ito without black (kept for text) and yellow last (faint on white)
@@ -62,18 +66,16 @@ def _runs_with(
     return chosen
 
 
+def _cluster_record(results: Results, run_id: str, figure: str, hint: str) -> dict[str, Any]:
+    """The run's ``cluster_record.json``: prompt length, sinks, PCA shares, co-retrieval
+    queries (what the cluster figures need from the trace and the policy)."""
+    return json.loads(require(results, run_id, CLUSTER_RECORD, figure, hint).read_text())
+
+
 # -- Fig. 4 -------------------------------------------------------------------------------------
 
 FIG4_HINT = ("set record: {cluster_layer: L, cluster_steps: [-1, ...]} for a cluster policy "
              "(static_clusters, clusterkv, dynakv) and rerun")
-
-
-def _pca_basis(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, two principal directions (2, d), their shares of the variance) by SVD."""
-    mean = points.mean(axis=0)
-    _, singular, vt = np.linalg.svd(points - mean, full_matrices=False)
-    share = singular**2 / max(float((singular**2).sum()), 1e-300)
-    return mean, vt[:2], share[:2]
 
 
 @FIGURES.register("fig4_cluster_pca")
@@ -106,37 +108,29 @@ class ClusterPCA(Figure):
             raise ValueError(f"highlight must be 'decode' or 'largest', got {self.highlight!r}")
 
     def draw(self, results: Results) -> list[Path]:
-        from sim.trace.format import open_trace
-
-        name, runs = pick_trace(results, self.trace, "fig4_cluster_pca",
-                                 needs="cluster_labels.parquet")
-        rows = _runs_with(results, runs, self.runs, "cluster_labels.parquet",
-                          "fig4_cluster_pca", FIG4_HINT)
+        name, runs = pick_trace(results, self.trace, "fig4_cluster_pca", needs=CLUSTER_LABELS)
+        rows = _runs_with(results, runs, self.runs, CLUSTER_LABELS, "fig4_cluster_pca",
+                          FIG4_HINT)
         panels: list[dict[str, Any]] = []
-        bases: dict[tuple, tuple] = {}
         for run_id, label in zip(rows["run_id"], rows["run"], strict=True):
-            settings = results.settings(run_id)
             record = record_settings(results, run_id)
             if record.get("cluster_layer") is None:
                 raise KvsimError(f"fig4_cluster_pca: run {label!r}: record.cluster_layer is "
                                  "not known (run.yaml and experiment.yaml lack it)")
             layer, head = int(record["cluster_layer"]), int(record.get("cluster_kv_head", 0))
-            sinks = int(getattr(policy_of(settings), "sink_tokens", 0) or 0)
-            labels = pd.read_parquet(results.run_dir(run_id) / "cluster_labels.parquet")
-            key = (settings["trace"], layer, head, sinks)
-            if key not in bases:
-                trace = open_trace(settings["trace"])
-                keys = np.asarray(trace.keys(layer)[head], dtype=np.float64)
-                mean, axes, share = _pca_basis(keys[sinks:])
-                bases[key] = ((keys - mean) @ axes.T, share, trace.prompt_len)
-            projected, share, prompt_len = bases[key]
+            labels = pd.read_parquet(results.run_dir(run_id) / CLUSTER_LABELS)
+            about = _cluster_record(results, run_id, "fig4_cluster_pca", FIG4_HINT)
+            keys = pd.read_parquet(require(results, run_id, CLUSTER_KEYS, "fig4_cluster_pca",
+                                           FIG4_HINT))
+            projected = keys.sort_values("position")[["pc1", "pc2"]].to_numpy(np.float64)
+            share = np.asarray(about["pca_variance_share"], dtype=np.float64)
             same = next((p for p in panels if p["labels"].equals(labels)), None)
             if same is not None:  # one policy pass, several layouts: identical labels
                 same["also"] += 1
                 continue
             panels.append({"label": str(label), "also": 0, "labels": labels, "xy": projected,
-                           "share": share, "prompt": prompt_len, "sinks": sinks,
-                           "layer": layer, "head": head})
+                           "share": share, "prompt": int(about["prompt_len"]),
+                           "sinks": int(about["sink_tokens"]), "layer": layer, "head": head})
         steps = sorted(set().union(*(set(p["labels"]["step"].unique()) for p in panels)))
         stem = results.out_dir / "fig4_cluster_pca"
         return self._plot(panels, [int(s) for s in steps], name, stem)
@@ -291,16 +285,13 @@ class Coretrieval(Figure):
     @staticmethod
     def _measure(results: Results, run_id: str, label: str) -> tuple:
         """(table row, counts, orders, neighbour shares, queries) of one run's matrix."""
-        from sim.trace.format import open_trace
-
-        settings = results.settings(run_id)
-        counts = np.load(results.run_dir(run_id) / "coretrieval.npy")
-        prompt = open_trace(settings["trace"]).prompt_len
-        queries = min(int(getattr(policy_of(settings), "coretrieval_queries", 0)), prompt - 1)
+        counts = np.load(results.run_dir(run_id) / CORETRIEVAL)
+        about = _cluster_record(results, run_id, "fig7_coretrieval", FIG7_HINT)
+        prompt, queries = int(about["prompt_len"]), int(about["coretrieval_queries"])
         if queries <= 0:
             raise KvsimError(f"fig7_coretrieval: run {label!r} measured no co-retrieval "
                              "queries (coretrieval_queries = 0)")
-        labels_path = results.run_dir(run_id) / "cluster_labels.parquet"
+        labels_path = results.run_dir(run_id) / CLUSTER_LABELS
         prefill = None
         if labels_path.exists():
             frame = pd.read_parquet(labels_path)
@@ -322,9 +313,8 @@ class Coretrieval(Figure):
         from matplotlib.colors import LinearSegmentedColormap, PowerNorm
         from matplotlib.ticker import MaxNLocator
 
-        name, runs = pick_trace(results, self.trace, "fig7_coretrieval", needs="coretrieval.npy")
-        rows = _runs_with(results, runs, self.runs, "coretrieval.npy", "fig7_coretrieval",
-                          FIG7_HINT)
+        name, runs = pick_trace(results, self.trace, "fig7_coretrieval", needs=CORETRIEVAL)
+        rows = _runs_with(results, runs, self.runs, CORETRIEVAL, "fig7_coretrieval", FIG7_HINT)
         kinds = ["position", "chain"] if self.order == "both" else [self.order]
         titles = {"position": "cluster order", "chain": "intra_inter order"}
         table: list[dict[str, Any]] = []
@@ -337,7 +327,7 @@ class Coretrieval(Figure):
             every = every[every["run"].astype(str).isin(self.runs)]
         for _, run in every.iterrows():
             run_id, label = run["run_id"], str(run["run"])
-            if not (results.run_dir(run_id) / "coretrieval.npy").exists():
+            if not (results.run_dir(run_id) / CORETRIEVAL).exists():
                 continue
             row, counts, orders, shares, queries = self._measure(results, run_id, label)
             table.append({"run": label, "trace": short_trace(run["trace"]), **row})
@@ -424,12 +414,12 @@ class UpdateRetrieval(Figure):
 
     def draw(self, results: Results) -> list[Path]:
         runs = unique_runs(results.summary)
-        rows_of = _runs_with(results, runs, None, "update_retrieval.csv",
+        rows_of = _runs_with(results, runs, None, UPDATE_RETRIEVAL,
                              "table2_update_retrieval", TABLE2_HINT)
         extra_axes = [a for a in results.axes if not a.startswith("trace.") and a in rows_of]
         rows = []
         for _, run in rows_of.iterrows():
-            data = pd.read_csv(results.run_dir(run["run_id"]) / "update_retrieval.csv")
+            data = pd.read_csv(results.run_dir(run["run_id"]) / UPDATE_RETRIEVAL)
             horizon = int(data["within_steps"].max())
             wanted = [int(t) for t in self.steps] or list(data["within_steps"])
             beyond = [t for t in wanted if t > horizon]

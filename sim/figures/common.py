@@ -20,7 +20,7 @@ import pandas as pd
 
 from sim.errors import KvsimError
 from sim.figures.base import Results
-from sim.plots import OKABE_ITO
+from sim.figures.style import OKABE_ITO
 
 TRACE = "trace"
 RUN = "run"

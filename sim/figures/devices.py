@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib.patches import Patch
 
 from sim.errors import KvsimError
-from sim.figures.base import FIGURES, PAGE_IN, Figure, Results, atomic_write_table
+from sim.figures.base import FIGURES, Figure, Results, atomic_write_table
 from sim.figures.common import (
     RUN,
     TRACE,
@@ -37,7 +37,7 @@ from sim.figures.common import (
     require_rows,
     run_order,
 )
-from sim.plots import apply_style, save_figure
+from sim.figures.style import PAGE_IN, apply_style, save_figure
 
 PARTS = ("dense_ms", "scoring_ms", "io_wait_ms", "attention_ms")
 

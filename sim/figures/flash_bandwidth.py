@@ -25,10 +25,10 @@ import pandas as pd
 
 from sim.errors import KvsimError
 from sim.figures._runs import unique_runs
-from sim.figures.base import COLUMN_IN, FIGURES, Figure, Results, atomic_write_table
+from sim.figures.base import FIGURES, Figure, Results, atomic_write_table
+from sim.figures.style import COLUMN_IN, MARKERS, OKABE_ITO, apply_style, plt, save_figure
 from sim.hardware import DeviceParams
 from sim.hardware.flash import FlashParams, read_bandwidth_curve
-from sim.plots import MARKERS, OKABE_ITO, apply_style, plt, save_figure
 
 KIB = 1024
 DEFAULT_SIZES_KIB = [4, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512]

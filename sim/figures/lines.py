@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from sim.figures.base import COLUMN_IN, FIGURES, PAGE_IN, Figure, Results, atomic_write_table
+from sim.figures.base import FIGURES, Figure, Results, atomic_write_table
 from sim.figures.common import (
     RUN,
     TRACE,
@@ -46,7 +46,7 @@ from sim.figures.common import (
     varying_axes,
     with_step_metrics,
 )
-from sim.plots import MARKERS, apply_style, save_figure
+from sim.figures.style import COLUMN_IN, MARKERS, PAGE_IN, apply_style, save_figure
 
 
 @FIGURES.register("lines")

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from sim.errors import KvsimError
-from sim.figures.base import FIGURES, PAGE_IN, Figure, Results, atomic_write_table
+from sim.figures.base import FIGURES, Figure, Results, atomic_write_table
 from sim.figures.common import (
     RUN,
     TRACE,
@@ -41,7 +41,7 @@ from sim.figures.common import (
     run_order,
     trace_names,
 )
-from sim.plots import apply_style, save_figure
+from sim.figures.style import PAGE_IN, apply_style, save_figure
 
 AVERAGE = "average"
 REFERENCE_COLOURS = ("black", "#999999")

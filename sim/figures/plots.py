@@ -1,61 +1,26 @@
-"""Paper-style figures drawn from result files (never from the engine directly).
+"""An experiment's plots: the default accuracy-vs-latency overview and its ``figures:``.
 
-One style for every figure: colour-blind-safe Okabe-Ito palette, units on every axis, vector PDF
-plus PNG, written atomically.
+``kvsim run`` draws them after the runs and ``kvsim plot`` redraws them, from the results
+directory alone (:func:`plot_results`).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-if "ipykernel" not in sys.modules:  # headless by default; notebooks keep their inline backend
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
-MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
-
-
-def apply_style() -> None:
-    """The shared rcParams: small fonts for a paper column, no top/right spines."""
-    plt.rcParams.update(
-        {
-            "figure.dpi": 150,
-            "font.size": 8,
-            "axes.titlesize": 8,
-            "axes.labelsize": 8,
-            "legend.fontsize": 7,
-            "xtick.labelsize": 7,
-            "ytick.labelsize": 7,
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-        }
-    )
-
-
-def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
-    """Write ``stem``.png and ``stem``.pdf, each via a temporary file renamed into place."""
-    written = []
-    for ext in ("png", "pdf"):
-        path = stem.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.{ext}")
-        fig.savefig(tmp, bbox_inches="tight")
-        os.replace(tmp, path)
-        written.append(path)
-    plt.close(fig)
-    return written
+from sim.figures.base import Results, draw_figures
+from sim.figures.style import MARKERS, OKABE_ITO, PAGE_IN, apply_style, plt, save_figure
+from sim.result_files import DEFAULT_PLOT
 
 
 def accuracy_vs_latency(summary: pd.DataFrame, stem: Path, title: str = "") -> list[Path]:
     """Left: mean attention recall against mean per-token latency, one marker per run (bars:
     p50-p99 latency). Right: the per-token latency breakdown of each run."""
     apply_style()
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.0, 2.6), gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(PAGE_IN, 2.6),
+                                 gridspec_kw={"width_ratios": [1.1, 1]})
     for i, row in enumerate(summary.itertuples(index=False)):
         colour, marker = OKABE_ITO[i % len(OKABE_ITO)], MARKERS[i % len(MARKERS)]
         ax.errorbar(
@@ -104,8 +69,6 @@ def _point_label(row: pd.Series, axes: list[str]) -> str:
 def plot_results(results_dir: Path) -> list[Path]:
     """Redraw an experiment's plots from its results directory: the accuracy-vs-latency
     overview (unless the experiment says ``plot: false``) and every entry of ``figures:``."""
-    from sim.figures import Results, draw_figures
-
     results = Results.load(results_dir)
     written: list[Path] = []
     if results.experiment.get("plot", True) and not results.summary.empty:
@@ -114,6 +77,6 @@ def plot_results(results_dir: Path) -> list[Path]:
             summary["run"] = [
                 f"{row['run']} ({_point_label(row, results.axes)})" for _, row in summary.iterrows()
             ]
-        written += accuracy_vs_latency(summary, results.dir / "accuracy_vs_latency", results.name)
+        written += accuracy_vs_latency(summary, results.dir / DEFAULT_PLOT, results.name)
     written += draw_figures(results, results.experiment.get("figures") or [])
     return written

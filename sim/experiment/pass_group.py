@@ -1,0 +1,159 @@
+"""Running one pass group in a worker: the shared policy pass once, then each run's replay
+and result files.
+
+This is what a worker process imports (:func:`run_group`); it needs the engine, never the
+figures or matplotlib (checked by ``tests/test_runner.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sim.atomic import atomic_write
+from sim.config import PipelineSpec, parse_size_bytes
+from sim.errors import KvsimError
+from sim.experiment.extra_records import extra_records
+from sim.experiment.runs import RunPlan, code_fingerprint, digest
+from sim.experiment.store import summary_cell, write_run
+from sim.hardware import DeviceParams
+from sim.kv.geometry import ModelGeometry
+from sim.paths import REPO_ROOT
+from sim.policies import POLICIES
+from sim.trace.format import open_trace
+
+
+def cache_capacity_bytes(
+    capacity: float | int | str | None,
+    device: DeviceParams,
+    target: ModelGeometry,
+    n_positions: int,
+    kv_dtype: str,
+) -> int:
+    """``cache.capacity`` in bytes: a size, a fraction of the full KV cache, or the preset's."""
+    if capacity is None:
+        return int(device.dram.kv_budget_bytes)
+    if isinstance(capacity, str):
+        return parse_size_bytes(capacity)
+    if isinstance(capacity, float) and capacity <= 1.0:
+        return int(capacity * n_positions * target.kv_bytes_per_token(kv_dtype))
+    return int(capacity)
+
+
+def pass_cache_dir() -> Path | None:
+    """Where policy passes are kept for reuse across experiments: ``$KVSIM_PASS_CACHE``
+    (``off`` disables it), else ``results/.pass-cache`` in the repository."""
+    value = os.environ.get("KVSIM_PASS_CACHE")
+    if value is not None and value.strip().lower() in ("", "0", "off", "none"):
+        return None
+    return Path(value).expanduser() if value else REPO_ROOT / "results" / ".pass-cache"
+
+
+def _policy_pass(
+    run: RunPlan, trace: Any, threads: int, cache_dir: str | None, code: str
+) -> tuple[Any, bool]:
+    """The run's policy pass, from the pass cache when an identical one is there (same pass
+    settings, same trace files, same kvsim source); computed and stored otherwise."""
+    from sim.engine import run_policy_pass
+
+    path = None
+    if cache_dir:
+        manifest = hashlib.sha256((Path(trace.path) / "manifest.json").read_bytes()).hexdigest()
+        key = digest({"pass": run.pass_id, "trace": manifest, "code": code}, 20)
+        path = Path(cache_dir) / f"{key}.pkl"
+        if path.exists():
+            try:
+                with path.open("rb") as handle:
+                    return pickle.load(handle), True
+            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+                pass  # unreadable entry: compute it again (and replace it)
+    policy = POLICIES.create(run.policy, where=f"run {run.label}")
+    pp = run_policy_pass(trace, policy, run.seed, progress=False, workers=threads)
+    if path is not None:
+        with atomic_write(path) as tmp, tmp.open("wb") as handle:
+            pickle.dump(pp, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    return pp, False
+
+
+def run_group(
+    runs: list[RunPlan],
+    trace_path: str,
+    runs_dir: str,
+    threads: int = 1,
+    pass_cache: str | None = None,
+) -> dict[str, Any]:
+    """Obtain the group's policy pass once (computed, or from ``pass_cache``), replay it for
+    each run, write each run's files.
+
+    Returns ``{"pass_s", "pass_cached", "sim_s", "rows"}`` (``pass_s``: the pass's compute time,
+    when it was computed). Runs complete one by one: a worker killed half-way keeps the runs it
+    finished.
+    """
+    # imported here so a worker pays for the engine only when it has work
+    from sim.engine import SimSetup, simulate
+    from sim.metrics.records import summarize
+
+    first = runs[0]
+    trace = open_trace(trace_path)
+    code = code_fingerprint()
+    pp, cached = _policy_pass(first, trace, threads, pass_cache, code)
+    extra = extra_records(pp, first.record, trace)
+    sim_s, rows = [], []
+    for run in runs:
+        target = ModelGeometry(**run.model) if run.model else trace.model
+        if target.params_per_layer == 0:
+            raise KvsimError(f"run {run.label}: model geometry {target.name!r} lacks "
+                             "params_per_layer")
+        device = DeviceParams.model_validate(run.device)
+        capacity = cache_capacity_bytes(
+            run.cache["capacity"], device, target, trace.n_positions, run.kv_dtype
+        )
+        layout = run.layout
+        if layout is None:
+            has_groups = any(sel.prefill_groups is not None for sel in pp.selections)
+            layout = {"type": "cluster" if has_groups else "sequence"}
+        setup = SimSetup(
+            device=device,
+            target=target,
+            kv_dtype=run.kv_dtype,
+            cache_capacity_bytes=capacity,
+            replacement=dict(run.cache["replacement"]),
+            layout=layout,
+            pipeline=PipelineSpec(**run.pipeline),
+        )
+        sim = simulate(pp, setup, progress=False)
+        row = {
+            "run_id": run.run_id,
+            **summarize(run.label, pp, sim),
+            "trace": run.trace.name,
+            "device": device.name,
+            "model": target.name,
+            **{key: summary_cell(value) for key, value in run.point.items()},
+        }
+        settings = {
+            "experiment": run.experiment,
+            "run": run.label,
+            "run_id": run.run_id,
+            "point": run.point,
+            "trace": str(trace.path),
+            "trace_key": run.trace.key,
+            "seed": run.seed,
+            "policy": run.policy,
+            "layout": layout,
+            "cache": {**run.cache, "capacity_bytes": capacity},
+            "pipeline": run.pipeline,
+            "model": asdict(target),
+            "kv_dtype": run.kv_dtype,
+            "record": run.record,
+            "device": run.device,
+            "timing_s": {"policy_pass": round(pp.wall_s, 3), "simulate": round(sim.wall_s, 3)},
+            "code": code,
+        }
+        write_run(Path(runs_dir) / run.run_id, pp, sim, settings, row, extra)
+        sim_s.append(sim.wall_s)
+        rows.append(row)
+    return {"pass_s": pp.wall_s, "pass_cached": cached, "sim_s": sim_s, "rows": rows}

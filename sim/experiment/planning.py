@@ -1,0 +1,271 @@
+"""From an experiment YAML to a validated plan of runs (nothing runs, nothing is written).
+
+An experiment is a base config plus an optional ``sweep:`` (see :mod:`sim.sweep`). :func:`plan`
+expands the sweep, validates every point as if it had been written by hand (device preset and
+overrides, simulated model, cache, every policy/layout/replacement spec, the trace or its capture
+settings, budgets against the context) and the experiment's ``figures:``, and turns each (point,
+policy entry) into a :class:`~sim.experiment.runs.RunPlan` named by a hash of its resolved
+settings. Nothing runs and nothing is written before the whole plan is valid.
+
+Runs that share a trace, a policy spec and a seed share one policy pass (selections and accuracy
+do not depend on the device, cache or layout): :meth:`Plan.groups` gathers them into
+:class:`~sim.experiment.runs.PassGroup` s, the unit of work of :mod:`sim.experiment.pass_group`.
+
+Planning runs in the coordinating process only: it validates figure specs, so it imports the
+figures (and matplotlib), which workers never need.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sim.config import CacheSpec, ExperimentConfig, PipelineSpec, load_model_geometry
+from sim.errors import ConfigError
+from sim.experiment.runs import PassGroup, RunPlan, TraceSource, digest
+from sim.figures.base import validate_figure_specs
+from sim.hardware import load_device
+from sim.kv.layouts import LAYOUTS
+from sim.kv.replacement import REPLACEMENTS
+from sim.paths import REPO_ROOT
+from sim.policies import POLICIES
+from sim.result_files import RUN_SETTINGS, RUN_SUMMARY, RUNS_DIR
+from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
+from sim.trace.capture import CaptureSettings
+from sim.trace.format import open_trace
+from sim.validation import pydantic_error_line, read_yaml
+
+
+@dataclass
+class Plan:
+    """A validated experiment: its runs, traces and where results go."""
+
+    config: ExperimentConfig  # the base config (its sweep block included)
+    source: Path
+    output_dir: Path
+    runs: list[RunPlan]
+    traces: dict[str, TraceSource] = field(default_factory=dict)
+    axes: list[str] = field(default_factory=list)  # the sweep's dotted keys, in order
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.output_dir / RUNS_DIR
+
+    def run_dir(self, run: RunPlan) -> Path:
+        return self.runs_dir / run.run_id
+
+    def is_complete(self, run: RunPlan) -> bool:
+        return (self.run_dir(run) / RUN_SUMMARY).exists()
+
+    def made_by_other_code(self, runs: list[RunPlan], code: str) -> int:
+        """How many of these complete runs were made by a different kvsim source."""
+        count = 0
+        for run in runs:
+            try:
+                settings = yaml.safe_load((self.run_dir(run) / RUN_SETTINGS).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            count += isinstance(settings, dict) and settings.get("code") != code
+        return count
+
+    def unique_runs(self) -> list[RunPlan]:
+        """Each distinct run once (a run an axis leaves unchanged is listed per point)."""
+        unique: dict[str, RunPlan] = {}
+        for run in self.runs:
+            unique.setdefault(run.run_id, run)
+        return list(unique.values())
+
+    def groups(self, runs: list[RunPlan]) -> list[PassGroup]:
+        """``runs`` grouped by policy pass, in plan order."""
+        groups: dict[str, PassGroup] = {}
+        planned: set[str] = set()
+        for run in runs:
+            if run.run_id not in planned:  # a run listed under several points runs once
+                planned.add(run.run_id)
+                groups.setdefault(run.pass_id, PassGroup(run.pass_id, [])).runs.append(run)
+        return list(groups.values())
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+
+def load_raw(path: Path) -> dict[str, Any]:
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of experiment settings at the top level")
+    return data
+
+
+def validate_config(data: dict[str, Any], where: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {pydantic_error_line(exc, '', ExperimentConfig)}") from None
+
+
+def plan(path: str | Path, output: str | Path | None = None) -> Plan:
+    """Validate the experiment at ``path`` and every point of its sweep; raises ConfigError."""
+    source = Path(path)
+    raw = load_raw(source)
+    base = validate_config(raw, str(source))
+    validate_figure_specs(base.figures, str(source))
+    points = expand(base.sweep, f"{source}: sweep")
+    traces: dict[str, TraceSource] = {}
+    runs: list[RunPlan] = []
+    seen: set[tuple[str, str]] = set()
+    for point in points:
+        where = f"{source}" if not point else f"{source} [{describe_point(point)}]"
+        config = validate_config(apply_point(raw, point, str(source)), where)
+        in_point: dict[str, str] = {}
+        for run in _plan_point(config, point, where, traces):
+            if run.run_id in in_point:
+                raise ConfigError(
+                    f"{where}: runs {in_point[run.run_id]!r} and {run.label!r} have identical "
+                    "settings"
+                )
+            in_point[run.run_id] = run.label
+            # A run that an axis leaves unchanged (``full`` under ``policy.budget``) is planned
+            # once and listed once per distinct remaining point.
+            key = (run.run_id, json.dumps(run.point, sort_keys=True, default=str))
+            if key not in seen:
+                seen.add(key)
+                runs.append(run)
+    output_dir = Path(output or base.output or REPO_ROOT / "results" / base.name)
+    axes = list(base.sweep.grid) + list(base.sweep.zip) if base.sweep else []
+    return Plan(base, source, output_dir, runs, traces, axes)
+
+
+def _layout_spec(value: Any, where: str) -> dict[str, Any] | None:
+    if value is None or value == "auto":
+        return None
+    spec = {"type": value} if isinstance(value, str) else dict(value)
+    # Build once with a dummy size so unknown layout names and parameters fail before any run.
+    LAYOUTS.create({**spec, "n_positions": 1}, where=f"{where}.layout")
+    return spec
+
+
+def _as_spec(value: str | dict[str, Any]) -> dict[str, Any]:
+    return {"type": value} if isinstance(value, str) else dict(value)
+
+
+def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
+    if config.trace.path is not None:
+        path = Path(config.trace.path)
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
+        if not (path / "manifest.json").exists():
+            raise ConfigError(f"{where}: trace.path: no trace at {config.trace.path}")
+        trace = open_trace(path)
+        return TraceSource(
+            key=f"path:{path.resolve()}", name=path.name, path=str(path.resolve()),
+            prompt_len=trace.prompt_len,
+        )
+    spec = config.trace.capture.model_dump()
+    try:
+        settings = CaptureSettings(**spec)
+        settings.validate()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: trace.capture: {exc}") from None
+    if settings.text.startswith("file:") and not Path(settings.text[5:]).expanduser().is_file():
+        raise ConfigError(f"{where}: trace.capture.text: no file at {settings.text[5:]}")
+    name = f"{settings.model}/{settings.text}/{settings.prompt_len}+{settings.decode_steps}"
+    return TraceSource(
+        key=settings.key(), name=name, capture=asdict(settings), prompt_len=settings.prompt_len
+    )
+
+
+def _plan_point(
+    config: ExperimentConfig, point: dict[str, Any], where: str, traces: dict[str, TraceSource]
+) -> list[RunPlan]:
+    device = load_device(config.device)
+    target = load_model_geometry(config.model, f"{where}: model") if config.model else None
+    REPLACEMENTS.create(config.cache.replacement, where=f"{where}: cache.replacement")
+    trace = _trace_source(config, where)
+    traces.setdefault(trace.key, trace)
+    runs: list[RunPlan] = []
+    labels: set[str] = set()
+    for index, entry in enumerate(config.policies):
+        at = f"{where}: policies[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: expected a mapping with a 'type' key, got {entry!r}")
+        given = {k: v for k, v in entry.items() if k not in RUN_KEYS}
+        cache = _override(CacheSpec, config.cache, entry.get("cache"), f"{at}.cache")
+        pipeline = _override(PipelineSpec, config.pipeline, entry.get("pipeline"),
+                             f"{at}.pipeline")
+        REPLACEMENTS.create(cache.replacement, where=f"{at}.cache.replacement")
+        policy = POLICIES.create(given, where=at)
+        # every parameter, defaults filled in: {dynakv} and {dynakv, buffer_max: <default>} are
+        # the same run and share one policy pass
+        policy_spec = {"type": given["type"], **_parameters(policy)}
+        label = str(entry.get("label", given["type"]))
+        if label in labels:
+            raise ConfigError(f"{at}: duplicate run label {label!r}; give each a distinct 'label'")
+        labels.add(label)
+        if policy.min_context() > trace.prompt_len:
+            raise ConfigError(
+                f"{at}.budget: {policy.min_context()} tokens exceeds the prompt "
+                f"({trace.prompt_len} tokens)"
+            )
+        pass_key = {"trace": trace.key, "policy": policy_spec, "seed": config.seed}
+        run = RunPlan(
+            run_id="",
+            pass_id=digest(pass_key),
+            label=label,
+            point=_applicable(point, policy_spec),
+            trace=trace,
+            policy=policy_spec,
+            layout=_layout_spec(entry.get("layout"), at),
+            device=device.model_dump(mode="json"),
+            model=None if target is None else asdict(target),
+            kv_dtype=config.kv_dtype,
+            cache={
+                "replacement": _as_spec(cache.replacement),
+                "capacity": cache.capacity,
+            },
+            pipeline=pipeline.model_dump(),
+            seed=config.seed,
+            experiment=config.name,
+            record=config.record.model_dump(exclude_defaults=True),
+        )
+        run.run_id = digest(run.identity())
+        runs.append(run)
+    return runs
+
+
+def _parameters(policy: Any) -> dict[str, Any]:
+    """A policy's constructor parameters and their values, as plain YAML/JSON data."""
+    import dataclasses
+
+    values = {}
+    for item in dataclasses.fields(policy):
+        if item.init:
+            value = getattr(policy, item.name)
+            values[item.name] = list(value) if isinstance(value, tuple) else value
+    return values
+
+
+def _override(model: type, base: Any, entry: Any, where: str) -> Any:
+    """A policy entry's own ``cache`` / ``pipeline`` settings merged over the experiment's."""
+    if entry is None:
+        return base
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {entry!r}")
+    try:
+        return model.model_validate({**base.model_dump(), **entry})
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {pydantic_error_line(exc, '', model)}") from None
+
+
+def _applicable(point: dict[str, Any], policy_spec: dict[str, Any]) -> dict[str, Any]:
+    """The point without ``policy.<param>`` axes that the policy does not have (``layout`` and
+    ``label`` axes apply to every entry)."""
+    return {
+        key: value
+        for key, value in point.items()
+        if not key.startswith("policy.") or key.split(".")[1] in (*policy_spec, *RUN_KEYS)
+    }

@@ -1,0 +1,136 @@
+"""An experiment's results directory: one run's files, the summary table, stale temporaries.
+
+File names and the directory layout are in :mod:`sim.result_files`. A run directory appears
+complete or not at all (written to a temporary sibling, then renamed: :mod:`sim.atomic`), so an
+interrupted sweep resumes by skipping the runs whose directory exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from sim.atomic import TEMPORARY_GLOB, atomic_write, atomic_write_text
+from sim.result_files import (
+    ACCURACY,
+    CLUSTERS,
+    EXPERIMENT,
+    IO_SIZES,
+    RUN_LENGTHS,
+    RUN_SETTINGS,
+    RUN_SUMMARY,
+    STEPS,
+    SUMMARY_CSV,
+    SUMMARY_MD,
+)
+
+if TYPE_CHECKING:  # planning imports the figures; the worker writing runs must not
+    from sim.experiment.planning import Plan
+
+
+def summary_cell(value: Any) -> Any:
+    """A sweep value as a table cell (mappings and lists as compact JSON)."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()
+    }
+
+
+def _write_record(path: Path, data: Any) -> None:
+    """One extra record file, in the format its name says (``.parquet``, ``.csv``, ``.json``,
+    else ``.npy``)."""
+    if path.suffix == ".parquet":
+        data.to_parquet(path, index=False)
+    elif path.suffix == ".csv":
+        data.to_csv(path, index=False)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=1))
+    else:
+        np.save(path, data)
+
+
+def write_run(
+    run_dir: Path,
+    pp: Any,
+    sim: Any,
+    settings: dict[str, Any],
+    row: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """All files of one run, or none: written to a temporary sibling, then renamed.
+
+    ``pp``: the policy pass, ``sim``: the replay's result, ``settings``: run.yaml's content,
+    ``row``: the summary row, ``extra``: file name -> the ``record:`` block's extra records.
+    """
+    with atomic_write(run_dir) as tmp:
+        tmp.mkdir()
+        for name, data in (extra or {}).items():
+            _write_record(tmp / name, data)
+        pp.accuracy.to_parquet(tmp / ACCURACY, index=False)
+        if not pp.clusters.empty:
+            pp.clusters.to_parquet(tmp / CLUSTERS, index=False)
+        sim.steps.to_parquet(tmp / STEPS, index=False)
+        sim.io_sizes.to_csv(tmp / IO_SIZES, index=False)
+        sim.run_lengths.to_csv(tmp / RUN_LENGTHS, index=False)
+        (tmp / RUN_SETTINGS).write_text(yaml.safe_dump(settings, sort_keys=False))
+        (tmp / RUN_SUMMARY).write_text(json.dumps(_json_safe(row), indent=1))
+
+
+def remove_stale_temporaries(runs_dir: Path, max_age_s: float = 0.0) -> int:
+    """Delete half-written run directories left by a killed worker; returns how many."""
+    if not runs_dir.exists():
+        return 0
+    removed = 0
+    now = time.time()
+    for tmp in runs_dir.glob(TEMPORARY_GLOB):
+        if now - tmp.stat().st_mtime >= max_age_s:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def write_experiment(plan: Plan) -> None:
+    """The experiment file as given, beside its results (``kvsim plot`` reads its figures)."""
+    atomic_write_text(plan.output_dir / EXPERIMENT, plan.source.read_text())
+
+
+def read_summary(plan: Plan) -> pd.DataFrame:
+    """One row per completed run of the plan, in plan order (columns: run_id, run, the sweep
+    axes, trace, device, model, then the metrics of :data:`sim.metrics.records.SUMMARY_COLUMNS`)."""
+    from sim.metrics.records import SUMMARY_COLUMNS
+
+    rows = []
+    for run in plan.runs:
+        path = plan.run_dir(run) / RUN_SUMMARY
+        if path.exists():
+            row = {k: v for k, v in json.loads(path.read_text()).items() if k not in plan.axes}
+            rows.append({**row, **{key: summary_cell(value) for key, value in run.point.items()}})
+    leading = list(dict.fromkeys(["run_id", "run", *plan.axes, "trace", "device", "model"]))
+    columns = leading + [c for c in SUMMARY_COLUMNS if c not in leading]
+    frame = pd.DataFrame(rows)
+    for column in columns:
+        if column not in frame:
+            frame[column] = pd.Series(dtype=float)
+    extra = [c for c in frame.columns if c not in columns]
+    return frame[columns + extra]
+
+
+def write_summary(plan: Plan, summary: pd.DataFrame) -> None:
+    """``summary.csv`` and ``summary.md`` of the plan's completed runs."""
+    atomic_write_text(plan.output_dir / SUMMARY_CSV, summary.to_csv(index=False))
+    atomic_write_text(
+        plan.output_dir / SUMMARY_MD, summary.to_markdown(index=False, floatfmt=".4g") + "\n"
+    )

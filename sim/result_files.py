@@ -1,0 +1,51 @@
+"""The names of an experiment's result files, shared by their writer and their readers.
+
+:mod:`sim.experiment.store` and the pass group write them; :class:`sim.figures.base.Results`
+and the figures read them. Layout of a results directory (``<output>/``)::
+
+    experiment.yaml                  the experiment as given (``kvsim plot`` reads its figures)
+    summary.csv, summary.md          one row per run: label, sweep axes, summary metrics
+    accuracy_vs_latency.png / .pdf   the default plot
+    figures/                         the experiment's ``figures:`` (PNG + PDF, tables as CSV + MD)
+    runs/<run_id>/run.yaml           the run's exact resolved settings (run_id hashes them)
+    runs/<run_id>/summary.json       its summary row
+    runs/<run_id>/accuracy.parquet   (step, layer, q_head) accuracy records
+    runs/<run_id>/clusters.parquet   (step, layer, kv_head) group count and intra-cluster
+                                     variance (policies with groups only)
+    runs/<run_id>/steps.parquet      per-step latency breakdown, I/O and DRAM records
+    runs/<run_id>/io_sizes.csv       flash read command size distribution
+    runs/<run_id>/run_lengths.csv    contiguous flash access lengths (entries)
+
+and, when the experiment's ``record:`` block asks for them (:class:`sim.config.RecordSpec`)::
+
+    runs/<run_id>/cluster_labels.parquet  (step, position, group) of one KV head
+    runs/<run_id>/cluster_keys.parquet    that head's keys on their first two principal axes
+    runs/<run_id>/coretrieval.npy         that head's prefill-cluster co-retrieval counts
+    runs/<run_id>/cluster_record.json     what the figures need to read the three above
+    runs/<run_id>/update_retrieval.csv    P(an updated cluster is retrieved within t steps)
+"""
+
+from __future__ import annotations
+
+EXPERIMENT = "experiment.yaml"
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+DEFAULT_PLOT = "accuracy_vs_latency"  # stem: .png and .pdf
+FIGURES_DIR = "figures"
+RUNS_DIR = "runs"
+
+# in each run directory
+RUN_SETTINGS = "run.yaml"
+RUN_SUMMARY = "summary.json"
+ACCURACY = "accuracy.parquet"
+CLUSTERS = "clusters.parquet"
+STEPS = "steps.parquet"
+IO_SIZES = "io_sizes.csv"
+RUN_LENGTHS = "run_lengths.csv"
+
+# optional records (``record:``)
+CLUSTER_LABELS = "cluster_labels.parquet"
+CLUSTER_KEYS = "cluster_keys.parquet"
+CORETRIEVAL = "coretrieval.npy"
+CLUSTER_RECORD = "cluster_record.json"
+UPDATE_RETRIEVAL = "update_retrieval.csv"
