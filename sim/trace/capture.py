@@ -1,6 +1,6 @@
 """Capture attention traces from a real model on CPU: deterministic, atomic, cached.
 
-How (see DESIGN.md section 7): the model is loaded with transformers from a GGUF file shipped in
+How: the model is loaded with transformers from a GGUF file shipped in
 a PyPI package (``from_pretrained(dir, gguf_file=..., dtype=torch.float32)``). A custom attention
 function, registered under one name in both ``AttentionInterface`` and ``AttentionMaskInterface``
 (without the mask entry transformers silently drops the masks), records the post-RoPE queries
