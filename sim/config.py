@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.errors import ConfigError
-from sim.kv.geometry import KV_DTYPE_BYTES, ModelGeometry
+from sim.model import KV_DTYPE_BYTES, ModelGeometry
 from sim.paths import CONFIGS_DIR
 from sim.validation import read_yaml
 

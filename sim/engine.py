@@ -34,7 +34,7 @@ the accuracy reference is windowed attention, so they score recall 1. In the rep
 layer attends ``min(w, P + s + 1)`` entries per KV head from DRAM (a ring buffer of ``w``
 entries per KV head, counted in ``dram_bytes``): no index, no cache, no flash reads or writes,
 nothing to swap. A simulated layer inherits the window of the trace layer it replays
-(:func:`sim.kv.geometry.trace_layer_map`), so a Gemma trace driving a deeper target model keeps
+(:func:`sim.model.trace_layer_map`), so a Gemma trace driving a deeper target model keeps
 its local/global pattern spread over the target's depth.
 """
 
@@ -63,11 +63,11 @@ from sim.hardware import (
     scoring_us,
 )
 from sim.kv.cache import REPLACEMENTS, LayerCache
-from sim.kv.geometry import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
 from sim.kv.io_plan import plan_reads, plan_writes
 from sim.kv.layout import LAYOUTS, FlashLayout
 from sim.metrics.accuracy import layer_accuracy
 from sim.metrics.clusters import cluster_variance
+from sim.model import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
 from sim.policies.base import LayerContext, LayerSelection, Relabel, RetrievalPolicy
 from sim.trace.format import Trace
 

@@ -58,8 +58,8 @@ from sim.errors import ConfigError, KvsimError
 from sim.figures.base import validate_figure_specs
 from sim.hardware import DeviceParams, load_device
 from sim.kv.cache import REPLACEMENTS
-from sim.kv.geometry import ModelGeometry
 from sim.kv.layout import LAYOUTS
+from sim.model import ModelGeometry
 from sim.paths import REPO_ROOT
 from sim.policies import POLICIES
 from sim.sweep import RUN_KEYS, apply_point, describe_point, expand

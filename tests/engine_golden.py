@@ -20,7 +20,7 @@ import pandas as pd
 
 from sim.config import PipelineSpec
 from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, simulate
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
 from sim.policies.base import HeadSelections, LayerSelection, Relabel
 
 from .conftest import HAND_DEVICE, HandPolicy

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sim.config import PipelineSpec
 from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, _Replay, simulate
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
 from sim.policies.base import HeadSelections, LayerSelection, Relabel
 
 from .conftest import HAND_DEVICE, HandPolicy

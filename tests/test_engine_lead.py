@@ -14,7 +14,7 @@ import pytest
 
 from sim.config import PipelineSpec
 from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, _Replay, simulate
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
 from sim.policies.base import HeadSelections, LayerSelection
 
 from .conftest import HAND_DEVICE, HandPolicy

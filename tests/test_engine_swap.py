@@ -16,7 +16,7 @@ import pytest
 from sim.config import PipelineSpec
 from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, _Replay, simulate
 from sim.hardware import DeviceParams, FlashParams
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
 from sim.policies.base import HeadSelections, LayerSelection
 
 from . import engine_golden

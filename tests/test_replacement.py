@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sim.engine import PolicyPass, SimSetup, _Replay, simulate
 from sim.kv.cache import REPLACEMENTS, LayerCache
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
 from sim.policies.base import HeadSelections, LayerSelection
 
 from .conftest import HAND_DEVICE, HandPolicy

@@ -25,8 +25,8 @@ from sim.engine import (
     sliding_windows,
 )
 from sim.errors import KvsimError
-from sim.kv.geometry import ModelGeometry
 from sim.metrics.accuracy import layer_accuracy, reference_output
+from sim.model import ModelGeometry
 from sim.policies import POLICIES
 from sim.policies.base import HeadSelections, LayerContext, LayerSelection, RetrievalPolicy
 from sim.trace.format import TraceWriter, open_trace

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sim.errors import CaptureError, TraceError
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
 from sim.trace.format import TraceWriter, layer_file, open_trace
 from sim.trace.sources import list_sources, load_text
 

@@ -13,7 +13,7 @@ Target layer ``i`` replays trace layer ``round(i * (L_trace - 1) / (L_target - 1
 KV head ``j`` replays trace KV head ``j % H_trace``. Positions (context length, prompt length,
 decode steps) always come from the trace. A target layer also inherits the attention kind of the
 trace layer it replays: global, or a sliding window of the trace's ``w`` positions (Gemma 3's
-local layers; see :mod:`sim.engine`).
+local layers; see :mod:`sim.replay`).
 """
 
 from __future__ import annotations
