@@ -53,7 +53,8 @@ print(json.dumps({"wall_s": wall, "rss_mb": rss_mb}))
 RUN = r"""
 import json, sys, time, resource
 from sim.config import PipelineSpec
-from sim.engine import SimSetup, run_policy_pass, simulate
+from sim.policy_pass import run_policy_pass
+from sim.replay import SimSetup, simulate
 from sim.hardware import load_device
 from sim.policies import POLICIES
 from sim.trace.format import open_trace

@@ -416,7 +416,7 @@ def _policy_pass(
 ) -> tuple[Any, bool]:
     """The run's policy pass, from the pass cache when an identical one is there (same pass
     settings, same trace files, same kvsim source); computed and stored otherwise."""
-    from sim.engine import run_policy_pass
+    from sim.policy_pass import run_policy_pass
 
     path = None
     if cache_dir:
@@ -455,8 +455,8 @@ def run_group(
     finished.
     """
     # imported here so a worker pays for the engine only when it has work
-    from sim.engine import SimSetup, simulate
     from sim.metrics.records import summarize
+    from sim.replay import SimSetup, simulate
 
     first = runs[0]
     trace = open_trace(trace_path)

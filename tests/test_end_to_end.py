@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from sim.engine import SimSetup, run_policy_pass, simulate
 from sim.experiment import plan
 from sim.hardware import load_device
 from sim.policies import POLICIES
+from sim.policy_pass import run_policy_pass
+from sim.replay import SimSetup, simulate
 from sim.runner import execute
 
 from .conftest import FIXTURE_TRACE

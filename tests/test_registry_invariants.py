@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.engine import STEP_COLUMNS, SimSetup, _Replay, run_policy_pass
 from sim.hardware import load_device
 from sim.kv.cache import REPLACEMENTS
 from sim.kv.layout import LAYOUTS
+from sim.outputs import STEP_COLUMNS
 from sim.policies import POLICIES
 from sim.policies.base import BudgetedPolicy
+from sim.policy_pass import run_policy_pass
+from sim.replay import Replay, SimSetup
 from sim.trace.format import TraceWriter, open_trace
 
 PROMPT, STEPS, LAYERS, HEADS, GROUP, DIM = 96, 10, 3, 2, 2, 16
@@ -89,7 +91,7 @@ def _check_run(trace, policy_name, layout, replacement):
     setup = SimSetup(device=load_device("ufs40-flagship"), target=model, kv_dtype="fp16",
                      cache_capacity_bytes=capacity_entries * entry * model.n_layers,
                      replacement={"type": replacement}, layout={"type": layout})
-    replay = _Replay(pp, setup)
+    replay = Replay(pp, setup)
     replay.env.process(replay.decode(None))
     replay.env.run()
     records = dict(zip(STEP_COLUMNS, replay.records.sum(axis=0), strict=True))

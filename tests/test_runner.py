@@ -119,7 +119,7 @@ def test_reused_runs_from_other_code_are_flagged(tmp_path):
 
 def test_crash_mid_sweep_keeps_completed_runs_and_resumes(tmp_path, monkeypatch):
     planned = _plan(tmp_path)
-    import sim.engine as engine  # the worker imports the engine lazily: patch it there
+    import sim.replay as engine  # the worker imports the replay lazily: patch it there
 
     calls = {"n": 0}
     original = engine.simulate

@@ -1,4 +1,4 @@
-"""KV-cache bookkeeping: flash layouts and I/O plans, the DRAM cache and its replacement policies."""
+"""KV-cache bookkeeping: flash layouts, I/O plans, the DRAM cache and its replacement policies."""
 
 # DynaKV's continuity-centric layouts (intra_inter, dual_head) live in their own module and
 # register into sim.kv.layout.LAYOUTS on import; importing them here (the package runs before any

@@ -32,8 +32,6 @@ import numpy as np
 
 from sim.policies.base import HeadSelections, LayerSelection, decode_attention_weights
 
-METRICS = ("attention_recall", "topk_recall", "output_rel_error", "n_selected")
-
 
 def layer_accuracy(
     queries: np.ndarray,
@@ -44,7 +42,8 @@ def layer_accuracy(
     chunk_steps: int = 32,
     window: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Accuracy metrics of one layer's selection, each an array of shape (H_q, S).
+    """The metrics of :data:`sim.outputs.ACCURACY_COLUMNS` for one layer's selection, each an
+    array of shape (H_q, S).
 
     ``queries``: (H_q, S, d); ``keys``/``values``: (H_kv, P + S, d), any float dtype (float16
     memmaps are converted once to float32). ``selection.heads`` must hold one

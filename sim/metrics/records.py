@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sim.engine import PolicyPass, SimResult
+from sim.outputs import PolicyPass, SimResult
 
 MB = 1e6
 

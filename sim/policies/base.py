@@ -3,7 +3,7 @@
 A policy runs **layer by layer** over a trace: given one layer's keys and decode queries it
 returns, for every decode step and KV head, the positions it attends (its *selection*). The
 selection is the only thing that links accuracy (``sim.metrics.accuracy``) to latency
-(``sim.engine``); policies never see the device, the cache or simulated time.
+(``sim.replay``); policies never see the device, the cache or simulated time.
 
 Conventions (shared by all policies, the accuracy metrics and the engine):
 

@@ -1,39 +1,29 @@
-"""The decode-step engine: a trace and a policy in, accuracy and simulated latency out.
+"""The replay: a policy pass's selections stepped through a SimPy model of the phone.
 
-Two passes keep accuracy and latency apart (see ARCHITECTURE.md, "the one idea"):
+For every decode step and every layer of the simulated model:
 
-1. :func:`run_policy_pass` walks the trace layer by layer (one layer's arrays in memory at a
-   time), asks the policy for its selections and scores them against exact attention. Pure
-   numpy, no device: a hardware sweep reuses it.
-2. :func:`simulate` replays the selections step by step on a SimPy model of the phone. For every
-   decode step and every layer of the simulated model:
+``dense (QKV projection) -> index scoring -> cache lookup -> flash reads -> attention over the
+selected entries -> append the new token's K/V (written to flash, not awaited) -> dense (output
+projection + MLP)``
 
-   ``dense (QKV projection) -> index scoring -> cache lookup -> flash reads -> attention over the
-   selected entries -> append the new token's K/V (written to flash, not awaited) -> dense (output
-   projection + MLP)``
+Reads of a policy whose selection does not need the current query are issued at the start of
+the layer and overlap the QKV projection and scoring; otherwise they start after scoring. A
+policy selecting one layer ahead (``selection_lead_layers = 1``, InfiniGen) scores layer
+``l + 1``'s index and issues its reads during layer ``l``, right after its QKV projection
+(layer 0 selects for itself first). The time the layer waits for its reads is the ``io_wait``
+stall. Writes are not awaited but share the flash queue, units and link with later reads.
 
-   Reads of a policy whose selection does not need the current query are issued at the start of
-   the layer and overlap the QKV projection and scoring; otherwise they start after scoring. A
-   policy selecting one layer ahead (``selection_lead_layers = 1``, InfiniGen) scores layer
-   ``l + 1``'s index and issues its reads during layer ``l``, right after its QKV projection
-   (layer 0 selects for itself first). The time the layer waits for its reads is the ``io_wait``
-   stall. Writes are not awaited but share the flash queue, units and link with later reads.
-
-   With ``pipeline.swap_layers`` each layer's cache lives on flash between its turns: its
-   image is read back while the previous layer runs, its lookup waits for it, and the entries
-   it gained are written back after it (see :class:`sim.config.PipelineSpec`).
+With ``pipeline.swap_layers`` each layer's cache lives on flash between its turns: its
+image is read back while the previous layer runs, its lookup waits for it, and the entries
+it gained are written back after it (see :class:`sim.config.PipelineSpec`).
 
 What is simulated at prefill: nothing is timed. The prompt's K/V are on flash, laid out by the
 layout; the DRAM cache starts empty (cold).
 
-Sliding-window layers (Gemma 3's local layers; the trace manifest's ``model.sliding_window``
-lists a window per layer, ``null`` for a global one): their attention is the model's own, not a
-retrieval decision. The policy pass never asks the policy about them: their selection is
-:meth:`LayerSelection.sliding_window` (the last ``w`` positions, current token included) and
-the accuracy reference is windowed attention, so they score recall 1. In the replay such a
-layer attends ``min(w, P + s + 1)`` entries per KV head from DRAM (a ring buffer of ``w``
-entries per KV head, counted in ``dram_bytes``): no index, no cache, no flash reads or writes,
-nothing to swap. A simulated layer inherits the window of the trace layer it replays
+Sliding-window layers (Gemma 3's local layers; see :mod:`sim.policy_pass`) attend
+``min(w, P + s + 1)`` entries per KV head from DRAM (a ring buffer of ``w`` entries per KV head,
+counted in ``dram_bytes``): no index, no cache, no flash reads or writes, nothing to swap. A
+simulated layer inherits the window of the trace layer it replays
 (:func:`sim.model.trace_layer_map`), so a Gemma trace driving a deeper target model keeps
 its local/global pattern spread over the target's depth.
 """
@@ -41,20 +31,16 @@ its local/global pattern spread over the target's depth.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import simpy
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from sim.config import PipelineSpec
-from sim.errors import KvsimError
 from sim.hardware import (
     DeviceParams,
     Flash,
@@ -65,158 +51,9 @@ from sim.hardware import (
 from sim.kv.cache import REPLACEMENTS, LayerCache
 from sim.kv.io_plan import plan_reads, plan_writes
 from sim.kv.layout import LAYOUTS, FlashLayout
-from sim.metrics.accuracy import layer_accuracy
-from sim.metrics.clusters import cluster_variance
 from sim.model import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
-from sim.policies.base import LayerContext, LayerSelection, Relabel, RetrievalPolicy
-from sim.trace.format import Trace
-
-ACCURACY_COLUMNS = ("attention_recall", "topk_recall", "output_rel_error", "n_selected")
-
-
-@dataclass
-class PolicyPass:
-    """Device-independent result of a policy over a trace.
-
-    ``selections[l]``: the policy's decisions for trace layer ``l``; ``accuracy``: one row per
-    (step, layer, query head) with the columns of :data:`ACCURACY_COLUMNS`; ``clusters``: one
-    row per (step, layer, KV head) with ``n_groups`` and ``intra_cluster_variance`` (see
-    :mod:`sim.metrics.clusters`), empty for policies without groups.
-    """
-
-    policy: RetrievalPolicy
-    prompt_len: int
-    decode_steps: int
-    trace_model: ModelGeometry
-    selections: list[LayerSelection]
-    accuracy: pd.DataFrame
-    wall_s: float
-    clusters: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
-def sliding_windows(trace: Trace) -> list[int | None]:
-    """Each trace layer's sliding window from the manifest (``None``: global attention).
-
-    Raises KvsimError if ``model.sliding_window`` is present but not one integer >= 1 or
-    ``null`` per layer.
-    """
-    n_layers = trace.model.n_layers
-    windows = trace.manifest["model"].get("sliding_window")
-    if windows is None:
-        return [None] * n_layers
-
-    def valid(w: object) -> bool:
-        return w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)
-
-    if not isinstance(windows, list) or len(windows) != n_layers or not all(map(valid, windows)):
-        raise KvsimError(
-            f"trace {trace.path.name}: model.sliding_window must list {n_layers} windows (an "
-            f"integer >= 1, or null for a global layer), got {windows!r}"
-        )
-    return list(windows)
-
-
-def _layer_pass(
-    trace: Trace, policy: RetrievalPolicy, seed: int, layer: int
-) -> tuple[LayerSelection, pd.DataFrame, pd.DataFrame | None]:
-    """Selections, accuracy records and cluster records of one trace layer."""
-    # float32 copies of one layer (a few MB); the trace itself stays memory-mapped.
-    keys = np.asarray(trace.keys(layer), dtype=np.float32)
-    queries = np.asarray(trace.decode_queries(layer), dtype=np.float32)
-    ctx = LayerContext(
-        layer=layer,
-        keys=keys,
-        queries=queries,
-        prompt_len=trace.prompt_len,
-        # one stream per layer: results do not depend on the order layers are visited
-        rng=np.random.default_rng([seed, layer]),
-        stored_queries=trace.queries(layer),
-        query_start=trace.query_start,
-        speculative_queries=(
-            None if (spec := trace.speculative_queries(layer)) is None
-            else np.asarray(spec, dtype=np.float32)
-        ),
-    )
-    window = sliding_windows(trace)[layer]
-    if window is not None:  # the model's own local attention: no retrieval to decide
-        selection = LayerSelection.sliding_window(ctx, window)
-    else:
-        try:
-            selection = policy.select_layer(ctx)
-        except ValueError as exc:  # the policy's settings do not fit this trace
-            raise KvsimError(f"policy {policy.name!r} on trace layer {layer}: {exc}") from None
-    scores = layer_accuracy(
-        queries, keys, trace.values(layer), trace.prompt_len, selection, window=window
-    )
-    n_q, steps = queries.shape[0], queries.shape[1]
-    frame = pd.DataFrame(
-        {
-            "step": np.tile(np.arange(steps, dtype=np.int32), n_q),
-            "layer": np.full(n_q * steps, layer, dtype=np.int16),
-            "q_head": np.repeat(np.arange(n_q, dtype=np.int16), steps),
-        }
-    )
-    for column in ACCURACY_COLUMNS:
-        frame[column] = np.asarray(scores[column]).reshape(-1)
-    groups = cluster_variance(keys, trace.prompt_len, selection)
-    clusters = None
-    if groups is not None:
-        variance, n_groups = groups
-        n_kv = variance.shape[0]
-        clusters = pd.DataFrame(
-            {
-                "step": np.tile(np.arange(steps, dtype=np.int32), n_kv),
-                "layer": np.full(n_kv * steps, layer, dtype=np.int16),
-                "kv_head": np.repeat(np.arange(n_kv, dtype=np.int16), steps),
-                "n_groups": n_groups.reshape(-1),
-                "intra_cluster_variance": variance.reshape(-1),
-            }
-        )
-    return selection, frame, clusters
-
-
-def run_policy_pass(
-    trace: Trace,
-    policy: RetrievalPolicy,
-    seed: int,
-    progress: bool = False,
-    workers: int | None = None,
-) -> PolicyPass:
-    """Selections and accuracy of ``policy`` on every layer of ``trace``.
-
-    Layers are independent, so ``workers`` threads (default: up to 2, the cores of a phone-
-    simulation laptop) process them concurrently; numpy, BLAS and scikit-learn release the GIL
-    in their kernels. Each layer's math runs single-threaded, which keeps results bit-identical
-    whatever the number of workers, and at most ``workers`` layers are in memory at once.
-    """
-    started = time.perf_counter()
-    workers = workers or min(2, os.cpu_count() or 1)
-    n_layers = trace.model.n_layers
-    results: list[tuple[LayerSelection, pd.DataFrame, pd.DataFrame | None] | None] = [
-        None
-    ] * n_layers
-    bar = tqdm(total=n_layers, desc=f"{policy.name}: policy pass", unit="layer",
-               disable=not progress, leave=False)
-    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {
-            pool.submit(_layer_pass, trace, policy, seed, layer): layer
-            for layer in range(n_layers)
-        }
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update()
-    bar.close()
-    return PolicyPass(
-        policy=policy,
-        prompt_len=trace.prompt_len,
-        decode_steps=trace.decode_steps,
-        trace_model=trace.model,
-        selections=[result[0] for result in results],
-        accuracy=pd.concat([result[1] for result in results], ignore_index=True),
-        wall_s=time.perf_counter() - started,
-        clusters=pd.concat([result[2] for result in results if result[2] is not None]
-                           or [pd.DataFrame()], ignore_index=True),
-    )
+from sim.outputs import STEP_COLUMNS, PolicyPass, SimResult
+from sim.policies.base import LayerSelection, Relabel
 
 
 @dataclass(frozen=True)
@@ -232,43 +69,7 @@ class SimSetup:
     pipeline: PipelineSpec = PipelineSpec()
 
 
-@dataclass
-class SimResult:
-    """Per-step records plus run-wide distributions of one simulation."""
-
-    steps: pd.DataFrame
-    io_sizes: pd.DataFrame  # size_bytes, commands
-    run_lengths: pd.DataFrame  # run_entries, runs (contiguous requested entries on flash)
-    totals: dict[str, float] = field(default_factory=dict)
-    wall_s: float = 0.0
-
-
-STEP_COLUMNS = (
-    "latency_us",
-    "dense_us",
-    "scoring_us",
-    "io_wait_us",
-    "attention_us",
-    "read_busy_us",
-    "index_read_bytes",
-    "read_bytes",
-    "useful_read_bytes",
-    "read_commands",
-    "write_bytes",
-    "write_commands",
-    "selected_entries",
-    "extra_entries",
-    "relocated_entries",
-    "hits",
-    "misses",
-    "streamed",
-    "dram_bytes",
-    "swap_read_bytes",
-    "swap_write_bytes",
-)
-
-
-class _Replay:
+class Replay:
     """The SimPy model of one run: a decode process on the CPU, the flash beside it."""
 
     def __init__(self, pp: PolicyPass, setup: SimSetup) -> None:
@@ -712,7 +513,7 @@ class _Replay:
 def simulate(pp: PolicyPass, setup: SimSetup, progress: bool = False) -> SimResult:
     """Replay ``pp``'s selections on the device of ``setup``; deterministic."""
     started = time.perf_counter()
-    replay = _Replay(pp, setup)
+    replay = Replay(pp, setup)
     bar = tqdm(
         total=pp.decode_steps,
         desc=f"{pp.policy.name}: simulate",
