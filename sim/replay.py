@@ -34,6 +34,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,43 @@ class SimSetup:
     pipeline: PipelineSpec = PipelineSpec()
 
 
+class ReadTiming(Enum):
+    """When a simulated layer issues its cache lookup and flash reads; decided once per layer.
+
+    The later the reads start, the less of the layer's own compute hides them; what remains is
+    the layer's ``io_wait`` stall.
+    """
+
+    #: a resident layer (full attention or a sliding window): attended from DRAM, nothing read
+    NONE = "none"
+    #: a selection that needs no query (StreamingLLM): at the layer's start, overlapping the QKV
+    #: projection and the scoring
+    AT_LAYER_START = "at_layer_start"
+    #: ``pipeline.overlap_transfer``: after Q's projection, so the scoring and K/V's projection
+    #: overlap the transfer (clusters are fetched as they are ranked)
+    DURING_PROJECTION = "during_projection"
+    #: the default: once the layer's index is scored against its query
+    AFTER_SCORING = "after_scoring"
+    #: a lead policy (``selection_lead_layers``, InfiniGen) on a layer after the first: at the
+    #: previous layer's speculation point, right after that layer's QKV projection and scoring
+    BY_PREVIOUS_LAYER = "by_previous_layer"
+
+
+@dataclass
+class _PendingReads:
+    """A layer's issued cache lookup and flash reads.
+
+    ``attended``: entries the layer attends, ``None`` while a lookup deferred behind a swap-in
+    has not run (see :meth:`Replay._lookup`; the event's value is then the entries).
+    ``before``: with ``swap_layers``, the layer's resident positions per KV head before the
+    lookup (what :meth:`Replay._swap_out` compares against); ``None`` otherwise.
+    """
+
+    event: simpy.Event
+    attended: int | None
+    before: list[np.ndarray] | None
+
+
 class Replay:
     """The SimPy model of one run: a decode process on the CPU, the flash beside it."""
 
@@ -79,96 +117,135 @@ class Replay:
         flash_params = setup.device.flash
         self.env = simpy.Environment()
         self.flash = Flash(self.env, flash_params)
+        self.compute, self.dram = setup.device.compute, setup.device.dram
+        # the simulated model's layers and KV heads, each replaying one of the trace's
         self.layer_map = trace_layer_map(target, pp.trace_model)
         self.head_map = trace_head_map(target, pp.trace_model)
         self.n_layers, self.n_heads = target.n_layers, target.n_kv_heads
         self.head_ids = np.arange(self.n_heads)
+        self.head_dim, self.queries_per_kv_head = target.head_dim, target.group_size
         self.entry_bytes = target.entry_bytes(dtype)
         self.vector_bytes = int(round(target.head_dim * kv_dtype_bytes(dtype)))
         self.page_bytes = flash_params.page_size_bytes
         self.max_io_bytes = flash_params.max_io_bytes
-        self.max_positions = pp.prompt_len + pp.decode_steps
-        compute, dram = setup.device.compute, setup.device.dram
-        dense = dense_layer_us(target.params_per_layer, compute, dram)
-        # The QKV projection runs before attention; its share of a block's weights is
-        # hidden * (n_q + 2 n_kv) * head_dim with hidden = n_q * head_dim.
-        hidden = target.n_q_heads * target.head_dim
-        qkv_params = hidden * (target.n_q_heads + 2 * target.n_kv_heads) * target.head_dim
-        share = min(1.0, qkv_params / target.params_per_layer) if target.params_per_layer else 0.0
-        self.dense_pre_us = dense * share
-        self.dense_post_us = dense - self.dense_pre_us
-        # Q's part of the QKV projection (for overlap_transfer, which splits it from K/V's)
-        self.dense_q_us = self.dense_pre_us * target.n_q_heads / (
-            target.n_q_heads + 2 * target.n_kv_heads
-        )
-        self.compute, self.dram = compute, dram
-        capacity_entries = setup.cache_capacity_bytes // (self.entry_bytes * self.n_layers)
-        self.caches: list[LayerCache | None] = []
-        self.layouts: list[list[FlashLayout]] = []
-        layout_spec = {**setup.layout, "max_positions": self.max_positions}
-        declared = {f.name for f in dataclasses.fields(LAYOUTS.get(layout_spec["type"]))}
-        # sizes a layout may need (a page-aligned write buffer): filled in if it declares them
-        for name, value in (("entry_bytes", self.entry_bytes), ("page_bytes", self.page_bytes)):
-            if name in declared:
-                layout_spec[name] = value
-        for layer in range(self.n_layers):
-            selection = pp.selections[self.layer_map[layer]]
-            if selection.is_resident:  # full attention or a sliding window: all in DRAM
-                self.caches.append(None)
-                self.layouts.append([])
-                continue
-            replacement = REPLACEMENTS.create(setup.replacement, where="cache.replacement")
-            cache = LayerCache(self.n_heads, self.max_positions, int(capacity_entries), replacement)
-            if replacement.needs_future:
-                # Offline replacement (Belady) sees this layer's own accesses, as replayed.
-                cache.observe_future(self._future_accesses(layer))
-            self.caches.append(cache)
-            row = []
-            for head in range(self.n_heads):
-                layout = LAYOUTS.create(layout_spec, where="layout")
-                trace_head = self.head_map[head]
-                groups = selection.prefill_groups
-                coretrieval = selection.coretrieval
-                layout.place_prefill(
-                    pp.prompt_len,
-                    None if groups is None else groups[trace_head],
-                    coretrieval=None if coretrieval is None else coretrieval[trace_head],
-                )
-                if groups is not None and replacement.uses_groups:
-                    cache.assign_groups(head, np.arange(pp.prompt_len), groups[trace_head], -1)
-                row.append(layout)
-            self.layouts.append(row)
-        # (simulated head, Relabel) events of each simulated layer, by decode step
-        self.relabels_at: list[dict[int, list[tuple[int, Relabel]]]] = []
-        for layer in range(self.n_layers):
-            events: dict[int, list[tuple[int, Relabel]]] = {}
-            relabels = pp.selections[self.layer_map[layer]].relabels
-            if relabels is not None:
-                for head in range(self.n_heads):
-                    for event in relabels[self.head_map[head]]:
-                        events.setdefault(event.step, []).append((head, event))
-            self.relabels_at.append(events)
+        self.n_positions = pp.prompt_len + pp.decode_steps
+        self.dense_pre_us, self.dense_q_us, self.dense_post_us = self._dense_split()
+        self.caches, self.layouts = self._caches_and_layouts()
+        self.relabels_at = self._relabel_events()
+        self.read_timing = [self._read_timing(layer) for layer in range(self.n_layers)]
         # per-layer cache swapping (PipelineSpec.swap_layers): the pending swap-in of each
         # layer, and the largest (current + incoming) resident image pair of the step
         self.swap = setup.pipeline.swap_layers
         self.swap_in: list[simpy.Event | None] = [None] * self.n_layers
-        # lead policies (selection_lead_layers): reads, entries and swap snapshot of the next
-        # layer, issued at this layer's speculation point
-        self.lead: dict[int, tuple] = {}
-        self.lead_index: dict[int, simpy.Event] = {}  # the next layer's streamed index
         self.step_cache_peak = 0
+        # lead policies (selection_lead_layers): the next layer's reads, issued at this layer's
+        # speculation point, and its streamed index
+        self.lead: dict[int, _PendingReads] = {}
+        self.lead_index: dict[int, simpy.Event] = {}
         self.records = np.zeros((pp.decode_steps, len(STEP_COLUMNS)), dtype=np.float64)
         self.col = {name: i for i, name in enumerate(STEP_COLUMNS)}
         max_pages = self.max_io_bytes // self.page_bytes
         self.io_size_counts = np.zeros(max_pages + 1, dtype=np.int64)
         self.run_length_counts = np.zeros(64, dtype=np.int64)
 
-    # -- helpers ----------------------------------------------------------------------------
+    # -- builders (run once, before the decode process) -----------------------------------------
+
+    def _dense_split(self) -> tuple[float, float, float]:
+        """A layer's dense time split around attention: (QKV projection, Q's part of it, output
+        projection + MLP), in us."""
+        target = self.setup.target
+        dense = dense_layer_us(target.params_per_layer, self.compute, self.dram)
+        # The QKV projection runs before attention; its share of a block's weights is
+        # hidden * (n_q + 2 n_kv) * head_dim with hidden = n_q * head_dim.
+        hidden = target.n_q_heads * target.head_dim
+        qkv_params = hidden * (target.n_q_heads + 2 * target.n_kv_heads) * target.head_dim
+        share = min(1.0, qkv_params / target.params_per_layer) if target.params_per_layer else 0.0
+        pre_us = dense * share
+        # Q's part of the QKV projection (for overlap_transfer, which splits it from K/V's)
+        q_us = pre_us * target.n_q_heads / (target.n_q_heads + 2 * target.n_kv_heads)
+        return pre_us, q_us, dense - pre_us
+
+    def _layout_spec(self) -> dict:
+        """The layout's registry spec, with the sizes the replay knows filled in."""
+        spec = {**self.setup.layout, "max_positions": self.n_positions}
+        declared = {f.name for f in dataclasses.fields(LAYOUTS.get(spec["type"]))}
+        # sizes a layout may need (a page-aligned write buffer): filled in if it declares them
+        for name, value in (("entry_bytes", self.entry_bytes), ("page_bytes", self.page_bytes)):
+            if name in declared:
+                spec[name] = value
+        return spec
+
+    def _caches_and_layouts(self) -> tuple[list[LayerCache | None], list[list[FlashLayout]]]:
+        """Each simulated layer's DRAM cache and per-KV-head flash layouts, the prompt placed;
+        ``None`` and no layouts for a resident layer (full attention or a sliding window)."""
+        capacity_entries = self.setup.cache_capacity_bytes // (self.entry_bytes * self.n_layers)
+        layout_spec = self._layout_spec()
+        caches: list[LayerCache | None] = []
+        layouts: list[list[FlashLayout]] = []
+        for layer in range(self.n_layers):
+            selection = self._selection(layer)
+            if selection.is_resident:  # full attention or a sliding window: all in DRAM
+                caches.append(None)
+                layouts.append([])
+                continue
+            replacement = REPLACEMENTS.create(self.setup.replacement, where="cache.replacement")
+            cache = LayerCache(self.n_heads, self.n_positions, int(capacity_entries), replacement)
+            if replacement.needs_future:
+                # Offline replacement (Belady) sees this layer's own accesses, as replayed.
+                cache.observe_future(self._future_accesses(layer))
+            caches.append(cache)
+            layouts.append(
+                [self._placed_layout(layout_spec, selection, cache, h) for h in range(self.n_heads)]
+            )
+        return caches, layouts
+
+    def _placed_layout(
+        self, spec: dict, selection: LayerSelection, cache: LayerCache, head: int
+    ) -> FlashLayout:
+        """One KV head's flash layout with the prompt placed (by cluster, if the policy has
+        clusters); the prompt's clusters go to a cluster-aware replacement too."""
+        layout = LAYOUTS.create(spec, where="layout")
+        trace_head = self.head_map[head]
+        groups = selection.prefill_groups
+        coretrieval = selection.coretrieval
+        layout.place_prefill(
+            self.pp.prompt_len,
+            None if groups is None else groups[trace_head],
+            coretrieval=None if coretrieval is None else coretrieval[trace_head],
+        )
+        if groups is not None and cache.replacement.uses_groups:
+            cache.assign_groups(head, np.arange(self.pp.prompt_len), groups[trace_head], -1)
+        return layout
+
+    def _relabel_events(self) -> list[dict[int, list[tuple[int, Relabel]]]]:
+        """(simulated head, Relabel) events of each simulated layer, by decode step."""
+        relabels_at = []
+        for layer in range(self.n_layers):
+            events: dict[int, list[tuple[int, Relabel]]] = {}
+            relabels = self._selection(layer).relabels
+            if relabels is not None:
+                for head in range(self.n_heads):
+                    for event in relabels[self.head_map[head]]:
+                        events.setdefault(event.step, []).append((head, event))
+            relabels_at.append(events)
+        return relabels_at
+
+    def _read_timing(self, layer: int) -> ReadTiming:
+        if self.caches[layer] is None:
+            return ReadTiming.NONE
+        policy = self.pp.policy
+        if policy.selection_lead_layers and layer > 0:
+            return ReadTiming.BY_PREVIOUS_LAYER  # see _speculate (layer 0 selects for itself)
+        if not policy.selection_needs_query:
+            return ReadTiming.AT_LAYER_START
+        if self.setup.pipeline.overlap_transfer:
+            return ReadTiming.DURING_PROJECTION
+        return ReadTiming.AFTER_SCORING
 
     def _future_accesses(self, layer: int) -> list[tuple[int, list[np.ndarray]]]:
         """Every ``access`` then ``insert`` the replay will make on ``layer``'s cache, in order
         (the same ``now`` and positions as :meth:`_issue_reads` and :meth:`_append`)."""
-        heads = self.pp.selections[self.layer_map[layer]].heads
+        heads = self._selection(layer).heads
         per_head = [heads[self.head_map[h]] for h in range(self.n_heads)]
         accesses: list[tuple[int, list[np.ndarray]]] = []
         for step in range(self.pp.decode_steps):
@@ -176,6 +253,20 @@ class Replay:
             accesses.append((now, [selections.at(step) for selections in per_head]))
             accesses.append((now, [np.array([self.pp.prompt_len + step])] * self.n_heads))
         return accesses
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _selection(self, layer: int) -> LayerSelection:
+        """The selection simulated ``layer`` replays (its trace layer's)."""
+        return self.pp.selections[self.layer_map[layer]]
+
+    def _index_vectors(self, layer: int, step: int) -> np.integer:
+        """Index vectors simulated ``layer`` scores at ``step``, over its KV heads."""
+        return self._selection(layer).index_vectors[self.head_map, step].sum()
+
+    def _resident(self, layer: int) -> list[np.ndarray]:
+        """``layer``'s resident positions per KV head (a swap snapshot, see :meth:`_swap_out`)."""
+        return [self.caches[layer].resident(h) for h in range(self.n_heads)]
 
     def _count_runs(self, run_entries: np.ndarray) -> None:
         counts = np.bincount(run_entries)
@@ -188,7 +279,7 @@ class Replay:
     def _issue_reads(self, step: int, layer: int, rec: np.ndarray) -> tuple[simpy.Event, int]:
         """Cache lookup and flash reads of one layer; returns the read event, entries attended."""
         col = self.col
-        selection = self.pp.selections[self.layer_map[layer]]
+        selection = self._selection(layer)
         per_head = [selection.heads[self.head_map[h]].at(step) for h in range(self.n_heads)]
         lookups = per_head
         if selection.extra_reads is not None:
@@ -264,9 +355,10 @@ class Replay:
         return entries
 
     def _lookup(
-        self, step: int, layer: int, rec: np.ndarray
-    ) -> tuple[simpy.Event, int | None]:
-        """:meth:`_issue_reads` once the layer's cache image is in DRAM.
+        self, step: int, layer: int, before: list[np.ndarray] | None, rec: np.ndarray
+    ) -> _PendingReads:
+        """:meth:`_issue_reads` once the layer's cache image is in DRAM; ``before``: the
+        layer's swap snapshot, carried along for :meth:`_swap_out`.
 
         Without a swap-in in flight this is :meth:`_issue_reads` itself. Otherwise the lookup
         and reads run in a side process as soon as the swap-in lands, so the decode process
@@ -277,7 +369,7 @@ class Replay:
         pending = self.swap_in[layer]
         self.swap_in[layer] = None
         if pending is None or pending.processed:
-            return self._issue_reads(step, layer, rec)
+            return _PendingReads(*self._issue_reads(step, layer, rec), before)
 
         def after_swap_in():
             yield pending
@@ -285,7 +377,7 @@ class Replay:
             yield reads
             return attended
 
-        return self.env.process(after_swap_in()), None
+        return _PendingReads(self.env.process(after_swap_in()), None, before)
 
     def _swap_out(self, layer: int, before: list[np.ndarray], rec: np.ndarray) -> None:
         """Write the entries that became resident during the layer to its swap area."""
@@ -301,7 +393,7 @@ class Replay:
 
     def _append(self, step: int, layer: int, rec: np.ndarray) -> None:
         """The new token's K/V: resident in the cache, written to flash per the layout."""
-        selection = self.pp.selections[self.layer_map[layer]]
+        selection = self._selection(layer)
         position = self.pp.prompt_len + step
         groups = selection.append_groups
         now = step * self.n_layers + layer
@@ -352,7 +444,7 @@ class Replay:
         total = 0.0
         index_bytes = []
         for layer in range(self.n_layers):
-            selection = self.pp.selections[self.layer_map[layer]]
+            selection = self._selection(layer)
             vectors = selection.index_vectors[self.head_map, step].sum()
             index_bytes.append(vectors * self.vector_bytes)
             cache = self.caches[layer]
@@ -372,93 +464,162 @@ class Replay:
     # -- the decode process --------------------------------------------------------------------
 
     def _layer(self, step: int, layer: int, rec: np.ndarray):
-        env, col = self.env, self.col
-        selection = self.pp.selections[self.layer_map[layer]]
-        full = selection.is_resident  # no cache, no reads: full attention or a window
-        head_dim, group = self.setup.target.head_dim, self.setup.target.group_size
-        pipeline = self.setup.pipeline
-        prefetch = not full and not self.pp.policy.selection_needs_query
-        incoming, before = 0, None
-        if self.swap:
-            # swap in the next layer's image now (one ahead); note what this layer holds
-            last = layer + 1 == self.n_layers
-            next_step, next_layer = (step + 1, 0) if last else (step, layer + 1)
-            if next_layer != layer and next_step < self.pp.decode_steps:
-                incoming = self._swap_in(next_step, next_layer)
-            if not full:
-                before = [self.caches[layer].resident(h) for h in range(self.n_heads)]
-        lead = self.lead.pop(layer, None)  # scored and issued during the previous layer
-        if lead is not None:
-            reads, attended, before = lead
-        elif prefetch:
-            reads, attended = self._lookup(step, layer, rec)
-        vectors = 0 if lead is not None else selection.index_vectors[self.head_map, step].sum()
-        index_ready = None
-        if pipeline.stream_index and vectors:
-            index_ready = self._stream_index(int(vectors), rec)
-        if pipeline.stream_index and self.pp.policy.selection_lead_layers:
-            self._stream_next_index(step, layer, rec)  # overlaps the QKV projection too
-
-        # QKV projection, or only Q's part when K/V's overlaps the transfer
-        split = pipeline.overlap_transfer and not full and not prefetch and lead is None
-        first_us = self.dense_q_us if split else self.dense_pre_us
-        yield env.timeout(first_us)
-        rec[col["dense_us"]] += first_us
-        if index_ready is not None:
-            waited_from = env.now
-            yield index_ready
-            rec[col["io_wait_us"]] += env.now - waited_from
-
-        if split:  # clusters are fetched as they are ranked
-            reads, attended = self._lookup(step, layer, rec)
-        score_us = (
-            float(scoring_us(vectors, head_dim, group, self.vector_bytes, self.compute, self.dram))
-            if vectors
-            else 0.0
+        """One simulated layer of decode step ``step``: timeouts of the decode process, records
+        added to ``rec``. The layer's reads are issued at its :class:`ReadTiming`."""
+        timing = self.read_timing[layer]
+        incoming, before = self._swap_ahead(step, layer, timing)
+        early = self._reads_at_start(step, layer, timing, before, rec)
+        vectors = 0 if timing is ReadTiming.BY_PREVIOUS_LAYER else self._index_vectors(layer, step)
+        index_ready = self._stream_indexes(step, layer, vectors, rec)
+        during = yield from self._project_and_score(
+            step, layer, timing, vectors, index_ready, before, rec
         )
-        if score_us:
-            yield env.timeout(score_us)
-            rec[col["scoring_us"]] += score_us
-        if split:
-            yield env.timeout(self.dense_pre_us - first_us)
-            rec[col["dense_us"]] += self.dense_pre_us - first_us
-
-        if full:
-            attended = self._resident_entries(selection, step) * self.n_heads
-        if not full and not prefetch and not split and lead is None:
-            reads, attended = self._lookup(step, layer, rec)
+        late = None
+        if timing is ReadTiming.AFTER_SCORING:
+            late = self._lookup(step, layer, before, rec)
         if self.pp.policy.selection_lead_layers:
             yield from self._speculate(step, layer, rec)
-        if not full:
-            waited_from = env.now
-            yield reads
-            rec[col["io_wait_us"]] += env.now - waited_from
-            if attended is None:  # looked up after a swap-in (see _lookup)
-                attended = reads.value
+        reads = early or during or late  # at most one, as the timing says; None: resident
+        attended = yield from self._attended_entries(step, layer, reads, rec)
+        yield from self._attend(attended, rec)
+        self._append_and_swap_out(step, layer, reads, incoming, rec)
+        yield from self._dense(self.dense_post_us, rec)
 
-        attend_us = float(
-            attention_us(attended, head_dim, group, self.entry_bytes, self.compute, self.dram)
-        )
-        yield env.timeout(attend_us)
-        rec[col["attention_us"]] += attend_us
+    def _swap_ahead(
+        self, step: int, layer: int, timing: ReadTiming
+    ) -> tuple[int, list[np.ndarray] | None]:
+        """With ``swap_layers``: swap in the next layer's image now (one layer ahead) and note
+        what this layer holds before its reads. Returns the incoming image's entries and the
+        snapshot (``None`` without swapping, for a resident layer, or for reads issued by the
+        previous layer, which took its own)."""
+        if not self.swap:
+            return 0, None
+        incoming = 0
+        last = layer + 1 == self.n_layers
+        next_step, next_layer = (step + 1, 0) if last else (step, layer + 1)
+        if next_layer != layer and next_step < self.pp.decode_steps:
+            incoming = self._swap_in(next_step, next_layer)
+        if timing in (ReadTiming.NONE, ReadTiming.BY_PREVIOUS_LAYER):
+            return incoming, None
+        return incoming, self._resident(layer)
 
-        if not full:
+    def _reads_at_start(
+        self,
+        step: int,
+        layer: int,
+        timing: ReadTiming,
+        before: list[np.ndarray] | None,
+        rec: np.ndarray,
+    ) -> _PendingReads | None:
+        """The reads in flight when the layer starts: the previous layer's speculation's, or
+        issued now for a selection that needs no query."""
+        if timing is ReadTiming.BY_PREVIOUS_LAYER:
+            return self.lead.pop(layer)
+        if timing is ReadTiming.AT_LAYER_START:
+            return self._lookup(step, layer, before, rec)
+        return None
+
+    def _stream_indexes(
+        self, step: int, layer: int, vectors: int, rec: np.ndarray
+    ) -> simpy.Event | None:
+        """With ``stream_index``: start reading this layer's index (the event the scoring waits
+        for, ``None`` if it has none) and, for a lead policy, the next layer's."""
+        if not self.setup.pipeline.stream_index:
+            return None
+        index_ready = self._stream_index(int(vectors), rec) if vectors else None
+        if self.pp.policy.selection_lead_layers:
+            self._stream_next_index(step, layer, rec)  # overlaps the QKV projection too
+        return index_ready
+
+    def _project_and_score(
+        self,
+        step: int,
+        layer: int,
+        timing: ReadTiming,
+        vectors: int,
+        index_ready: simpy.Event | None,
+        before: list[np.ndarray] | None,
+        rec: np.ndarray,
+    ):
+        """The QKV projection, then the scoring of ``vectors`` index vectors once the streamed
+        index (if any) is in. With :attr:`ReadTiming.DURING_PROJECTION` only Q's projection
+        comes first: the reads are issued then, and K/V's projection follows the scoring.
+        Returns the reads issued here, if any."""
+        split = timing is ReadTiming.DURING_PROJECTION
+        first_us = self.dense_q_us if split else self.dense_pre_us
+        yield from self._dense(first_us, rec)
+        if index_ready is not None:
+            yield from self._wait(index_ready, rec)
+        reads = self._lookup(step, layer, before, rec) if split else None
+        yield from self._score(vectors, rec)
+        if split:
+            yield from self._dense(self.dense_pre_us - first_us, rec)
+        return reads
+
+    def _attended_entries(
+        self, step: int, layer: int, reads: _PendingReads | None, rec: np.ndarray
+    ):
+        """Entries the layer attends, over its KV heads: a resident layer's whole context or
+        window; else its lookup's, once the reads are in (the wait is ``io_wait``)."""
+        if reads is None:
+            return self._resident_entries(self._selection(layer), step) * self.n_heads
+        yield from self._wait(reads.event, rec)
+        return reads.event.value if reads.attended is None else reads.attended
+
+    def _append_and_swap_out(
+        self,
+        step: int,
+        layer: int,
+        reads: _PendingReads | None,
+        incoming: int,
+        rec: np.ndarray,
+    ) -> None:
+        """After attention: the new token's K/V appended (written to flash, not awaited), the
+        layer's newly resident entries swapped out, the step's resident image peak updated."""
+        cache = self.caches[layer]
+        if cache is not None:
             self._append(step, layer, rec)
-            if before is not None:
-                self._swap_out(layer, before, rec)
+            if reads.before is not None:
+                self._swap_out(layer, reads.before, rec)
         if self.swap:
-            current = 0 if full else self.caches[layer].resident_entries
+            current = 0 if cache is None else cache.resident_entries
             self.step_cache_peak = max(self.step_cache_peak, current + incoming)
 
-        yield env.timeout(self.dense_post_us)
-        rec[col["dense_us"]] += self.dense_post_us
+    def _dense(self, duration_us: float, rec: np.ndarray):
+        yield self.env.timeout(duration_us)
+        rec[self.col["dense_us"]] += duration_us
+
+    def _score(self, vectors: int, rec: np.ndarray):
+        """Score the query heads against ``vectors`` index vectors (none: no time)."""
+        if not vectors:
+            return
+        score_us = float(
+            scoring_us(vectors, self.head_dim, self.queries_per_kv_head, self.vector_bytes,
+                       self.compute, self.dram)
+        )
+        yield self.env.timeout(score_us)
+        rec[self.col["scoring_us"]] += score_us
+
+    def _attend(self, attended: int, rec: np.ndarray):
+        attend_us = float(
+            attention_us(attended, self.head_dim, self.queries_per_kv_head, self.entry_bytes,
+                         self.compute, self.dram)
+        )
+        yield self.env.timeout(attend_us)
+        rec[self.col["attention_us"]] += attend_us
+
+    def _wait(self, event: simpy.Event, rec: np.ndarray):
+        """Wait for ``event`` (reads, an index, a swap-in); the time waited is ``io_wait``."""
+        waited_from = self.env.now
+        yield event
+        rec[self.col["io_wait_us"]] += self.env.now - waited_from
 
     def _speculated_vectors(self, step: int, layer: int) -> int:
         """Index vectors of the layer after ``layer`` if a lead policy speculates it there."""
         nxt = layer + 1
         if nxt >= self.n_layers or self.caches[nxt] is None:
             return 0
-        return int(self.pp.selections[self.layer_map[nxt]].index_vectors[self.head_map, step].sum())
+        return int(self._index_vectors(nxt, step))
 
     def _stream_next_index(self, step: int, layer: int, rec: np.ndarray) -> None:
         """``stream_index`` with a lead policy: start reading the next layer's index at the
@@ -478,20 +639,11 @@ class Replay:
         vectors = self._speculated_vectors(step, layer)
         index_ready = self.lead_index.pop(nxt, None)
         if index_ready is not None:
-            waited_from = self.env.now
-            yield index_ready
-            rec[self.col["io_wait_us"]] += self.env.now - waited_from
-        if vectors:
-            target = self.setup.target
-            score_us = float(scoring_us(vectors, target.head_dim, target.group_size,
-                                        self.vector_bytes, self.compute, self.dram))
-            yield self.env.timeout(score_us)
-            rec[self.col["scoring_us"]] += score_us
-        before = None
-        if self.swap:  # what the next layer holds before its reads (see _swap_out)
-            before = [self.caches[nxt].resident(h) for h in range(self.n_heads)]
-        reads, attended = self._lookup(step, nxt, rec)
-        self.lead[nxt] = (reads, attended, before)
+            yield from self._wait(index_ready, rec)
+        yield from self._score(vectors, rec)
+        # with swapping, what the next layer holds before its reads (see _swap_out)
+        before = self._resident(nxt) if self.swap else None
+        self.lead[nxt] = self._lookup(step, nxt, before, rec)
 
     def decode(self, on_step: Callable[[], None] | None):
         col = self.col
