@@ -338,6 +338,26 @@ def check_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
+
+class FullLayersMixin:
+    """For policies with a ``full_layers`` field: layers with index below it attend everything
+    (Quest and ClusterKV keep the first two layers dense; InfiniGen's reference code, one).
+
+    The subclass declares the field (its default is the policy's own), calls
+    :meth:`check_full_layers` from ``__post_init__`` and starts ``select_layer`` with
+    ``if self.is_full_layer(ctx): return LayerSelection.full(ctx)``.
+    """
+
+    full_layers: int
+
+    def check_full_layers(self) -> None:
+        """Raises ValueError unless ``full_layers`` is an integer >= 0."""
+        check_count("full_layers", self.full_layers)
+
+    def is_full_layer(self, ctx: LayerContext) -> bool:
+        """Whether ``ctx``'s layer is one of the dense first layers."""
+        return ctx.layer < self.full_layers
+
 @dataclass
 class BudgetedPolicy(RetrievalPolicy):
     """A retrieval policy that attends a fixed token budget per (step, KV head).
