@@ -30,7 +30,7 @@ from sim.trace.format import open_trace
 trace = open_trace(sys.argv[1])
 P, S = trace.prompt_len, trace.decode_steps
 model = trace.model
-g, d = model.group_size, model.head_dim
+g, d = model.queries_per_kv_head, model.head_dim
 # causality only bites in the trailing S x S block: step s sees positions [0, P + s]
 rows, cols = np.triu_indices(S, 1)
 started = time.perf_counter()

@@ -55,8 +55,8 @@ class ModelGeometry:
             raise ValueError(f"params_per_layer must be >= 0, got {self.params_per_layer}")
 
     @property
-    def group_size(self) -> int:
-        """Query heads sharing one KV head (GQA)."""
+    def queries_per_kv_head(self) -> int:
+        """Query heads sharing one KV head (GQA's "group size"; kvsim's groups are clusters)."""
         return self.n_q_heads // self.n_kv_heads
 
     def entry_bytes(self, kv_dtype: str) -> int:

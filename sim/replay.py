@@ -123,7 +123,7 @@ class Replay:
         self.head_map = trace_head_map(target, pp.trace_model)
         self.n_layers, self.n_heads = target.n_layers, target.n_kv_heads
         self.head_ids = np.arange(self.n_heads)
-        self.head_dim, self.queries_per_kv_head = target.head_dim, target.group_size
+        self.head_dim, self.queries_per_kv_head = target.head_dim, target.queries_per_kv_head
         self.entry_bytes = target.entry_bytes(dtype)
         self.vector_bytes = int(round(target.head_dim * kv_dtype_bytes(dtype)))
         self.page_bytes = flash_params.page_size_bytes

@@ -31,7 +31,7 @@ class LayerContext:
 
     ``keys``: (n_kv_heads, P + S, head_dim) float32, every stored position;
     ``queries``: (n_q_heads, S, head_dim) float32, the decode steps' queries (post-RoPE);
-    query head ``q`` belongs to KV head ``q // group_size``.
+    query head ``q`` belongs to KV head ``q // queries_per_kv_head``.
     ``stored_queries``: the trace's query array of this layer as stored (memory-mapped,
     float16, positions ``query_start ..``), for policies that need prompt queries (H2O's
     accumulated attention, co-retrieval statistics); read it through :meth:`prompt_queries`.
@@ -71,7 +71,8 @@ class LayerContext:
         return self.queries.shape[1]
 
     @property
-    def group_size(self) -> int:
+    def queries_per_kv_head(self) -> int:
+        """Query heads sharing one KV head (GQA)."""
         return self.queries.shape[0] // self.keys.shape[0]
 
     def context_len(self, step: int) -> int:

@@ -131,7 +131,7 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
         queries = self._speculative(ctx)
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
         keys = np.asarray(ctx.keys, dtype=np.float32)
-        head_dim, group = keys.shape[2], ctx.group_size
+        head_dim, group = keys.shape[2], ctx.queries_per_kv_head
         if ctx.query_start >= prompt:
             raise ValueError(
                 "infinigen chooses its partial channels from the prompt's queries; the trace "

@@ -161,7 +161,7 @@ class Quest(FullLayersMixin, BudgetedPolicy):
         t = self.page_tokens
         index = PageIndex(np.asarray(ctx.keys, dtype=np.float32), t)
         queries = np.asarray(ctx.queries, dtype=np.float32)
-        grouped = queries.reshape(n_kv, ctx.group_size, n_steps, queries.shape[2])
+        grouped = queries.reshape(n_kv, ctx.queries_per_kv_head, n_steps, queries.shape[2])
 
         def score_steps(start: int, stop: int) -> np.ndarray:
             width = prompt + stop
