@@ -231,6 +231,9 @@ class Replay:
         return relabels_at
 
     def _read_timing(self, layer: int) -> ReadTiming:
+        """When ``layer`` issues its reads (see :class:`ReadTiming`; a lead policy's reads
+        take precedence over a query-free selection's, which take precedence over
+        ``overlap_transfer``)."""
         if self.caches[layer] is None:
             return ReadTiming.NONE
         policy = self.pp.policy
