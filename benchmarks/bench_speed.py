@@ -30,7 +30,7 @@ from sim.trace.format import open_trace
 trace = open_trace(sys.argv[1])
 P, S = trace.prompt_len, trace.decode_steps
 model = trace.model
-g, d = model.group_size, model.head_dim
+g, d = model.queries_per_kv_head, model.head_dim
 # causality only bites in the trailing S x S block: step s sees positions [0, P + s]
 rows, cols = np.triu_indices(S, 1)
 started = time.perf_counter()
@@ -53,7 +53,8 @@ print(json.dumps({"wall_s": wall, "rss_mb": rss_mb}))
 RUN = r"""
 import json, sys, time, resource
 from sim.config import PipelineSpec
-from sim.engine import SimSetup, run_policy_pass, simulate
+from sim.policy_pass import run_policy_pass
+from sim.replay import SimSetup, simulate
 from sim.hardware import load_device
 from sim.policies import POLICIES
 from sim.trace.format import open_trace

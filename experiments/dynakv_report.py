@@ -21,10 +21,12 @@ import time
 import pandas as pd
 
 from sim.config import PipelineSpec, load_model_geometry
-from sim.engine import PolicyPass, SimSetup, run_policy_pass, simulate
 from sim.hardware import load_device
+from sim.outputs import PolicyPass
 from sim.paths import trace_cache_dir
 from sim.policies import POLICIES
+from sim.policy_pass import run_policy_pass
+from sim.replay import SimSetup, simulate
 from sim.trace.capture import CaptureSettings, get_or_capture
 from sim.trace.format import open_trace
 

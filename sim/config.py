@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.errors import ConfigError
 from sim.hardware.device import DEFAULT_PRESET
-from sim.kv.geometry import KV_DTYPE_BYTES, ModelGeometry
+from sim.model import KV_DTYPE_BYTES, ModelGeometry
 from sim.paths import CONFIGS_DIR
 from sim.validation import read_yaml
 

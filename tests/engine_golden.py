@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from sim.config import PipelineSpec
-from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, simulate
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
+from sim.outputs import STEP_COLUMNS, PolicyPass
 from sim.policies.base import HeadSelections, LayerSelection, Relabel
+from sim.replay import SimSetup, simulate
 
 from .conftest import HAND_DEVICE, HandPolicy
 

@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from sim.engine import SimSetup, run_policy_pass, simulate
 from sim.experiment.planning import plan
 from sim.experiment.runner import execute
 from sim.hardware import load_device
 from sim.policies import POLICIES
+from sim.policy_pass import run_policy_pass
+from sim.replay import SimSetup, simulate
 
 from .conftest import FIXTURE_TRACE
 

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.config import PipelineSpec
-from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, _Replay, simulate
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
+from sim.outputs import STEP_COLUMNS, PolicyPass
 from sim.policies.base import HeadSelections, LayerSelection, Relabel
+from sim.replay import Replay, SimSetup, simulate
 
 from .conftest import HAND_DEVICE, HandPolicy
 
@@ -133,7 +134,7 @@ def test_accounting_invariants(data, prompt, steps, capacity_entries, layout):
     )
     pp = PolicyPass(HandPolicy(), prompt, steps, model, [selection, selection], pd.DataFrame(), 0.0)
     setup = _setup(capacity_entries * 16 * model.n_layers, model=model, layout=layout)
-    replay = _Replay(pp, setup)
+    replay = Replay(pp, setup)
     replay.env.process(replay.decode(None))
     replay.env.run()
     records = pd.DataFrame(replay.records, columns=list(STEP_COLUMNS))

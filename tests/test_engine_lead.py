@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 from sim.config import PipelineSpec
-from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, _Replay, simulate
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
+from sim.outputs import STEP_COLUMNS, PolicyPass
 from sim.policies.base import HeadSelections, LayerSelection
+from sim.replay import Replay, SimSetup, simulate
 
 from .conftest import HAND_DEVICE, HandPolicy
 
@@ -88,7 +89,7 @@ def test_without_io_the_lead_changes_nothing() -> None:
 def test_lead_with_the_pipeline_switches(pipeline: PipelineSpec) -> None:
     setup = _setup(capacity_entries=6, pipeline=pipeline)
     plain = simulate(_pass(SELECTIONS, lead=False), setup).steps
-    replay = _Replay(_pass(SELECTIONS, lead=True), setup)
+    replay = Replay(_pass(SELECTIONS, lead=True), setup)
     replay.env.process(replay.decode(None))
     replay.env.run()
     lead = pd.DataFrame(replay.records, columns=list(STEP_COLUMNS))

@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 
 from sim.config import PipelineSpec
-from sim.engine import STEP_COLUMNS, PolicyPass, SimSetup, _Replay, simulate
 from sim.hardware import DeviceParams, FlashParams
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
+from sim.outputs import STEP_COLUMNS, PolicyPass
 from sim.policies.base import HeadSelections, LayerSelection
+from sim.replay import Replay, SimSetup, simulate
 
 from . import engine_golden
 from .conftest import HAND_DEVICE, HandPolicy
@@ -198,7 +199,7 @@ def test_swap_reads_each_image_as_left_and_dram_holds_two_images(capacity_entrie
                              pipeline=PipelineSpec(swap_layers=swap))
               for swap in (False, True)}
     off = simulate(pp, setups[False]).steps
-    replay = _Replay(pp, setups[True])
+    replay = Replay(pp, setups[True])
     replay.env.process(replay.decode(None))
     replay.env.run()
     on = pd.DataFrame(replay.records, columns=list(STEP_COLUMNS))

@@ -13,13 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.engine import PolicyPass, SimSetup, _Replay
 from sim.kv.layouts import LAYOUTS
 from sim.kv.layouts.coretrieval import coretrieval_chain
 from sim.kv.layouts.dual_head import DualHeadLayout
 from sim.kv.layouts.intra_inter import IntraInterLayout
+from sim.outputs import PolicyPass
 from sim.policies import POLICIES
 from sim.policies.base import HeadSelections, LayerContext, LayerSelection
+from sim.replay import Replay, SimSetup
 
 from .conftest import HAND_DEVICE, HandPolicy
 from .test_engine import MODEL
@@ -197,7 +198,7 @@ def test_engine_fills_the_entry_and_page_sizes():
                      replacement={"type": "lru"},
                      layout={"type": "dual_head", "write_buffer_groups": 1,
                              "pool_slack": 2.0})
-    replay = _Replay(pp, setup)
+    replay = Replay(pp, setup)
     layout = replay.layouts[0][0]
     assert (layout.entry_bytes, layout.page_bytes) == (16, 4096)
     replay.env.process(replay.decode(None))

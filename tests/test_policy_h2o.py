@@ -163,7 +163,7 @@ def reference_h2o(ctx: LayerContext, policy) -> list[list[list[int]]]:
     prompt, d = ctx.prompt_len, ctx.keys.shape[2]
     keys = ctx.keys.astype(np.float64)
     stored = np.asarray(ctx.stored_queries, np.float64)
-    group = ctx.group_size
+    group = ctx.queries_per_kv_head
     out = []
     for h in range(ctx.n_kv_heads):
         acc = np.zeros(prompt + ctx.decode_steps)

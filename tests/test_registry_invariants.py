@@ -22,14 +22,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sim.engine import STEP_COLUMNS, SimSetup, _Replay, run_policy_pass
 from sim.figures import FIGURES
 from sim.hardware import load_device
 from sim.kv.layouts import LAYOUTS
 from sim.kv.replacement import REPLACEMENTS
+from sim.outputs import STEP_COLUMNS
 from sim.policies import POLICIES
 from sim.policies.base import BudgetedPolicy
+from sim.policy_pass import run_policy_pass
 from sim.registry import Registry
+from sim.replay import Replay, SimSetup
 from sim.trace.format import TraceWriter, open_trace
 
 PROMPT, STEPS, LAYERS, HEADS, GROUP, DIM = 96, 10, 3, 2, 2, 16
@@ -102,7 +104,7 @@ def _check_run(trace, policy_name, layout, replacement):
     setup = SimSetup(device=load_device("ufs40-flagship"), target=model, kv_dtype="fp16",
                      cache_capacity_bytes=capacity_entries * entry * model.n_layers,
                      replacement={"type": replacement}, layout={"type": layout})
-    replay = _Replay(pp, setup)
+    replay = Replay(pp, setup)
     replay.env.process(replay.decode(None))
     replay.env.run()
     records = dict(zip(STEP_COLUMNS, replay.records.sum(axis=0), strict=True))

@@ -10,11 +10,12 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.engine import PolicyPass, SimSetup, _Replay, simulate
 from sim.kv.cache import LayerCache
-from sim.kv.geometry import ModelGeometry
 from sim.kv.replacement import REPLACEMENTS
+from sim.model import ModelGeometry
+from sim.outputs import PolicyPass
 from sim.policies.base import HeadSelections, LayerSelection
+from sim.replay import Replay, SimSetup, simulate
 
 from .conftest import HAND_DEVICE, HandPolicy
 
@@ -312,7 +313,7 @@ def test_engine_future_is_exactly_what_the_replay_does():
     setup = SimSetup(device=HAND_DEVICE, target=target, kv_dtype="fp16",
                      cache_capacity_bytes=20 * 16 * target.n_layers,
                      replacement={"type": "belady"}, layout={"type": "sequence"})
-    replay = _Replay(pp, setup)
+    replay = Replay(pp, setup)
     replay.env.process(replay.decode(None))
     replay.env.run()
     for cache in replay.caches:

@@ -10,12 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.engine import PolicyPass, SimSetup, _Replay, simulate
 from sim.errors import ConfigError
 from sim.kv.cache import LayerCache
-from sim.kv.geometry import ModelGeometry
 from sim.kv.replacement import REPLACEMENTS
+from sim.model import ModelGeometry
+from sim.outputs import PolicyPass
 from sim.policies.base import HeadSelections, LayerSelection, Relabel
+from sim.replay import Replay, SimSetup, simulate
 
 from .conftest import HAND_DEVICE, HandPolicy
 
@@ -291,7 +292,7 @@ def test_engine_run_with_groups_appends_and_splits(layout):
         setup = SimSetup(device=HAND_DEVICE, target=target, kv_dtype="fp16",
                          cache_capacity_bytes=capacity_entries * 16 * target.n_layers,
                          replacement={"type": name}, layout={"type": layout})
-        replay_ = _Replay(pp, setup)
+        replay_ = Replay(pp, setup)
         replay_.env.process(replay_.decode(None))
         replay_.env.run()
         for cache in replay_.caches:

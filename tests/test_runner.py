@@ -119,7 +119,7 @@ def test_reused_runs_from_other_code_are_flagged(tmp_path):
 
 def test_crash_mid_sweep_keeps_completed_runs_and_resumes(tmp_path, monkeypatch):
     planned = _plan(tmp_path)
-    import sim.engine as engine  # the worker imports the engine lazily: patch it there
+    import sim.replay as engine  # the worker imports the replay lazily: patch it there
 
     calls = {"n": 0}
     original = engine.simulate
@@ -220,7 +220,7 @@ def test_a_worker_loads_no_plotting_library():
     # the summary metrics; figures (and matplotlib) belong to the coordinating process only
     code = (
         "import sys\n"
-        "import sim.experiment.pass_group, sim.engine, sim.metrics.records\n"
+        "import sim.experiment.pass_group, sim.policy_pass, sim.replay, sim.metrics.records\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'"
         " or m.startswith('sim.figures')))\n"
     )

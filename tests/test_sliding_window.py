@@ -16,19 +16,14 @@ import pandas as pd
 import pytest
 
 from sim.config import PipelineSpec
-from sim.engine import (
-    PolicyPass,
-    SimSetup,
-    _Replay,
-    run_policy_pass,
-    simulate,
-    sliding_windows,
-)
 from sim.errors import KvsimError
-from sim.kv.geometry import ModelGeometry
 from sim.metrics.accuracy import layer_accuracy, reference_output
+from sim.model import ModelGeometry
+from sim.outputs import PolicyPass
 from sim.policies import POLICIES
 from sim.policies.base import HeadSelections, LayerContext, LayerSelection, RetrievalPolicy
+from sim.policy_pass import run_policy_pass, sliding_windows
+from sim.replay import Replay, SimSetup, simulate
 from sim.trace.format import TraceWriter, open_trace
 
 from .conftest import HAND_DEVICE
@@ -188,17 +183,17 @@ def test_policy_pass_skips_the_policy_on_window_layers(window_trace):
     np.testing.assert_array_equal(full.accuracy["attention_recall"], 1.0)
 
 
-def _replayed(pp: PolicyPass, target: ModelGeometry, swap: bool = False) -> _Replay:
+def _replayed(pp: PolicyPass, target: ModelGeometry, swap: bool = False) -> Replay:
     setup = SimSetup(device=HAND_DEVICE, target=target, kv_dtype="fp16",
                      cache_capacity_bytes=1 << 20, replacement={"type": "lru"},
                      layout={"type": "sequence"}, pipeline=PipelineSpec(swap_layers=swap))
-    replay = _Replay(pp, setup)
+    replay = Replay(pp, setup)
     replay.env.process(replay.decode(None))
     replay.env.run()
     return replay
 
 
-def _last_step_dram(replay: _Replay, window_entries: int, index_vectors: int) -> int:
+def _last_step_dram(replay: Replay, window_entries: int, index_vectors: int) -> int:
     """Caches as left by the run + the windows' entries + the index, in bytes (no swapping)."""
     cached = sum(c.resident_entries for c in replay.caches if c is not None)
     return (cached + window_entries) * replay.entry_bytes + index_vectors * replay.vector_bytes

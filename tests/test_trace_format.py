@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sim.errors import CaptureError, TraceError
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
 from sim.trace.format import TraceWriter, layer_file, open_trace
 from sim.trace.sources import list_sources, load_text
 
@@ -328,7 +328,7 @@ def test_committed_fixture_opens_and_has_smollm2_shapes() -> None:
     # top 1% of keys hold most of the attention mass
     keys = np.asarray(trace.keys(15), np.float32)
     q = np.asarray(trace.decode_queries(15)[:, -1], np.float32)  # last decode step
-    k = np.repeat(keys, geometry.group_size, axis=0)  # GQA: query head h -> KV head h // 3
+    k = np.repeat(keys, geometry.queries_per_kv_head, axis=0)  # GQA: query head h -> KV head h // 3
     scores = np.einsum("hd,htd->ht", q, k) * trace.manifest["model"]["attn_scale"]
     probs = np.exp(scores - scores.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)

@@ -21,7 +21,7 @@ from sim.experiment.extra_records import extra_records
 from sim.experiment.runs import RunPlan, code_fingerprint, digest
 from sim.experiment.store import summary_cell, write_run
 from sim.hardware import DeviceParams
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
 from sim.paths import REPO_ROOT
 from sim.policies import POLICIES
 from sim.trace.format import open_trace
@@ -58,7 +58,7 @@ def _policy_pass(
 ) -> tuple[Any, bool]:
     """The run's policy pass, from the pass cache when an identical one is there (same pass
     settings, same trace files, same kvsim source); computed and stored otherwise."""
-    from sim.engine import run_policy_pass
+    from sim.policy_pass import run_policy_pass
 
     path = None
     if cache_dir:
@@ -94,8 +94,8 @@ def run_group(
     finished.
     """
     # imported here so a worker pays for the engine only when it has work
-    from sim.engine import SimSetup, simulate
     from sim.metrics.records import summarize
+    from sim.replay import SimSetup, simulate
 
     first = runs[0]
     trace = open_trace(trace_path)

@@ -60,31 +60,34 @@ def dense_layer_us(
 def scoring_us(
     n_vectors: float | np.ndarray,
     head_dim: int,
-    n_q_heads: int,
+    queries_per_kv_head: int,
     vector_bytes: float,
     compute: ComputeParams,
     dram: DramParams,
 ) -> float | np.ndarray:
-    """Scoring ``n_q_heads`` queries against ``n_vectors`` key-sized index vectors (centroids...).
+    """Scoring ``n_vectors`` key-sized index vectors (centroids...), each against the
+    ``queries_per_kv_head`` query heads that share its KV head (GQA).
 
-    FLOPs ``2 * n_vectors * head_dim * n_q_heads``; bytes ``n_vectors * vector_bytes``.
+    FLOPs ``2 * n_vectors * head_dim * queries_per_kv_head``; bytes ``n_vectors * vector_bytes``.
     """
     n = np.asarray(n_vectors, dtype=np.float64)
-    return roofline_us(2.0 * n * head_dim * n_q_heads, n * vector_bytes, compute, dram)
+    return roofline_us(2.0 * n * head_dim * queries_per_kv_head, n * vector_bytes, compute, dram)
 
 
 def attention_us(
     n_entries: float | np.ndarray,
     head_dim: int,
-    n_q_heads: int,
+    queries_per_kv_head: int,
     entry_bytes: float,
     compute: ComputeParams,
     dram: DramParams,
 ) -> float | np.ndarray:
-    """Attention of ``n_q_heads`` queries over ``n_entries`` KV entries (QK^T and softmax-V).
+    """Attention over ``n_entries`` KV entries (QK^T and softmax-V), each attended by the
+    ``queries_per_kv_head`` query heads that share its KV head (GQA).
 
-    FLOPs ``4 * n_entries * head_dim * n_q_heads`` (2 for the scores, 2 for the weighted sum);
-    bytes ``n_entries * entry_bytes`` (each entry's key and value read once from DRAM).
+    FLOPs ``4 * n_entries * head_dim * queries_per_kv_head`` (2 for the scores, 2 for the
+    weighted sum); bytes ``n_entries * entry_bytes`` (each entry's key and value read once from
+    DRAM, shared by those query heads).
     """
     n = np.asarray(n_entries, dtype=np.float64)
-    return roofline_us(4.0 * n * head_dim * n_q_heads, n * entry_bytes, compute, dram)
+    return roofline_us(4.0 * n * head_dim * queries_per_kv_head, n * entry_bytes, compute, dram)

@@ -188,16 +188,6 @@ class Flash(_FlashBase):
         self._unit_free_us = [0.0] * params.parallel_units
         self._link_free_us = 0.0
 
-    @property
-    def waiting_commands(self) -> int:
-        """Commands submitted but not yet holding a queue slot."""
-        return len(self._pending)
-
-    @property
-    def in_flight_commands(self) -> int:
-        """Commands holding a queue slot (in a unit, waiting for one, or on the link)."""
-        return self.params.queue_depth - self._free_slots
-
     def _submit(
         self, moved_bytes: np.ndarray, latency_us: float, bandwidth_mb_s: float
     ) -> simpy.Event:

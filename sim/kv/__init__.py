@@ -1,2 +1,2 @@
-"""KV-cache bookkeeping: byte geometry, flash layouts (:mod:`sim.kv.layouts`), the DRAM cache
+"""KV-cache bookkeeping: flash layouts (:mod:`sim.kv.layouts`), the DRAM cache
 (:mod:`sim.kv.cache`) and its replacement policies (:mod:`sim.kv.replacement`), I/O plans."""

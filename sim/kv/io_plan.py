@@ -60,7 +60,8 @@ def plan_reads(
     """Commands reading the entries at ``slots`` (any order; duplicates count once), in the
     regions ``regions`` (same length as ``slots``; default: all in region 0)."""
     slots, regions = _checked(slots, regions)
-    if slots.size <= _SMALL and _check_sizes(entry_bytes, page_size, max_io_bytes):
+    _check_sizes(entry_bytes, page_size, max_io_bytes)
+    if slots.size <= _SMALL:
         keys = _small_keys(slots, regions)
         if keys is not None:
             offsets, sizes, command_regions, run_entries = _small_commands(
@@ -111,7 +112,8 @@ def plan_writes(
     amplification), adjacent pages are coalesced, commands split at ``max_io_bytes``.
     """
     slots, regions = _checked(slots, regions)
-    if slots.size <= _SMALL and _check_sizes(entry_bytes, page_size, max_io_bytes):
+    _check_sizes(entry_bytes, page_size, max_io_bytes)
+    if slots.size <= _SMALL:
         keys = _small_keys(slots, regions)
         if keys is not None:
             sizes = _small_commands(keys, entry_bytes, page_size, max_io_bytes, runs=False)[1]
@@ -174,14 +176,14 @@ def _sorted_unique(
     return slots, regions, steps
 
 
-def _check_sizes(entry_bytes: int, page_size: int, max_io_bytes: int) -> bool:
+def _check_sizes(entry_bytes: int, page_size: int, max_io_bytes: int) -> None:
+    """Raises ValueError unless the sizes make pages and commands of whole pages."""
     if entry_bytes <= 0:
         raise ValueError(f"entry_bytes must be > 0, got {entry_bytes}")
     if page_size <= 0:
         raise ValueError(f"page_size must be > 0, got {page_size}")
     if max_io_bytes < page_size:
         raise ValueError(f"max_io_bytes must be >= page_size ({page_size}), got {max_io_bytes}")
-    return True
 
 
 def _small_keys(slots: np.ndarray, regions: np.ndarray | None) -> list[tuple[int, int]] | None:
@@ -254,13 +256,8 @@ def _page_commands(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(offsets, sizes, regions) of the commands covering the pages touched by ``slots``
     (sorted by (region, slot), unique; ``regions`` ``None``: all 0; ``changes``: where the
-    region changes between consecutive slots, if the caller has it)."""
-    if entry_bytes <= 0:
-        raise ValueError(f"entry_bytes must be > 0, got {entry_bytes}")
-    if page_size <= 0:
-        raise ValueError(f"page_size must be > 0, got {page_size}")
-    if max_io_bytes < page_size:
-        raise ValueError(f"max_io_bytes must be >= page_size ({page_size}), got {max_io_bytes}")
+    region changes between consecutive slots, if the caller has it). The sizes are checked by
+    the caller (:func:`_check_sizes`)."""
     if slots.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty

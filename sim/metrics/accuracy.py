@@ -4,8 +4,8 @@ Pure numpy and vectorised over a chunk of decode steps: the pass costs about twi
 softmax attention it is measured against (see ``benchmarks/bench_accuracy.py``). Memory is the
 layer's keys and values in float32 plus a few (H_q, chunk_steps, context) float32 buffers.
 
-Definitions (DESIGN.md section 6), for query head ``q`` at decode step ``s`` with its KV head
-``h = q // group``, stored context ``[0, P + s)`` and the current token ``P + s``:
+Definitions (kvsim's own), for query head ``q`` at decode step ``s`` with its KV head
+``h = q // queries_per_kv_head``, stored context ``[0, P + s)`` and the current token ``P + s``:
 
 * ``attention_recall``: share of the exact softmax mass over ``[0, P + s]`` (scaled by
   ``1 / sqrt(d)``) that falls on ``h``'s selected positions plus the current token, which is
@@ -16,6 +16,11 @@ Definitions (DESIGN.md section 6), for query head ``q`` at decode step ``s`` wit
 * ``output_rel_error``: ``||o_sel - o_full|| / ||o_full||`` with ``o_sel`` the softmax restricted
   to selected + current, renormalised;
 * ``n_selected``: ``k`` (the full context for full attention).
+
+Why these three: attention recall is the softmax mass a selection keeps, and what it drops
+bounds the output's change (``||o_sel - o_full|| <= 2 (1 - recall) max_j ||v_j||``); top-k recall
+asks whether the selection ranks positions as exact attention does, however peaked the weights
+are; the output error is what the next layer actually receives.
 
 Sliding-window layers (``window=w``, Gemma 3's local layers): the exact reference is the
 model's own windowed attention, step ``s`` seeing only ``(P + s - w, P + s]`` (the convention
@@ -32,8 +37,6 @@ import numpy as np
 
 from sim.policies.base import HeadSelections, LayerSelection, decode_attention_weights
 
-METRICS = ("attention_recall", "topk_recall", "output_rel_error", "n_selected")
-
 
 def layer_accuracy(
     queries: np.ndarray,
@@ -44,7 +47,8 @@ def layer_accuracy(
     chunk_steps: int = 32,
     window: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Accuracy metrics of one layer's selection, each an array of shape (H_q, S).
+    """The metrics of :data:`sim.outputs.ACCURACY_COLUMNS` for one layer's selection, each an
+    array of shape (H_q, S).
 
     ``queries``: (H_q, S, d); ``keys``/``values``: (H_kv, P + S, d), any float dtype (float16
     memmaps are converted once to float32). ``selection.heads`` must hold one

@@ -1,6 +1,7 @@
 """Run summaries: the one place where summary metric names, units and definitions live.
 
-Definitions (DESIGN.md section 6):
+Definitions (kvsim's own; the accuracy ones are derived in :mod:`sim.metrics.accuracy`, with
+why each is measured):
 
 * ``attention_recall``: share of the exact softmax attention mass on the attended entries;
   averaged over (step, layer, query head); ``_p10`` is the 10th percentile.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sim.engine import PolicyPass, SimResult
+from sim.outputs import PolicyPass, SimResult
 
 MB = 1e6
 

@@ -3,7 +3,7 @@
 A policy runs **layer by layer** over a trace: given one layer's keys and decode queries it
 returns, for every decode step and KV head, the positions it attends (its *selection*). The
 selection is the only thing that links accuracy (``sim.metrics.accuracy``) to latency
-(``sim.engine``); policies never see the device, the cache or simulated time.
+(``sim.replay``); policies never see the device, the cache or simulated time.
 
 Conventions (shared by all policies, the accuracy metrics and the engine):
 
@@ -31,7 +31,7 @@ class LayerContext:
 
     ``keys``: (n_kv_heads, P + S, head_dim) float32, every stored position;
     ``queries``: (n_q_heads, S, head_dim) float32, the decode steps' queries (post-RoPE);
-    query head ``q`` belongs to KV head ``q // group_size``.
+    query head ``q`` belongs to KV head ``q // queries_per_kv_head``.
     ``stored_queries``: the trace's query array of this layer as stored (memory-mapped,
     float16, positions ``query_start ..``), for policies that need prompt queries (H2O's
     accumulated attention, co-retrieval statistics); read it through :meth:`prompt_queries`.
@@ -71,7 +71,8 @@ class LayerContext:
         return self.queries.shape[1]
 
     @property
-    def group_size(self) -> int:
+    def queries_per_kv_head(self) -> int:
+        """Query heads sharing one KV head (GQA)."""
         return self.queries.shape[0] // self.keys.shape[0]
 
     def context_len(self, step: int) -> int:
@@ -337,6 +338,26 @@ def check_count(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
+
+
+class FullLayersMixin:
+    """For policies with a ``full_layers`` field: layers with index below it attend everything
+    (Quest and ClusterKV keep the first two layers dense; InfiniGen's reference code, one).
+
+    The subclass declares the field (its default is the policy's own), calls
+    :meth:`check_full_layers` from ``__post_init__`` and starts ``select_layer`` with
+    ``if self.is_full_layer(ctx): return LayerSelection.full(ctx)``.
+    """
+
+    full_layers: int
+
+    def check_full_layers(self) -> None:
+        """Raises ValueError unless ``full_layers`` is an integer >= 0."""
+        check_count("full_layers", self.full_layers)
+
+    def is_full_layer(self, ctx: LayerContext) -> bool:
+        """Whether ``ctx``'s layer is one of the dense first layers."""
+        return ctx.layer < self.full_layers
 
 @dataclass
 class BudgetedPolicy(RetrievalPolicy):

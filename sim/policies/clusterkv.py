@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from . import POLICIES
-from .base import LayerContext, LayerIndex, LayerSelection, check_count
+from .base import FullLayersMixin, LayerContext, LayerIndex, LayerSelection
 from .static_clusters import (
     ClusteredPolicy,
     cluster_priorities,
@@ -20,7 +20,7 @@ from .static_clusters import (
 
 @POLICIES.register("clusterkv")
 @dataclass
-class ClusterKV(ClusteredPolicy):
+class ClusterKV(FullLayersMixin, ClusteredPolicy):
     """ClusterKV with local update (Liu et al., DAC 2025, arXiv 2412.03213); DynaKV's local
     update baseline (arXiv 2511.07427).
 
@@ -92,7 +92,7 @@ class ClusterKV(ClusteredPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_count("full_layers", self.full_layers)
+        self.check_full_layers()
 
     def kept_tail_start(self, prompt_len: int, step: int) -> int:
         """The unclustered window (tokens since the last local update) is attended always."""
@@ -100,7 +100,7 @@ class ClusterKV(ClusteredPolicy):
         return min(super().kept_tail_start(prompt_len, step), window_start)
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
-        if ctx.layer < self.full_layers:
+        if self.is_full_layer(ctx):
             return LayerSelection.full(ctx)
         return super().select_layer(ctx)
 

@@ -124,7 +124,7 @@ class H2O(BudgetedPolicy):
         """The cache of every KV head before each decode step: ``[s]`` is (H_kv, budget_at(P+s))
         int64 positions (unsorted), the selection of step ``s``."""
         prompt, n_steps = ctx.prompt_len, ctx.decode_steps
-        n_kv, group = ctx.n_kv_heads, ctx.group_size
+        n_kv, group = ctx.n_kv_heads, ctx.queries_per_kv_head
         keys = np.asarray(ctx.keys, dtype=np.float32)
         acc = np.zeros((n_kv, prompt + n_steps), np.float64)
         acc[:, :prompt] = self.prompt_scores(ctx)

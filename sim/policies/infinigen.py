@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from . import POLICIES
-from .base import BudgetedPolicy, HeadSelections, LayerContext, LayerSelection, check_count
+from .base import BudgetedPolicy, FullLayersMixin, HeadSelections, LayerContext, LayerSelection
 
 RECAPTURE_HINT = (
     "the trace has no speculative queries (captured before kvsim stored them, trace format 1); "
@@ -38,7 +38,7 @@ def partial_channels(
 
 @POLICIES.register("infinigen")
 @dataclass
-class InfiniGen(BudgetedPolicy):
+class InfiniGen(FullLayersMixin, BudgetedPolicy):
     """InfiniGen speculative KV prefetching (Lee et al., OSDI 2024; github snu-comparch/InfiniGen).
 
     During layer ``l``, InfiniGen multiplies layer ``l``'s attention input by a *partial* query
@@ -116,7 +116,7 @@ class InfiniGen(BudgetedPolicy):
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
-        check_count("full_layers", self.full_layers)
+        self.check_full_layers()
 
     def n_channels(self, head_dim: int) -> int:
         """Channels of the partial query and key cache per head."""
@@ -126,12 +126,12 @@ class InfiniGen(BudgetedPolicy):
         raise NotImplementedError("InfiniGen selects through select_layer")
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
-        if ctx.layer < self.full_layers:
+        if self.is_full_layer(ctx):
             return LayerSelection.full(ctx)
         queries = self._speculative(ctx)
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
         keys = np.asarray(ctx.keys, dtype=np.float32)
-        head_dim, group = keys.shape[2], ctx.group_size
+        head_dim, group = keys.shape[2], ctx.queries_per_kv_head
         if ctx.query_start >= prompt:
             raise ValueError(
                 "infinigen chooses its partial channels from the prompt's queries; the trace "

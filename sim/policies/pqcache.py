@@ -89,7 +89,7 @@ class PQCache(BudgetedPolicy):
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
-        group = ctx.group_size
+        group = ctx.queries_per_kv_head
         if prompt <= self.sink_tokens:
             raise ValueError(f"prompt of {prompt} tokens leaves nothing to quantise past the sinks")
         keys = np.asarray(ctx.keys, dtype=np.float32)

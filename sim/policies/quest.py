@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import POLICIES
-from .base import BudgetedPolicy, LayerContext, LayerIndex, LayerSelection, check_count
+from .base import (
+    BudgetedPolicy,
+    FullLayersMixin,
+    LayerContext,
+    LayerIndex,
+    LayerSelection,
+    check_count,
+)
 
 GROUP_REDUCTIONS = ("sum", "max")
 
@@ -90,7 +97,7 @@ class PageIndex:
 
 @POLICIES.register("quest")
 @dataclass
-class Quest(BudgetedPolicy):
+class Quest(FullLayersMixin, BudgetedPolicy):
     """Quest query-aware page retrieval (Tang et al., ICML 2024, arXiv 2406.10774).
 
     Positions are cut into pages of ``page_tokens`` consecutive tokens. Per KV head, each page
@@ -138,14 +145,14 @@ class Quest(BudgetedPolicy):
         check_count("page_tokens", self.page_tokens)
         if self.page_tokens < 1:
             raise ValueError(f"page_tokens must be >= 1, got {self.page_tokens}")
-        check_count("full_layers", self.full_layers)
+        self.check_full_layers()
         if self.group_reduce not in GROUP_REDUCTIONS:
             raise ValueError(
                 f"group_reduce must be one of {GROUP_REDUCTIONS}, got {self.group_reduce!r}"
             )
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
-        if ctx.layer < self.full_layers:
+        if self.is_full_layer(ctx):
             return LayerSelection.full(ctx)
         return super().select_layer(ctx)
 
@@ -154,7 +161,7 @@ class Quest(BudgetedPolicy):
         t = self.page_tokens
         index = PageIndex(np.asarray(ctx.keys, dtype=np.float32), t)
         queries = np.asarray(ctx.queries, dtype=np.float32)
-        grouped = queries.reshape(n_kv, ctx.group_size, n_steps, queries.shape[2])
+        grouped = queries.reshape(n_kv, ctx.queries_per_kv_head, n_steps, queries.shape[2])
 
         def score_steps(start: int, stop: int) -> np.ndarray:
             width = prompt + stop

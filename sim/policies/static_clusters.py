@@ -74,7 +74,7 @@ class ClusteredPolicy(BudgetedPolicy):
         keys = np.asarray(ctx.keys, dtype=np.float32)
         queries = np.asarray(ctx.queries, dtype=np.float32)
         n_kv, n_steps, dim = ctx.n_kv_heads, ctx.decode_steps, queries.shape[2]
-        group_query = queries.reshape(n_kv, ctx.group_size, n_steps, dim).mean(axis=1)
+        group_query = queries.reshape(n_kv, ctx.queries_per_kv_head, n_steps, dim).mean(axis=1)
         return keys, group_query
 
 
@@ -281,7 +281,7 @@ def prefill_coretrieval(
     except ValueError:
         return None
     n_kv = ctx.n_kv_heads
-    group_query = prompt_q.reshape(n_kv, ctx.group_size, m, prompt_q.shape[2]).mean(axis=1)
+    group_query = prompt_q.reshape(n_kv, ctx.queries_per_kv_head, m, prompt_q.shape[2]).mean(axis=1)
     keys = ctx.keys
     context = prompt - m + np.arange(m)
     out = []

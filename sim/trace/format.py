@@ -43,7 +43,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from sim.errors import TraceError
-from sim.kv.geometry import ModelGeometry
+from sim.model import ModelGeometry
 
 FORMAT_VERSION = 2
 #: versions :func:`open_trace` accepts (1: no speculative queries).

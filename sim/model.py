@@ -13,7 +13,7 @@ Target layer ``i`` replays trace layer ``round(i * (L_trace - 1) / (L_target - 1
 KV head ``j`` replays trace KV head ``j % H_trace``. Positions (context length, prompt length,
 decode steps) always come from the trace. A target layer also inherits the attention kind of the
 trace layer it replays: global, or a sliding window of the trace's ``w`` positions (Gemma 3's
-local layers; see :mod:`sim.engine`).
+local layers; see :mod:`sim.replay`).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class ModelGeometry:
             raise ValueError(f"params_per_layer must be >= 0, got {self.params_per_layer}")
 
     @property
-    def group_size(self) -> int:
-        """Query heads sharing one KV head (GQA)."""
+    def queries_per_kv_head(self) -> int:
+        """Query heads sharing one KV head (GQA's "group size"; kvsim's groups are clusters)."""
         return self.n_q_heads // self.n_kv_heads
 
     def entry_bytes(self, kv_dtype: str) -> int:

@@ -1,0 +1,698 @@
+"""The replay: a policy pass's selections stepped through a SimPy model of the phone.
+
+For every decode step and every layer of the simulated model:
+
+``dense (QKV projection) -> index scoring -> cache lookup -> flash reads -> attention over the
+selected entries -> append the new token's K/V (written to flash, not awaited) -> dense (output
+projection + MLP)``
+
+Reads of a policy whose selection does not need the current query are issued at the start of
+the layer and overlap the QKV projection and scoring; otherwise they start after scoring. A
+policy selecting one layer ahead (``selection_lead_layers = 1``, InfiniGen) scores layer
+``l + 1``'s index and issues its reads during layer ``l``, right after its QKV projection
+(layer 0 selects for itself first). The time the layer waits for its reads is the ``io_wait``
+stall. Writes are not awaited but share the flash queue, units and link with later reads.
+
+With ``pipeline.swap_layers`` each layer's cache lives on flash between its turns: its
+image is read back while the previous layer runs, its lookup waits for it, and the entries
+it gained are written back after it (see :class:`sim.config.PipelineSpec`).
+
+What is simulated at prefill: nothing is timed. The prompt's K/V are on flash, laid out by the
+layout; the DRAM cache starts empty (cold).
+
+Sliding-window layers (Gemma 3's local layers; see :mod:`sim.policy_pass`) attend
+``min(w, P + s + 1)`` entries per KV head from DRAM (a ring buffer of ``w`` entries per KV head,
+counted in ``dram_bytes``): no index, no cache, no flash reads or writes, nothing to swap. A
+simulated layer inherits the window of the trace layer it replays
+(:func:`sim.model.trace_layer_map`), so a Gemma trace driving a deeper target model keeps
+its local/global pattern spread over the target's depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import pandas as pd
+import simpy
+from tqdm import tqdm
+
+from sim.config import PipelineSpec
+from sim.hardware import (
+    DeviceParams,
+    Flash,
+    attention_us,
+    dense_layer_us,
+    scoring_us,
+)
+from sim.kv.cache import LayerCache
+from sim.kv.io_plan import plan_reads, plan_writes
+from sim.kv.layouts import LAYOUTS, FlashLayout
+from sim.kv.replacement import REPLACEMENTS
+from sim.model import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
+from sim.outputs import STEP_COLUMNS, PolicyPass, SimResult
+from sim.policies.base import LayerSelection, Relabel
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    """Everything the latency simulation needs besides the policy pass."""
+
+    device: DeviceParams
+    target: ModelGeometry
+    kv_dtype: str
+    cache_capacity_bytes: int
+    replacement: dict
+    layout: dict
+    pipeline: PipelineSpec = PipelineSpec()
+
+
+class ReadTiming(Enum):
+    """When a simulated layer issues its cache lookup and flash reads; decided once per layer.
+
+    The later the reads start, the less of the layer's own compute hides them; what remains is
+    the layer's ``io_wait`` stall.
+    """
+
+    #: a resident layer (full attention or a sliding window): attended from DRAM, nothing read
+    NONE = "none"
+    #: a selection that needs no query (StreamingLLM): at the layer's start, overlapping the QKV
+    #: projection and the scoring
+    AT_LAYER_START = "at_layer_start"
+    #: ``pipeline.overlap_transfer``: after Q's projection, so the scoring and K/V's projection
+    #: overlap the transfer (clusters are fetched as they are ranked)
+    DURING_PROJECTION = "during_projection"
+    #: the default: once the layer's index is scored against its query
+    AFTER_SCORING = "after_scoring"
+    #: a lead policy (``selection_lead_layers``, InfiniGen) on a layer after the first: at the
+    #: previous layer's speculation point, right after that layer's QKV projection and scoring
+    BY_PREVIOUS_LAYER = "by_previous_layer"
+
+
+@dataclass
+class _PendingReads:
+    """A layer's issued cache lookup and flash reads.
+
+    ``attended``: entries the layer attends, ``None`` while a lookup deferred behind a swap-in
+    has not run (see :meth:`Replay._lookup`; the event's value is then the entries).
+    ``before``: with ``swap_layers``, the layer's resident positions per KV head before the
+    lookup (what :meth:`Replay._swap_out` compares against); ``None`` otherwise.
+    """
+
+    event: simpy.Event
+    attended: int | None
+    before: list[np.ndarray] | None
+
+
+class Replay:
+    """The SimPy model of one run: a decode process on the CPU, the flash beside it."""
+
+    def __init__(self, pp: PolicyPass, setup: SimSetup) -> None:
+        self.pp = pp
+        self.setup = setup
+        target, dtype = setup.target, setup.kv_dtype
+        flash_params = setup.device.flash
+        self.env = simpy.Environment()
+        self.flash = Flash(self.env, flash_params)
+        self.compute, self.dram = setup.device.compute, setup.device.dram
+        # the simulated model's layers and KV heads, each replaying one of the trace's
+        self.layer_map = trace_layer_map(target, pp.trace_model)
+        self.head_map = trace_head_map(target, pp.trace_model)
+        self.n_layers, self.n_heads = target.n_layers, target.n_kv_heads
+        self.head_ids = np.arange(self.n_heads)
+        self.head_dim, self.queries_per_kv_head = target.head_dim, target.queries_per_kv_head
+        self.entry_bytes = target.entry_bytes(dtype)
+        self.vector_bytes = int(round(target.head_dim * kv_dtype_bytes(dtype)))
+        self.page_bytes = flash_params.page_size_bytes
+        self.max_io_bytes = flash_params.max_io_bytes
+        self.n_positions = pp.prompt_len + pp.decode_steps
+        self.dense_pre_us, self.dense_q_us, self.dense_post_us = self._dense_split()
+        self.caches, self.layouts = self._caches_and_layouts()
+        self.relabels_at = self._relabel_events()
+        self.read_timing = [self._read_timing(layer) for layer in range(self.n_layers)]
+        # per-layer cache swapping (PipelineSpec.swap_layers): the pending swap-in of each
+        # layer, and the largest (current + incoming) resident image pair of the step
+        self.swap = setup.pipeline.swap_layers
+        self.swap_in: list[simpy.Event | None] = [None] * self.n_layers
+        self.step_cache_peak = 0
+        # lead policies (selection_lead_layers): the next layer's reads, issued at this layer's
+        # speculation point, and its streamed index
+        self.lead: dict[int, _PendingReads] = {}
+        self.lead_index: dict[int, simpy.Event] = {}
+        self.records = np.zeros((pp.decode_steps, len(STEP_COLUMNS)), dtype=np.float64)
+        self.col = {name: i for i, name in enumerate(STEP_COLUMNS)}
+        max_pages = self.max_io_bytes // self.page_bytes
+        self.io_size_counts = np.zeros(max_pages + 1, dtype=np.int64)
+        self.run_length_counts = np.zeros(64, dtype=np.int64)
+
+    # -- builders (run once, before the decode process) -----------------------------------------
+
+    def _dense_split(self) -> tuple[float, float, float]:
+        """A layer's dense time split around attention: (QKV projection, Q's part of it, output
+        projection + MLP), in us."""
+        target = self.setup.target
+        dense = dense_layer_us(target.params_per_layer, self.compute, self.dram)
+        # The QKV projection runs before attention; its share of a block's weights is
+        # hidden * (n_q + 2 n_kv) * head_dim with hidden = n_q * head_dim.
+        hidden = target.n_q_heads * target.head_dim
+        qkv_params = hidden * (target.n_q_heads + 2 * target.n_kv_heads) * target.head_dim
+        share = min(1.0, qkv_params / target.params_per_layer) if target.params_per_layer else 0.0
+        pre_us = dense * share
+        # Q's part of the QKV projection (for overlap_transfer, which splits it from K/V's)
+        q_us = pre_us * target.n_q_heads / (target.n_q_heads + 2 * target.n_kv_heads)
+        return pre_us, q_us, dense - pre_us
+
+    def _layout_spec(self) -> dict:
+        """The layout's registry spec, with the sizes the replay knows filled in."""
+        spec = {**self.setup.layout, "n_positions": self.n_positions}
+        declared = {f.name for f in dataclasses.fields(LAYOUTS.get(spec["type"]))}
+        # sizes a layout may need (a page-aligned write buffer): filled in if it declares them
+        for name, value in (("entry_bytes", self.entry_bytes), ("page_bytes", self.page_bytes)):
+            if name in declared:
+                spec[name] = value
+        return spec
+
+    def _caches_and_layouts(self) -> tuple[list[LayerCache | None], list[list[FlashLayout]]]:
+        """Each simulated layer's DRAM cache and per-KV-head flash layouts, the prompt placed;
+        ``None`` and no layouts for a resident layer (full attention or a sliding window)."""
+        capacity_entries = self.setup.cache_capacity_bytes // (self.entry_bytes * self.n_layers)
+        layout_spec = self._layout_spec()
+        caches: list[LayerCache | None] = []
+        layouts: list[list[FlashLayout]] = []
+        for layer in range(self.n_layers):
+            selection = self._selection(layer)
+            if selection.is_resident:  # full attention or a sliding window: all in DRAM
+                caches.append(None)
+                layouts.append([])
+                continue
+            replacement = REPLACEMENTS.create(self.setup.replacement, where="cache.replacement")
+            cache = LayerCache(self.n_heads, self.n_positions, int(capacity_entries), replacement)
+            if replacement.needs_future:
+                # Offline replacement (Belady) sees this layer's own accesses, as replayed.
+                cache.observe_future(self._future_accesses(layer))
+            caches.append(cache)
+            layouts.append(
+                [self._placed_layout(layout_spec, selection, cache, h) for h in range(self.n_heads)]
+            )
+        return caches, layouts
+
+    def _placed_layout(
+        self, spec: dict, selection: LayerSelection, cache: LayerCache, head: int
+    ) -> FlashLayout:
+        """One KV head's flash layout with the prompt placed (by cluster, if the policy has
+        clusters); the prompt's clusters go to a cluster-aware replacement too."""
+        layout = LAYOUTS.create(spec, where="layout")
+        trace_head = self.head_map[head]
+        groups = selection.prefill_groups
+        coretrieval = selection.coretrieval
+        layout.place_prefill(
+            self.pp.prompt_len,
+            None if groups is None else groups[trace_head],
+            coretrieval=None if coretrieval is None else coretrieval[trace_head],
+        )
+        if groups is not None and cache.replacement.uses_groups:
+            cache.assign_groups(head, np.arange(self.pp.prompt_len), groups[trace_head], -1)
+        return layout
+
+    def _relabel_events(self) -> list[dict[int, list[tuple[int, Relabel]]]]:
+        """(simulated head, Relabel) events of each simulated layer, by decode step."""
+        relabels_at = []
+        for layer in range(self.n_layers):
+            events: dict[int, list[tuple[int, Relabel]]] = {}
+            relabels = self._selection(layer).relabels
+            if relabels is not None:
+                for head in range(self.n_heads):
+                    for event in relabels[self.head_map[head]]:
+                        events.setdefault(event.step, []).append((head, event))
+            relabels_at.append(events)
+        return relabels_at
+
+    def _read_timing(self, layer: int) -> ReadTiming:
+        """When ``layer`` issues its reads (see :class:`ReadTiming`; a lead policy's reads
+        take precedence over a query-free selection's, which take precedence over
+        ``overlap_transfer``)."""
+        if self.caches[layer] is None:
+            return ReadTiming.NONE
+        policy = self.pp.policy
+        if policy.selection_lead_layers and layer > 0:
+            return ReadTiming.BY_PREVIOUS_LAYER  # see _speculate (layer 0 selects for itself)
+        if not policy.selection_needs_query:
+            return ReadTiming.AT_LAYER_START
+        if self.setup.pipeline.overlap_transfer:
+            return ReadTiming.DURING_PROJECTION
+        return ReadTiming.AFTER_SCORING
+
+    def _future_accesses(self, layer: int) -> list[tuple[int, list[np.ndarray]]]:
+        """Every ``access`` then ``insert`` the replay will make on ``layer``'s cache, in order
+        (the same ``now`` and positions as :meth:`_issue_reads` and :meth:`_append`)."""
+        heads = self._selection(layer).heads
+        per_head = [heads[self.head_map[h]] for h in range(self.n_heads)]
+        accesses: list[tuple[int, list[np.ndarray]]] = []
+        for step in range(self.pp.decode_steps):
+            now = step * self.n_layers + layer
+            accesses.append((now, [selections.at(step) for selections in per_head]))
+            accesses.append((now, [np.array([self.pp.prompt_len + step])] * self.n_heads))
+        return accesses
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _selection(self, layer: int) -> LayerSelection:
+        """The selection simulated ``layer`` replays (its trace layer's)."""
+        return self.pp.selections[self.layer_map[layer]]
+
+    def _index_vectors(self, layer: int, step: int) -> np.integer:
+        """Index vectors simulated ``layer`` scores at ``step``, over its KV heads."""
+        return self._selection(layer).index_vectors[self.head_map, step].sum()
+
+    def _resident(self, layer: int) -> list[np.ndarray]:
+        """``layer``'s resident positions per KV head (a swap snapshot, see :meth:`_swap_out`)."""
+        return [self.caches[layer].resident(h) for h in range(self.n_heads)]
+
+    def _count_runs(self, run_entries: np.ndarray) -> None:
+        counts = np.bincount(run_entries)
+        if len(counts) > len(self.run_length_counts):
+            grown = np.zeros(max(len(counts), 2 * len(self.run_length_counts)), dtype=np.int64)
+            grown[: len(self.run_length_counts)] = self.run_length_counts
+            self.run_length_counts = grown
+        self.run_length_counts[: len(counts)] += counts
+
+    def _issue_reads(self, step: int, layer: int, rec: np.ndarray) -> tuple[simpy.Event, int]:
+        """Cache lookup and flash reads of one layer; returns the read event, entries attended."""
+        col = self.col
+        selection = self._selection(layer)
+        per_head = [selection.heads[self.head_map[h]].at(step) for h in range(self.n_heads)]
+        lookups = per_head
+        if selection.extra_reads is not None:
+            # loaded into DRAM (e.g. to split a cluster) but not attended
+            lookups = [
+                np.union1d(attended, selection.extra_reads[self.head_map[h]].at(step))
+                for h, attended in enumerate(per_head)
+            ]
+            rec[col["extra_entries"]] += sum(len(x) for x in lookups) - sum(map(len, per_head))
+        cache = self.caches[layer]
+        before = (cache.hits, cache.misses, cache.streamed)
+        misses = cache.access(lookups, step * self.n_layers + layer)
+        rec[col["hits"]] += cache.hits - before[0]
+        rec[col["misses"]] += cache.misses - before[1]
+        rec[col["streamed"]] += cache.streamed - before[2]
+        # One plan for all KV heads: each head's entries live in its own flash region.
+        layouts = self.layouts[layer]
+        plan = plan_reads(
+            np.concatenate([layouts[h].slots(missed) for h, missed in enumerate(misses)]),
+            self.entry_bytes,
+            self.page_bytes,
+            self.max_io_bytes,
+            regions=np.repeat(self.head_ids, [len(missed) for missed in misses]),
+        )
+        command_bytes, useful = plan.command_bytes, plan.useful_bytes
+        self._count_runs(plan.run_entries)
+        rec[col["read_bytes"]] += command_bytes.sum()
+        rec[col["useful_read_bytes"]] += useful
+        rec[col["read_commands"]] += len(command_bytes)
+        rec[col["selected_entries"]] += sum(len(p) for p in per_head)
+        self.io_size_counts += np.bincount(
+            command_bytes // self.page_bytes, minlength=len(self.io_size_counts)
+        )
+        issued = self.env.now
+        event = self.flash.read(command_bytes)
+        if len(command_bytes):
+
+            def _done(_event: simpy.Event, issued: float = issued) -> None:
+                rec[col["read_busy_us"]] += self.env.now - issued
+
+            event.callbacks.append(_done)
+        attended = sum(len(p) for p in per_head) + self.n_heads  # + the current token per head
+        return event, attended
+
+    def _sequential_commands(self, size: int) -> np.ndarray:
+        """Command sizes (bytes, whole pages) moving ``size`` contiguous bytes: maximum-size
+        commands, then the remainder rounded up to pages (none for ``size`` 0)."""
+        pages = -(-size // self.page_bytes)
+        per_command = self.max_io_bytes // self.page_bytes
+        commands = np.full(pages // per_command, per_command, dtype=np.int64)
+        if pages % per_command:
+            commands = np.append(commands, pages % per_command)
+        return commands * self.page_bytes
+
+    def _stream_index(self, vectors: int, rec: np.ndarray) -> simpy.Event:
+        """Read one layer's index (stored contiguously on flash) in maximum-size commands."""
+        commands = self._sequential_commands(vectors * self.vector_bytes)
+        rec[self.col["index_read_bytes"]] += commands.sum()
+        return self.flash.read(commands)
+
+    # -- per-layer cache swapping (PipelineSpec.swap_layers) -----------------------------------
+
+    def _swap_in(self, step: int, layer: int) -> int:
+        """Issue the read of ``layer``'s cache image for decode step ``step``; returns the
+        image's entries (0 for a layer without a cache, which is not swapped)."""
+        cache = self.caches[layer]
+        if cache is None:
+            return 0
+        entries = cache.resident_entries
+        commands = self._sequential_commands(entries * self.entry_bytes)
+        self.records[step, self.col["swap_read_bytes"]] += commands.sum()
+        self.swap_in[layer] = self.flash.read(commands)
+        return entries
+
+    def _lookup(
+        self, step: int, layer: int, before: list[np.ndarray] | None, rec: np.ndarray
+    ) -> _PendingReads:
+        """:meth:`_issue_reads` once the layer's cache image is in DRAM; ``before``: the
+        layer's swap snapshot, carried along for :meth:`_swap_out`.
+
+        Without a swap-in in flight this is :meth:`_issue_reads` itself. Otherwise the lookup
+        and reads run in a side process as soon as the swap-in lands, so the decode process
+        goes on with projection and scoring meanwhile; the returned event is then that
+        process (its value: the entries attended) and the entries are ``None`` until it ends.
+        Either way the decode process's wait for the event is its ``io_wait``.
+        """
+        pending = self.swap_in[layer]
+        self.swap_in[layer] = None
+        if pending is None or pending.processed:
+            return _PendingReads(*self._issue_reads(step, layer, rec), before)
+
+        def after_swap_in():
+            yield pending
+            reads, attended = self._issue_reads(step, layer, rec)
+            yield reads
+            return attended
+
+        return _PendingReads(self.env.process(after_swap_in()), None, before)
+
+    def _swap_out(self, layer: int, before: list[np.ndarray], rec: np.ndarray) -> None:
+        """Write the entries that became resident during the layer to its swap area."""
+        cache = self.caches[layer]
+        new = sum(
+            len(np.setdiff1d(cache.resident(head), old, assume_unique=True))
+            for head, old in enumerate(before)
+        )
+        commands = self._sequential_commands(new * self.entry_bytes)
+        if len(commands):
+            rec[self.col["swap_write_bytes"]] += commands.sum()
+            self.flash.write(commands)
+
+    def _append(self, step: int, layer: int, rec: np.ndarray) -> None:
+        """The new token's K/V: resident in the cache, written to flash per the layout."""
+        selection = self._selection(layer)
+        position = self.pp.prompt_len + step
+        groups = selection.append_groups
+        now = step * self.n_layers + layer
+        cache = self.caches[layer]
+        track_groups = groups is not None and cache.replacement.uses_groups
+        # (head, slots to write now): the new token's, or a write buffer's full page
+        writes = []
+        for head, layout in enumerate(self.layouts[layer]):
+            group = None if groups is None else int(groups[self.head_map[head], step])
+            writes.append((head, layout.due_writes(layout.place_append(position, group))))
+            if track_groups:
+                cache.assign_groups(head, np.array([position]), group, now)
+        relabels = self.relabels_at[layer].get(step)
+        if relabels:
+            # cluster splits: the layout may relocate entries (written from DRAM)
+            for head, event in relabels:
+                moved = self.layouts[layer][head].relabel(event.positions, event.group)
+                writes.append((head, moved))
+                rec[self.col["relocated_entries"]] += len(moved)
+                if cache.replacement.uses_groups:
+                    cache.assign_groups(head, event.positions, event.group, now)
+        command_bytes = plan_writes(
+            np.concatenate([slots for _, slots in writes]),
+            self.entry_bytes,
+            self.page_bytes,
+            self.max_io_bytes,
+            regions=np.concatenate([np.full(len(slots), head) for head, slots in writes]),
+        )
+        cache.insert([np.array([position])] * self.n_heads, now)
+        rec[self.col["write_bytes"]] += command_bytes.sum()
+        rec[self.col["write_commands"]] += len(command_bytes)
+        self.flash.write(command_bytes)
+
+    def _resident_entries(self, selection: LayerSelection, step: int) -> int:
+        """Entries per KV head a cacheless layer holds and attends at ``step``: the whole
+        context with the current token, or at most its sliding window."""
+        context = self.pp.prompt_len + step + 1
+        return context if selection.window is None else min(selection.window, context)
+
+    def _dram_bytes(self, step: int) -> float:
+        """Resident KV (cache, or everything for full attention, or a sliding window) plus
+        every policy index.
+
+        With ``swap_layers`` the caches count as the step's largest pair of resident images
+        (the running layer's, at its end, plus the one being swapped in for the next layer)
+        instead of every layer's; layouts' write buffers and full-attention layers stay.
+        """
+        total = 0.0
+        index_bytes = []
+        for layer in range(self.n_layers):
+            selection = self._selection(layer)
+            vectors = selection.index_vectors[self.head_map, step].sum()
+            index_bytes.append(vectors * self.vector_bytes)
+            cache = self.caches[layer]
+            if cache is None:
+                resident = self._resident_entries(selection, step)
+                total += resident * self.n_heads * self.entry_bytes
+            else:
+                buffered = sum(layout.buffered_entries for layout in self.layouts[layer])
+                resident = 0 if self.swap else cache.resident_entries
+                total += (resident + buffered) * self.entry_bytes
+        if self.swap:
+            total += self.step_cache_peak * self.entry_bytes
+        # a streamed index is resident one layer at a time
+        total += max(index_bytes) if self.setup.pipeline.stream_index else sum(index_bytes)
+        return total
+
+    # -- the decode process --------------------------------------------------------------------
+
+    def _layer(self, step: int, layer: int, rec: np.ndarray):
+        """One simulated layer of decode step ``step``: timeouts of the decode process, records
+        added to ``rec``. The layer's reads are issued at its :class:`ReadTiming`."""
+        timing = self.read_timing[layer]
+        incoming, before = self._swap_ahead(step, layer, timing)
+        early = self._reads_at_start(step, layer, timing, before, rec)
+        vectors = 0 if timing is ReadTiming.BY_PREVIOUS_LAYER else self._index_vectors(layer, step)
+        index_ready = self._stream_indexes(step, layer, vectors, rec)
+        during = yield from self._project_and_score(
+            step, layer, timing, vectors, index_ready, before, rec
+        )
+        late = None
+        if timing is ReadTiming.AFTER_SCORING:
+            late = self._lookup(step, layer, before, rec)
+        if self.pp.policy.selection_lead_layers:
+            yield from self._speculate(step, layer, rec)
+        reads = early or during or late  # at most one, as the timing says; None: resident
+        attended = yield from self._attended_entries(step, layer, reads, rec)
+        yield from self._attend(attended, rec)
+        self._append_and_swap_out(step, layer, reads, incoming, rec)
+        yield from self._dense(self.dense_post_us, rec)
+
+    def _swap_ahead(
+        self, step: int, layer: int, timing: ReadTiming
+    ) -> tuple[int, list[np.ndarray] | None]:
+        """With ``swap_layers``: swap in the next layer's image now (one layer ahead) and note
+        what this layer holds before its reads. Returns the incoming image's entries and the
+        snapshot (``None`` without swapping, for a resident layer, or for reads issued by the
+        previous layer, which took its own)."""
+        if not self.swap:
+            return 0, None
+        incoming = 0
+        last = layer + 1 == self.n_layers
+        next_step, next_layer = (step + 1, 0) if last else (step, layer + 1)
+        if next_layer != layer and next_step < self.pp.decode_steps:
+            incoming = self._swap_in(next_step, next_layer)
+        if timing in (ReadTiming.NONE, ReadTiming.BY_PREVIOUS_LAYER):
+            return incoming, None
+        return incoming, self._resident(layer)
+
+    def _reads_at_start(
+        self,
+        step: int,
+        layer: int,
+        timing: ReadTiming,
+        before: list[np.ndarray] | None,
+        rec: np.ndarray,
+    ) -> _PendingReads | None:
+        """The reads in flight when the layer starts: the previous layer's speculation's, or
+        issued now for a selection that needs no query."""
+        if timing is ReadTiming.BY_PREVIOUS_LAYER:
+            return self.lead.pop(layer)
+        if timing is ReadTiming.AT_LAYER_START:
+            return self._lookup(step, layer, before, rec)
+        return None
+
+    def _stream_indexes(
+        self, step: int, layer: int, vectors: int, rec: np.ndarray
+    ) -> simpy.Event | None:
+        """With ``stream_index``: start reading this layer's index (the event the scoring waits
+        for, ``None`` if it has none) and, for a lead policy, the next layer's."""
+        if not self.setup.pipeline.stream_index:
+            return None
+        index_ready = self._stream_index(int(vectors), rec) if vectors else None
+        if self.pp.policy.selection_lead_layers:
+            self._stream_next_index(step, layer, rec)  # overlaps the QKV projection too
+        return index_ready
+
+    def _project_and_score(
+        self,
+        step: int,
+        layer: int,
+        timing: ReadTiming,
+        vectors: int,
+        index_ready: simpy.Event | None,
+        before: list[np.ndarray] | None,
+        rec: np.ndarray,
+    ):
+        """The QKV projection, then the scoring of ``vectors`` index vectors once the streamed
+        index (if any) is in. With :attr:`ReadTiming.DURING_PROJECTION` only Q's projection
+        comes first: the reads are issued then, and K/V's projection follows the scoring.
+        Returns the reads issued here, if any."""
+        split = timing is ReadTiming.DURING_PROJECTION
+        first_us = self.dense_q_us if split else self.dense_pre_us
+        yield from self._dense(first_us, rec)
+        if index_ready is not None:
+            yield from self._wait(index_ready, rec)
+        reads = self._lookup(step, layer, before, rec) if split else None
+        yield from self._score(vectors, rec)
+        if split:
+            yield from self._dense(self.dense_pre_us - first_us, rec)
+        return reads
+
+    def _attended_entries(
+        self, step: int, layer: int, reads: _PendingReads | None, rec: np.ndarray
+    ):
+        """Entries the layer attends, over its KV heads: a resident layer's whole context or
+        window; else its lookup's, once the reads are in (the wait is ``io_wait``)."""
+        if reads is None:
+            return self._resident_entries(self._selection(layer), step) * self.n_heads
+        yield from self._wait(reads.event, rec)
+        return reads.event.value if reads.attended is None else reads.attended
+
+    def _append_and_swap_out(
+        self,
+        step: int,
+        layer: int,
+        reads: _PendingReads | None,
+        incoming: int,
+        rec: np.ndarray,
+    ) -> None:
+        """After attention: the new token's K/V appended (written to flash, not awaited), the
+        layer's newly resident entries swapped out, the step's resident image peak updated."""
+        cache = self.caches[layer]
+        if cache is not None:
+            self._append(step, layer, rec)
+            if reads.before is not None:
+                self._swap_out(layer, reads.before, rec)
+        if self.swap:
+            current = 0 if cache is None else cache.resident_entries
+            self.step_cache_peak = max(self.step_cache_peak, current + incoming)
+
+    def _dense(self, duration_us: float, rec: np.ndarray):
+        yield self.env.timeout(duration_us)
+        rec[self.col["dense_us"]] += duration_us
+
+    def _score(self, vectors: int, rec: np.ndarray):
+        """Score the query heads against ``vectors`` index vectors (none: no time)."""
+        if not vectors:
+            return
+        score_us = float(
+            scoring_us(vectors, self.head_dim, self.queries_per_kv_head, self.vector_bytes,
+                       self.compute, self.dram)
+        )
+        yield self.env.timeout(score_us)
+        rec[self.col["scoring_us"]] += score_us
+
+    def _attend(self, attended: int, rec: np.ndarray):
+        attend_us = float(
+            attention_us(attended, self.head_dim, self.queries_per_kv_head, self.entry_bytes,
+                         self.compute, self.dram)
+        )
+        yield self.env.timeout(attend_us)
+        rec[self.col["attention_us"]] += attend_us
+
+    def _wait(self, event: simpy.Event, rec: np.ndarray):
+        """Wait for ``event`` (reads, an index, a swap-in); the time waited is ``io_wait``."""
+        waited_from = self.env.now
+        yield event
+        rec[self.col["io_wait_us"]] += self.env.now - waited_from
+
+    def _speculated_vectors(self, step: int, layer: int) -> int:
+        """Index vectors of the layer after ``layer`` if a lead policy speculates it there."""
+        nxt = layer + 1
+        if nxt >= self.n_layers or self.caches[nxt] is None:
+            return 0
+        return int(self._index_vectors(nxt, step))
+
+    def _stream_next_index(self, step: int, layer: int, rec: np.ndarray) -> None:
+        """``stream_index`` with a lead policy: start reading the next layer's index at the
+        start of ``layer``, so it overlaps this layer's QKV projection as a layer's own does."""
+        vectors = self._speculated_vectors(step, layer)
+        if vectors:
+            self.lead_index[layer + 1] = self._stream_index(vectors, rec)
+
+    def _speculate(self, step: int, layer: int, rec: np.ndarray):
+        """A lead policy's speculation point in ``layer`` (InfiniGen): score the next layer's
+        index (once streamed in, with ``stream_index``) and issue its reads now; the next layer
+        waits on them instead of scoring and reading for itself. Nothing past the last layer
+        (the next step's layer 0 selects for itself) or for a layer without a cache."""
+        nxt = layer + 1
+        if nxt >= self.n_layers or self.caches[nxt] is None:
+            return
+        vectors = self._speculated_vectors(step, layer)
+        index_ready = self.lead_index.pop(nxt, None)
+        if index_ready is not None:
+            yield from self._wait(index_ready, rec)
+        yield from self._score(vectors, rec)
+        # with swapping, what the next layer holds before its reads (see _swap_out)
+        before = self._resident(nxt) if self.swap else None
+        self.lead[nxt] = self._lookup(step, nxt, before, rec)
+
+    def decode(self, on_step: Callable[[], None] | None):
+        col = self.col
+        for step in range(self.pp.decode_steps):
+            rec = self.records[step]
+            started = self.env.now
+            if self.swap:
+                self.step_cache_peak = 0
+                if step == 0 or self.n_layers == 1:  # nothing earlier swapped layer 0 in
+                    self._swap_in(step, 0)
+            for layer in range(self.n_layers):
+                yield from self._layer(step, layer, rec)
+            rec[col["latency_us"]] = self.env.now - started
+            rec[col["dram_bytes"]] = self._dram_bytes(step)
+            if on_step:
+                on_step()
+
+
+def simulate(pp: PolicyPass, setup: SimSetup, progress: bool = False) -> SimResult:
+    """Replay ``pp``'s selections on the device of ``setup``; deterministic."""
+    started = time.perf_counter()
+    replay = Replay(pp, setup)
+    bar = tqdm(
+        total=pp.decode_steps,
+        desc=f"{pp.policy.name}: simulate",
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
+    replay.env.process(replay.decode(bar.update if progress else None))
+    replay.env.run()
+    bar.close()
+    steps = pd.DataFrame(replay.records, columns=list(STEP_COLUMNS))
+    steps.insert(0, "step", np.arange(pp.decode_steps, dtype=np.int32))
+    sizes = np.nonzero(replay.io_size_counts)[0]
+    io_sizes = pd.DataFrame(
+        {"size_bytes": sizes * replay.page_bytes, "commands": replay.io_size_counts[sizes]}
+    )
+    lengths = np.nonzero(replay.run_length_counts)[0]
+    run_lengths = pd.DataFrame({"run_entries": lengths, "runs": replay.run_length_counts[lengths]})
+    peak_cache = sum(c.peak_resident_entries for c in replay.caches if c is not None)
+    totals = {
+        "entry_bytes": replay.entry_bytes,
+        "cache_capacity_bytes": setup.cache_capacity_bytes,
+        "peak_cache_bytes": peak_cache * replay.entry_bytes,
+        "simulated_time_us": replay.env.now,
+    }
+    return SimResult(steps, io_sizes, run_lengths, totals, time.perf_counter() - started)
