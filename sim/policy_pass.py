@@ -23,13 +23,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from sim.errors import KvsimError
 from sim.metrics.accuracy import layer_accuracy
 from sim.metrics.clusters import cluster_variance
 from sim.outputs import ACCURACY_COLUMNS, PolicyPass
 from sim.policies.base import LayerContext, LayerSelection, RetrievalPolicy
+from sim.progress import progress as progress_bar
 from sim.trace.format import Trace
 
 
@@ -134,8 +134,7 @@ def run_policy_pass(
     results: list[tuple[LayerSelection, pd.DataFrame, pd.DataFrame | None] | None] = [
         None
     ] * n_layers
-    bar = tqdm(total=n_layers, desc=f"{policy.name}: policy pass", unit="layer",
-               disable=not progress, leave=False)
+    bar = progress_bar(n_layers, f"{policy.name}: policy pass", "layer", enabled=progress)
     with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
             pool.submit(_layer_pass, trace, policy, seed, layer): layer

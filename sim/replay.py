@@ -39,7 +39,6 @@ from enum import Enum
 import numpy as np
 import pandas as pd
 import simpy
-from tqdm import tqdm
 
 from sim.config import PipelineSpec
 from sim.hardware import (
@@ -56,6 +55,7 @@ from sim.kv.replacement import REPLACEMENTS
 from sim.model import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
 from sim.outputs import STEP_COLUMNS, PolicyPass, SimResult
 from sim.policies.base import LayerSelection, Relabel
+from sim.progress import progress as progress_bar
 
 
 @dataclass(frozen=True)
@@ -670,13 +670,7 @@ def simulate(pp: PolicyPass, setup: SimSetup, progress: bool = False) -> SimResu
     """Replay ``pp``'s selections on the device of ``setup``; deterministic."""
     started = time.perf_counter()
     replay = Replay(pp, setup)
-    bar = tqdm(
-        total=pp.decode_steps,
-        desc=f"{pp.policy.name}: simulate",
-        unit="step",
-        disable=not progress,
-        leave=False,
-    )
+    bar = progress_bar(pp.decode_steps, f"{pp.policy.name}: simulate", "step", enabled=progress)
     replay.env.process(replay.decode(bar.update if progress else None))
     replay.env.run()
     bar.close()

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
 from sim.errors import KvsimError
 from sim.experiment.pass_group import pass_cache_dir, run_group
@@ -42,6 +41,7 @@ from sim.experiment.store import (
     write_summary,
 )
 from sim.paths import trace_cache_dir
+from sim.progress import progress as progress_bar
 from sim.result_files import RUN_SUMMARY
 
 POLL_S = 0.5
@@ -180,8 +180,7 @@ def _run_groups(
     report: Report,
 ) -> None:
     total = sum(len(group.runs) for group in groups)
-    bar = tqdm(total=total, unit="run", desc=plan.config.name, disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total, plan.config.name, "run", enabled=progress, leave=True)
     # Pass threads per worker: the cores divided among the workers (results do not depend on it).
     threads = max(1, (os.cpu_count() or 1) // workers)
 

@@ -45,6 +45,7 @@ import numpy as np
 from sim.atomic import atomic_write
 from sim.errors import CaptureError, TraceError
 from sim.paths import trace_cache_dir
+from sim.progress import progress as progress_bar
 from sim.trace.format import FORMAT_VERSION, Trace, TraceWriter, open_trace
 from sim.trace.sources import TextSource, load_text, source_name
 
@@ -465,7 +466,6 @@ def capture(
         raise CaptureError(f"trace {out_dir} already exists (remove it or pass overwrite=True)")
     text = load_text(settings.text)
     torch, _ = _import_capture_deps()
-    from tqdm.auto import tqdm
     from transformers import DynamicCache
 
     loaded = load_model(spec.name, cache_dir, progress)
@@ -484,10 +484,7 @@ def capture(
     torch.manual_seed(settings.seed)
     recorder = _Recorder(model_info["n_layers"], settings.query_start, prompt_len)
     generated: list[int] = []
-    bar = tqdm(
-        total=1 + decode_steps, desc=f"capture {settings.key()}", unit="step",
-        file=sys.stderr, disable=not progress, dynamic_ncols=True,
-    )  # fmt: skip
+    bar = progress_bar(1 + decode_steps, f"capture {settings.key()}", "step", enabled=progress)
     _ACTIVE_RECORDER = recorder
     hooks = [
         layer.self_attn.register_forward_pre_hook(_speculation_hook, with_kwargs=True)
