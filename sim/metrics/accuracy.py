@@ -61,7 +61,7 @@ def layer_accuracy(
     _check_shapes(queries, keys, values, prompt_len)
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
-    group = n_q // n_kv
+    q_per_kv = n_q // n_kv
     context = prompt_len + np.arange(n_steps)
     if selection.is_full:
         # Full attention is the reference itself: exact by definition, no arithmetic needed.
@@ -81,11 +81,11 @@ def layer_accuracy(
 
     k32 = np.asarray(keys, dtype=np.float32)
     v32 = np.asarray(values, dtype=np.float32)
-    recall = np.ones((n_kv, group, n_steps))
-    topk = np.ones((n_kv, group, n_steps))
-    error = np.zeros((n_kv, group, n_steps))
+    recall = np.ones((n_kv, q_per_kv, n_steps))
+    topk = np.ones((n_kv, q_per_kv, n_steps))
+    error = np.zeros((n_kv, q_per_kv, n_steps))
     max_width = prompt_len + n_steps
-    max_rows = n_kv * group * min(chunk_steps, n_steps)
+    max_rows = n_kv * q_per_kv * min(chunk_steps, n_steps)
     # Two reused buffers: weights, and logits (ranked for the top-k, then reused for the
     # selected weights). Fresh 10 MB arrays per chunk would cost more in page faults than math.
     buf_w = np.empty(max_rows * max_width, np.float32)
@@ -121,10 +121,10 @@ def layer_accuracy(
 
         sel_w = np.multiply(w, mask[:, None], out=logits)  # the logits are spent: reuse
         sel_norm = sel_w.sum(axis=-1)
-        flat_shape = (n_kv, group * steps, width)
+        flat_shape = (n_kv, q_per_kv * steps, width)
         v = v32[:, :width]
-        out_full = np.matmul(w.reshape(flat_shape), v).reshape(n_kv, group, steps, head_dim)
-        out_sel = np.matmul(sel_w.reshape(flat_shape), v).reshape(n_kv, group, steps, head_dim)
+        out_full = np.matmul(w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps, head_dim)
+        out_sel = np.matmul(sel_w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps, head_dim)
         out_full /= norm[..., None]
         out_sel /= sel_norm[..., None]
         ref = np.linalg.norm(out_full, axis=-1)
@@ -139,7 +139,7 @@ def layer_accuracy(
         "attention_recall": per_query_head(np.minimum(recall, 1.0)),
         "topk_recall": per_query_head(topk),
         "output_rel_error": per_query_head(error),
-        "n_selected": np.repeat(counts, group, axis=0).astype(np.int64),
+        "n_selected": np.repeat(counts, q_per_kv, axis=0).astype(np.int64),
     }
 
 
@@ -189,22 +189,22 @@ def _topk_recall(
     is the threshold; a selected position is in the top-k iff it reaches it (clipped to k, so
     ties favour the selection).
     """
-    n_kv, group, steps, width = logits.shape
-    result = np.ones((n_kv, group, steps))
+    n_kv, q_per_kv, steps, width = logits.shape
+    result = np.ones((n_kv, q_per_kv, steps))
     needed = (k > 0) & (k < context[None, :])  # (H_kv, steps); the rest are 1.0 by definition
     if not needed.any():
         return result
     # Gather the selected logits before partitioning scrambles the rows.
     picked = [
-        logits[h].reshape(group, steps * width)[:, r * width + p]
+        logits[h].reshape(q_per_kv, steps * width)[:, r * width + p]
         for h, (r, p) in enumerate(zip(flat_rows, flat_pos, strict=True))
     ]
     # The current token (and later positions, already -inf) are not candidates.
     first_current = width - steps
     logits[:, :, np.arange(steps), first_current + np.arange(steps)] = -np.inf
-    flat = logits.reshape(n_kv * group * steps, width)
-    row_k = np.repeat(k[:, None, :], group, axis=1).reshape(-1)
-    row_needed = np.repeat(needed[:, None, :], group, axis=1).reshape(-1)
+    flat = logits.reshape(n_kv * q_per_kv * steps, width)
+    row_k = np.repeat(k[:, None, :], q_per_kv, axis=1).reshape(-1)
+    row_needed = np.repeat(needed[:, None, :], q_per_kv, axis=1).reshape(-1)
     threshold = np.empty(flat.shape[0], np.float32)
     ks = np.unique(row_k[row_needed])
     if len(ks) == 1 and row_needed.all():
@@ -219,10 +219,10 @@ def _topk_recall(
             kth = width - int(kk)
             sub.partition(kth, axis=-1)
             threshold[members] = sub[:, kth]
-    threshold = threshold.reshape(n_kv, group, steps)
+    threshold = threshold.reshape(n_kv, q_per_kv, steps)
     for h in range(n_kv):
         hits = picked[h] >= threshold[h][:, flat_rows[h]]  # (G, entries)
-        cum = np.zeros((group, hits.shape[1] + 1), np.int64)
+        cum = np.zeros((q_per_kv, hits.shape[1] + 1), np.int64)
         np.cumsum(hits, axis=1, out=cum[:, 1:])
         bounds = np.concatenate([[0], np.cumsum(k[h])])
         found = cum[:, bounds[1:]] - cum[:, bounds[:-1]]

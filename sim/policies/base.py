@@ -272,10 +272,10 @@ def decode_attention_weights(
     """
     n_q, _, head_dim = queries.shape
     n_kv = keys.shape[0]
-    group = n_q // n_kv
+    q_per_kv = n_q // n_kv
     steps = stop - start
     width = prompt_len + stop
-    shape = (n_kv, group * steps, width)
+    shape = (n_kv, q_per_kv * steps, width)
 
     def buffer(buf: np.ndarray | None) -> np.ndarray:
         if buf is None:
@@ -283,7 +283,7 @@ def decode_attention_weights(
         return buf.reshape(-1)[: math.prod(shape)].reshape(shape)
 
     q = np.asarray(queries[:, start:stop], dtype=np.float32) * np.float32(1.0 / math.sqrt(head_dim))
-    q = q.reshape(n_kv, group * steps, head_dim)
+    q = q.reshape(n_kv, q_per_kv * steps, head_dim)
     k = np.asarray(keys[:, :width], dtype=np.float32)
     w = buffer(out)
     logits = w if logits_out is None else buffer(logits_out)
@@ -291,7 +291,7 @@ def decode_attention_weights(
     # Causality only bites in the trailing steps x steps block: step r sees P + start + r.
     rows, cols = np.triu_indices(steps, 1)
     future = (slice(None), slice(None), rows, prompt_len + start + cols)
-    logits4 = logits.reshape(n_kv, group, steps, width)
+    logits4 = logits.reshape(n_kv, q_per_kv, steps, width)
     logits4[future] = -np.inf
     expired = None
     if window is not None:
@@ -304,7 +304,7 @@ def decode_attention_weights(
     # row max's 1, but subnormals make the later matmuls ~50x slower on x86.
     np.maximum(logits, np.float32(-80.0), out=w)
     np.exp(w, out=w)
-    w4 = w.reshape(n_kv, group, steps, width)
+    w4 = w.reshape(n_kv, q_per_kv, steps, width)
     w4[future] = 0.0
     if expired is not None:
         w4[:, :, expired] = 0.0

@@ -124,7 +124,7 @@ class H2O(BudgetedPolicy):
         """The cache of every KV head before each decode step: ``[s]`` is (H_kv, budget_at(P+s))
         int64 positions (unsorted), the selection of step ``s``."""
         prompt, n_steps = ctx.prompt_len, ctx.decode_steps
-        n_kv, group = ctx.n_kv_heads, ctx.queries_per_kv_head
+        n_kv, q_per_kv = ctx.n_kv_heads, ctx.queries_per_kv_head
         keys = np.asarray(ctx.keys, dtype=np.float32)
         acc = np.zeros((n_kv, prompt + n_steps), np.float64)
         acc[:, :prompt] = self.prompt_scores(ctx)
@@ -133,7 +133,7 @@ class H2O(BudgetedPolicy):
         kept = self._trim(all_prompt, acc, prompt)
         head_dim = keys.shape[2]
         q = np.asarray(ctx.queries, dtype=np.float32) * np.float32(1.0 / math.sqrt(head_dim))
-        q = q.reshape(n_kv, group, n_steps, head_dim)
+        q = q.reshape(n_kv, q_per_kv, n_steps, head_dim)
         out: list[np.ndarray] = []
         for s in range(n_steps):
             out.append(kept)

@@ -24,7 +24,7 @@ def partial_channels(
     """Per KV head, the ``n_channels`` channels with the largest ``mean|q_d| * mean|k_d|``.
 
     ``prompt_queries`` (H_q, P', d), ``prompt_keys`` (H_kv, P, d); a KV head pools the query
-    heads of its group. ``mean|q_d| * mean|k_d|`` is the mean of ``|q_d * k_d|`` over every
+    heads of its KV head. ``mean|q_d| * mean|k_d|`` is the mean of ``|q_d * k_d|`` over every
     (prompt query, prompt key) pair: the channels that move ``q . k`` most. Returns (H_kv,
     n_channels) int64, each row sorted ascending (ties: the lower channel).
     """
@@ -59,10 +59,11 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
        ``n = floor(mean_q count_q)`` tokens per KV head (the same number for every head, as the
        reference does). ``n >= 1``: each head's maximum is within ``alpha`` of itself, so no
        separate floor is needed;
-    3. each KV head takes its ``n`` best positions by the group's summed speculative softmax
-       ``sum_{q in group} softmax(x_q)(t)`` (GQA; InfiniGen's models are MHA, where this is the
-       head's own ranking); forced sinks and recent tokens come on top, the total capped at the
-       budget (``min(budget_at(c), forced + n)``, best speculative scores kept first).
+    3. each KV head takes its ``n`` best positions by the summed speculative softmax of its
+       query heads ``sum_{q of the KV head} softmax(x_q)(t)`` (GQA; InfiniGen's models are MHA,
+       where this is the head's own ranking); forced sinks and recent tokens come on top, the
+       total capped at the budget (``min(budget_at(c), forced + n)``, best speculative scores
+       kept first).
 
     So the selection size varies with the step and layer, always ``<= budget_at(c)``.
 
@@ -72,7 +73,7 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
       orthogonal transform) and keeps the channels with the largest summed ``|q|`` of the
       skewed prompt queries. The trace holds no weights, so the channels are not skewed; per KV
       head the ``partial_ratio`` fraction (``int(partial_ratio * head_dim)``, at least 1) with
-      the largest ``mean|q_d| * mean|k_d|`` over the prompt's queries (of the group) and keys
+      the largest ``mean|q_d| * mean|k_d|`` over the prompt's queries (of the KV head) and keys
       is kept (:func:`partial_channels`). Needs the prompt queries (capture with
       ``queries='all'``). Without skewing, the partial scores track the full ones less closely
       than in the paper.
@@ -131,7 +132,7 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
         queries = self._speculative(ctx)
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
         keys = np.asarray(ctx.keys, dtype=np.float32)
-        head_dim, group = keys.shape[2], ctx.queries_per_kv_head
+        head_dim, q_per_kv = keys.shape[2], ctx.queries_per_kv_head
         if ctx.query_start >= prompt:
             raise ValueError(
                 "infinigen chooses its partial channels from the prompt's queries; the trace "
@@ -146,7 +147,7 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
             stop = min(n_steps, start + self.score_chunk_steps)
             logits = self._partial_logits(queries, keys, channels, prompt, start, stop)
             counts = self.fetch_counts(logits)
-            ranking = self._group_ranking(logits, n_kv, group)
+            ranking = self._kv_head_ranking(logits, n_kv, q_per_kv)
             for h in range(n_kv):
                 for row, step in enumerate(range(start, stop)):
                     per_head[h].append(self._pick(ranking[h, row], prompt + step, counts[row]))
@@ -183,14 +184,14 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
         a step's own and later positions are ``-inf``."""
         n_q, _, head_dim = queries.shape
         n_kv = keys.shape[0]
-        group = n_q // n_kv
+        q_per_kv = n_q // n_kv
         width = prompt + stop
         scale = np.float32(1.0 / math.sqrt(head_dim))
         out = np.empty((n_q, stop - start, width), np.float32)
         for h in range(n_kv):
             k_part = keys[h, :width][:, channels[h]]  # (width, m)
-            q_part = queries[h * group : (h + 1) * group, start:stop][..., channels[h]]
-            np.matmul(q_part * scale, k_part.T, out=out[h * group : (h + 1) * group])
+            q_part = queries[h * q_per_kv : (h + 1) * q_per_kv, start:stop][..., channels[h]]
+            np.matmul(q_part * scale, k_part.T, out=out[h * q_per_kv : (h + 1) * q_per_kv])
         rel = np.arange(width)[None, :] - (prompt + np.arange(start, stop))[:, None]
         out[:, rel >= 0] = -np.inf
         return out
@@ -203,11 +204,11 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
         return np.floor(within.mean(axis=0) + 1e-9).astype(np.int64)
 
     @staticmethod
-    def _group_ranking(logits: np.ndarray, n_kv: int, group: int) -> np.ndarray:
-        """(H_kv, steps, width): the summed speculative softmax of each KV head's query group."""
+    def _kv_head_ranking(logits: np.ndarray, n_kv: int, q_per_kv: int) -> np.ndarray:
+        """(H_kv, steps, width): each KV head's query heads' summed speculative softmax."""
         weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
         weights /= weights.sum(axis=-1, keepdims=True)
-        return weights.reshape(n_kv, group, *weights.shape[1:]).sum(axis=1)
+        return weights.reshape(n_kv, q_per_kv, *weights.shape[1:]).sum(axis=1)
 
     def _pick(self, ranking: np.ndarray, context: int, count: int) -> np.ndarray:
         """Forced positions plus the ``count`` best by ``ranking``, at most the budget."""

@@ -38,9 +38,9 @@ class PQCache(BudgetedPolicy):
     ranks a KV head's tokens by the sum over its query heads of the softmax of the approximate
     logits ``score / sqrt(d)`` (the current token's own key, in DRAM, enters the normaliser
     exactly), the same aggregation as ``token_topk``, so with exact codes both select the same
-    tokens; ``"sum"`` ranks by the sum of the approximate scores over the group (MIPS with the
-    group's summed query). The budgeted base forces the sinks and the recent window and fills
-    the rest of the budget with the top-scoring tokens.
+    tokens; ``"sum"`` ranks by the sum of the approximate scores over the KV head's query heads
+    (MIPS with their summed query). The budgeted base forces the sinks and the recent window and
+    fills the rest of the budget with the top-scoring tokens.
 
     ``index_vectors[h, s]`` (the DRAM index in key-sized vectors, driving the engine's scoring
     cost and index footprint): the codebooks, ``n_subvectors`` x ``2 ** bits`` centroids of
@@ -89,7 +89,7 @@ class PQCache(BudgetedPolicy):
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
-        group = ctx.queries_per_kv_head
+        q_per_kv = ctx.queries_per_kv_head
         if prompt <= self.sink_tokens:
             raise ValueError(f"prompt of {prompt} tokens leaves nothing to quantise past the sinks")
         keys = np.asarray(ctx.keys, dtype=np.float32)
@@ -118,7 +118,7 @@ class PQCache(BudgetedPolicy):
             width = prompt + stop
             out = np.empty((n_kv, stop - start, width), np.float32)
             for h in range(n_kv):
-                q = queries[h * group : (h + 1) * group, start:stop]  # (G, steps, d)
+                q = queries[h * q_per_kv : (h + 1) * q_per_kv, start:stop]  # (G, steps, d)
                 if self.group_score == "sum":
                     out[h] = lut_scores(q.sum(axis=0), books[h], codes[h][:width])
                     continue
