@@ -38,7 +38,7 @@ def fixture_trace():
 # A device whose every duration is easy to compute by hand (1 MB/s = 1 byte/us):
 #   read command: 50 us on a unit + bytes / 4096 us on the link
 #   write command: 100 us on a unit + bytes / 2048 us on the link
-#   roofline: max(flops / 1e5, bytes / 1e4) us  (100 GFLOP/s, 10 GB/s), no kernel overhead
+#   roofline: max(flops / 1e5, bytes / 1e4) us  (100 GFLOP/s, 10,000 MB/s), no kernel overhead
 HAND_DEVICE = DeviceParams(
     name="hand",
     flash=FlashParams(
@@ -46,7 +46,7 @@ HAND_DEVICE = DeviceParams(
         read_command_latency_us=50, write_command_latency_us=100, page_size_bytes=4096,
         max_io_bytes=8192,
     ),
-    dram=DramParams(bandwidth_gb_s=10, kv_budget_bytes=1 << 20),
+    dram=DramParams(bandwidth_mb_s=10_000, kv_budget_bytes=1 << 20),
     compute=ComputeParams(cpu_gflops=100, weight_bits=8, kernel_overhead_us=0),
 )
 

@@ -59,7 +59,7 @@ def test_flagship_numbers() -> None:
     assert device.flash.queue_depth == 32
     # Knee ~24 KB: 4.2e9 B/s over ~171K IOPS.
     assert device.flash.read_iops_limit == pytest.approx(4.2e9 / 24_576, rel=0.03)
-    assert device.dram.bandwidth_gb_s == pytest.approx(8533e6 * 8 / 1e9, rel=0.01)
+    assert device.dram.bandwidth_mb_s == pytest.approx(8533e6 * 8 / 1e6, rel=0.01)
 
 
 def test_ufs31_is_slower_than_ufs40() -> None:
@@ -176,16 +176,16 @@ def test_non_mapping_yaml_and_missing_file(tmp_path: Path) -> None:
 
 def test_pydantic_error_line_reuse() -> None:
     with pytest.raises(ValidationError) as info:
-        DramParams(bandwidth_gb_s=0, kv_budget_bytes=1, colour="red")  # type: ignore[call-arg]
+        DramParams(bandwidth_mb_s=0, kv_budget_bytes=1, colour="red")  # type: ignore[call-arg]
     line = pydantic_error_line(info.value, "dram", DramParams)
-    assert line.startswith("dram.bandwidth_gb_s: Input should be greater than 0 (got 0)")
+    assert line.startswith("dram.bandwidth_mb_s: Input should be greater than 0 (got 0)")
     assert "[+1 more error(s)]" in line and "\n" not in line
 
 
 # --- roofline ----------------------------------------------------------------------------------
 
 COMPUTE = ComputeParams(cpu_gflops=100.0, weight_bits=4.5, kernel_overhead_us=5.0)
-DRAM = DramParams(bandwidth_gb_s=50.0, kv_budget_bytes=1 << 28)  # 50e3 bytes/us
+DRAM = DramParams(bandwidth_mb_s=50_000.0, kv_budget_bytes=1 << 28)  # 50e3 bytes/us
 
 
 def test_dense_layer_compute_bound() -> None:
@@ -222,5 +222,5 @@ def test_costs_are_vectorised() -> None:
 def test_compute_and_dram_params_validate() -> None:
     with pytest.raises(ValidationError, match="kernel_overhead_us"):
         ComputeParams(cpu_gflops=1, weight_bits=4, kernel_overhead_us=-1)
-    with pytest.raises(ValidationError, match="bandwidth_gb_s"):
-        DramParams(bandwidth_gb_s=0, kv_budget_bytes=1)
+    with pytest.raises(ValidationError, match="bandwidth_mb_s"):
+        DramParams(bandwidth_mb_s=0, kv_budget_bytes=1)

@@ -58,7 +58,7 @@ AXIS_LABELS = {  # key -> label; a fraction axis also has its label in % (x_perc
     "device.flash.read_bandwidth_mb_s": "flash read bandwidth (MB/s)",
     "device.flash.queue_depth": "flash queue depth (commands)",
     "device.flash.page_size_bytes": "flash page size (bytes)",
-    "device.dram.bandwidth_gb_s": "DRAM bandwidth (GB/s)",
+    "device.dram.bandwidth_mb_s": "DRAM bandwidth (MB/s)",
 }
 PERCENT_LABELS = {
     "policy.budget": "selected share of the context (%)",

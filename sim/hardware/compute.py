@@ -1,8 +1,8 @@
 """Decode compute cost as a plain roofline over the phone CPU and its DRAM.
 
-``time_us = max(flops / (cpu_gflops * 1e3), bytes / (bandwidth_gb_s * 1e3)) + kernel_overhead_us``
+``time_us = max(flops / (cpu_gflops * 1e3), bytes / bandwidth_mb_s) + kernel_overhead_us``
 
-(1 GFLOP/s = 1e3 FLOP/us; 1 GB/s = 1e3 bytes/us). Each function below is one "kernel" and pays
+(1 GFLOP/s = 1e3 FLOP/us; 1 MB/s = 1 byte/us). Each function below is one "kernel" and pays
 the overhead once. All counts accept numpy arrays (the result is then an array of the same
 shape); scalar inputs give a ``float``.
 """
@@ -39,7 +39,7 @@ def roofline_us(
 ) -> float | np.ndarray:
     """``max(compute time, DRAM time) + kernel_overhead_us`` in microseconds."""
     compute_us = np.asarray(flops, dtype=np.float64) / (compute.cpu_gflops * 1e3)
-    memory_us = np.asarray(size_bytes, dtype=np.float64) / (dram.bandwidth_gb_s * 1e3)
+    memory_us = np.asarray(size_bytes, dtype=np.float64) / dram.bandwidth_mb_s
     total = np.maximum(compute_us, memory_us) + compute.kernel_overhead_us
     return float(total) if total.ndim == 0 else total
 

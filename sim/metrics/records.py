@@ -1,5 +1,11 @@
 """Run summaries: the one place where summary metric names, units and definitions live.
 
+Units, one convention per quantity and always in the column name: time in ``_us`` (records) or
+``_ms`` (summaries); data volumes and DRAM use in decimal megabytes (``_mb``, 1e6 bytes) and
+bandwidths in ``_mb_s`` (1e6 bytes/s, for flash and DRAM alike), so volume / time needs no
+conversion; the size of one flash command in ``_kib`` (1024 bytes), since commands are whole
+4 KiB pages; counts name what they count (``_commands``, ``_entries``).
+
 Definitions (kvsim's own; the accuracy ones are derived in :mod:`sim.metrics.accuracy`, with
 why each is measured):
 
