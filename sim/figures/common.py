@@ -59,6 +59,9 @@ AXIS_LABELS = {  # key -> label; a fraction axis also has its label in % (x_perc
     "device.flash.queue_depth": "flash queue depth (commands)",
     "device.flash.page_size_bytes": "flash page size (bytes)",
     "device.dram.bandwidth_mb_s": "DRAM bandwidth (MB/s)",
+    "device.flash.read_command_latency_us": "flash read command latency (us)",
+    "device.flash.parallel_units": "flash parallel units",
+    "trace.decode_from": "prompt length: decode starts at position",
 }
 PERCENT_LABELS = {
     "policy.budget": "selected share of the context (%)",
