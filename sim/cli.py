@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from sim import __version__
 from sim.errors import KvsimError
@@ -16,7 +17,8 @@ EXIT_USER_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints usage + message; keep it to one line
+    # argparse prints usage + message; keep it to one line
+    def error(self, message: str) -> NoReturn:
         raise KvsimError(message)
 
 

@@ -145,10 +145,10 @@ class RecordSpec(BaseModel):
     """
 
     model_config = _STRICT
-    cluster_layer: int | None = Field(None, ge=0)
-    cluster_kv_head: int = Field(0, ge=0)
+    cluster_layer: int | None = Field(default=None, ge=0)
+    cluster_kv_head: int = Field(default=0, ge=0)
     cluster_steps: list[int] = Field(default_factory=list)
-    update_horizon: int = Field(0, ge=0, le=64)
+    update_horizon: int = Field(default=0, ge=0, le=64)
 
     @field_validator("cluster_steps")
     @classmethod

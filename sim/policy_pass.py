@@ -131,9 +131,7 @@ def run_policy_pass(
     started = time.perf_counter()
     workers = workers or min(2, os.cpu_count() or 1)
     n_layers = trace.model.n_layers
-    results: list[tuple[LayerSelection, pd.DataFrame, pd.DataFrame | None] | None] = [
-        None
-    ] * n_layers
+    by_layer: dict[int, tuple[LayerSelection, pd.DataFrame, pd.DataFrame | None]] = {}
     bar = progress_bar(n_layers, f"{policy.name}: policy pass", "layer", enabled=progress)
     with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
@@ -141,9 +139,10 @@ def run_policy_pass(
             for layer in range(n_layers)
         }
         for future in as_completed(futures):
-            results[futures[future]] = future.result()
+            by_layer[futures[future]] = future.result()
             bar.update()
     bar.close()
+    results = [by_layer[layer] for layer in range(n_layers)]
     return PolicyPass(
         policy=policy,
         prompt_len=trace.prompt_len,

@@ -155,7 +155,7 @@ class Replay:
         """A layer's dense time split around attention: (QKV projection, Q's part of it, output
         projection + MLP), in us."""
         target = self.setup.target
-        dense = dense_layer_us(target.params_per_layer, self.compute, self.dram)
+        dense = float(dense_layer_us(target.params_per_layer, self.compute, self.dram))
         # The QKV projection runs before attention; its share of a block's weights is
         # hidden * (n_q + 2 n_kv) * head_dim with hidden = n_q * head_dim.
         hidden = target.n_q_heads * target.head_dim
@@ -250,6 +250,7 @@ class Replay:
         """Every ``access`` then ``insert`` the replay will make on ``layer``'s cache, in order
         (the same ``now`` and positions as :meth:`_issue_reads` and :meth:`_append`)."""
         heads = self._selection(layer).heads
+        assert heads is not None  # only resident layers (heads=None) have no cache
         per_head = [heads[self.head_map[h]] for h in range(self.n_heads)]
         accesses: list[tuple[int, list[np.ndarray]]] = []
         for step in range(self.pp.decode_steps):
@@ -264,13 +265,21 @@ class Replay:
         """The selection simulated ``layer`` replays (its trace layer's)."""
         return self.pp.selections[self.layer_map[layer]]
 
-    def _index_vectors(self, layer: int, step: int) -> np.integer:
+    def _index_vectors(self, layer: int, step: int) -> int:
         """Index vectors simulated ``layer`` scores at ``step``, over its KV heads."""
-        return self._selection(layer).index_vectors[self.head_map, step].sum()
+        return int(self._selection(layer).index_vectors[self.head_map, step].sum())
+
+    def _cache(self, layer: int) -> LayerCache:
+        """The cache of ``layer``, a layer that has one (not resident: its read timing is not
+        :attr:`ReadTiming.NONE`); only such layers look up, read, append or swap."""
+        cache = self.caches[layer]
+        assert cache is not None, f"layer {layer} is resident: it has no cache"
+        return cache
 
     def _resident(self, layer: int) -> list[np.ndarray]:
         """``layer``'s resident positions per KV head (a swap snapshot, see :meth:`_swap_out`)."""
-        return [self.caches[layer].resident(h) for h in range(self.n_heads)]
+        cache = self._cache(layer)
+        return [cache.resident(h) for h in range(self.n_heads)]
 
     def _count_runs(self, run_entries: np.ndarray) -> None:
         counts = np.bincount(run_entries)
@@ -284,7 +293,9 @@ class Replay:
         """Cache lookup and flash reads of one layer; returns the read event, entries attended."""
         col = self.col
         selection = self._selection(layer)
-        per_head = [selection.heads[self.head_map[h]].at(step) for h in range(self.n_heads)]
+        heads = selection.heads
+        assert heads is not None  # a layer that reads is not resident, so it selects per head
+        per_head = [heads[self.head_map[h]].at(step) for h in range(self.n_heads)]
         lookups = per_head
         if selection.extra_reads is not None:
             # loaded into DRAM (e.g. to split a cluster) but not attended
@@ -293,7 +304,7 @@ class Replay:
                 for h, attended in enumerate(per_head)
             ]
             rec[col["extra_entries"]] += sum(len(x) for x in lookups) - sum(map(len, per_head))
-        cache = self.caches[layer]
+        cache = self._cache(layer)
         before = (cache.hits, cache.misses, cache.streamed)
         misses = cache.access(lookups, step * self.n_layers + layer)
         rec[col["hits"]] += cache.hits - before[0]
@@ -385,7 +396,7 @@ class Replay:
 
     def _swap_out(self, layer: int, before: list[np.ndarray], rec: np.ndarray) -> None:
         """Write the entries that became resident during the layer to its swap area."""
-        cache = self.caches[layer]
+        cache = self._cache(layer)
         new = sum(
             len(np.setdiff1d(cache.resident(head), old, assume_unique=True))
             for head, old in enumerate(before)
@@ -401,7 +412,7 @@ class Replay:
         position = self.pp.prompt_len + step
         groups = selection.append_groups
         now = step * self.n_layers + layer
-        cache = self.caches[layer]
+        cache = self._cache(layer)
         track_groups = groups is not None and cache.replacement.uses_groups
         # (head, slots to write now): the new token's, or a write buffer's full page
         writes = []
@@ -409,6 +420,7 @@ class Replay:
             group = None if groups is None else int(groups[self.head_map[head], step])
             writes.append((head, layout.due_writes(layout.place_append(position, group))))
             if track_groups:
+                assert group is not None  # track_groups: the selection has groups
                 cache.assign_groups(head, np.array([position]), group, now)
         relabels = self.relabels_at[layer].get(step)
         if relabels:
@@ -583,6 +595,7 @@ class Replay:
         cache = self.caches[layer]
         if cache is not None:
             self._append(step, layer, rec)
+            assert reads is not None  # a layer with a cache issues reads at every timing
             if reads.before is not None:
                 self._swap_out(layer, reads.before, rec)
         if self.swap:

@@ -37,7 +37,7 @@ class ReferenceDynaKV(DynaKV):
         state = _RefClusters(space, keys, capacity=n0 + 1 + 2 * n_steps + 2, sink_id=n0)
         state.init_prefill(prefill_lab, sinks, prompt)
         tau = float(np.quantile(state.m2[:n0] / state.n[:n0], self.tau_quantile))
-        run = _HeadRun(prefill_groups=state.labels[:prompt].copy())
+        prefill_groups = state.labels[:prompt].copy()
         if not self.adaptation:
             # Static update as static_clusters computes it (fixed centroids and
             # representatives), batched: nothing depends on the order of the joins.
@@ -45,7 +45,7 @@ class ReferenceDynaKV(DynaKV):
             centroids = state.csum[:n0] / size[:, None]
             state.labels[prompt:] = nearest_centroid(space[prompt:], centroids)
             static_scores = group_query @ (state.rsum[:n0] / size[:, None]).T
-        run.append_groups = state.labels[prompt:].copy()
+        run = _HeadRun(prefill_groups, state.labels[prompt:].copy())
 
         for s in range(n_steps):
             width = prompt + s

@@ -60,6 +60,7 @@ def _cluster_keys(trace: Any, layer: int, head: int, sinks: int) -> tuple[pd.Dat
 
 def _cluster_records(pp: Any, spec: RecordSpec, trace: Any) -> dict[str, Any]:
     layer, head = spec.cluster_layer, spec.cluster_kv_head
+    assert layer is not None  # extra_records only asks for cluster records when it is set
     if layer >= trace.model.n_layers:
         raise KvsimError(
             f"record.cluster_layer: {layer} >= the trace's {trace.model.n_layers} layers"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sim.config import CacheSpec, ExperimentConfig, PipelineSpec, load_model_geometry
 from sim.errors import ConfigError
@@ -165,6 +165,8 @@ def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
             key=f"path:{path.resolve()}", name=path.name, path=str(path.resolve()),
             prompt_len=trace.prompt_len,
         )
+    # TraceSpec holds exactly one of path and capture (validated when the config was loaded)
+    assert config.trace.capture is not None
     spec = config.trace.capture.model_dump()
     try:
         settings = CaptureSettings(**spec)
@@ -249,7 +251,7 @@ def _parameters(policy: Any) -> dict[str, Any]:
     return values
 
 
-def _override(model: type, base: Any, entry: Any, where: str) -> Any:
+def _override(model: type[BaseModel], base: Any, entry: Any, where: str) -> Any:
     """A policy entry's own ``cache`` / ``pipeline`` settings merged over the experiment's."""
     if entry is None:
         return base

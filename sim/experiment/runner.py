@@ -87,6 +87,7 @@ def obtain_traces(plan: Plan, progress: bool, log: Callable[[str], None]) -> dic
         if source.path is not None:
             paths[key] = source.path
             continue
+        assert source.capture is not None  # a TraceSource has a path or capture settings
         settings = CaptureSettings(**source.capture)
         cached = (cache_dir / settings.key()).exists()
         if not cached:

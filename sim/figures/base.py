@@ -42,7 +42,7 @@ class Results:
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise KvsimError(f"{summary_path}: unreadable ({exc})") from None
         experiment_path = directory / EXPERIMENT
-        experiment = {}
+        experiment: dict[str, Any] = {}
         if experiment_path.exists():
             experiment = yaml.safe_load(experiment_path.read_text()) or {}
         return cls(directory, summary, experiment)

@@ -383,6 +383,7 @@ class Coretrieval(Figure):
         fig.suptitle(f"{short_trace(name)}: layer {table[0]['layer']}, KV head "
                      f"{table[0]['kv_head']}, {table[0]['queries']} prompt queries\n"
                      "%: share of co-retrievals between neighbouring clusters", fontsize=7)
+        assert image is not None  # _runs_with found a run with the matrix: a panel was drawn
         bar = fig.colorbar(image, ax=axes, shrink=0.8, pad=0.02)
         bar.set_label("co-retrievals per query (sqrt scale)")
         bar.ax.tick_params(labelsize=6)

@@ -223,7 +223,9 @@ def short(axis: str) -> str:
 
 def key_label(values: Iterable[Any], columns: list[str]) -> str:
     """``dynakv, replacement=lru`` for the values of ``[run, cache.replacement]``."""
-    parts, on, off = [], [], []
+    parts: list[str] = []
+    on: list[str] = []
+    off: list[str] = []
     for column, value in zip(columns, values, strict=True):
         if isinstance(value, float) and math.isnan(value):
             continue

@@ -44,6 +44,7 @@ import numpy as np
 import simpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from simpy.events import Timeout
+from simpy.resources.resource import Request
 
 
 class FlashParams(BaseModel):
@@ -275,7 +276,7 @@ class ResourceFlash(_FlashBase):
         self.env.process(self._run(slot, latency_us, transfer_us, batch))
 
     def _run(
-        self, slot: simpy.Event, latency_us: float, transfer_us: float, batch: _Batch
+        self, slot: Request, latency_us: float, transfer_us: float, batch: _Batch
     ) -> Generator[simpy.Event, Any, None]:
         yield slot
         with self.units.request() as unit:

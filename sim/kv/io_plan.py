@@ -64,15 +64,15 @@ def plan_reads(
     if slots.size <= _SMALL:
         keys = _small_keys(slots, regions)
         if keys is not None:
-            offsets, sizes, command_regions, run_entries = _small_commands(
+            offset_list, size_list, region_list, run_list = _small_commands(
                 keys, entry_bytes, page_size, max_io_bytes, runs=True
             )
             return ReadPlan(
-                command_bytes=np.array(sizes, dtype=np.int64),
+                command_bytes=np.array(size_list, dtype=np.int64),
                 useful_bytes=len(keys) * int(entry_bytes),
-                run_entries=np.array(run_entries, dtype=np.int64),
-                command_offset_bytes=np.array(offsets, dtype=np.int64),
-                command_regions=np.array(command_regions, dtype=np.int64),
+                run_entries=np.array(run_list, dtype=np.int64),
+                command_offset_bytes=np.array(offset_list, dtype=np.int64),
+                command_regions=np.array(region_list, dtype=np.int64),
             )
     slots, regions, steps = _sorted_unique(slots, regions)
     changes = None if regions is None else regions[1:] != regions[:-1]

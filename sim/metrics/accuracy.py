@@ -63,7 +63,8 @@ def layer_accuracy(
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
     q_per_kv = n_q // n_kv
     context = prompt_len + np.arange(n_steps)
-    if selection.is_full:
+    heads = selection.heads
+    if heads is None:  # selection.is_full
         # Full attention is the reference itself: exact by definition, no arithmetic needed.
         ones = np.ones((n_q, n_steps))
         return {
@@ -72,7 +73,6 @@ def layer_accuracy(
             "output_rel_error": np.zeros((n_q, n_steps)),
             "n_selected": np.broadcast_to(context, (n_q, n_steps)).astype(np.int64),
         }
-    heads = selection.heads
     if len(heads) != n_kv:
         raise ValueError(f"selection has {len(heads)} KV heads, trace layer has {n_kv}")
     counts = np.stack([_validated_counts(h, n_steps, prompt_len) for h in heads])  # (H_kv, S)
@@ -98,6 +98,7 @@ def layer_accuracy(
         w, norm, logits = decode_attention_weights(
             queries, k32, prompt_len, start, stop, out=buf_w, logits_out=buf_l, window=window
         )
+        assert logits is not None  # logits_out was given, so the logits are returned
         flat_rows, flat_pos = [], []  # per head: chunk row and position of every entry
         for h, sel in enumerate(heads):
             lo, hi = sel.offsets[start], sel.offsets[stop]
@@ -205,7 +206,7 @@ def _topk_recall(
     flat = logits.reshape(n_kv * q_per_kv * steps, width)
     row_k = np.repeat(k[:, None, :], q_per_kv, axis=1).reshape(-1)
     row_needed = np.repeat(needed[:, None, :], q_per_kv, axis=1).reshape(-1)
-    threshold = np.empty(flat.shape[0], np.float32)
+    threshold: np.ndarray = np.empty(flat.shape[0], np.float32)
     ks = np.unique(row_k[row_needed])
     if len(ks) == 1 and row_needed.all():
         # Common case (token budget, long context): partition the whole chunk in place.

@@ -82,6 +82,8 @@ def labels_after(
     """Group of every position ``[0, prompt_len + step]`` of KV ``head`` after decode ``step``
     (its token placed, its relabels applied); ``step = -1``: after prefill. ``-1`` marks
     positions in no group (sinks)."""
+    # The contract: ``selection`` is one with groups (callers check ``prefill_groups``).
+    assert selection.prefill_groups is not None and selection.append_groups is not None
     labels = np.asarray(selection.prefill_groups[head], dtype=np.int64)
     if step >= 0:
         labels = np.concatenate([labels, selection.append_groups[head][: step + 1]])
@@ -111,6 +113,9 @@ def update_retrieval(
     """
     if selection.prefill_groups is None or selection.append_groups is None or not horizon:
         return None
+    # A policy that groups entries selects per KV head (only full attention has heads=None,
+    # and it has no groups).
+    assert selection.heads is not None
     n_heads, steps = selection.append_groups.shape
     counts = np.zeros(horizon + 1, dtype=np.int64)
     for head in range(n_heads):

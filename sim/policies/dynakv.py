@@ -164,7 +164,7 @@ class DynaKV(ClusteredPolicy):
         space64 = space.astype(np.float64)  # what the statistics are computed in
         state.init_prefill(prefill_lab, sinks, prompt, space64)
         tau = float(np.quantile(state.m2[:n0] / state.n[:n0], self.tau_quantile))
-        run = _HeadRun(prefill_groups=state.labels[:prompt].copy())
+        prefill_groups = state.labels[:prompt].copy()
         if not self.adaptation:
             # Static update as static_clusters computes it (fixed centroids and
             # representatives), batched: nothing depends on the order of the joins.
@@ -176,7 +176,7 @@ class DynaKV(ClusteredPolicy):
             static_scores = np.concatenate(
                 (static_scores, np.full((n_steps, 1), -np.inf)), axis=1
             )
-        run.append_groups = state.labels[prompt:].copy()
+        run = _HeadRun(prefill_groups, state.labels[prompt:].copy())
         append_groups = run.append_groups
         buffers = state.buffers
         selected_steps, n_clusters, extra_steps = run.selected, run.n_clusters, run.extra
@@ -214,12 +214,16 @@ class DynaKV(ClusteredPolicy):
             state.add_member(j, new)
             if variance <= tau:
                 state.append(j, new, deviation)
-            elif active[j]:
-                self._split(state, run, j, s, new)
             else:
-                buffers.setdefault(j, []).append(new)
+                assert active is not None  # computed above: variance > tau
+                if active[j]:
+                    self._split(state, run, j, s, new)
+                else:
+                    buffers.setdefault(j, []).append(new)
             if not buffers:
                 continue
+            # buffers were non-empty before the placement or variance > tau: computed above
+            assert active is not None
             # (3) delayed splits of the loaded clusters.
             for c in sorted(buffers):
                 if active[c]:
@@ -351,14 +355,15 @@ _NO_READS = np.zeros(0, np.int32)  # shared by the steps without forced reads (n
 
 @dataclass
 class _HeadRun:
-    """One KV head's outputs, per decode step."""
+    """One KV head's outputs: its groups as first assigned (prefill positions, decode tokens),
+    then per decode step its selections, cluster counts, forced reads and relabels."""
 
+    prefill_groups: np.ndarray
+    append_groups: np.ndarray
     selected: list[np.ndarray] = field(default_factory=list)
     n_clusters: list[int] = field(default_factory=list)
     extra: list[np.ndarray] = field(default_factory=list)
     relabels: list[Relabel] = field(default_factory=list)
-    prefill_groups: np.ndarray | None = None
-    append_groups: np.ndarray | None = None
 
 
 class _Clusters:

@@ -190,4 +190,5 @@ def lut_scores(queries: np.ndarray, books: list[np.ndarray], codes: np.ndarray) 
         table = q @ book.T  # (..., k_m)
         part = np.take(table, codes[:, m], axis=-1)
         out = part if out is None else np.add(out, part, out=out)
+    assert out is not None  # np.split above fails on zero codebooks, so the loop ran
     return out

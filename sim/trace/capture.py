@@ -318,7 +318,8 @@ def load_model(name: str, cache_dir: Path | None = None, progress: bool = True) 
         transformers.utils.logging.disable_progress_bar()
         if gguf_tqdm is not None:
             # the GGUF dequantizer uses a bare tqdm that the logging switch does not reach
-            gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+            # (ignore: import_module gives a bare ModuleType; getattr above found the attribute)
+            gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)  # type: ignore[attr-defined]
     else:
         print(f"kvsim: loading {name} from {gguf_file} (dequantizing, ~20-50 s)", file=sys.stderr)
     start_s = time.perf_counter()
@@ -338,7 +339,7 @@ def load_model(name: str, cache_dir: Path | None = None, progress: bool = True) 
         if not progress:
             transformers.utils.logging.enable_progress_bar()
             if gguf_tqdm is not None:
-                gguf_utils.tqdm = gguf_tqdm
+                gguf_utils.tqdm = gguf_tqdm  # type: ignore[attr-defined]  # bare ModuleType
     model.eval()
     loaded = LoadedModel(
         spec, model, tokenizer, model_dir / gguf_file, time.perf_counter() - start_s

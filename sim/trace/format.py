@@ -500,9 +500,9 @@ class TraceWriter:
         speculative = _speculative_names(self._allowed)
         done = [name for name in speculative if name in written]
         if done and len(done) != len(speculative):
-            missing = next(name for name in speculative if name not in written)
+            absent = next(name for name in speculative if name not in written)
             raise TraceError(
-                f"{self._where}: {missing} was never written (speculative queries are stored for "
+                f"{self._where}: {absent} was never written (speculative queries are stored for "
                 "every layer >= 1 or for none); nothing was saved"
             )
         # keep the files dict in canonical order (tokens, then layer by layer)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, SupportsInt
 
 import numpy as np
 
@@ -119,7 +119,7 @@ class DualHeadLayout(FlashLayout):
     _pools: list[_Pool] = field(init=False, repr=False, default_factory=list)
     _gid_of: np.ndarray = field(init=False, repr=False)
     _gid: dict = field(init=False, repr=False, default_factory=dict)  # label -> group id
-    _home: list[tuple[int, str]] = field(init=False, repr=False, default_factory=list)
+    _home: list[tuple[int, str] | None] = field(init=False, repr=False, default_factory=list)
     _size: list[int] = field(init=False, repr=False, default_factory=list)
     _pool_entries: int = field(init=False, repr=False, default=1)
     _next_start: int = field(init=False, repr=False, default=0)
@@ -253,15 +253,18 @@ class DualHeadLayout(FlashLayout):
         self._gid_of[position] = g
         self._size[g] += 1
         rewritten = None
-        if self._home[g] is None:
+        home = self._home[g]
+        if home is None:
             self._settle(g, np.zeros(0, dtype=np.int64), extra=1)
-        elif self._pools[self._home[g][0]].free == 0:
+        elif self._pools[home[0]].free == 0:
             members = np.flatnonzero(self._gid_of[:position] == g)
             self._buffers.pop(g, None)
             left = self._leave(g)
             self._settle(g, members, extra=1, exclude=left)
             rewritten = self._slot_of[members]
-        pool_index, side = self._home[g]
+        home = self._home[g]
+        assert home is not None  # g had a home or one of the branches above settled it
+        pool_index, side = home
         # _occupy(pool_index, side, g, 1) with Python ints (once per decode token and head)
         pool = self._pools[pool_index]
         if pool.free < 1:
@@ -279,7 +282,7 @@ class DualHeadLayout(FlashLayout):
 
     # ------------------------------------------------------------------ helpers
 
-    def _group_id(self, label: object) -> int:
+    def _group_id(self, label: SupportsInt | None) -> int:
         label = None if label is None else int(label)
         g = self._gid.get(label)
         if g is None:
@@ -345,9 +348,10 @@ class DualHeadLayout(FlashLayout):
 
     def _leave(self, g: int) -> int | None:
         """Group ``g`` leaves its pool's head; returns that pool's index (``None``: no home)."""
-        if self._home[g] is None:
+        home = self._home[g]
+        if home is None:
             return None
-        pool_index, side = self._home[g]
+        pool_index, side = home
         self._pools[pool_index].vacate(side)
         self._home[g] = None
         return pool_index

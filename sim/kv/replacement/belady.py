@@ -75,7 +75,8 @@ class BeladyReplacement(ReplacementPolicy):
         self._next = self._uses[self._ptr].astype(np.int64)  # next-use rank of every entry
         self._never = np.int64(never)
         self._times = distinct
-        self._now, self._rank = None, -1
+        self._now: int | None = None  # the latest `now` seen (None: none yet)
+        self._rank = -1
 
     def _advance(self, flat: np.ndarray, last_rank: int) -> None:
         """Move the pointers of ``flat`` (distinct) past every use of rank <= ``last_rank`` and
