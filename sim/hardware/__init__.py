@@ -1,7 +1,8 @@
 """The simulated phone: UFS flash (SimPy), DRAM, and a roofline compute model.
 
 ``load_device("ufs40-flagship")`` gives a :class:`DeviceParams`; ``Flash(env, device.flash)``
-is the SimPy storage model; ``dense_layer_us`` / ``lm_head_us`` / ``scoring_us`` / ``attention_us`` cost compute.
+is the SimPy storage model; ``dense_layer_us`` / ``lm_head_us`` / ``scoring_us`` /
+``attention_us`` cost compute.
 """
 
 from __future__ import annotations

@@ -105,7 +105,9 @@ def lm_head_us(
     the vocabulary, both under 0.1% of the product. ``vocab_size == 0``: no LM head, 0 us.
     """
     if vocab_size < 0 or hidden_size < 0:
-        raise ValueError(f"vocab_size and hidden_size must be >= 0, got {vocab_size}, {hidden_size}")
+        raise ValueError(
+            f"vocab_size and hidden_size must be >= 0, got {vocab_size}, {hidden_size}"
+        )
     if vocab_size == 0:
         return 0.0
     weights = float(vocab_size) * hidden_size
