@@ -31,9 +31,20 @@ KV_DTYPE_BYTES: dict[str, float] = {
 class ModelGeometry:
     """Shape of a decoder-only transformer as far as the KV cache and decode cost care.
 
-    ``params_per_layer`` is the weight count of one transformer block (attention + MLP), used by
-    the dense-compute model; 0 means "derive from hidden sizes" is not possible, so the dense part
-    then costs nothing (only for traces whose manifests lack it).
+    ``params_per_layer`` is the weight count of one transformer block, used by the dense-compute
+    model. For the Llama / Qwen2 blocks of ``configs/models``:
+    ``hidden * (n_q * head_dim) + 2 * hidden * (n_kv * head_dim)`` (q, k, v)
+    ``+ (n_q * head_dim) * hidden`` (o) ``+ 3 * hidden * intermediate`` (gate, up, down)
+    ``+ 2 * hidden`` (the two RMSNorms) ``[+ n_q * head_dim + 2 * n_kv * head_dim]`` (q, k, v
+    biases, Qwen2 only: ``qkv_bias``). 0 means unknown: the blocks then cost nothing (only for
+    traces whose manifests lack it; an experiment refuses such a target).
+
+    ``vocab_size`` and ``hidden_size`` size the LM head, charged once per decode token
+    (:func:`sim.hardware.compute.lm_head_us`). The rule: a geometry without a vocabulary
+    (``vocab_size == 0``) has no LM head. ``hidden_size == 0`` means ``n_q_heads * head_dim``
+    (true of every configured model; Gemma 3 is an architecture where it is not).
+    ``intermediate_size`` and ``qkv_bias`` only document ``params_per_layer`` (the cost model
+    does not read them; ``tests/test_compute_model.py`` checks the formula above against them).
     """
 
     name: str
@@ -42,6 +53,10 @@ class ModelGeometry:
     n_kv_heads: int
     head_dim: int
     params_per_layer: int = 0
+    hidden_size: int = 0
+    vocab_size: int = 0
+    intermediate_size: int = 0
+    qkv_bias: bool = False
 
     def __post_init__(self) -> None:
         for field in ("n_layers", "n_q_heads", "n_kv_heads", "head_dim"):
@@ -51,8 +66,14 @@ class ModelGeometry:
             raise ValueError(
                 f"n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
-        if self.params_per_layer < 0:
-            raise ValueError(f"params_per_layer must be >= 0, got {self.params_per_layer}")
+        for field in ("params_per_layer", "hidden_size", "vocab_size", "intermediate_size"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+
+    @property
+    def hidden(self) -> int:
+        """The residual stream's width: ``hidden_size``, or ``n_q_heads * head_dim`` if unset."""
+        return self.hidden_size or self.n_q_heads * self.head_dim
 
     @property
     def queries_per_kv_head(self) -> int:

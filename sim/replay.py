@@ -4,7 +4,8 @@ For every decode step and every layer of the simulated model:
 
 ``dense (QKV projection) -> index scoring -> cache lookup -> flash reads -> attention over the
 selected entries -> append the new token's K/V (written to flash, not awaited) -> dense (output
-projection + MLP)``
+projection + MLP)``, and after the last layer, once per token, the final norm and the LM head
+(:func:`sim.hardware.compute.lm_head_us`; none for a target without a vocabulary).
 
 Reads of a policy whose selection does not need the current query are issued at the start of
 the layer and overlap the QKV projection and scoring; otherwise they start after scoring. A
@@ -46,6 +47,7 @@ from sim.hardware import (
     Flash,
     attention_us,
     dense_layer_us,
+    lm_head_us,
     scoring_us,
 )
 from sim.kv.cache import LayerCache
@@ -131,6 +133,8 @@ class Replay:
         self.max_io_bytes = flash_params.max_io_bytes
         self.n_positions = pp.prompt_len + pp.decode_steps
         self.dense_pre_us, self.dense_q_us, self.dense_post_us = self._dense_split()
+        # once per token, after the last layer: final norm + LM head (none without a vocab)
+        self.lm_head_us = lm_head_us(target.vocab_size, target.hidden, self.compute, self.dram)
         self.caches, self.layouts = self._caches_and_layouts()
         self.relabels_at = self._relabel_events()
         self.read_timing = [self._read_timing(layer) for layer in range(self.n_layers)]
@@ -157,9 +161,8 @@ class Replay:
         target = self.setup.target
         dense = float(dense_layer_us(target.params_per_layer, self.compute, self.dram))
         # The QKV projection runs before attention; its share of a block's weights is
-        # hidden * (n_q + 2 n_kv) * head_dim with hidden = n_q * head_dim.
-        hidden = target.n_q_heads * target.head_dim
-        qkv_params = hidden * (target.n_q_heads + 2 * target.n_kv_heads) * target.head_dim
+        # hidden * (n_q + 2 n_kv) * head_dim (hidden: hidden_size, else n_q * head_dim).
+        qkv_params = target.hidden * (target.n_q_heads + 2 * target.n_kv_heads) * target.head_dim
         share = min(1.0, qkv_params / target.params_per_layer) if target.params_per_layer else 0.0
         pre_us = dense * share
         # Q's part of the QKV projection (for overlap_transfer, which splits it from K/V's)
@@ -673,6 +676,8 @@ class Replay:
                     self._swap_in(step, 0)
             for layer in range(self.n_layers):
                 yield from self._layer(step, layer, rec)
+            if self.lm_head_us:  # counted in dense_us
+                yield from self._dense(self.lm_head_us, rec)
             rec[col["latency_us"]] = self.env.now - started
             rec[col["dram_bytes"]] = self._dram_bytes(step)
             if on_step:

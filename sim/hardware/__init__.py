@@ -1,7 +1,8 @@
 """The simulated phone: UFS flash (SimPy), DRAM, and a roofline compute model.
 
 ``load_device("ufs40-flagship")`` gives a :class:`DeviceParams`; ``Flash(env, device.flash)``
-is the SimPy storage model; ``dense_layer_us`` / ``scoring_us`` / ``attention_us`` cost compute.
+is the SimPy storage model; ``dense_layer_us`` / ``lm_head_us`` / ``scoring_us`` /
+``attention_us`` cost compute.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from sim.hardware.compute import (
     ComputeParams,
     attention_us,
     dense_layer_us,
+    lm_head_us,
     roofline_us,
     scoring_us,
 )
@@ -26,6 +28,7 @@ __all__ = [
     "ResourceFlash",
     "attention_us",
     "dense_layer_us",
+    "lm_head_us",
     "load_device",
     "preset_names",
     "read_bandwidth_curve",

@@ -307,7 +307,7 @@ def _validate_manifest(manifest: Any, where: str) -> ModelGeometry:
     missing = [key for key in _REQUIRED_MODEL_KEYS if key not in model]
     if missing:
         raise TraceError(f"{bad}: model lacks key(s) {', '.join(missing)}")
-    for key in (*_REQUIRED_MODEL_KEYS[1:], "params_per_layer"):
+    for key in (*_REQUIRED_MODEL_KEYS[1:], "params_per_layer", "hidden_size", "vocab_size"):
         if key in model and not _is_int(model[key]):
             raise TraceError(f"{bad}: model.{key} must be an integer, got {model[key]!r}")
     try:
@@ -318,6 +318,8 @@ def _validate_manifest(manifest: Any, where: str) -> ModelGeometry:
             n_kv_heads=model["n_kv_heads"],
             head_dim=model["head_dim"],
             params_per_layer=model.get("params_per_layer", 0) or 0,
+            hidden_size=model.get("hidden_size", 0) or 0,
+            vocab_size=model.get("vocab_size", 0) or 0,
         )
     except ValueError as exc:
         raise TraceError(f"{bad}: impossible model geometry ({_one_line(exc)})") from None
