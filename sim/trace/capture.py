@@ -416,12 +416,12 @@ class _Recorder:
         streams: dict[tuple[int, str], ArrayStream],
         query_start: int,
         speculative_start: int,
-        flush_positions: int = FLUSH_POSITIONS,
+        flush_positions: int | None = None,
     ) -> None:
         self.streams = streams
         self.query_start = query_start
         self.speculative_start = speculative_start  # first position with speculative queries
-        self.flush_positions = flush_positions
+        self.flush_positions = flush_positions if flush_positions is not None else FLUSH_POSITIONS
         self.position = 0  # position of the first token of the current forward pass
         # (layer, kind) -> (index in the file of the first pending position, pending blocks)
         self._pending: dict[tuple[int, str], tuple[int, list[np.ndarray]]] = {}
