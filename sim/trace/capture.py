@@ -7,9 +7,13 @@ function, registered under one name in both ``AttentionInterface`` and ``Attenti
 and the new key/value slice of every layer and then calls the stock sdpa attention, so the
 model computes exactly what it computes without us. The prompt (the first ``prompt_len`` tokens
 of the tokenised text, no chat template, the tokenizer's own special-token behaviour) runs as
-one prefill pass with ``logits_to_keep=1`` (full-vocabulary logits for every position would
-take GBs), then ``decode_steps`` greedy steps with a ``DynamicCache`` under
-``torch.inference_mode()``. Greedy decoding never stops early (EOS is just another token).
+one prefill pass (or passes of ``prefill_chunk`` positions) with ``logits_to_keep=1``
+(full-vocabulary logits for every position would take GBs), then ``decode_steps`` steps under
+``torch.inference_mode()``, each token chosen greedily or by seeded sampling (``mode:
+generate``); or every position is read from the text in chunked prefill passes (``mode:
+teacher_forced``). Decoding never stops early (EOS is just another token). The KV cache is
+allocated once (:func:`make_cache`) and the records stream to the trace files
+(:class:`_Recorder`), so neither per-step copies nor memory grow with the trace.
 
 Speculative queries (for InfiniGen-style policies): a forward pre-hook on every layer's attention
 module sees its input (the input_layernorm output) and its RoPE tables. At each decode step, layer
@@ -17,8 +21,8 @@ module sees its input (the input_layernorm output) and its RoPE tables. At each 
 (:func:`project_query`: q_proj, q_norm if the model has one, layer ``l``'s RoPE at the same
 position) and records it; the trace stores these next to the true queries.
 
-Decode step ``s`` feeds the token at position ``prompt_len + s`` (the argmax after the previous
-step), so the trace holds ``prompt_len + decode_steps`` positions.
+Decode step ``s`` feeds the token at position ``prompt_len + s`` (the one chosen after the
+previous step, or the text's), so the trace holds ``prompt_len + decode_steps`` positions.
 
 torch and transformers are imported lazily: importing this module costs nothing, and a missing
 ``capture`` extra surfaces as one-line CaptureError.
