@@ -64,6 +64,12 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             decode_steps=args.decode_steps,
             queries=args.queries,
             seed=args.seed,
+            mode=args.mode,
+            sampling=args.sampling,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            prefill_chunk=args.prefill_chunk,
         )
     except (TypeError, ValueError) as exc:
         raise KvsimError(f"capture: {exc}") from None
@@ -86,7 +92,46 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         f"{trace.decode_steps} decode positions; {trace.size_bytes / 2**20:.1f} MiB"
         + ("; checksums OK" if args.action == "verify" else "")
     )
+    decode_line = _describe_decode(trace.manifest.get("capture", {}))
+    if decode_line:
+        print(decode_line)
     return 0
+
+
+def _describe_decode(capture: dict) -> str:
+    """One line on how the decode steps' tokens were chosen and whether they degenerated
+    (manifests from before the sampling settings say greedy and carry no statistic)."""
+    decode = capture.get("decode") or {}
+    if not decode:
+        return ""
+    sampling = decode.get("sampling") or {}
+    method = sampling.get("method", "greedy" if decode.get("greedy") else "unknown")
+    if method == "sample":
+        how = (
+            f"sampled (temperature {sampling.get('temperature')}, top_p {sampling.get('top_p')}, "
+            f"seed {sampling.get('seed')})"
+        )
+    elif method == "teacher_forced":
+        how = "teacher-forced (the text's tokens)"
+    else:
+        how = method
+    penalty = sampling.get("repetition_penalty", 1.0)
+    if penalty not in (None, 1.0) and method != "teacher_forced":
+        how += f", repetition_penalty {penalty}"
+    line = f"  decode: mode {capture.get('mode', 'generate')}, {how}"
+    stats = decode.get("degeneration")
+    if stats:
+        share = stats.get("distinct_4gram_share")
+        line += (
+            f"; distinct 4-grams {'n/a' if share is None else f'{100 * share:.1f}%'}"
+            f", longest repeated span {stats.get('longest_repeated_span')} tokens"
+        )
+        if share is not None and share < 0.5:
+            line += " (the decode looped: most 4-grams repeat)"
+    rate = capture.get("decode_tokens_per_s")
+    if rate:
+        line += f"; {rate:.1f} tok/s"
+    return line
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -158,7 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="store queries of every position or of decode steps only",
     )
-    cap.add_argument("--seed", type=int, default=0)
+    cap.add_argument("--seed", type=int, default=0, help="seeds the sampling (sample)")
+    cap.add_argument(
+        "--mode",
+        choices=["generate", "teacher_forced"],
+        default="generate",
+        help="generate: the model chooses the decode tokens; teacher_forced: read "
+        "prompt_len + decode_steps tokens of the text in chunked prefill passes (fast)",
+    )
+    cap.add_argument("--sampling", choices=["greedy", "sample"], default="greedy")
+    cap.add_argument("--temperature", type=float, default=1.0, help="> 0 (sample only)")
+    cap.add_argument("--top-p", type=float, default=1.0, help="in (0, 1] (sample only)")
+    cap.add_argument("--repetition-penalty", type=float, default=1.0, help=">= 1")
+    cap.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="positions per prefill pass (default: the whole prompt; 512 for teacher_forced)",
+    )
     cap.add_argument("--out", help="write here instead of the trace cache")
     cap.set_defaults(func=_cmd_capture)
 

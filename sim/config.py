@@ -47,7 +47,10 @@ def parse_size_bytes(value: int | float | str) -> int:
 
 
 class CaptureSpec(BaseModel):
-    """Which real trace to use: captured on demand from these settings and cached."""
+    """Which real trace to use: captured on demand from these settings and cached (the fields
+    of :class:`sim.trace.capture.CaptureSettings`, which also checks their combinations:
+    temperature/top_p only with ``sampling: sample``, sampling only with ``mode: generate``,
+    prompt_len + decode_steps within the model's context)."""
 
     model_config = _STRICT
     model: str = "smollm2-135m"
@@ -55,6 +58,13 @@ class CaptureSpec(BaseModel):
     prompt_len: int = Field(2048, ge=1)
     decode_steps: int = Field(128, ge=1)
     queries: Literal["all", "decode"] = "all"
+    seed: int = Field(0, ge=0)
+    mode: Literal["generate", "teacher_forced"] = "generate"
+    sampling: Literal["greedy", "sample"] = "greedy"
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, ge=1, allow_inf_nan=False)
+    prefill_chunk: int | None = Field(None, ge=1)
 
 
 class TraceSpec(BaseModel):

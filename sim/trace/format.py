@@ -405,6 +405,84 @@ def _validate_files(path: Path, manifest: dict[str, Any], model: ModelGeometry, 
             )
 
 
+class ArrayStream:
+    """One ``.npy`` file of a :class:`TraceWriter`, filled block by block along axis 1 (the
+    positions) instead of from one array in RAM.
+
+    The file is created at its full size once (header + a sparse data area) and each
+    :meth:`write` stores one block of positions straight into it with ``os.pwrite``, one
+    contiguous run per row (head): the data is ``(rows, n_positions, cols)`` in C order, so
+    position ``p`` of row ``h`` is at byte ``data_offset + ((h * n_positions) + p) * cols *
+    itemsize``. Nothing but the file descriptor and a one-byte-per-position "written" mask is
+    kept, so memory does not grow with the trace. Every position must be written exactly once
+    before the writer finishes (checked); values are converted to the file's dtype and checked
+    finite block by block, as :meth:`TraceWriter.write_layer` checks whole arrays.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
+        if len(shape) != 3:
+            raise ValueError(f"ArrayStream needs a 3-D shape, got {shape}")
+        self.path, self.shape, self.dtype, self._where = path, shape, dtype, where
+        self._written = np.zeros(shape[1], dtype=bool)
+        with open(path, "wb") as f:
+            npy_format.write_array_header_1_0(
+                f, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False,
+                    "shape": shape}
+            )  # fmt: skip
+            self.data_offset = f.tell()
+            f.truncate(self.data_offset + math.prod(shape) * dtype.itemsize)
+        self._fd: int | None = os.open(path, os.O_WRONLY)
+
+    @property
+    def complete(self) -> bool:
+        """Every position has been written."""
+        return bool(self._written.all())
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Store ``block`` (rows, n, cols) as positions ``[start, start + n)``."""
+        if self._fd is None:
+            raise TraceError(f"{self._where}: {self.path.name} is already closed")
+        rows, n_positions, cols = self.shape
+        block = np.asarray(block)
+        if block.ndim != 3 or block.shape[0] != rows or block.shape[2] != cols:
+            raise TraceError(
+                f"{self._where}: {self.path.name} block has shape {list(block.shape)}, expected "
+                f"[{rows}, n, {cols}]"
+            )
+        n = block.shape[1]
+        if not (0 <= start and start + n <= n_positions):
+            raise TraceError(
+                f"{self._where}: {self.path.name} block [{start}, {start + n}) is outside "
+                f"[0, {n_positions})"
+            )
+        if self._written[start : start + n].any():
+            raise TraceError(
+                f"{self._where}: {self.path.name} positions [{start}, {start + n}) overlap "
+                "positions already written"
+            )
+        with np.errstate(over="ignore"):
+            stored = np.ascontiguousarray(block, dtype=self.dtype)
+        if not np.isfinite(stored).all():
+            raise TraceError(
+                f"{self._where}: {self.path.name} has non-finite values after conversion to "
+                f"{STORED_DTYPE} (overflow beyond 65504?)"
+            )
+        row_bytes = n_positions * cols * self.dtype.itemsize
+        first = self.data_offset + start * cols * self.dtype.itemsize
+        for row in range(rows):
+            data = stored[row].tobytes()
+            offset = first + row * row_bytes
+            while data:  # pwrite may write less than asked
+                done = os.pwrite(self._fd, data, offset)
+                data, offset = data[done:], offset + done
+        self._written[start : start + n] = True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class TraceWriter:
     """Writes a trace atomically: into a hidden temp dir next to ``path``, renamed on success.
 
@@ -414,6 +492,10 @@ class TraceWriter:
             w.write_tokens(tokens)
             for layer in range(n_layers):
                 w.write_layer(layer, keys, values, queries)  # + speculative_queries (l >= 1)
+
+    Long captures stream instead: ``w.stream(layer, kind)`` returns an :class:`ArrayStream`
+    that takes the positions block by block (``stream.write(start, block)``), so no layer is
+    ever held whole in RAM; the checksums are computed from the files at the end.
 
     On a clean exit every layer and the tokens must have been written (the optional speculative
     queries for every layer >= 1 or for none); the manifest (with
@@ -465,6 +547,7 @@ class TraceWriter:
         )
         self._overwrite = overwrite
         self._tmp: Path | None = None
+        self._streams: dict[str, ArrayStream] = {}
 
     def __enter__(self) -> TraceWriter:
         if self.path.exists() and not self._overwrite:
@@ -485,7 +568,10 @@ class TraceWriter:
         if tmp is None:
             return
         try:
+            for stream in self._streams.values():
+                stream.close()
             if exc_type is None:
+                self._finish_streams()
                 self._finish(tmp)
         finally:
             if tmp.exists():
@@ -531,9 +617,51 @@ class TraceWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
+    def stream(self, layer: int, kind: str) -> ArrayStream:
+        """An :class:`ArrayStream` for one layer file (``kind``: ``keys``, ``values``,
+        ``queries`` or ``spec_queries``), to be filled block by block along the positions axis
+        (for queries, index ``j`` is position ``query_start + j``; for speculative queries, ``s``
+        is decode step ``s``). Each file is either streamed or written whole, once."""
+        if self._tmp is None:
+            raise RuntimeError("TraceWriter must be used as a context manager (with ...:)")
+        self._check_layer(layer)
+        name = layer_file(layer, kind)
+        if name not in self._allowed:
+            raise TraceError(f"{self._where}: no file {name} in a trace of this shape")
+        if name in self._streams or name in self.manifest["files"]:
+            raise TraceError(f"{self._where}: {name} is already being written")
+        shape, dtype = self._allowed[name]
+        self._streams[name] = ArrayStream(self._tmp / name, shape, dtype, self._where)
+        return self._streams[name]
+
+    def _finish_streams(self) -> None:
+        """Check every stream is complete; record its checksum like a file written whole."""
+        for name, stream in self._streams.items():
+            if not stream.complete:
+                missing = int((~stream._written).sum())
+                raise TraceError(
+                    f"{self._where}: {name} has {missing} position(s) never written; nothing "
+                    "was saved"
+                )
+            self.manifest["files"][name] = {
+                "sha256": sha256_file(stream.path),
+                "bytes": stream.path.stat().st_size,
+                "shape": list(stream.shape),
+            }
+
+    def _check_layer(self, layer: int) -> None:
+        if not (_is_int(layer) or isinstance(layer, np.integer)) or not (
+            0 <= layer < self.geometry.n_layers
+        ):
+            raise TraceError(
+                f"{self._where}: layer {layer!r} out of range [0, {self.geometry.n_layers})"
+            )
+
     def _save(self, name: str, array: np.ndarray) -> None:
         if self._tmp is None:
             raise RuntimeError("TraceWriter must be used as a context manager (with ...:)")
+        if name in self._streams:
+            raise TraceError(f"{self._where}: {name} is being streamed; it cannot be saved whole")
         shape, dtype = self._allowed[name]
         if array.shape != shape:
             raise TraceError(
@@ -574,12 +702,7 @@ class TraceWriter:
         layers >= 1 only): (n_q_heads, decode_steps, head_dim). Raises TraceError on a shape
         mismatch or a value that overflows float16.
         """
-        if not (_is_int(layer) or isinstance(layer, np.integer)) or not (
-            0 <= layer < self.geometry.n_layers
-        ):
-            raise TraceError(
-                f"{self._where}: layer {layer!r} out of range [0, {self.geometry.n_layers})"
-            )
+        self._check_layer(layer)
         self._save(layer_file(layer, "keys"), np.asarray(keys))
         self._save(layer_file(layer, "values"), np.asarray(values))
         self._save(layer_file(layer, "queries"), np.asarray(queries))
