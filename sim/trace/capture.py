@@ -600,6 +600,7 @@ def _preallocated_layer_class() -> type:
         def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
+            assert self.keys is not None  # lazy_initialization made it a view of the buffer
             start = self.keys.shape[-2]
             end = start + key_states.shape[-2]
             if end > self.max_positions:
@@ -967,6 +968,7 @@ def capture(
                 recorder.flush()
                 prefill_s = time.perf_counter() - start_s
                 if next_token is not None:
+                    assert out is not None  # prefill_end >= prompt_len >= 1: a chunk ran
                     next_token.append(ids)
                     next_id = next_token(out.logits)
                     for step in range(decode_steps):
