@@ -217,11 +217,15 @@ class RetrievalPolicy(ABC):
     ``l`` (InfiniGen's speculation): the engine scores layer ``l + 1``'s index and issues its
     reads right after layer ``l``'s QKV projection; layer 0 is scored and read at its own
     scoring point. 0 (the default): each layer selects for itself.
+    ``needs_speculative_queries``: ``True`` for policies that read
+    ``LayerContext.speculative_queries`` (InfiniGen), so a trace split before its captured
+    prompt's end (which has none for the earlier decode steps) is refused before any work.
     """
 
     name: ClassVar[str]
     selection_needs_query: ClassVar[bool] = True
     selection_lead_layers: ClassVar[int] = 0
+    needs_speculative_queries: ClassVar[bool] = False
 
     @abstractmethod
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
@@ -252,6 +256,7 @@ def decode_attention_weights(
     out: np.ndarray | None = None,
     logits_out: np.ndarray | None = None,
     window: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Unnormalised exact softmax weights of decode steps ``[start, stop)``, all heads at once.
 
@@ -269,11 +274,14 @@ def decode_attention_weights(
     ``window``: a sliding-window layer's reference (see :meth:`LayerSelection.sliding_window`):
     step ``s`` sees only ``(P + s - window, P + s]``; earlier positions are treated like the
     future ones (logit -inf, weight exactly 0).
+    ``rows``: only these decode steps (ascending, inside ``[start, stop)``), the ``C`` axis then
+    being theirs; the width stays ``P + stop``, so each row is computed over the same
+    positions as in the whole chunk (the sampled accuracy of ``accuracy_every``).
     """
     n_q, _, head_dim = queries.shape
     n_kv = keys.shape[0]
     q_per_kv = n_q // n_kv
-    steps = stop - start
+    steps = stop - start if rows is None else len(rows)
     width = prompt_len + stop
     shape = (n_kv, q_per_kv * steps, width)
 
@@ -282,21 +290,31 @@ def decode_attention_weights(
             return np.empty(shape, np.float32)
         return buf.reshape(-1)[: math.prod(shape)].reshape(shape)
 
-    q = np.asarray(queries[:, start:stop], dtype=np.float32) * np.float32(1.0 / math.sqrt(head_dim))
+    picked = slice(start, stop) if rows is None else rows
+    q = np.asarray(queries[:, picked], dtype=np.float32) * np.float32(1.0 / math.sqrt(head_dim))
     q = q.reshape(n_kv, q_per_kv * steps, head_dim)
     k = np.asarray(keys[:, :width], dtype=np.float32)
     w = buffer(out)
     logits = w if logits_out is None else buffer(logits_out)
     np.matmul(q, k.transpose(0, 2, 1), out=logits)
-    # Causality only bites in the trailing steps x steps block: step r sees P + start + r.
-    rows, cols = np.triu_indices(steps, 1)
-    future = (slice(None), slice(None), rows, prompt_len + start + cols)
+    if rows is None:
+        # Causality only bites in the trailing steps x steps block: step r sees P + start + r.
+        tri_rows, cols = np.triu_indices(steps, 1)
+        future = (slice(None), slice(None), tri_rows, prompt_len + start + cols)
+        current = prompt_len + start + np.arange(steps)
+    else:
+        # row i sees up to P + rows[i]: the columns after it, up to the width, are the future
+        current = prompt_len + np.asarray(rows, dtype=np.int64)
+        after = width - 1 - current
+        row_of = np.repeat(np.arange(steps), after)
+        first = np.repeat(np.cumsum(after) - after, after)
+        future = (slice(None), slice(None), row_of,
+                  current[row_of] + 1 + np.arange(len(row_of)) - first)
     logits4 = logits.reshape(n_kv, q_per_kv, steps, width)
     logits4[future] = -np.inf
     expired = None
     if window is not None:
         # (steps, width): position j is out of step r's window iff j <= P + start + r - window
-        current = prompt_len + start + np.arange(steps)
         expired = np.arange(width)[None, :] <= (current - window)[:, None]
         logits4[:, :, expired] = -np.inf
     logits -= logits.max(axis=-1, keepdims=True)
