@@ -37,6 +37,15 @@ import numpy as np
 
 from sim.policies.base import HeadSelections, LayerSelection, decode_attention_weights
 
+#: Sampled steps (``every > 1``): a chunk's matrix products run on its sampled rows alone only
+#: above this many multiply-adds, else on the whole chunk with the other rows zero. OpenBLAS
+#: (0.3.31, SkylakeX) computes products of at most 1e6 multiply-adds with small-matrix kernels
+#: that round differently from its general kernel, whose results, measured on this project's
+#: shapes, do not depend on how many rows a product has; so with this margin a sampled row's
+#: figures stay bit-identical to the same row's in every step's computation
+#: (tests/test_accuracy_every.py checks it on both sides of the limit).
+SMALL_PRODUCT = 2_000_000
+
 
 def layer_accuracy(
     queries: np.ndarray,
@@ -104,6 +113,10 @@ def layer_accuracy(
     buf_w = np.empty(max_rows * max_width, np.float32)
     buf_l = np.empty(max_rows * max_width, np.float32)
     buf_mask = np.empty(n_kv * chunk_rows * max_width, np.float32)
+    # Sampled steps: the matrix products run on whole chunks (see _sampled_matmul), here.
+    buf_full = None if every == 1 else np.empty(
+        n_kv * q_per_kv * min(chunk_steps, n_steps) * max_width, np.float32
+    )
 
     for start in range(0, n_steps, chunk_steps):
         stop = min(n_steps, start + chunk_steps)
@@ -124,9 +137,10 @@ def layer_accuracy(
             out = slice(first, first + len(rows))
             steps, current = len(rows), prompt_len + rows
             flat_rows, flat_pos = _sampled_entries(heads, rows)
+            alone = q_per_kv * steps * width * head_dim > SMALL_PRODUCT
         w, norm, logits = decode_attention_weights(
             queries, k32, prompt_len, start, stop, out=buf_w, logits_out=buf_l, window=window,
-            rows=rows,
+            rows=rows, scratch=None if rows is None or alone else buf_full,
         )
         picked = slice(start, stop) if rows is None else rows
 
@@ -147,8 +161,14 @@ def layer_accuracy(
         sel_norm = sel_w.sum(axis=-1)
         flat_shape = (n_kv, q_per_kv * steps, width)
         v = v32[:, :width]
-        out_full = np.matmul(w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps, head_dim)
-        out_sel = np.matmul(sel_w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps, head_dim)
+        if rows is None or alone:
+            out_full = np.matmul(w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps,
+                                                                   head_dim)
+            out_sel = np.matmul(sel_w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps,
+                                                                      head_dim)
+        else:
+            out_full = _sampled_matmul(w, v, rows - start, stop - start, buf_full)
+            out_sel = _sampled_matmul(sel_w, v, rows - start, stop - start, buf_full)
         out_full /= norm[..., None]
         out_sel /= sel_norm[..., None]
         ref = np.linalg.norm(out_full, axis=-1)
@@ -165,6 +185,23 @@ def layer_accuracy(
         "output_rel_error": per_query_head(error),
         "n_selected": np.repeat(counts[:, sampled], q_per_kv, axis=0).astype(np.int64),
     }
+
+
+def _sampled_matmul(
+    a: np.ndarray, v: np.ndarray, local: np.ndarray, chunk: int, buf: np.ndarray
+) -> np.ndarray:
+    """``a @ v`` for the sampled rows ``a`` (H_kv, G, rows, width) of a chunk of ``chunk``
+    steps (``local``: their indices in it), computed as the whole chunk's product with the
+    other rows zero: the same shapes as every step's product, so each sampled row's result is
+    bit-identical to it whatever kernel the BLAS picks for those shapes (it would not be for a
+    product of the sampled rows alone: OpenBLAS's small-matrix kernels round differently).
+    Returns (H_kv, G, rows, d)."""
+    n_kv, q_per_kv, _, width = a.shape
+    whole = buf[: n_kv * q_per_kv * chunk * width].reshape(n_kv, q_per_kv, chunk, width)
+    whole.fill(0.0)
+    whole[:, :, local] = a
+    product = np.matmul(whole.reshape(n_kv, q_per_kv * chunk, width), v)
+    return product.reshape(n_kv, q_per_kv, chunk, -1)[:, :, local]
 
 
 def _sampled_entries(

@@ -257,6 +257,7 @@ def decode_attention_weights(
     logits_out: np.ndarray | None = None,
     window: int | None = None,
     rows: np.ndarray | None = None,
+    scratch: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Unnormalised exact softmax weights of decode steps ``[start, stop)``, all heads at once.
 
@@ -274,9 +275,13 @@ def decode_attention_weights(
     ``window``: a sliding-window layer's reference (see :meth:`LayerSelection.sliding_window`):
     step ``s`` sees only ``(P + s - window, P + s]``; earlier positions are treated like the
     future ones (logit -inf, weight exactly 0).
-    ``rows``: only these decode steps (ascending, inside ``[start, stop)``), the ``C`` axis then
-    being theirs; the width stays ``P + stop``, so each row is computed over the same
-    positions as in the whole chunk (the sampled accuracy of ``accuracy_every``).
+    ``rows``: only these decode steps (ascending, inside ``[start, stop)``), the ``C`` axis
+    then being theirs (the sampled accuracy of ``accuracy_every``). With ``scratch`` (a buffer
+    like ``out``) their logits come from the very same matrix product as without ``rows`` (the
+    whole chunk's), so they are bit-identical to it whatever kernel the BLAS picks; without
+    it, from the product of these rows alone, which is bit-identical only while the BLAS uses
+    the same kernel for both shapes (see :data:`sim.metrics.accuracy.SMALL_PRODUCT`).
+    Everything after the product runs on these rows only.
     """
     n_q, _, head_dim = queries.shape
     n_kv = keys.shape[0]
@@ -290,13 +295,21 @@ def decode_attention_weights(
             return np.empty(shape, np.float32)
         return buf.reshape(-1)[: math.prod(shape)].reshape(shape)
 
-    picked = slice(start, stop) if rows is None else rows
+    whole_chunk = rows is None or scratch is not None
+    picked = slice(start, stop) if whole_chunk else rows
     q = np.asarray(queries[:, picked], dtype=np.float32) * np.float32(1.0 / math.sqrt(head_dim))
-    q = q.reshape(n_kv, q_per_kv * steps, head_dim)
+    q = q.reshape(n_kv, -1, head_dim)
     k = np.asarray(keys[:, :width], dtype=np.float32)
     w = buffer(out)
     logits = w if logits_out is None else buffer(logits_out)
-    np.matmul(q, k.transpose(0, 2, 1), out=logits)
+    if rows is None or scratch is None:
+        np.matmul(q, k.transpose(0, 2, 1), out=logits)
+    else:
+        whole = (n_kv, q_per_kv * (stop - start), width)
+        product = scratch.reshape(-1)[: math.prod(whole)].reshape(whole)
+        np.matmul(q, k.transpose(0, 2, 1), out=product)
+        np.take(product.reshape(n_kv, q_per_kv, stop - start, width), np.asarray(rows) - start,
+                axis=2, out=logits.reshape(n_kv, q_per_kv, steps, width))
     if rows is None:
         # Causality only bites in the trailing steps x steps block: step r sees P + start + r.
         tri_rows, cols = np.triu_indices(steps, 1)
@@ -478,7 +491,14 @@ class BudgetedPolicy(RetrievalPolicy):
         return min(context_len, self.sink_tokens + self.recent_tokens)
 
     def _forced_prefix(self, context_len: int, k: int) -> np.ndarray:
-        sinks = np.arange(min(self.sink_tokens, context_len))
-        recent = np.arange(context_len - 1, max(-1, context_len - 1 - self.recent_tokens), -1)
-        order = np.concatenate([sinks, recent[~np.isin(recent, sinks)]])
-        return np.sort(order[:k]).astype(np.int32)
+        """The first ``k`` forced positions, sinks first, then the newest recent ones.
+
+        The sinks are ``[0, n_sinks)`` and the recent window counts down from the newest
+        position, so the recent positions that are not sinks are those ``>= n_sinks``
+        (no set lookup: this runs for every step of a short context, a long decode's start)."""
+        n_sinks = min(self.sink_tokens, context_len)
+        if k <= n_sinks:
+            return np.arange(k, dtype=np.int32)
+        newest = np.arange(context_len - 1, max(n_sinks, context_len - self.recent_tokens) - 1,
+                           -1)[: k - n_sinks]
+        return np.concatenate([np.arange(n_sinks), newest[::-1]]).astype(np.int32)
