@@ -16,6 +16,7 @@ the accuracy reference is windowed attention, so they score recall 1.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from sim.errors import KvsimError
 from sim.metrics.accuracy import layer_accuracy
 from sim.metrics.clusters import cluster_variance
 from sim.outputs import ACCURACY_COLUMNS, PolicyPass
-from sim.policies.base import LayerContext, LayerSelection, RetrievalPolicy
+from sim.policies.base import HeadSelections, LayerContext, LayerSelection, RetrievalPolicy
 from sim.progress import progress as progress_bar
 from sim.trace.format import Trace
 
@@ -114,7 +115,24 @@ def _layer_pass(
                 "intra_cluster_variance": variance.reshape(-1),
             }
         )
-    return selection, frame, clusters
+    return compact_selection(selection, trace.n_positions), frame, clusters
+
+
+def compact_selection(selection: LayerSelection, n_positions: int) -> LayerSelection:
+    """``selection`` with its per-step positions (attended and extra reads) in the smallest
+    unsigned dtype holding ``n_positions`` (:meth:`HeadSelections.compacted`): every layer's
+    selections are held until the replay, and at thousands of decode steps they are most of a
+    run's memory (7168 steps x 90 KV heads x ~400 entries: ~1 GB as int32). Values, offsets and
+    everything else are unchanged; a head list shared between KV heads stays shared."""
+    def compact(heads: list[HeadSelections] | None) -> list[HeadSelections] | None:
+        if heads is None:
+            return None
+        done: dict[int, HeadSelections] = {}
+        return [done.setdefault(id(h), h.compacted(n_positions)) for h in heads]
+
+    return dataclasses.replace(
+        selection, heads=compact(selection.heads), extra_reads=compact(selection.extra_reads)
+    )
 
 
 def run_policy_pass(

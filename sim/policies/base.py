@@ -85,9 +85,13 @@ class HeadSelections:
     """Ragged per-step position lists of one KV head, stored flat (CSR-like).
 
     ``positions[offsets[s]:offsets[s + 1]]`` are the positions attended at step ``s``.
+    Policies make ``positions`` int32; the policy pass stores a finished layer's in the
+    smallest unsigned dtype that holds the trace's positions (:meth:`compacted`: uint16 up
+    to 65,536 positions, half the memory of a long decode's selections); :meth:`at` returns
+    int32 either way.
     """
 
-    positions: np.ndarray  # int32, concatenated, each step's slice sorted and unique
+    positions: np.ndarray  # int32 (or compacted), concatenated, each step's slice sorted, unique
     offsets: np.ndarray  # int64, length S + 1
 
     @classmethod
@@ -103,7 +107,17 @@ class HeadSelections:
         return cls(flat, offsets)
 
     def at(self, step: int) -> np.ndarray:
-        return self.positions[self.offsets[step] : self.offsets[step + 1]]
+        """The positions of step ``step``, int32 (a view, or a copy of compacted positions)."""
+        chunk = self.positions[self.offsets[step] : self.offsets[step + 1]]
+        return chunk if chunk.dtype == np.int32 else chunk.astype(np.int32)
+
+    def compacted(self, n_positions: int) -> HeadSelections:
+        """The same selections with positions in the smallest unsigned integer dtype holding
+        ``[0, n_positions)`` (``self`` if that is no smaller than the current dtype)."""
+        dtype = np.min_scalar_type(max(0, n_positions - 1))
+        if dtype.itemsize >= self.positions.dtype.itemsize:
+            return self
+        return HeadSelections(self.positions.astype(dtype), self.offsets)
 
     def counts(self) -> np.ndarray:
         return np.diff(self.offsets)
