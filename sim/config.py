@@ -68,11 +68,20 @@ class CaptureSpec(BaseModel):
 
 
 class TraceSpec(BaseModel):
-    """Either ``path`` (an existing trace directory) or ``capture`` settings."""
+    """Either ``path`` (an existing trace directory) or ``capture`` settings.
+
+    ``decode_from``: replay the trace from this position on (a split point, see
+    :func:`sim.trace.format.split_trace`): positions ``[0, decode_from)`` are the prompt,
+    ``[decode_from, n_positions)`` the decode steps, teacher-forced with the stored queries.
+    The trace must store those queries (``queries: all``, or a split at or after its
+    ``query_start``) and ``1 <= decode_from < n_positions``; checked before anything runs.
+    ``null`` (the default): the trace's own prompt length.
+    """
 
     model_config = _STRICT
     path: str | None = None
     capture: CaptureSpec | None = None
+    decode_from: int | None = None
 
     def model_post_init(self, _context: Any) -> None:
         if (self.path is None) == (self.capture is None):
@@ -187,6 +196,9 @@ class ExperimentConfig(BaseModel):
     description: str = ""
     seed: int = 0
     trace: TraceSpec
+    #: accuracy (exact attention, the costly part of long decodes) on decode steps 0, k, 2k, ...
+    #: only; selections and the replay still cover every step. See sim.metrics.accuracy.
+    accuracy_every: int = Field(1, ge=1)
     device: str | dict[str, Any] = DEFAULT_PRESET
     model: str | None = None
     kv_dtype: Literal[tuple(KV_DTYPE_BYTES)] = "fp16"  # type: ignore[valid-type]

@@ -51,7 +51,8 @@ class PolicyPass:
     ``selections[l]``: the policy's decisions for trace layer ``l``; ``accuracy``: one row per
     (step, layer, query head) with the columns of :data:`ACCURACY_COLUMNS`; ``clusters``: one
     row per (step, layer, KV head) with ``n_groups`` and ``intra_cluster_variance`` (see
-    :mod:`sim.metrics.clusters`), empty for policies without groups.
+    :mod:`sim.metrics.clusters`), empty for policies without groups; ``accuracy_every``: the
+    accuracy rows are those of decode steps ``0, k, 2k, ...`` (1: every step).
     """
 
     policy: RetrievalPolicy
@@ -62,6 +63,7 @@ class PolicyPass:
     accuracy: pd.DataFrame
     wall_s: float
     clusters: pd.DataFrame = field(default_factory=pd.DataFrame)
+    accuracy_every: int = 1
 
 
 @dataclass

@@ -16,8 +16,10 @@ the accuracy reference is windowed attention, so they score recall 1.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
@@ -28,7 +30,7 @@ from sim.errors import KvsimError
 from sim.metrics.accuracy import layer_accuracy
 from sim.metrics.clusters import cluster_variance
 from sim.outputs import ACCURACY_COLUMNS, PolicyPass
-from sim.policies.base import LayerContext, LayerSelection, RetrievalPolicy
+from sim.policies.base import HeadSelections, LayerContext, LayerSelection, RetrievalPolicy
 from sim.progress import progress as progress_bar
 from sim.trace.format import Trace
 
@@ -56,7 +58,7 @@ def sliding_windows(trace: Trace) -> list[int | None]:
 
 
 def _layer_pass(
-    trace: Trace, policy: RetrievalPolicy, seed: int, layer: int
+    trace: Trace, policy: RetrievalPolicy, seed: int, layer: int, accuracy_every: int = 1
 ) -> tuple[LayerSelection, pd.DataFrame, pd.DataFrame | None]:
     """Selections, accuracy records and cluster records of one trace layer."""
     # float32 copies of one layer (a few MB); the trace itself stays memory-mapped.
@@ -85,14 +87,16 @@ def _layer_pass(
         except ValueError as exc:  # the policy's settings do not fit this trace
             raise KvsimError(f"policy {policy.name!r} on trace layer {layer}: {exc}") from None
     scores = layer_accuracy(
-        queries, keys, trace.values(layer), trace.prompt_len, selection, window=window
+        queries, keys, trace.values(layer), trace.prompt_len, selection, window=window,
+        every=accuracy_every,
     )
     n_q, steps = queries.shape[0], queries.shape[1]
+    scored = np.arange(0, steps, accuracy_every, dtype=np.int32)
     frame = pd.DataFrame(
         {
-            "step": np.tile(np.arange(steps, dtype=np.int32), n_q),
-            "layer": np.full(n_q * steps, layer, dtype=np.int16),
-            "q_head": np.repeat(np.arange(n_q, dtype=np.int16), steps),
+            "step": np.tile(scored, n_q),
+            "layer": np.full(n_q * len(scored), layer, dtype=np.int16),
+            "q_head": np.repeat(np.arange(n_q, dtype=np.int16), len(scored)),
         }
     )
     for column in ACCURACY_COLUMNS:
@@ -111,7 +115,24 @@ def _layer_pass(
                 "intra_cluster_variance": variance.reshape(-1),
             }
         )
-    return selection, frame, clusters
+    return compact_selection(selection, trace.n_positions), frame, clusters
+
+
+def compact_selection(selection: LayerSelection, n_positions: int) -> LayerSelection:
+    """``selection`` with its per-step positions (attended and extra reads) in the smallest
+    unsigned dtype holding ``n_positions`` (:meth:`HeadSelections.compacted`): every layer's
+    selections are held until the replay, and at thousands of decode steps they are most of a
+    run's memory (7168 steps x 90 KV heads x ~400 entries: ~1 GB as int32). Values, offsets and
+    everything else are unchanged; a head list shared between KV heads stays shared."""
+    def compact(heads: list[HeadSelections] | None) -> list[HeadSelections] | None:
+        if heads is None:
+            return None
+        done: dict[int, HeadSelections] = {}
+        return [done.setdefault(id(h), h.compacted(n_positions)) for h in heads]
+
+    return dataclasses.replace(
+        selection, heads=compact(selection.heads), extra_reads=compact(selection.extra_reads)
+    )
 
 
 def run_policy_pass(
@@ -120,6 +141,8 @@ def run_policy_pass(
     seed: int,
     progress: bool = False,
     workers: int | None = None,
+    accuracy_every: int = 1,
+    on_layer: Callable[[], None] | None = None,
 ) -> PolicyPass:
     """Selections and accuracy of ``policy`` on every layer of ``trace``.
 
@@ -127,7 +150,14 @@ def run_policy_pass(
     simulation laptop) process them concurrently; numpy, BLAS and scikit-learn release the GIL
     in their kernels. Each layer's math runs single-threaded, which keeps results bit-identical
     whatever the number of workers, and at most ``workers`` layers are in memory at once.
+    ``accuracy_every``: accuracy records of decode steps ``0, k, 2k, ...`` only (see
+    :func:`sim.metrics.accuracy.layer_accuracy`); selections cover every step.
+    ``on_layer``: called (in this thread) each time a layer is done, for progress reports.
     """
+    if getattr(policy, "needs_speculative_queries", False):
+        gap = getattr(trace, "speculative_gap", None)
+        if gap:
+            raise KvsimError(f"policy {policy.name!r} needs speculative queries: {gap}")
     started = time.perf_counter()
     workers = workers or min(2, os.cpu_count() or 1)
     n_layers = trace.model.n_layers
@@ -135,12 +165,14 @@ def run_policy_pass(
     bar = progress_bar(n_layers, f"{policy.name}: policy pass", "layer", enabled=progress)
     with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
-            pool.submit(_layer_pass, trace, policy, seed, layer): layer
+            pool.submit(_layer_pass, trace, policy, seed, layer, accuracy_every): layer
             for layer in range(n_layers)
         }
         for future in as_completed(futures):
             by_layer[futures[future]] = future.result()
             bar.update()
+            if on_layer is not None:
+                on_layer()
     bar.close()
     results = [by_layer[layer] for layer in range(n_layers)]
     return PolicyPass(
@@ -153,4 +185,5 @@ def run_policy_pass(
         wall_s=time.perf_counter() - started,
         clusters=pd.concat([result[2] for result in results if result[2] is not None]
                            or [pd.DataFrame()], ignore_index=True),
+        accuracy_every=accuracy_every,
     )

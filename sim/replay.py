@@ -684,12 +684,24 @@ class Replay:
                 on_step()
 
 
-def simulate(pp: PolicyPass, setup: SimSetup, progress: bool = False) -> SimResult:
-    """Replay ``pp``'s selections on the device of ``setup``; deterministic."""
+def simulate(
+    pp: PolicyPass,
+    setup: SimSetup,
+    progress: bool = False,
+    on_step: Callable[[], None] | None = None,
+) -> SimResult:
+    """Replay ``pp``'s selections on the device of ``setup``; deterministic. ``on_step`` is
+    called after each decode step (progress reports)."""
     started = time.perf_counter()
     replay = Replay(pp, setup)
     bar = progress_bar(pp.decode_steps, f"{pp.policy.name}: simulate", "step", enabled=progress)
-    replay.env.process(replay.decode(bar.update if progress else None))
+    tick = on_step
+    if progress:
+        def tick() -> None:
+            bar.update()
+            if on_step is not None:
+                on_step()
+    replay.env.process(replay.decode(tick))
     replay.env.run()
     bar.close()
     steps = pd.DataFrame(replay.records, columns=list(STEP_COLUMNS))

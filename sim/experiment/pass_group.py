@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,14 @@ from sim.atomic import atomic_write
 from sim.config import PipelineSpec, parse_size_bytes
 from sim.errors import KvsimError
 from sim.experiment.extra_records import extra_records
+from sim.experiment.group_progress import GroupProgress, ProgressFile
 from sim.experiment.runs import RunPlan, code_fingerprint, digest
 from sim.experiment.store import summary_cell, write_run
 from sim.hardware import DeviceParams
 from sim.model import ModelGeometry
 from sim.paths import REPO_ROOT
 from sim.policies import POLICIES
-from sim.trace.format import open_trace
+from sim.trace.format import open_trace, split_trace
 
 
 def cache_capacity_bytes(
@@ -54,7 +56,12 @@ def pass_cache_dir() -> Path | None:
 
 
 def _policy_pass(
-    run: RunPlan, trace: Any, threads: int, cache_dir: str | None, code: str
+    run: RunPlan,
+    trace: Any,
+    threads: int,
+    cache_dir: str | None,
+    code: str,
+    on_layer: Callable[[], None] | None = None,
 ) -> tuple[Any, bool]:
     """The run's policy pass, from the pass cache when an identical one is there (same pass
     settings, same trace files, same kvsim source); computed and stored otherwise."""
@@ -72,7 +79,10 @@ def _policy_pass(
             except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
                 pass  # unreadable entry: compute it again (and replace it)
     policy = POLICIES.create(run.policy, where=f"run {run.label}")
-    pp = run_policy_pass(trace, policy, run.seed, progress=False, workers=threads)
+    pp = run_policy_pass(
+        trace, policy, run.seed, progress=False, workers=threads,
+        accuracy_every=run.accuracy_every, on_layer=on_layer,
+    )
     if path is not None:
         with atomic_write(path) as tmp, tmp.open("wb") as handle:
             pickle.dump(pp, handle, protocol=pickle.HIGHEST_PROTOCOL)
@@ -85,9 +95,16 @@ def run_group(
     runs_dir: str,
     threads: int = 1,
     pass_cache: str | None = None,
+    progress_file: str | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Obtain the group's policy pass once (computed, or from ``pass_cache``), replay it for
     each run, write each run's files.
+
+    The trace is replayed from ``trace.decode_from`` when the runs split it
+    (:func:`sim.trace.format.split_trace`). Progress (the pass's layers, each replay's steps)
+    goes to ``progress_file`` (a :class:`~sim.experiment.group_progress.ProgressFile`, for a
+    worker process) or ``on_progress`` (in-process), see :mod:`sim.experiment.group_progress`.
 
     Returns ``{"pass_s", "pass_cached", "sim_s", "rows"}`` (``pass_s``: the pass's compute time,
     when it was computed). Runs complete one by one: a worker killed half-way keeps the runs it
@@ -99,8 +116,13 @@ def run_group(
 
     first = runs[0]
     trace = open_trace(trace_path)
+    if first.trace.decode_from is not None:
+        trace = split_trace(trace, first.trace.decode_from)
+    sink = on_progress or (ProgressFile(progress_file) if progress_file else None)
+    tracker = GroupProgress(sink)
     code = code_fingerprint()
-    pp, cached = _policy_pass(first, trace, threads, pass_cache, code)
+    tracker.start(first.label, "policy pass", trace.model.n_layers, "layer")
+    pp, cached = _policy_pass(first, trace, threads, pass_cache, code, tracker.advance)
     extra = extra_records(pp, first.record, trace)
     sim_s, rows = [], []
     for run in runs:
@@ -125,7 +147,8 @@ def run_group(
             layout=layout,
             pipeline=PipelineSpec(**run.pipeline),
         )
-        sim = simulate(pp, setup, progress=False)
+        tracker.start(run.label, "replay", pp.decode_steps, "step")
+        sim = simulate(pp, setup, progress=False, on_step=tracker.advance)
         row = {
             "run_id": run.run_id,
             **summarize(run.label, pp, sim),
@@ -141,6 +164,9 @@ def run_group(
             "point": run.point,
             "trace": str(trace.path),
             "trace_key": run.trace.key,
+            **({} if run.trace.decode_from is None
+               else {"decode_from": run.trace.decode_from}),
+            **({} if run.accuracy_every == 1 else {"accuracy_every": run.accuracy_every}),
             "seed": run.seed,
             "policy": run.policy,
             "layout": layout,

@@ -18,7 +18,7 @@ figures (and matplotlib), which workers never need.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from sim.policies import POLICIES
 from sim.result_files import RUN_SETTINGS, RUN_SUMMARY, RUNS_DIR
 from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
 from sim.trace.capture import CaptureSettings
-from sim.trace.format import open_trace
+from sim.trace.format import check_decode_from, open_trace
 from sim.validation import pydantic_error_line, read_yaml
 
 
@@ -154,6 +154,9 @@ def _as_spec(value: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
+    """The trace a point replays, its split (``trace.decode_from``) checked against the
+    trace's positions and stored queries (from its manifest, or its capture settings)."""
+    decode_from = config.trace.decode_from
     if config.trace.path is not None:
         path = Path(config.trace.path)
         if not path.is_absolute() and not path.exists():
@@ -161,24 +164,62 @@ def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
         if not (path / "manifest.json").exists():
             raise ConfigError(f"{where}: trace.path: no trace at {config.trace.path}")
         trace = open_trace(path)
-        return TraceSource(
+        source = TraceSource(
             key=f"path:{path.resolve()}", name=path.name, path=str(path.resolve()),
             prompt_len=trace.prompt_len,
         )
-    # TraceSpec holds exactly one of path and capture (validated when the config was loaded)
-    assert config.trace.capture is not None
-    spec = config.trace.capture.model_dump()
-    try:
-        settings = CaptureSettings(**spec)
-        settings.validate()
-    except (TypeError, ValueError, CaptureError) as exc:
-        raise ConfigError(f"{where}: trace.capture: {exc}") from None
-    if settings.text.startswith("file:") and not Path(settings.text[5:]).expanduser().is_file():
-        raise ConfigError(f"{where}: trace.capture.text: no file at {settings.text[5:]}")
-    name = f"{settings.model}/{settings.text}/{settings.prompt_len}+{settings.decode_steps}"
-    return TraceSource(
-        key=settings.key(), name=name, capture=asdict(settings), prompt_len=settings.prompt_len
+        n_positions, query_start = trace.n_positions, trace.query_start
+    else:
+        # TraceSpec holds exactly one of path and capture (validated when the config was loaded)
+        assert config.trace.capture is not None
+        spec = config.trace.capture.model_dump()
+        try:
+            settings = CaptureSettings(**spec)
+            settings.validate()
+        except (TypeError, ValueError, CaptureError) as exc:
+            raise ConfigError(f"{where}: trace.capture: {exc}") from None
+        if settings.text.startswith("file:") and not Path(settings.text[5:]).expanduser().is_file():
+            raise ConfigError(f"{where}: trace.capture.text: no file at {settings.text[5:]}")
+        name = f"{settings.model}/{settings.text}/{settings.prompt_len}+{settings.decode_steps}"
+        if settings.mode != "generate" or settings.sampling != "greedy":
+            name += f" ({settings.mode}, {settings.sampling})"
+        source = TraceSource(
+            key=settings.key(), name=name, capture=asdict(settings),
+            prompt_len=settings.prompt_len,
+        )
+        n_positions = settings.prompt_len + settings.decode_steps
+        query_start = settings.query_start
+    if decode_from is None:
+        return source
+    problem = check_decode_from(decode_from, n_positions, query_start, "trace.decode_from")
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
+    return replace(
+        source, name=split_name(source.name, decode_from), prompt_len=decode_from,
+        decode_from=decode_from,
     )
+
+
+def split_name(name: str, decode_from: int) -> str:
+    """A split trace's name in tables and legends: ``<trace>@<decode_from>``."""
+    return f"{name}@{decode_from}"
+
+
+def _check_speculative(policy: Any, trace: TraceSource, at: str) -> None:
+    """A policy that reads speculative queries (InfiniGen) cannot run on a split before the
+    captured prompt's end: the trace stores them for its captured decode steps only."""
+    if not getattr(policy, "needs_speculative_queries", False) or trace.decode_from is None:
+        return
+    if trace.capture:
+        captured = trace.capture["prompt_len"]
+    else:
+        assert trace.path is not None  # a TraceSource has a path or capture settings
+        captured = open_trace(trace.path).prompt_len
+    if trace.decode_from < captured:
+        raise ConfigError(
+            f"{at}: {policy.name} needs speculative queries, which the trace stores from "
+            f"position {captured} on; trace.decode_from {trace.decode_from} is earlier"
+        )
 
 
 def _plan_point(
@@ -208,12 +249,15 @@ def _plan_point(
         if label in labels:
             raise ConfigError(f"{at}: duplicate run label {label!r}; give each a distinct 'label'")
         labels.add(label)
+        _check_speculative(policy, trace, at)
         if policy.min_context() > trace.prompt_len:
             raise ConfigError(
                 f"{at}.budget: {policy.min_context()} tokens exceeds the prompt "
                 f"({trace.prompt_len} tokens)"
             )
-        pass_key = {"trace": trace.key, "policy": policy_spec, "seed": config.seed}
+        pass_key = {**trace.identity(), "policy": policy_spec, "seed": config.seed}
+        if config.accuracy_every != 1:
+            pass_key["accuracy_every"] = config.accuracy_every
         run = RunPlan(
             run_id="",
             pass_id=digest(pass_key),
@@ -233,6 +277,7 @@ def _plan_point(
             seed=config.seed,
             experiment=config.name,
             record=config.record.model_dump(exclude_defaults=True),
+            accuracy_every=config.accuracy_every,
         )
         run.run_id = digest(run.identity())
         runs.append(run)

@@ -9,7 +9,9 @@
    worker (:func:`sim.experiment.pass_group.run_group`):
    in-process when there is one worker or one group, else a local process pool, or a Dask
    cluster when a scheduler address is given; workers write each run as it completes;
-4. show progress (runs done, estimated time left) by watching result directories appear;
+4. show progress (runs done, estimated time left) by watching result directories appear, and
+   inside the running groups (policy pass: layers done; replay: steps done) from the progress
+   each group reports (:mod:`sim.experiment.group_progress`);
 5. write the summary of every completed run of the plan.
 
 An interrupted sweep (Ctrl-C, a crash, a lost worker) keeps every completed run; running the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import shutil
 import signal
 import sys
 import time
@@ -31,9 +34,10 @@ from typing import Any
 import pandas as pd
 
 from sim.errors import KvsimError
+from sim.experiment.group_progress import describe, read_progress
 from sim.experiment.pass_group import pass_cache_dir, run_group
 from sim.experiment.planning import Plan
-from sim.experiment.runs import PassGroup, code_fingerprint
+from sim.experiment.runs import PassGroup, RunPlan, code_fingerprint
 from sim.experiment.store import (
     read_summary,
     remove_stale_temporaries,
@@ -45,6 +49,8 @@ from sim.progress import progress as progress_bar
 from sim.result_files import RUN_SUMMARY
 
 POLL_S = 0.5
+#: where worker processes report their group's progress, under the output directory
+PROGRESS_DIR = ".progress"
 
 
 @dataclass
@@ -198,7 +204,7 @@ def _run_groups(
 
     cache = pass_cache_dir()
 
-    def args(group: PassGroup) -> tuple:
+    def args(group: PassGroup) -> tuple[list[RunPlan], str, str, int, str | None]:
         runs_dir = str(plan.runs_dir)
         return (group.runs, traces[group.runs[0].trace.key], runs_dir, threads,
                 None if cache is None else str(cache))
@@ -210,9 +216,14 @@ def _run_groups(
         report.failed.append(f"{group.runs[0].label}: {message}")
 
     if workers == 1 and scheduler is None:
+
+        def show(state: dict[str, Any]) -> None:
+            bar.set_postfix_str(describe(state))
+            bar.update(0)  # lets a log's progress write its line every 30 s
+
         for group in groups:
             try:
-                account(group, run_group(*args(group)))
+                account(group, run_group(*args(group), on_progress=show if progress else None))
             except Exception as exc:  # the group's completed runs are already saved
                 failed(group, exc)
             bar.update(len(group.runs))
@@ -222,7 +233,16 @@ def _run_groups(
     started = time.time()
     executor, client, n_workers = _make_executor(workers, scheduler)
     report.workers = n_workers
-    futures = {executor.submit(run_group, *args(group)): group for group in groups}
+    progress_dir = plan.output_dir / PROGRESS_DIR
+    progress_dir.mkdir(parents=True, exist_ok=True)
+
+    def progress_file(group: PassGroup) -> str:
+        return str(progress_dir / f"{group.pass_id}.json")
+
+    futures = {
+        executor.submit(run_group, *args(group), progress_file(group) if progress else None):
+        group for group in groups
+    }
     done_ids: set[str] = set()
     try:
         not_done = set(futures)
@@ -241,11 +261,16 @@ def _run_groups(
                 if run.run_id not in done_ids and _written_since(plan, run, started)
             }
             done_ids |= now_done
+            if progress:
+                states = (read_progress(progress_file(futures[f])) for f in not_done)
+                bar.set_postfix_str("; ".join(describe(s) for s in states if s))
             bar.update(len(now_done))
     except KeyboardInterrupt:
         _stop(executor, client)
         bar.close()
         raise
+    finally:
+        shutil.rmtree(progress_dir, ignore_errors=True)
     bar.close()
     if client is not None:
         client.close()

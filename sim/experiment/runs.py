@@ -18,11 +18,19 @@ from typing import Any
 class TraceSource:
     """Where a run's trace comes from: an existing directory or capture settings."""
 
-    key: str  # identity: the capture's cache key, or "path:<absolute path>"
-    name: str  # short name for tables and legends
+    key: str  # the stored trace: the capture's cache key, or "path:<absolute path>"
+    name: str  # short name for tables and legends ("<trace>@<decode_from>" for a split)
     path: str | None = None
     capture: dict[str, Any] | None = None
-    prompt_len: int = 0
+    prompt_len: int = 0  # the prompt as replayed (decode_from, for a split)
+    decode_from: int | None = None  # the split point (trace.decode_from); None: no split
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the trace as replayed: the stored trace, and the split if any (a
+        run without one keeps the identity it had before splits existed)."""
+        if self.decode_from is None:
+            return {"trace": self.key}
+        return {"trace": self.key, "decode_from": self.decode_from}
 
 
 @dataclass
@@ -44,11 +52,14 @@ class RunPlan:
     seed: int
     experiment: str
     record: dict[str, Any] = field(default_factory=dict)  # extra records (RecordSpec)
+    accuracy_every: int = 1  # accuracy on decode steps 0, k, 2k, ... (accuracy_every)
 
     def identity(self) -> dict[str, Any]:
-        """Everything that determines the run's results (what ``run_id`` hashes)."""
+        """Everything that determines the run's results (what ``run_id`` hashes); the split
+        point and ``accuracy_every`` only when set, so other runs keep their ids."""
         return {
-            "trace": self.trace.key,
+            **self.trace.identity(),
+            **({"accuracy_every": self.accuracy_every} if self.accuracy_every != 1 else {}),
             "policy": self.policy,
             "layout": self.layout,
             "device": self.device,

@@ -37,6 +37,15 @@ import numpy as np
 
 from sim.policies.base import HeadSelections, LayerSelection, decode_attention_weights
 
+#: Sampled steps (``every > 1``): a chunk's matrix products run on its sampled rows alone only
+#: above this many multiply-adds, else on the whole chunk with the other rows zero. OpenBLAS
+#: (0.3.31, SkylakeX) computes products of at most 1e6 multiply-adds with small-matrix kernels
+#: that round differently from its general kernel, whose results, measured on this project's
+#: shapes, do not depend on how many rows a product has; so with this margin a sampled row's
+#: figures stay bit-identical to the same row's in every step's computation
+#: (tests/test_accuracy_every.py checks it on both sides of the limit).
+SMALL_PRODUCT = 2_000_000
+
 
 def layer_accuracy(
     queries: np.ndarray,
@@ -46,9 +55,16 @@ def layer_accuracy(
     selection: LayerSelection,
     chunk_steps: int = 32,
     window: int | None = None,
+    every: int = 1,
 ) -> dict[str, np.ndarray]:
     """The metrics of :data:`sim.outputs.ACCURACY_COLUMNS` for one layer's selection, each an
-    array of shape (H_q, S).
+    array of shape (H_q, S), or (H_q, ceil(S / every)) for the sampled steps.
+
+    ``every``: score only decode steps ``0, every, 2 every, ...`` (``accuracy_every``; exact
+    attention is the cost of long decodes). A sampled step's figures are bit-identical to the
+    same step's with ``every=1``: steps are still taken in the same chunks of ``chunk_steps``,
+    each row over the same positions (the chunk's width), so only the rows of unsampled steps
+    are left out of the arithmetic; ``tests/test_accuracy_every.py`` checks it.
 
     ``queries``: (H_q, S, d); ``keys``/``values``: (H_kv, P + S, d), any float dtype (float16
     memmaps are converted once to float32). ``selection.heads`` must hold one
@@ -61,52 +77,76 @@ def layer_accuracy(
     _check_shapes(queries, keys, values, prompt_len)
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"every must be an integer >= 1, got {every!r}")
     q_per_kv = n_q // n_kv
+    sampled = np.arange(0, n_steps, every)
+    n_out = len(sampled)
     context = prompt_len + np.arange(n_steps)
     heads = selection.heads
     if heads is None:  # selection.is_full
         # Full attention is the reference itself: exact by definition, no arithmetic needed.
-        ones = np.ones((n_q, n_steps))
+        ones = np.ones((n_q, n_out))
         return {
             "attention_recall": ones,
             "topk_recall": ones.copy(),
-            "output_rel_error": np.zeros((n_q, n_steps)),
-            "n_selected": np.broadcast_to(context, (n_q, n_steps)).astype(np.int64),
+            "output_rel_error": np.zeros((n_q, n_out)),
+            "n_selected": np.broadcast_to(context[sampled], (n_q, n_out)).astype(np.int64),
         }
     if len(heads) != n_kv:
         raise ValueError(f"selection has {len(heads)} KV heads, trace layer has {n_kv}")
     counts = np.stack([_validated_counts(h, n_steps, prompt_len) for h in heads])  # (H_kv, S)
-    # Step of every flat selection entry, to scatter/gather a chunk's entries in one shot.
-    entry_step = [np.repeat(np.arange(n_steps, dtype=np.int64), c) for c in counts]
+    if every == 1:
+        # Step of every flat selection entry, to scatter/gather a chunk's entries in one shot.
+        entry_step = [np.repeat(np.arange(n_steps, dtype=np.int64), c) for c in counts]
 
     k32 = np.asarray(keys, dtype=np.float32)
     v32 = np.asarray(values, dtype=np.float32)
-    recall = np.ones((n_kv, q_per_kv, n_steps))
-    topk = np.ones((n_kv, q_per_kv, n_steps))
-    error = np.zeros((n_kv, q_per_kv, n_steps))
+    recall = np.ones((n_kv, q_per_kv, n_out))
+    topk = np.ones((n_kv, q_per_kv, n_out))
+    error = np.zeros((n_kv, q_per_kv, n_out))
     max_width = prompt_len + n_steps
-    max_rows = n_kv * q_per_kv * min(chunk_steps, n_steps)
+    chunk_rows = min(chunk_steps, n_steps) if every == 1 else -(-min(chunk_steps, n_steps) // every)
+    max_rows = n_kv * q_per_kv * chunk_rows
     # Two reused buffers: weights, and logits (ranked for the top-k, then reused for the
     # selected weights). Fresh 10 MB arrays per chunk would cost more in page faults than math.
     buf_w = np.empty(max_rows * max_width, np.float32)
     buf_l = np.empty(max_rows * max_width, np.float32)
-    buf_mask = np.empty(n_kv * min(chunk_steps, n_steps) * max_width, np.float32)
+    buf_mask = np.empty(n_kv * chunk_rows * max_width, np.float32)
+    # Sampled steps: the matrix products run on whole chunks (see _sampled_matmul), here.
+    buf_full = None if every == 1 else np.empty(
+        n_kv * q_per_kv * min(chunk_steps, n_steps) * max_width, np.float32
+    )
 
     for start in range(0, n_steps, chunk_steps):
         stop = min(n_steps, start + chunk_steps)
-        steps, width = stop - start, prompt_len + stop
+        width = prompt_len + stop
+        if every == 1:
+            rows, out = None, slice(start, stop)
+            steps, current = stop - start, prompt_len + np.arange(start, stop)
+            flat_rows, flat_pos = [], []  # per head: chunk row and position of every entry
+            for h, sel in enumerate(heads):
+                lo, hi = sel.offsets[start], sel.offsets[stop]
+                flat_rows.append(entry_step[h][lo:hi] - start)
+                flat_pos.append(sel.positions[lo:hi].astype(np.int64))
+        else:
+            first = -(-start // every)  # index of the chunk's first sampled step
+            rows = sampled[first : first + len(range(first * every, stop, every))]
+            if not len(rows):
+                continue
+            out = slice(first, first + len(rows))
+            steps, current = len(rows), prompt_len + rows
+            flat_rows, flat_pos = _sampled_entries(heads, rows)
+            alone = q_per_kv * steps * width * head_dim > SMALL_PRODUCT
         w, norm, logits = decode_attention_weights(
-            queries, k32, prompt_len, start, stop, out=buf_w, logits_out=buf_l, window=window
+            queries, k32, prompt_len, start, stop, out=buf_w, logits_out=buf_l, window=window,
+            rows=rows, scratch=None if rows is None or alone else buf_full,
         )
         assert logits is not None  # logits_out was given, so the logits are returned
-        flat_rows, flat_pos = [], []  # per head: chunk row and position of every entry
-        for h, sel in enumerate(heads):
-            lo, hi = sel.offsets[start], sel.offsets[stop]
-            flat_rows.append(entry_step[h][lo:hi] - start)
-            flat_pos.append(sel.positions[lo:hi].astype(np.int64))
+        picked = slice(start, stop) if rows is None else rows
 
-        topk[:, :, start:stop] = _topk_recall(
-            logits, counts[:, start:stop], context[start:stop], flat_rows, flat_pos, start
+        topk[:, :, out] = _topk_recall(
+            logits, counts[:, picked], context[picked], flat_rows, flat_pos, current
         )
 
         # Selection mask (H_kv, steps, width), current token included, one scatter per chunk.
@@ -115,33 +155,71 @@ def layer_accuracy(
         cur = np.arange(steps)
         pairs = enumerate(zip(flat_rows, flat_pos, strict=True))
         scatter = [(h * steps + r) * width + p for h, (r, p) in pairs]
-        scatter.append(
-            ((np.arange(n_kv)[:, None] * steps + cur) * width + prompt_len + start + cur).ravel()
-        )
+        scatter.append(((np.arange(n_kv)[:, None] * steps + cur) * width + current).ravel())
         mask.reshape(-1)[np.concatenate(scatter)] = 1.0
 
         sel_w = np.multiply(w, mask[:, None], out=logits)  # the logits are spent: reuse
         sel_norm = sel_w.sum(axis=-1)
         flat_shape = (n_kv, q_per_kv * steps, width)
         v = v32[:, :width]
-        out_full = np.matmul(w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps, head_dim)
-        out_sel = np.matmul(sel_w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps, head_dim)
+        if rows is None or alone:
+            out_full = np.matmul(w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps,
+                                                                   head_dim)
+            out_sel = np.matmul(sel_w.reshape(flat_shape), v).reshape(n_kv, q_per_kv, steps,
+                                                                      head_dim)
+        else:
+            assert buf_full is not None  # allocated whenever accuracy_every > 1
+            out_full = _sampled_matmul(w, v, rows - start, stop - start, buf_full)
+            out_sel = _sampled_matmul(sel_w, v, rows - start, stop - start, buf_full)
         out_full /= norm[..., None]
         out_sel /= sel_norm[..., None]
         ref = np.linalg.norm(out_full, axis=-1)
         diff = np.linalg.norm(out_sel - out_full, axis=-1)
-        recall[:, :, start:stop] = sel_norm / norm
-        error[:, :, start:stop] = np.divide(diff, ref, out=np.zeros_like(diff), where=ref > 0)
+        recall[:, :, out] = sel_norm / norm
+        error[:, :, out] = np.divide(diff, ref, out=np.zeros_like(diff), where=ref > 0)
 
     def per_query_head(a: np.ndarray) -> np.ndarray:
-        return a.reshape(n_q, n_steps)
+        return a.reshape(n_q, n_out)
 
     return {
         "attention_recall": per_query_head(np.minimum(recall, 1.0)),
         "topk_recall": per_query_head(topk),
         "output_rel_error": per_query_head(error),
-        "n_selected": np.repeat(counts, q_per_kv, axis=0).astype(np.int64),
+        "n_selected": np.repeat(counts[:, sampled], q_per_kv, axis=0).astype(np.int64),
     }
+
+
+def _sampled_matmul(
+    a: np.ndarray, v: np.ndarray, local: np.ndarray, chunk: int, buf: np.ndarray
+) -> np.ndarray:
+    """``a @ v`` for the sampled rows ``a`` (H_kv, G, rows, width) of a chunk of ``chunk``
+    steps (``local``: their indices in it), computed as the whole chunk's product with the
+    other rows zero: the same shapes as every step's product, so each sampled row's result is
+    bit-identical to it whatever kernel the BLAS picks for those shapes (it would not be for a
+    product of the sampled rows alone: OpenBLAS's small-matrix kernels round differently).
+    Returns (H_kv, G, rows, d)."""
+    n_kv, q_per_kv, _, width = a.shape
+    whole = buf[: n_kv * q_per_kv * chunk * width].reshape(n_kv, q_per_kv, chunk, width)
+    whole.fill(0.0)
+    whole[:, :, local] = a
+    product = np.matmul(whole.reshape(n_kv, q_per_kv * chunk, width), v)
+    return product.reshape(n_kv, q_per_kv, chunk, -1)[:, :, local]
+
+
+def _sampled_entries(
+    heads: list[HeadSelections], rows: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per KV head: the sampled row (index into ``rows``) and position of every selection
+    entry of the decode steps ``rows``, in step order."""
+    flat_rows, flat_pos = [], []
+    for sel in heads:
+        lo, hi = sel.offsets[rows], sel.offsets[rows + 1]
+        sizes = hi - lo
+        row_of = np.repeat(np.arange(len(rows)), sizes)
+        index = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        flat_rows.append(row_of)
+        flat_pos.append(sel.positions[lo[row_of] + index].astype(np.int64))
+    return flat_rows, flat_pos
 
 
 def reference_output(
@@ -181,9 +259,10 @@ def _topk_recall(
     context: np.ndarray,
     flat_rows: list[np.ndarray],
     flat_pos: list[np.ndarray],
-    start: int,
+    current: np.ndarray,
 ) -> np.ndarray:
     """Top-k recall of a chunk; destroys ``logits`` (H_kv, G, steps, width) by partitioning.
+    ``current``: each row's own position (the current token, not a candidate).
 
     Ranks by logit (same order as probability, but without the ties the e^-80 weight floor
     creates, which make ``np.partition`` ~15x slower). The k-th largest stored logit of each row
@@ -201,8 +280,7 @@ def _topk_recall(
         for h, (r, p) in enumerate(zip(flat_rows, flat_pos, strict=True))
     ]
     # The current token (and later positions, already -inf) are not candidates.
-    first_current = width - steps
-    logits[:, :, np.arange(steps), first_current + np.arange(steps)] = -np.inf
+    logits[:, :, np.arange(steps), current] = -np.inf
     flat = logits.reshape(n_kv * q_per_kv * steps, width)
     row_k = np.repeat(k[:, None, :], q_per_kv, axis=1).reshape(-1)
     row_needed = np.repeat(needed[:, None, :], q_per_kv, axis=1).reshape(-1)

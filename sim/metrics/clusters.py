@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sim.policies.base import LayerSelection
+from sim.policies.base import LayerSelection, Relabel
 
 
 def cluster_variance(
@@ -38,7 +38,20 @@ def cluster_variance(
     return variance, n_groups
 
 
-def _head_variance(keys, prompt_len, prefill_groups, append_groups, relabels):
+def _head_variance(
+    keys: np.ndarray,
+    prompt_len: int,
+    prefill_groups: np.ndarray,
+    append_groups: np.ndarray,
+    relabels: list[Relabel],
+) -> tuple[np.ndarray, np.ndarray]:
+    """One KV head's (variance, group count) per step.
+
+    Per step only the groups the step touched (the new token's, a split's) are recomputed;
+    every other group's figure is the previous step's, which the same arithmetic on the same
+    sums would reproduce exactly. The per-step mean is then numpy's mean of the live groups'
+    figures in id order, as a full recomputation would take it, so the result is bit-identical
+    to recomputing every group at every step (tests/test_cluster_metrics.py's reference)."""
     steps = len(append_groups)
     labels = np.concatenate([prefill_groups, append_groups]).astype(np.int64)
     top = max(int(labels.max()), max((e.group for e in relabels), default=0)) + 1
@@ -52,27 +65,52 @@ def _head_variance(keys, prompt_len, prefill_groups, append_groups, relabels):
         np.add.at(squares, groups, sign * norms[positions])
         np.add.at(counts, groups, sign)
 
+    def figures(groups: np.ndarray) -> np.ndarray:
+        # E||k||^2 - ||E k||^2, clipped: rounding can make a one-member group slightly negative
+        n = counts[groups]
+        mean_sq = squares[groups] / n
+        centre_sq = np.einsum("gd,gd->g", sums[groups], sums[groups]) / n**2
+        return np.maximum(mean_sq - centre_sq, 0.0)
+
     move(np.arange(prompt_len), labels[:prompt_len], +1)
     by_step: dict[int, list] = {}
     for event in relabels:
         by_step.setdefault(event.step, []).append(event)
     variance = np.empty(steps)
     n_groups = np.empty(steps, dtype=np.int64)
+    values = np.zeros(top)
+    live = counts > 0
+    live_ids = np.flatnonzero(live)
+    values[live_ids] = figures(live_ids)
     for step in range(steps):
         position = prompt_len + step
-        move(np.array([position]), labels[position : position + 1], +1)
-        for event in by_step.get(step, ()):
-            positions = np.asarray(event.positions)
-            move(positions, labels[positions], -1)
-            labels[positions] = event.group
-            move(positions, labels[positions], +1)
-        live = counts > 0
-        n = counts[live]
-        mean_sq = squares[live] / n
-        centre_sq = np.einsum("gd,gd->g", sums[live], sums[live]) / n**2
-        # E||k||^2 - ||E k||^2, clipped: rounding can make a one-member group slightly negative
-        variance[step] = np.maximum(mean_sq - centre_sq, 0.0).mean()
-        n_groups[step] = int(live.sum())
+        group = int(labels[position])
+        # one member joins: the additions np.add.at would make
+        sums[group] += keys[position]
+        squares[group] += norms[position]
+        counts[group] += 1
+        events = by_step.get(step)
+        if events:
+            changed = {group}
+            for event in events:
+                positions = np.asarray(event.positions)
+                changed.update(np.unique(labels[positions]).tolist())
+                changed.add(int(event.group))
+                move(positions, labels[positions], -1)
+                labels[positions] = event.group
+                move(positions, labels[positions], +1)
+            live = counts > 0
+            live_ids = np.flatnonzero(live)
+            touched = np.array(sorted(changed))
+            touched = touched[counts[touched] > 0]
+        else:
+            if not live[group]:
+                live[group] = True
+                live_ids = np.flatnonzero(live)
+            touched = np.array([group])
+        values[touched] = figures(touched)
+        variance[step] = (values if len(live_ids) == top else values[live_ids]).mean()
+        n_groups[step] = len(live_ids)
     return variance, n_groups
 
 

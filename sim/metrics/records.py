@@ -16,6 +16,8 @@ why each is measured):
   construction); equal to ``attention_recall_mean`` for models without them.
 * ``topk_recall``: overlap of the selection with the exact top-k at the same size.
 * ``output_rel_error``: relative L2 error of the attention output.
+* ``accuracy_every``: ``k`` of the experiment's ``accuracy_every``: the accuracy columns
+  above average decode steps ``0, k, 2k, ...`` only (1: every step).
 * ``latency_ms_*``: simulated per-token decode latency (all layers); the breakdown columns are
   per-token means of time the decode process spent in each phase (they add up to the latency).
 * ``read_amplification``: bytes read from flash / bytes of the requested entries.
@@ -48,6 +50,7 @@ SUMMARY_COLUMNS = (
     "retrieval_recall_mean",
     "topk_recall_mean",
     "output_rel_error_mean",
+    "accuracy_every",
     "latency_ms_mean",
     "latency_ms_p50",
     "latency_ms_p99",
@@ -86,6 +89,7 @@ def summarize(run: str, pp: PolicyPass, sim: SimResult) -> dict[str, float | str
         "retrieval_recall_mean": _retrieval_recall(pp),
         "topk_recall_mean": float(acc["topk_recall"].mean()),
         "output_rel_error_mean": float(acc["output_rel_error"].mean()),
+        "accuracy_every": int(pp.accuracy_every),
         "latency_ms_mean": float(latency_ms.mean()),
         "latency_ms_p50": float(np.percentile(latency_ms, 50)),
         "latency_ms_p99": float(np.percentile(latency_ms, 99)),

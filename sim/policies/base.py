@@ -85,9 +85,13 @@ class HeadSelections:
     """Ragged per-step position lists of one KV head, stored flat (CSR-like).
 
     ``positions[offsets[s]:offsets[s + 1]]`` are the positions attended at step ``s``.
+    Policies make ``positions`` int32; the policy pass stores a finished layer's in the
+    smallest unsigned dtype that holds the trace's positions (:meth:`compacted`: uint16 up
+    to 65,536 positions, half the memory of a long decode's selections); :meth:`at` returns
+    int32 either way.
     """
 
-    positions: np.ndarray  # int32, concatenated, each step's slice sorted and unique
+    positions: np.ndarray  # int32 (or compacted), concatenated, each step's slice sorted, unique
     offsets: np.ndarray  # int64, length S + 1
 
     @classmethod
@@ -103,7 +107,17 @@ class HeadSelections:
         return cls(flat, offsets)
 
     def at(self, step: int) -> np.ndarray:
-        return self.positions[self.offsets[step] : self.offsets[step + 1]]
+        """The positions of step ``step``, int32 (a view, or a copy of compacted positions)."""
+        chunk = self.positions[self.offsets[step] : self.offsets[step + 1]]
+        return chunk if chunk.dtype == np.int32 else chunk.astype(np.int32)
+
+    def compacted(self, n_positions: int) -> HeadSelections:
+        """The same selections with positions in the smallest unsigned integer dtype holding
+        ``[0, n_positions)`` (``self`` if that is no smaller than the current dtype)."""
+        dtype = np.min_scalar_type(max(0, n_positions - 1))
+        if dtype.itemsize >= self.positions.dtype.itemsize:
+            return self
+        return HeadSelections(self.positions.astype(dtype), self.offsets)
 
     def counts(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -217,11 +231,15 @@ class RetrievalPolicy(ABC):
     ``l`` (InfiniGen's speculation): the engine scores layer ``l + 1``'s index and issues its
     reads right after layer ``l``'s QKV projection; layer 0 is scored and read at its own
     scoring point. 0 (the default): each layer selects for itself.
+    ``needs_speculative_queries``: ``True`` for policies that read
+    ``LayerContext.speculative_queries`` (InfiniGen), so a trace split before its captured
+    prompt's end (which has none for the earlier decode steps) is refused before any work.
     """
 
     name: ClassVar[str]
     selection_needs_query: ClassVar[bool] = True
     selection_lead_layers: ClassVar[int] = 0
+    needs_speculative_queries: ClassVar[bool] = False
 
     @abstractmethod
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
@@ -252,6 +270,8 @@ def decode_attention_weights(
     out: np.ndarray | None = None,
     logits_out: np.ndarray | None = None,
     window: int | None = None,
+    rows: np.ndarray | None = None,
+    scratch: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Unnormalised exact softmax weights of decode steps ``[start, stop)``, all heads at once.
 
@@ -269,11 +289,18 @@ def decode_attention_weights(
     ``window``: a sliding-window layer's reference (see :meth:`LayerSelection.sliding_window`):
     step ``s`` sees only ``(P + s - window, P + s]``; earlier positions are treated like the
     future ones (logit -inf, weight exactly 0).
+    ``rows``: only these decode steps (ascending, inside ``[start, stop)``), the ``C`` axis
+    then being theirs (the sampled accuracy of ``accuracy_every``). With ``scratch`` (a buffer
+    like ``out``) their logits come from the very same matrix product as without ``rows`` (the
+    whole chunk's), so they are bit-identical to it whatever kernel the BLAS picks; without
+    it, from the product of these rows alone, which is bit-identical only while the BLAS uses
+    the same kernel for both shapes (see :data:`sim.metrics.accuracy.SMALL_PRODUCT`).
+    Everything after the product runs on these rows only.
     """
     n_q, _, head_dim = queries.shape
     n_kv = keys.shape[0]
     q_per_kv = n_q // n_kv
-    steps = stop - start
+    steps = stop - start if rows is None else len(rows)
     width = prompt_len + stop
     shape = (n_kv, q_per_kv * steps, width)
 
@@ -282,21 +309,39 @@ def decode_attention_weights(
             return np.empty(shape, np.float32)
         return buf.reshape(-1)[: math.prod(shape)].reshape(shape)
 
-    q = np.asarray(queries[:, start:stop], dtype=np.float32) * np.float32(1.0 / math.sqrt(head_dim))
-    q = q.reshape(n_kv, q_per_kv * steps, head_dim)
+    whole_chunk = rows is None or scratch is not None
+    picked = slice(start, stop) if whole_chunk else rows
+    q = np.asarray(queries[:, picked], dtype=np.float32) * np.float32(1.0 / math.sqrt(head_dim))
+    q = q.reshape(n_kv, -1, head_dim)
     k = np.asarray(keys[:, :width], dtype=np.float32)
     w = buffer(out)
     logits = w if logits_out is None else buffer(logits_out)
-    np.matmul(q, k.transpose(0, 2, 1), out=logits)
-    # Causality only bites in the trailing steps x steps block: step r sees P + start + r.
-    rows, cols = np.triu_indices(steps, 1)
-    future = (slice(None), slice(None), rows, prompt_len + start + cols)
+    if rows is None or scratch is None:
+        np.matmul(q, k.transpose(0, 2, 1), out=logits)
+    else:
+        whole = (n_kv, q_per_kv * (stop - start), width)
+        product = scratch.reshape(-1)[: math.prod(whole)].reshape(whole)
+        np.matmul(q, k.transpose(0, 2, 1), out=product)
+        np.take(product.reshape(n_kv, q_per_kv, stop - start, width), np.asarray(rows) - start,
+                axis=2, out=logits.reshape(n_kv, q_per_kv, steps, width))
+    if rows is None:
+        # Causality only bites in the trailing steps x steps block: step r sees P + start + r.
+        tri_rows, cols = np.triu_indices(steps, 1)
+        future = (slice(None), slice(None), tri_rows, prompt_len + start + cols)
+        current = prompt_len + start + np.arange(steps)
+    else:
+        # row i sees up to P + rows[i]: the columns after it, up to the width, are the future
+        current = prompt_len + np.asarray(rows, dtype=np.int64)
+        after = width - 1 - current
+        row_of = np.repeat(np.arange(steps), after)
+        first = np.repeat(np.cumsum(after) - after, after)
+        future = (slice(None), slice(None), row_of,
+                  current[row_of] + 1 + np.arange(len(row_of)) - first)
     logits4 = logits.reshape(n_kv, q_per_kv, steps, width)
     logits4[future] = -np.inf
     expired = None
     if window is not None:
         # (steps, width): position j is out of step r's window iff j <= P + start + r - window
-        current = prompt_len + start + np.arange(steps)
         expired = np.arange(width)[None, :] <= (current - window)[:, None]
         logits4[:, :, expired] = -np.inf
     logits -= logits.max(axis=-1, keepdims=True)
@@ -460,7 +505,14 @@ class BudgetedPolicy(RetrievalPolicy):
         return min(context_len, self.sink_tokens + self.recent_tokens)
 
     def _forced_prefix(self, context_len: int, k: int) -> np.ndarray:
-        sinks = np.arange(min(self.sink_tokens, context_len))
-        recent = np.arange(context_len - 1, max(-1, context_len - 1 - self.recent_tokens), -1)
-        order = np.concatenate([sinks, recent[~np.isin(recent, sinks)]])
-        return np.sort(order[:k]).astype(np.int32)
+        """The first ``k`` forced positions, sinks first, then the newest recent ones.
+
+        The sinks are ``[0, n_sinks)`` and the recent window counts down from the newest
+        position, so the recent positions that are not sinks are those ``>= n_sinks``
+        (no set lookup: this runs for every step of a short context, a long decode's start)."""
+        n_sinks = min(self.sink_tokens, context_len)
+        if k <= n_sinks:
+            return np.arange(k, dtype=np.int32)
+        newest = np.arange(context_len - 1, max(n_sinks, context_len - self.recent_tokens) - 1,
+                           -1)[: k - n_sinks]
+        return np.concatenate([np.arange(n_sinks), newest[::-1]]).astype(np.int32)

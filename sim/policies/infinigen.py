@@ -108,6 +108,7 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
     full_layers: int = 0
 
     selection_lead_layers: ClassVar[int] = 1
+    needs_speculative_queries: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
