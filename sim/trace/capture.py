@@ -676,14 +676,17 @@ def load_model(name: str, cache_dir: Path | None = None, progress: bool = True) 
     _register_attention()
     gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
     gguf_tqdm = getattr(gguf_utils, "tqdm", None)
-    if not progress:
+    if progress:
+        print(f"kvsim: loading {name} from {gguf_file} (dequantizing, ~20-50 s)", file=sys.stderr)
+    # transformers' loading bars redraw in place: on a terminal only (a log would keep every
+    # redraw), and never when the caller asked for no progress
+    bars = progress and sys.stderr.isatty()
+    if not bars:
         transformers.utils.logging.disable_progress_bar()
         if gguf_tqdm is not None:
             # the GGUF dequantizer uses a bare tqdm that the logging switch does not reach
             # (ignore: import_module gives a bare ModuleType; getattr above found the attribute)
             gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)  # type: ignore[attr-defined]
-    else:
-        print(f"kvsim: loading {name} from {gguf_file} (dequantizing, ~20-50 s)", file=sys.stderr)
     start_s = time.perf_counter()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -698,7 +701,7 @@ def load_model(name: str, cache_dir: Path | None = None, progress: bool = True) 
             f"model {name}: loading {gguf_file} failed ({str(exc).splitlines()[0]})"
         ) from None
     finally:
-        if not progress:
+        if not bars:
             transformers.utils.logging.enable_progress_bar()
             if gguf_tqdm is not None:
                 gguf_utils.tqdm = gguf_tqdm  # type: ignore[attr-defined]  # bare ModuleType
