@@ -3,7 +3,7 @@
 
 DynaKV (arXiv 2511.07427) decodes 1K-16K tokens after a short prompt. A trace captured with a
 long prompt and every position's queries replays as such a decode with ``decode_from``
-(:func:`sim.trace.format.split_trace`), so this benchmark needs no long generation. For one
+(:func:`sim.trace.split.split_trace`), so this benchmark needs no long generation. For one
 trace and split it prints, for static_clusters and DynaKV with all techniques (dual-head
 layout, cluster-aligned replacement, pipelined index streaming and transfer overlap):
 
@@ -35,7 +35,8 @@ FLOOR = r"""
 import json, sys, time, resource
 import numpy as np
 from threadpoolctl import threadpool_limits
-from sim.trace.format import open_trace, split_trace
+from sim.trace.format import open_trace
+from sim.trace.split import split_trace
 trace = split_trace(open_trace(sys.argv[1]), int(sys.argv[2]))
 chunk = 32
 P, S = trace.prompt_len, trace.decode_steps
@@ -70,7 +71,8 @@ from sim.hardware import load_device
 from sim.policies import POLICIES
 from sim.policy_pass import run_policy_pass
 from sim.replay import SimSetup, simulate
-from sim.trace.format import open_trace, split_trace
+from sim.trace.format import open_trace
+from sim.trace.split import split_trace
 trace = split_trace(open_trace(sys.argv[1]), int(sys.argv[2]))
 spec = json.loads(sys.argv[3])
 every = int(sys.argv[4])
@@ -123,7 +125,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement (fastest kept)")
     args = parser.parse_args()
 
-    from sim.trace.format import open_trace, split_trace
+    from sim.trace.format import open_trace
+    from sim.trace.split import split_trace
 
     if args.trace:
         path = args.trace

@@ -71,7 +71,7 @@ class TraceSpec(BaseModel):
     """Either ``path`` (an existing trace directory) or ``capture`` settings.
 
     ``decode_from``: replay the trace from this position on (a split point, see
-    :func:`sim.trace.format.split_trace`): positions ``[0, decode_from)`` are the prompt,
+    :func:`sim.trace.split.split_trace`): positions ``[0, decode_from)`` are the prompt,
     ``[decode_from, n_positions)`` the decode steps, teacher-forced with the stored queries.
     The trace must store those queries (``queries: all``, or a split at or after its
     ``query_start``) and ``1 <= decode_from < n_positions``; checked before anything runs.

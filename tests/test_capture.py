@@ -32,8 +32,9 @@ from sim.trace.capture import (
     longest_repeated_span,
     project_query,
 )
-from sim.trace.format import ArrayStream, layer_file, open_trace
+from sim.trace.format import layer_file, open_trace
 from sim.trace.sources import load_text
+from sim.trace.writer import ArrayStream
 
 HAVE_MODEL = (
     importlib.util.find_spec("torch") is not None

@@ -20,7 +20,8 @@ from sim.experiment.planning import plan
 from sim.experiment.runner import execute
 from sim.figures import FIGURES, Results, draw_figures
 from sim.hardware import load_device
-from sim.trace.format import TraceWriter, open_trace
+from sim.trace.format import open_trace
+from sim.trace.writer import TraceWriter
 
 from .conftest import FIXTURE_TRACE
 

@@ -19,7 +19,8 @@ from sim.experiment.planning import plan
 from sim.experiment.runner import execute
 from sim.figures import FIGURES, Results, draw_figures
 from sim.figures.plots import plot_results
-from sim.trace.format import TraceWriter, open_trace
+from sim.trace.format import open_trace
+from sim.trace.writer import TraceWriter
 
 from .conftest import FIXTURE_TRACE
 

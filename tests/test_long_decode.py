@@ -27,7 +27,9 @@ from sim.metrics.accuracy import layer_accuracy
 from sim.policies import POLICIES
 from sim.policies.base import HeadSelections, LayerSelection
 from sim.policy_pass import run_policy_pass
-from sim.trace.format import SplitTrace, TraceWriter, open_trace, split_trace
+from sim.trace.format import open_trace
+from sim.trace.split import SplitTrace, split_trace
+from sim.trace.writer import TraceWriter
 
 from .conftest import FIXTURE_TRACE
 

@@ -32,7 +32,8 @@ from sim.policies.base import BudgetedPolicy
 from sim.policy_pass import run_policy_pass
 from sim.registry import Registry
 from sim.replay import Replay, SimSetup
-from sim.trace.format import TraceWriter, open_trace
+from sim.trace.format import open_trace
+from sim.trace.writer import TraceWriter
 
 PROMPT, STEPS, LAYERS, HEADS, GROUP, DIM = 96, 10, 3, 2, 2, 16
 

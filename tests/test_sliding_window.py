@@ -24,7 +24,8 @@ from sim.policies import POLICIES
 from sim.policies.base import HeadSelections, LayerContext, LayerSelection, RetrievalPolicy
 from sim.policy_pass import run_policy_pass, sliding_windows
 from sim.replay import Replay, SimSetup, simulate
-from sim.trace.format import TraceWriter, open_trace
+from sim.trace.format import open_trace
+from sim.trace.writer import TraceWriter
 
 from .conftest import HAND_DEVICE
 

@@ -14,8 +14,9 @@ import pytest
 
 from sim.errors import CaptureError, TraceError
 from sim.model import ModelGeometry
-from sim.trace.format import TraceWriter, layer_file, open_trace
+from sim.trace.format import layer_file, open_trace
 from sim.trace.sources import list_sources, load_text
+from sim.trace.writer import TraceWriter
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "traces" / "sample" / "smollm2-135m_pydoc_p160_d24"

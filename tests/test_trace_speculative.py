@@ -14,7 +14,8 @@ import pytest
 
 from sim.errors import TraceError
 from sim.trace.capture import CaptureSettings
-from sim.trace.format import FORMAT_VERSION, TraceWriter, layer_file, open_trace
+from sim.trace.format import FORMAT_VERSION, layer_file, open_trace
+from sim.trace.writer import TraceWriter
 
 from .conftest import FIXTURE_TRACE
 

@@ -26,7 +26,8 @@ from sim.hardware import DeviceParams
 from sim.model import ModelGeometry
 from sim.paths import REPO_ROOT
 from sim.policies import POLICIES
-from sim.trace.format import open_trace, split_trace
+from sim.trace.format import open_trace
+from sim.trace.split import split_trace
 
 
 def cache_capacity_bytes(
@@ -102,7 +103,7 @@ def run_group(
     each run, write each run's files.
 
     The trace is replayed from ``trace.decode_from`` when the runs split it
-    (:func:`sim.trace.format.split_trace`). Progress (the pass's layers, each replay's steps)
+    (:func:`sim.trace.split.split_trace`). Progress (the pass's layers, each replay's steps)
     goes to ``progress_file`` (a :class:`~sim.experiment.group_progress.ProgressFile`, for a
     worker process) or ``on_progress`` (in-process), see :mod:`sim.experiment.group_progress`.
 

@@ -37,7 +37,8 @@ from sim.policies import POLICIES
 from sim.result_files import RUN_SETTINGS, RUN_SUMMARY, RUNS_DIR
 from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
 from sim.trace.capture import CaptureSettings
-from sim.trace.format import check_decode_from, open_trace
+from sim.trace.format import open_trace
+from sim.trace.split import check_decode_from
 from sim.validation import pydantic_error_line, read_yaml
 
 

@@ -52,15 +52,9 @@ from sim.atomic import atomic_write
 from sim.errors import CaptureError, TraceError
 from sim.paths import trace_cache_dir
 from sim.progress import progress as progress_bar
-from sim.trace.format import (
-    FORMAT_VERSION,
-    SPEC_KIND,
-    ArrayStream,
-    Trace,
-    TraceWriter,
-    open_trace,
-)
+from sim.trace.format import FORMAT_VERSION, SPEC_KIND, Trace, open_trace
 from sim.trace.sources import TextSource, load_text, source_name
+from sim.trace.writer import ArrayStream, TraceWriter
 
 INSTALL_HINT = (
     "trace capture needs the capture extra: pip install -e '.[capture]' && "
@@ -412,7 +406,7 @@ class _Recorder:
     A forward pass's slice is written at once when it spans more than one position (a prefill
     chunk: the model holds it in RAM anyway); decode steps are buffered per layer and written
     every ``flush_positions`` steps, so memory stays bounded by one chunk whatever the trace
-    length. ``streams[(layer, kind)]`` are :class:`sim.trace.format.ArrayStream` objects.
+    length. ``streams[(layer, kind)]`` are :class:`sim.trace.writer.ArrayStream` objects.
     """
 
     def __init__(

@@ -23,6 +23,9 @@ Opening a trace (:func:`open_trace`) reads only the manifest and the ``.npy`` he
 cheap at any trace size; arrays are returned as read-only ``np.memmap`` views, so the trace is
 never held whole in RAM. Every problem surfaces as one-line :class:`sim.errors.TraceError` that
 names the trace and the file.
+
+This module is the read side; traces are written by :class:`sim.trace.writer.TraceWriter`, and
+:mod:`sim.trace.split` replays a trace from an earlier split point (``trace.decode_from``).
 """
 
 from __future__ import annotations
@@ -30,13 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -100,7 +98,8 @@ def expected_files(
     return files
 
 
-def _speculative_names(files: dict[str, Any]) -> list[str]:
+def speculative_names(files: dict[str, Any]) -> list[str]:
+    """The speculative-query file names among ``files`` (names or a name-keyed dict)."""
     return [name for name in files if name.endswith(f".{SPEC_KIND}.npy")]
 
 
@@ -113,7 +112,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """A Python int that is not a bool (JSON integers and sizes)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -151,7 +151,7 @@ class Trace:
         self.decode_steps: int = manifest["decode_steps"]
         self.n_positions: int = manifest["n_positions"]
         self.query_start: int = manifest["query_start"]
-        self.has_speculative_queries = bool(_speculative_names(manifest["files"]))
+        self.has_speculative_queries = bool(speculative_names(manifest["files"]))
         self.size_bytes: int = (path / MANIFEST_NAME).stat().st_size + sum(
             int(entry["bytes"]) for entry in manifest["files"].values()
         )
@@ -172,7 +172,7 @@ class Trace:
             raise self._error(f"{name} cannot be read ({_one_line(exc)})") from None
 
     def _check_layer(self, layer: int) -> None:
-        if not _is_int(layer) and not isinstance(layer, np.integer):
+        if not is_int(layer) and not isinstance(layer, np.integer):
             raise self._error(f"layer must be an int, got {layer!r}")
         if not 0 <= layer < self.model.n_layers:
             raise self._error(f"layer {layer} out of range (the trace has {self.model.n_layers})")
@@ -260,7 +260,7 @@ def open_trace(path: str | Path, verify: bool = False) -> Trace:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TraceError(f"{where}: {MANIFEST_NAME} is not valid JSON ({_one_line(exc)})") from None
-    model = _validate_manifest(manifest, where)
+    model = validate_manifest(manifest, where)
     _validate_files(path, manifest, model, where)
     trace = Trace(path, manifest, model)
     if verify:
@@ -268,8 +268,12 @@ def open_trace(path: str | Path, verify: bool = False) -> Trace:
     return trace
 
 
-def _validate_manifest(manifest: Any, where: str) -> ModelGeometry:
-    """Check the manifest's keys, types and arithmetic; return the model geometry."""
+def validate_manifest(manifest: Any, where: str) -> ModelGeometry:
+    """Check the manifest's keys, types and arithmetic; return the model geometry.
+
+    ``where`` prefixes every one-line TraceError. Shared by :func:`open_trace` and
+    :class:`sim.trace.writer.TraceWriter`, so a written trace is one the reader accepts.
+    """
     bad = f"{where}: {MANIFEST_NAME}"
     if not isinstance(manifest, dict):
         raise TraceError(f"{bad} must hold a JSON object")
@@ -286,7 +290,7 @@ def _validate_manifest(manifest: Any, where: str) -> ModelGeometry:
             f"{bad} has dtype {manifest['dtype']!r}; only {STORED_DTYPE!r} is supported"
         )
     for key in ("prompt_len", "decode_steps", "n_positions", "query_start"):
-        if not _is_int(manifest[key]) or manifest[key] < 0:
+        if not is_int(manifest[key]) or manifest[key] < 0:
             raise TraceError(f"{bad}: {key} must be an integer >= 0, got {manifest[key]!r}")
     prompt_len, decode_steps = manifest["prompt_len"], manifest["decode_steps"]
     if prompt_len < 1:
@@ -308,7 +312,7 @@ def _validate_manifest(manifest: Any, where: str) -> ModelGeometry:
     if missing:
         raise TraceError(f"{bad}: model lacks key(s) {', '.join(missing)}")
     for key in (*_REQUIRED_MODEL_KEYS[1:], "params_per_layer", "hidden_size", "vocab_size"):
-        if key in model and not _is_int(model[key]):
+        if key in model and not is_int(model[key]):
             raise TraceError(f"{bad}: model.{key} must be an integer, got {model[key]!r}")
     try:
         geometry = ModelGeometry(
@@ -336,7 +340,7 @@ def _validate_files(path: Path, manifest: dict[str, Any], model: ModelGeometry, 
     allowed = expected_files(
         model, manifest["n_positions"], manifest["query_start"], manifest["decode_steps"]
     )
-    speculative = _speculative_names(allowed)
+    speculative = speculative_names(allowed)
     present = [name for name in speculative if name in listed]
     if present and len(present) != len(speculative):
         missing = next(name for name in speculative if name not in listed)
@@ -403,403 +407,3 @@ def _validate_files(path: Path, manifest: dict[str, Any], model: ModelGeometry, 
                 f"{where}: {name} has {actual_bytes} bytes but {MANIFEST_NAME} says "
                 f"{entry['bytes']}"
             )
-
-
-class ArrayStream:
-    """One ``.npy`` file of a :class:`TraceWriter`, filled block by block along axis 1 (the
-    positions) instead of from one array in RAM.
-
-    The file is created at its full size once (header + a sparse data area) and each
-    :meth:`write` stores one block of positions straight into it with ``os.pwrite``, one
-    contiguous run per row (head): the data is ``(rows, n_positions, cols)`` in C order, so
-    position ``p`` of row ``h`` is at byte ``data_offset + ((h * n_positions) + p) * cols *
-    itemsize``. Nothing but the file descriptor and a one-byte-per-position "written" mask is
-    kept, so memory does not grow with the trace. Every position must be written exactly once
-    before the writer finishes (checked); values are converted to the file's dtype and checked
-    finite block by block, as :meth:`TraceWriter.write_layer` checks whole arrays.
-    """
-
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
-        if len(shape) != 3:
-            raise ValueError(f"ArrayStream needs a 3-D shape, got {shape}")
-        self.path, self.shape, self.dtype, self._where = path, shape, dtype, where
-        self._written = np.zeros(shape[1], dtype=bool)
-        with open(path, "wb") as f:
-            npy_format.write_array_header_1_0(
-                f, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False,
-                    "shape": shape}
-            )  # fmt: skip
-            self.data_offset = f.tell()
-            f.truncate(self.data_offset + math.prod(shape) * dtype.itemsize)
-        self._fd: int | None = os.open(path, os.O_WRONLY)
-
-    @property
-    def complete(self) -> bool:
-        """Every position has been written."""
-        return bool(self._written.all())
-
-    def write(self, start: int, block: np.ndarray) -> None:
-        """Store ``block`` (rows, n, cols) as positions ``[start, start + n)``."""
-        if self._fd is None:
-            raise TraceError(f"{self._where}: {self.path.name} is already closed")
-        rows, n_positions, cols = self.shape
-        block = np.asarray(block)
-        if block.ndim != 3 or block.shape[0] != rows or block.shape[2] != cols:
-            raise TraceError(
-                f"{self._where}: {self.path.name} block has shape {list(block.shape)}, expected "
-                f"[{rows}, n, {cols}]"
-            )
-        n = block.shape[1]
-        if not (0 <= start and start + n <= n_positions):
-            raise TraceError(
-                f"{self._where}: {self.path.name} block [{start}, {start + n}) is outside "
-                f"[0, {n_positions})"
-            )
-        if self._written[start : start + n].any():
-            raise TraceError(
-                f"{self._where}: {self.path.name} positions [{start}, {start + n}) overlap "
-                "positions already written"
-            )
-        with np.errstate(over="ignore"):
-            stored = np.ascontiguousarray(block, dtype=self.dtype)
-        if not np.isfinite(stored).all():
-            raise TraceError(
-                f"{self._where}: {self.path.name} has non-finite values after conversion to "
-                f"{STORED_DTYPE} (overflow beyond 65504?)"
-            )
-        row_bytes = n_positions * cols * self.dtype.itemsize
-        first = self.data_offset + start * cols * self.dtype.itemsize
-        for row in range(rows):
-            data = stored[row].tobytes()
-            offset = first + row * row_bytes
-            while data:  # pwrite may write less than asked
-                done = os.pwrite(self._fd, data, offset)
-                data, offset = data[done:], offset + done
-        self._written[start : start + n] = True
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class TraceWriter:
-    """Writes a trace atomically: into a hidden temp dir next to ``path``, renamed on success.
-
-    Use as a context manager::
-
-        with TraceWriter(path, model, prompt_len, decode_steps, query_start, text, capture) as w:
-            w.write_tokens(tokens)
-            for layer in range(n_layers):
-                w.write_layer(layer, keys, values, queries)  # + speculative_queries (l >= 1)
-
-    Long captures stream instead: ``w.stream(layer, kind)`` returns an :class:`ArrayStream`
-    that takes the positions block by block (``stream.write(start, block)``), so no layer is
-    ever held whole in RAM; the checksums are computed from the files at the end.
-
-    On a clean exit every layer and the tokens must have been written (the optional speculative
-    queries for every layer >= 1 or for none); the manifest (with
-    sha256, bytes and shape of every file) is written last and the directory renamed to
-    ``path``. On any exception the temp dir is removed and nothing appears at ``path``.
-    ``model`` holds at least name, n_layers, n_q_heads, n_kv_heads, head_dim (and should hold
-    params_per_layer, source, rope_theta, sliding_window); ``text`` and ``capture`` are stored
-    as given (``capture["created"]`` is filled in if absent). An existing ``path`` is an error
-    unless ``overwrite=True`` (then it is replaced only once the new trace is complete).
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        model: dict[str, Any],
-        prompt_len: int,
-        decode_steps: int,
-        query_start: int,
-        text: dict[str, Any],
-        capture: dict[str, Any],
-        *,
-        overwrite: bool = False,
-    ) -> None:
-        self.path = Path(path)
-        self._where = f"trace {self.path}"
-        self.model = dict(model)
-        self.manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "model": self.model,
-            "prompt_len": prompt_len,
-            "decode_steps": decode_steps,
-            "n_positions": prompt_len + decode_steps
-            if _is_int(prompt_len) and _is_int(decode_steps)
-            else None,
-            "query_start": query_start,
-            "dtype": STORED_DTYPE,
-            "text": dict(text),
-            "capture": dict(capture),
-            "files": {},
-        }
-        # validate up front with the same rules open_trace applies, so a writer can never
-        # produce a trace the reader rejects
-        self.geometry = _validate_manifest(self.manifest, self._where)
-        self.n_positions: int = self.manifest["n_positions"]
-        self.query_start = query_start
-        self._expected = expected_files(self.geometry, self.n_positions, query_start)
-        self._allowed = expected_files(
-            self.geometry, self.n_positions, query_start, self.manifest["decode_steps"]
-        )
-        self._overwrite = overwrite
-        self._tmp: Path | None = None
-        self._streams: dict[str, ArrayStream] = {}
-
-    def __enter__(self) -> TraceWriter:
-        if self.path.exists() and not self._overwrite:
-            raise TraceError(f"{self._where}: already exists (pass overwrite=True to replace it)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
-        self._tmp.mkdir()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        tmp = self._tmp
-        self._tmp = None
-        if tmp is None:
-            return
-        try:
-            for stream in self._streams.values():
-                stream.close()
-            if exc_type is None:
-                self._finish_streams()
-                self._finish(tmp)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def _finish(self, tmp: Path) -> None:
-        missing = [name for name in self._expected if name not in self.manifest["files"]]
-        if missing:
-            raise TraceError(
-                f"{self._where}: {missing[0]} was never written ({len(missing)} file(s) missing); "
-                "nothing was saved"
-            )
-        written = self.manifest["files"]
-        speculative = _speculative_names(self._allowed)
-        done = [name for name in speculative if name in written]
-        if done and len(done) != len(speculative):
-            absent = next(name for name in speculative if name not in written)
-            raise TraceError(
-                f"{self._where}: {absent} was never written (speculative queries are stored for "
-                "every layer >= 1 or for none); nothing was saved"
-            )
-        # keep the files dict in canonical order (tokens, then layer by layer)
-        self.manifest["files"] = {
-            name: written[name] for name in self._allowed if name in written
-        }
-        self.manifest["capture"].setdefault(
-            "created", datetime.now(timezone.utc).isoformat(timespec="seconds")
-        )
-        (tmp / MANIFEST_NAME).write_text(
-            json.dumps(self.manifest, indent=2) + "\n", encoding="utf-8"
-        )
-        old: Path | None = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.path, old)
-        try:
-            os.rename(tmp, self.path)
-        except OSError as exc:
-            # another writer finished the same path first (a concurrent capture)
-            raise TraceError(
-                f"{self._where}: cannot move the new trace in place ({exc.strerror})"
-            ) from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def stream(self, layer: int, kind: str) -> ArrayStream:
-        """An :class:`ArrayStream` for one layer file (``kind``: ``keys``, ``values``,
-        ``queries`` or ``spec_queries``), to be filled block by block along the positions axis
-        (for queries, index ``j`` is position ``query_start + j``; for speculative queries, ``s``
-        is decode step ``s``). Each file is either streamed or written whole, once."""
-        if self._tmp is None:
-            raise RuntimeError("TraceWriter must be used as a context manager (with ...:)")
-        self._check_layer(layer)
-        name = layer_file(layer, kind)
-        if name not in self._allowed:
-            raise TraceError(f"{self._where}: no file {name} in a trace of this shape")
-        if name in self._streams or name in self.manifest["files"]:
-            raise TraceError(f"{self._where}: {name} is already being written")
-        shape, dtype = self._allowed[name]
-        self._streams[name] = ArrayStream(self._tmp / name, shape, dtype, self._where)
-        return self._streams[name]
-
-    def _finish_streams(self) -> None:
-        """Check every stream is complete; record its checksum like a file written whole."""
-        for name, stream in self._streams.items():
-            if not stream.complete:
-                missing = int((~stream._written).sum())
-                raise TraceError(
-                    f"{self._where}: {name} has {missing} position(s) never written; nothing "
-                    "was saved"
-                )
-            self.manifest["files"][name] = {
-                "sha256": sha256_file(stream.path),
-                "bytes": stream.path.stat().st_size,
-                "shape": list(stream.shape),
-            }
-
-    def _check_layer(self, layer: int) -> None:
-        if not (_is_int(layer) or isinstance(layer, np.integer)) or not (
-            0 <= layer < self.geometry.n_layers
-        ):
-            raise TraceError(
-                f"{self._where}: layer {layer!r} out of range [0, {self.geometry.n_layers})"
-            )
-
-    def _save(self, name: str, array: np.ndarray) -> None:
-        if self._tmp is None:
-            raise RuntimeError("TraceWriter must be used as a context manager (with ...:)")
-        if name in self._streams:
-            raise TraceError(f"{self._where}: {name} is being streamed; it cannot be saved whole")
-        shape, dtype = self._allowed[name]
-        if array.shape != shape:
-            raise TraceError(
-                f"{self._where}: {name} has shape {list(array.shape)}, expected {list(shape)}"
-            )
-        if dtype.kind == "f":
-            with np.errstate(over="ignore"):
-                stored = np.ascontiguousarray(array, dtype=dtype)
-            if not np.isfinite(stored).all():
-                raise TraceError(
-                    f"{self._where}: {name} has non-finite values after conversion to "
-                    f"{STORED_DTYPE} (overflow beyond 65504?)"
-                )
-        else:
-            if not np.issubdtype(array.dtype, np.integer):
-                raise TraceError(f"{self._where}: {name} must hold integers, got {array.dtype}")
-            stored = np.ascontiguousarray(array, dtype=dtype)
-        file_path = self._tmp / name
-        np.save(file_path, stored, allow_pickle=False)
-        self.manifest["files"][name] = {
-            "sha256": sha256_file(file_path),
-            "bytes": file_path.stat().st_size,
-            "shape": list(shape),
-        }
-
-    def write_layer(
-        self,
-        layer: int,
-        keys: np.ndarray,
-        values: np.ndarray,
-        queries: np.ndarray,
-        speculative_queries: np.ndarray | None = None,
-    ) -> None:
-        """Store one layer (float32 or float16 in; float16 on disk).
-
-        ``keys``/``values``: (n_kv_heads, n_positions, head_dim); ``queries``:
-        (n_q_heads, n_positions - query_start, head_dim); ``speculative_queries`` (optional,
-        layers >= 1 only): (n_q_heads, decode_steps, head_dim). Raises TraceError on a shape
-        mismatch or a value that overflows float16.
-        """
-        self._check_layer(layer)
-        self._save(layer_file(layer, "keys"), np.asarray(keys))
-        self._save(layer_file(layer, "values"), np.asarray(values))
-        self._save(layer_file(layer, "queries"), np.asarray(queries))
-        if speculative_queries is not None:
-            if layer == 0:
-                raise TraceError(
-                    f"{self._where}: layer 0 has no speculative queries (nothing precedes it)"
-                )
-            self._save(layer_file(layer, SPEC_KIND), np.asarray(speculative_queries))
-
-    def write_tokens(self, tokens: np.ndarray) -> None:
-        """Store the token ids of every position: (n_positions,) integers, int32 on disk."""
-        self._save(TOKENS_NAME, np.asarray(tokens))
-
-
-# --------------------------------------------------------------------------------------------
-# Read side: a trace replayed from an earlier split point (``trace.decode_from``)
-# --------------------------------------------------------------------------------------------
-
-
-class SplitTrace(Trace):
-    """A read-only view of a :class:`Trace` whose decode starts at position ``decode_from``.
-
-    Positions ``[0, decode_from)`` are the prompt and ``[decode_from, n_positions)`` the decode
-    steps, whose queries are the stored queries of those positions: teacher-forced decoding of
-    the stored tokens, exactly what the trace's own model attended at those positions (the
-    stored keys, values and queries are the model's, whatever the capture called prompt). So a
-    trace captured with a long prompt and ``queries: all`` replays as a short prompt plus a
-    long decode without recapture (DynaKV, arXiv 2511.07427, §5: 1K-16K generated tokens).
-
-    Attributes as :class:`Trace`, with ``prompt_len = decode_from`` and ``decode_steps =
-    n_positions - decode_from``; ``decode_from``; ``source_prompt_len``, the prompt length
-    the trace was captured with. Nothing is copied: every array is the stored memmap (or a
-    view of it). Speculative queries (InfiniGen) exist only for the captured decode steps, so
-    :meth:`speculative_queries` returns them sliced to the new decode steps when ``decode_from
-    >= source_prompt_len`` and ``None`` before that (:attr:`speculative_gap` then says why).
-    """
-
-    def __init__(self, trace: Trace, decode_from: int) -> None:
-        super().__init__(trace.path, trace.manifest, trace.model)
-        self.decode_from = decode_from
-        self.source_prompt_len: int = trace.manifest["prompt_len"]
-        self.prompt_len = decode_from
-        self.decode_steps = trace.n_positions - decode_from
-        self.speculative_gap: str | None = None
-        if self.has_speculative_queries and decode_from < self.source_prompt_len:
-            self.speculative_gap = (
-                f"trace {self.path.name} stores speculative queries for its captured decode "
-                f"steps only (positions >= {self.source_prompt_len}), not from decode_from "
-                f"{decode_from}; split at {self.source_prompt_len} or later"
-            )
-
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", decode_from={self.decode_from})"
-
-    def speculative_queries(self, layer: int) -> np.ndarray | None:
-        """As :meth:`Trace.speculative_queries`, aligned with this view's decode steps;
-        ``None`` also when the split lies before the captured prompt's end."""
-        spec = super().speculative_queries(layer)
-        if spec is None or self.speculative_gap is not None:
-            return None
-        return spec[:, self.decode_from - self.source_prompt_len :, :]
-
-
-def check_decode_from(
-    decode_from: object, n_positions: int, query_start: int, where: str = "decode_from"
-) -> str | None:
-    """Why ``decode_from`` cannot split a trace of ``n_positions`` positions whose queries are
-    stored from ``query_start`` on (``None``: it can). The conditions of :func:`split_trace`,
-    shared with config validation, which checks them before anything runs."""
-    if not (_is_int(decode_from) or isinstance(decode_from, np.integer)):
-        return f"{where} must be an integer, got {decode_from!r}"
-    split = int(decode_from)  # type: ignore[call-overload]  # an int or numpy integer, checked
-    if not 1 <= split < n_positions:
-        return (
-            f"{where} {decode_from} is out of range: the trace has {n_positions} positions, so "
-            f"1 <= {where} <= {n_positions - 1}"
-        )
-    if query_start > split:
-        return (
-            f"{where} {decode_from} needs the queries of positions >= {decode_from}, but the "
-            f"trace stores them from position {query_start} on (capture with queries: all)"
-        )
-    return None
-
-
-def split_trace(trace: Trace, decode_from: int) -> SplitTrace:
-    """``trace`` replayed from position ``decode_from`` (see :class:`SplitTrace`).
-
-    Raises :class:`TraceError` (one line) if ``decode_from`` is not an integer in
-    ``[1, n_positions)`` or the trace lacks the queries of the positions it would decode
-    (``query_start > decode_from``). A split of a split splits the underlying trace.
-    """
-    base = trace
-    problem = check_decode_from(decode_from, base.n_positions, base.query_start)
-    if problem is not None:
-        raise TraceError(f"trace {base.path}: {problem}")
-    if isinstance(base, SplitTrace):
-        base = Trace(base.path, base.manifest, base.model)
-    return SplitTrace(base, int(decode_from))
