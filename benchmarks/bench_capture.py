@@ -52,19 +52,20 @@ SPIN_CODE = (
 
 def _child(model: str, positions: int, window: int, split: bool) -> dict:
     """Runs in the child process: one capture, returns its figures."""
-    from sim.trace import capture as capture_mod
     from sim.trace.capture import CaptureSettings, capture
+    from sim.trace.models import import_capture_deps, load_model
+    from sim.trace.recording import active_recorder
 
     prompt_len = positions - window
     inside_s = [0.0]
     handles = []
     if split:
-        torch, transformers = capture_mod._import_capture_deps()
-        loaded = capture_mod.load_model(model, progress=False)
+        torch, transformers = import_capture_deps()
+        loaded = load_model(model, progress=False)
         started: dict[int, float] = {}
 
         def decoding() -> bool:
-            recorder = capture_mod._ACTIVE_RECORDER
+            recorder = active_recorder()
             return recorder is not None and recorder.position >= prompt_len
 
         def before(module, _args):

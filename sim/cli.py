@@ -148,7 +148,7 @@ def _cmd_list(_args: argparse.Namespace) -> int:
     from sim.kv.layouts import LAYOUTS
     from sim.kv.replacement import REPLACEMENTS
     from sim.policies import POLICIES
-    from sim.trace.capture import MODELS
+    from sim.trace.models import MODELS
     from sim.trace.sources import list_sources
 
     # two model namespaces: the sizes a run simulates, and the real models traces come from

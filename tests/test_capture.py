@@ -25,14 +25,12 @@ from sim.cli import main as cli_main
 from sim.errors import CaptureError, ConfigError
 from sim.paths import trace_cache_dir
 from sim.trace import capture as capture_mod
-from sim.trace.capture import (
-    CaptureSettings,
-    distinct_ngram_share,
-    get_or_capture,
-    longest_repeated_span,
-    project_query,
-)
+from sim.trace import recording as recording_mod
+from sim.trace.capture import CaptureSettings, get_or_capture
+from sim.trace.decoding import distinct_ngram_share, longest_repeated_span
 from sim.trace.format import layer_file, open_trace
+from sim.trace.models import load_model
+from sim.trace.recording import Recorder, active_recorder, project_query, recording
 from sim.trace.sources import load_text
 from sim.trace.writer import ArrayStream
 
@@ -54,7 +52,7 @@ INPUT_LAYERS = (1, 2, 13, 14, 28, 29)  # attention inputs kept: a layer and the 
 def captured(tmp_path_factory: pytest.TempPathFactory):
     """One capture with o_proj inputs (the model's attention output) and the attention inputs
     of INPUT_LAYERS (hidden states and RoPE tables, per forward pass) recorded by torch hooks."""
-    loaded = capture_mod.load_model("smollm2-135m", progress=False)
+    loaded = load_model("smollm2-135m", progress=False)
     attn_out: dict[int, list[np.ndarray]] = {layer: [] for layer in HOOKED_LAYERS}
     inputs: dict[int, list[tuple]] = {layer: [] for layer in INPUT_LAYERS}
     handles = []
@@ -387,13 +385,66 @@ def test_cache_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     )
 
 
-def test_importing_capture_does_not_import_torch() -> None:
+def test_importing_any_trace_module_does_not_import_torch() -> None:
+    """Every module of sim.trace (found by pkgutil, so new ones are covered) imports without
+    torch or transformers: they load only when a capture runs."""
     import subprocess
     import sys
 
-    code = "import sys, sim.trace.capture; print('torch' in sys.modules)"
+    code = (
+        "import importlib, pkgutil, sys, sim.trace\n"
+        "names = [m.name for m in pkgutil.iter_modules(sim.trace.__path__, 'sim.trace.')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "print(' '.join(sorted(names)))\n"
+        "print(' '.join(m for m in ('torch', 'transformers') if m in sys.modules) or 'none')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    imported, heavy = out.stdout.strip().splitlines()
+    expected = ("capture", "decoding", "format", "models", "recording", "sources", "split")
+    assert {f"sim.trace.{name}" for name in (*expected, "writer")} <= set(imported.split())
+    assert heavy == "none"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch missing")
+def test_recording_installs_the_recorder_and_hooks_and_always_removes_them() -> None:
+    import torch
+
+    class Attention(torch.nn.Module):
+        def forward(self, hidden_states, position_embeddings):
+            return hidden_states
+
+    layers = [torch.nn.Module() for _ in range(3)]
+    for layer in layers:
+        layer.self_attn = Attention()
+    recorder = Recorder({}, query_start=0, speculative_start=0)
+    seen: list[tuple] = []
+    recorder.record_input = lambda attn, hidden, rope: seen.append((attn, hidden, rope))
+    hidden, rope = torch.zeros(1, 2, 4), (torch.ones(1), torch.zeros(1))
+    assert active_recorder() is None
+    with pytest.raises(ValueError, match="inside the block"):
+        with recording(recorder, layers):
+            assert active_recorder() is recorder
+            assert all(len(layer.self_attn._forward_pre_hooks) == 1 for layer in layers)
+            layers[1].self_attn(hidden_states=hidden, position_embeddings=rope)
+            with pytest.raises(RuntimeError, match="already recording"):
+                with recording(Recorder({}, 0, 0), layers):
+                    pass
+            assert active_recorder() is recorder  # the refused nesting changed nothing
+            raise ValueError("inside the block")
+    assert len(seen) == 1 and seen[0][0] is layers[1].self_attn and seen[0][1] is hidden
+    assert active_recorder() is None
+    assert all(not layer.self_attn._forward_pre_hooks for layer in layers)
+    layers[1].self_attn(hidden_states=hidden, position_embeddings=rope)
+    assert len(seen) == 1  # outside recording() nothing records
+
+
+@needs_model
+def test_capture_leaves_no_recorder_or_hook_behind(captured) -> None:
+    loaded = captured[0]
+    assert active_recorder() is None
+    for layer in loaded.model.model.layers:
+        hooks = layer.self_attn._forward_pre_hooks.values()
+        assert all(hook is not recording_mod._speculation_hook for hook in hooks)
 
 
 # ------------------------------------------------------------------ long-decode capture modes
@@ -511,7 +562,7 @@ def test_capture_allocates_the_cache_once_and_streams_small_blocks(
     than a prefill chunk or the flush size, never a whole layer."""
     pointers: dict[int, set[tuple[int, int, int]]] = {}
     lengths: dict[int, list[int]] = {}
-    real_record = capture_mod._Recorder.record
+    real_record = Recorder.record
 
     def spying_record(self, layer, query, key, value):
         pointers.setdefault(layer, set()).add(
@@ -528,9 +579,9 @@ def test_capture_allocates_the_cache_once_and_streams_small_blocks(
         blocks.setdefault(self.path.name, []).append((start, block.shape[1]))
         return real_write(self, start, block)
 
-    monkeypatch.setattr(capture_mod._Recorder, "record", spying_record)
+    monkeypatch.setattr(Recorder, "record", spying_record)
     monkeypatch.setattr(ArrayStream, "write", spying_write)
-    monkeypatch.setattr(capture_mod, "FLUSH_POSITIONS", 3)
+    monkeypatch.setattr(recording_mod, "FLUSH_POSITIONS", 3)
     settings = replace(SETTINGS, prompt_len=16, decode_steps=7, prefill_chunk=8)
     n_positions = 16 + 7
     trace = open_trace(capture_mod.capture(settings, tmp_path / "t", progress=False),

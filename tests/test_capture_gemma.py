@@ -46,8 +46,9 @@ def gemma_capture(tmp_path_factory):
     from sim.trace import capture as capture_mod
     from sim.trace.capture import CaptureSettings
     from sim.trace.format import open_trace
+    from sim.trace.models import load_model
 
-    loaded = capture_mod.load_model("gemma3-270m", progress=False)
+    loaded = load_model("gemma3-270m", progress=False)
     attn_out: dict[int, list[np.ndarray]] = {layer: [] for layer in HOOKED}
     handles = []
     for layer in HOOKED:

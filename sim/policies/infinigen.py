@@ -46,7 +46,7 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
     ``l + 1`` (a ``partial_ratio`` fraction of each head's channels, kept in DRAM); the tokens
     it deems important are fetched while layer ``l`` computes. Here the speculative query of
     layer ``l >= 1`` is the trace's ``speculative_queries`` (layer ``l``'s query path applied to
-    layer ``l - 1``'s input, :mod:`sim.trace.capture`); layer 0, which nothing precedes, is
+    layer ``l - 1``'s input, :mod:`sim.trace.recording`); layer 0, which nothing precedes, is
     scored the same way with its own decode query. ``selection_lead_layers = 1`` tells the
     engine to issue layer ``l + 1``'s reads during layer ``l``, right after its QKV projection.
 
