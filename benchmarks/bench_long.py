@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
+
+from child_runs import fastest
 
 FLOOR = r"""
 import json, sys, time, resource
@@ -102,19 +102,6 @@ DEFAULT_POLICIES = [
 ]
 
 
-def _child(code: str, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _fastest(repeat: int, code: str, *args: str) -> dict:
-    """The run with the smallest total wall time of ``repeat`` child runs."""
-    runs = [_child(code, *args) for _ in range(max(1, repeat))]
-    return min(runs, key=lambda r: r.get("wall_s", 0) + r.get("policy_s", 0) + r.get("sim_s", 0))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", help="trace directory (default: capture or find the 7936+256 "
@@ -144,7 +131,7 @@ def main() -> None:
         f"{trace.decode_steps} decode steps, {trace.model.n_layers} layers, {size_mb:.0f} MiB "
         f"on disk; accuracy on every {args.accuracy_every} step(s)"
     )
-    floor = _fastest(args.repeat, FLOOR, path, str(args.decode_from))
+    floor = fastest(args.repeat, FLOOR, path, str(args.decode_from))
     print(f"{'measurement':<52} {'wall s':>8} {'x floor':>8} {'ms/step':>8} "
           f"{'peak RSS MiB':>13} {'x trace':>8}")
     print(
@@ -153,7 +140,7 @@ def main() -> None:
     )
     for spec in args.policy or DEFAULT_POLICIES:
         started = time.perf_counter()
-        result = _fastest(args.repeat, RUN, path, str(args.decode_from), spec,
+        result = fastest(args.repeat, RUN, path, str(args.decode_from), spec,
                           str(args.accuracy_every))
         name = json.loads(spec)["type"]
         if "pipeline" in json.loads(spec):

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
+
+from child_runs import fastest
 
 FLOOR = r"""
 import json, sys, time, resource
@@ -85,19 +85,6 @@ DEFAULT_POLICIES = [
 ]
 
 
-def _child(code: str, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _fastest(repeat: int, code: str, *args: str) -> dict:
-    """The run with the smallest total wall time of ``repeat`` child runs."""
-    runs = [_child(code, *args) for _ in range(max(1, repeat))]
-    return min(runs, key=lambda r: r.get("wall_s", 0) + r.get("policy_s", 0) + r.get("sim_s", 0))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-len", type=int, default=8192 - 256)
@@ -125,7 +112,7 @@ def main() -> None:
         f"trace {path.name}: {trace.prompt_len}+{trace.decode_steps} positions, "
         f"{size_mb:.0f} MiB on disk"
     )
-    floor = _fastest(args.repeat, FLOOR, str(path))
+    floor = fastest(args.repeat, FLOOR, str(path))
     print(f"{'measurement':<58} {'wall s':>8} {'x floor':>8} {'peak RSS MiB':>13}")
     print(
         f"{'numpy exact attention, every step/layer/head (floor)':<58} "
@@ -134,7 +121,7 @@ def main() -> None:
     verdicts = []
     for spec in args.policy or DEFAULT_POLICIES:
         started = time.perf_counter()
-        result = _fastest(args.repeat, RUN, str(path), spec)
+        result = fastest(args.repeat, RUN, str(path), spec)
         total = result["policy_s"] + result["sim_s"]
         name = json.loads(spec)["type"]
         if "pipeline" in json.loads(spec):
