@@ -22,8 +22,9 @@ ACCURACY_COLUMNS = ("attention_recall", "topk_recall", "output_rel_error", "n_se
 #: ``held_entries``: looked-up entries (selected, or read without being attended) that DRAM
 #: holds outside the cache (a policy's sinks and window, split and write buffers): neither
 #: hits nor misses, so ``hits + misses + held_entries = selected_entries + extra_entries``.
-#: ``dram_bytes`` is the DRAM footprint at the step's end and the ``dram_<part>_bytes`` its
-#: parts, which add up to it (defined in :mod:`sim.footprint`).
+#: ``selected_misses``: the misses among the selected entries (``misses`` also counts the
+#: extra reads'). ``dram_bytes`` is the DRAM footprint at the step's end and the
+#: ``dram_<part>_bytes`` its parts, which add up to it (defined in :mod:`sim.footprint`).
 STEP_COLUMNS = (
     "latency_us",
     "dense_us",
@@ -47,6 +48,7 @@ STEP_COLUMNS = (
     "swap_read_bytes",
     "swap_write_bytes",
     "held_entries",
+    "selected_misses",
     "dram_cache_bytes",
     "dram_index_bytes",
     "dram_buffer_bytes",

@@ -415,6 +415,13 @@ class Replay:
         rec[col["hits"]] += cache.hits - before[0]
         rec[col["misses"]] += cache.misses - before[1]
         rec[col["streamed"]] += cache.streamed - before[2]
+        if selection.extra_reads is None:
+            rec[col["selected_misses"]] += cache.misses - before[1]
+        else:  # the misses among the attended entries, without the extra reads'
+            rec[col["selected_misses"]] += sum(
+                int(np.isin(missed, chosen, assume_unique=True).sum())
+                for missed, chosen in zip(misses, per_head, strict=True)
+            )
         # One plan for all KV heads: each head's entries live in its own flash region.
         layouts = self.layouts[layer]
         plan = plan_reads(

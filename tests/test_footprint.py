@@ -72,6 +72,7 @@ def test_each_part_by_hand():
     steps = simulate(_held_pass(), _setup(1 << 20)).steps
     assert steps["held_entries"].tolist() == [2 * 5, 2 * 6, 2 * 3]
     assert steps["hits"].tolist() == [0, 2, 0] and steps["misses"].tolist() == [2, 0, 2]
+    assert steps["selected_misses"].tolist() == [2, 0, 2]
     assert steps["selected_entries"].tolist() == [2 * 6, 2 * 7, 2 * 4]
     assert steps["useful_read_bytes"].tolist() == [2 * ENTRY, 0, 2 * ENTRY]
     assert (steps["write_commands"] == 2).all()  # the new tokens still go to flash
@@ -243,6 +244,8 @@ def test_parts_add_up_and_held_entries_are_never_looked_up(scenario):
     assert (parts >= 0).all().all()
     assert (steps["hits"] + steps["misses"] + steps["held_entries"]
             == steps["selected_entries"] + steps["extra_entries"]).all()
+    assert (steps["selected_misses"] <= steps["misses"]).all()
+    assert (steps["misses"] - steps["selected_misses"] <= steps["extra_entries"]).all()
     n_cached = sum(c is not None for c in replay.caches)
     images = min(2, n_cached) if setup.pipeline.swap_layers else n_cached
     assert (steps["dram_cache_bytes"] <= images * capacity_entries * ENTRY).all()

@@ -116,6 +116,8 @@ def _check_run(trace, policy_name, layout, replacement):
             assert cache.peak_resident_entries <= capacity_entries
     assert records["hits"] + records["misses"] + records["held_entries"] == \
         records["selected_entries"] + records["extra_entries"]
+    assert 0 <= records["selected_misses"] <= min(records["misses"],
+                                                  records["selected_entries"])
     steps = pd.DataFrame(replay.records, columns=list(STEP_COLUMNS))
     parts = steps[[f"dram_{part}_bytes" for part in PARTS]]
     np.testing.assert_array_equal(parts.sum(axis=1), steps["dram_bytes"])

@@ -22,9 +22,10 @@ why each is measured):
   per-token means of time the decode process spent in each phase (they add up to the latency).
 * ``read_amplification``: bytes read from flash / bytes of the requested entries.
 * ``effective_bandwidth_mb_s``: bytes of requested entries read / time a read batch was in flight.
-* ``hit_rate``: selected entries attended from DRAM without a flash read / selected entries:
-  cache hits plus entries the policy or layout holds in DRAM outside the cache (its sinks and
-  window, split and write buffers: ``held_entries``).
+* ``hit_rate``: selected entries attended from DRAM without a flash read / selected entries
+  (``(selected_entries - selected_misses) / selected_entries``): cache hits plus what the
+  policy or layout holds in DRAM outside the cache (its sinks and window, split and write
+  buffers).
 * ``swap_read_mb_per_token`` / ``swap_write_mb_per_token``: per-layer cache swapping
   (``pipeline.swap_layers``): bytes of cache images read back / of newly resident entries
   written out, per decoded token (0 without swapping); not part of ``read_mb_per_token``.
@@ -119,7 +120,7 @@ def summarize(
         "read_amplification": float(read_bytes / useful) if useful else float("nan"),
         "effective_bandwidth_mb_s": float(useful / busy_us) if busy_us else float("nan"),
         "hit_rate": (
-            float((steps["hits"].sum() + steps["held_entries"].sum()) / selected)
+            float((selected - steps["selected_misses"].sum()) / selected)
             if selected else float("nan")
         ),
         "peak_dram_mb": float(steps["dram_bytes"].max() / MB),
