@@ -46,11 +46,11 @@ METRIC_LABELS = {
     "hit_rate": "served from DRAM (share of selected entries)",
     "peak_dram_mb": "peak DRAM use (MB)",
     "mean_dram_mb": "mean DRAM use (MB)",
-    "dram_cache_mb": "DRAM: cache (MB, mean)",
-    "dram_index_mb": "DRAM: index (MB, mean)",
-    "dram_buffer_mb": "DRAM: split and write buffers (MB, mean)",
-    "dram_window_mb": "DRAM: policy's window (MB, mean)",
-    "dram_dense_mb": "DRAM: dense and sliding-window layers (MB, mean)",
+    "dram_cache_mb": "DRAM cache (MB)",
+    "dram_index_mb": "DRAM index (MB)",
+    "dram_buffer_mb": "DRAM buffers (MB)",
+    "dram_window_mb": "DRAM window (MB)",
+    "dram_dense_mb": "DRAM dense layers (MB)",
     "cache_capacity_mb": "cache capacity (MB)",
     "dram_target_mb": "total DRAM target (MB)",
     "intra_cluster_variance_mean": "intra-cluster key variance (squared key units)",
@@ -74,7 +74,7 @@ AXIS_LABELS = {  # key -> label; a fraction axis also has its label in % (x_perc
 PERCENT_LABELS = {
     "policy.budget": "selected share of the context (%)",
     "cache.capacity": "cache ratio (% of the full KV cache)",
-    "cache.dram_total": "total DRAM (% of the full KV cache)",
+    "cache.dram_total": "total DRAM (% of full KV)",
 }
 
 
