@@ -18,9 +18,11 @@ summed over the simulated layers and KV heads, in bytes; the parts, each a step 
 * ``dense``: layers attended wholly from DRAM: full attention (the reference, a policy's dense
   first layers) and the model's own sliding-window layers.
 
-An entry is counted once, in the first part that holds it in the order window, buffer, cache
-(the replay never puts a held entry in the cache). Buffers, windows and sinks are attended
-from DRAM: they are neither cache hits nor flash reads (step column ``held_entries``).
+An entry is counted once, in the first part that holds it in the order window, buffer, cache:
+the replay never inserts an entry the policy or a layout holds into the cache, and what the
+policies hold is only ever the prompt's window or newly appended tokens, never a cached entry.
+Buffers, windows and sinks are attended from DRAM: they are neither cache hits nor flash reads
+(step column ``held_entries``).
 
 Equal total DRAM (:func:`resolve_cache_capacity`): everything but the cache is known from the
 policy pass (the write buffers by their bound, :meth:`FlashLayout.max_buffered_entries`), so

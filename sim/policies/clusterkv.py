@@ -101,8 +101,8 @@ class ClusterKV(FullLayersMixin, ClusteredPolicy):
         ClusterKV keeps them on the GPU until the window is clustered and offloaded."""
         steps = np.asarray(steps, dtype=np.int64)
         window_start = prompt_len + (steps // self.update_interval) * self.update_interval
-        return self.sink_tokens, np.minimum(prompt_len + steps - self.recent_tokens,
-                                            window_start)
+        recent_start = np.maximum(0, prompt_len + steps - self.recent_tokens)
+        return self.sink_tokens, np.minimum(recent_start, window_start)
 
     def kept_tail_start(self, prompt_len: int, step: int) -> int:
         """The unclustered window (tokens since the last local update) is attended always."""
