@@ -20,7 +20,7 @@ summed over the simulated layers and KV heads, in bytes; the parts, each a step 
 
 An entry is counted once, in the first part that holds it in the order window, buffer, cache:
 the replay never inserts an entry the policy or a layout holds into the cache, and what the
-policies hold is only ever the prompt's window or newly appended tokens, never a cached entry.
+policies hold is only the prompt's sinks and window or newly appended tokens, never a cached one.
 Buffers, windows and sinks are attended from DRAM: they are neither cache hits nor flash reads
 (step column ``held_entries``).
 
