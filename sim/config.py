@@ -88,21 +88,37 @@ class TraceSpec(BaseModel):
             raise ValueError("give exactly one of 'path' or 'capture'")
 
 
+def kv_size_bytes(value: float | int | str, n_positions: int, bytes_per_token: int) -> int:
+    """A DRAM size as configured: bytes (``"64MiB"``, ``1e9``), or a float in (0, 1] as a
+    fraction of the full KV cache (``n_positions`` tokens of ``bytes_per_token``)."""
+    if isinstance(value, str):
+        return parse_size_bytes(value)
+    if isinstance(value, float) and value <= 1.0:
+        return int(value * n_positions * bytes_per_token)
+    return int(value)
+
+
 class CacheSpec(BaseModel):
-    """DRAM cache for KV entries.
+    """DRAM cache for KV entries, sized one of two ways.
 
     ``capacity``: bytes (``"64MiB"``), or a fraction in (0, 1] of the full KV cache of the
     simulated model at the trace's final length; ``null`` takes the device preset's
-    ``dram.kv_budget_bytes``. The capacity is split evenly across layers (one cache per layer).
+    ``dram.kv_budget_bytes``. The capacity is split evenly across layers (one cache per layer;
+    a layer attended wholly from DRAM has none, and its share goes unused).
+    ``dram_total``: the same units, for the run's *total* DRAM (cache, index, buffers, window,
+    dense layers; see :mod:`sim.footprint`): each run's capacity is resolved from its policy
+    pass so that its total never exceeds this and equals it where the rest peaks, for equal-DRAM
+    comparisons. Give at most one of the two.
     """
 
     model_config = _STRICT
     replacement: str | dict[str, Any] = "lru"
     capacity: float | int | str | None = None
+    dram_total: float | int | str | None = None
 
-    @field_validator("capacity")
+    @field_validator("capacity", "dram_total")
     @classmethod
-    def _capacity_positive(cls, value: float | int | str | None) -> float | int | str | None:
+    def _size_positive(cls, value: float | int | str | None) -> float | int | str | None:
         if value is None:
             return value
         if isinstance(value, str):
@@ -110,6 +126,10 @@ class CacheSpec(BaseModel):
         if value <= 0:
             raise ValueError(f"must be > 0, got {value}")
         return value
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.capacity is not None and self.dram_total is not None:
+            raise ValueError("give either capacity or dram_total, not both")
 
 
 class PipelineSpec(BaseModel):

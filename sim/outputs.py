@@ -19,6 +19,12 @@ from sim.policies.base import LayerSelection, RetrievalPolicy
 ACCURACY_COLUMNS = ("attention_recall", "topk_recall", "output_rel_error", "n_selected")
 
 #: Per-decode-step record columns of the replay (times in us, sizes in bytes, counts).
+#: ``held_entries``: looked-up entries (selected, or read without being attended) that DRAM
+#: holds outside the cache (a policy's sinks and window, split and write buffers): neither
+#: hits nor misses, so ``hits + misses + held_entries = selected_entries + extra_entries``.
+#: ``selected_misses``: the misses among the selected entries (``misses`` also counts the
+#: extra reads'). ``dram_bytes`` is the DRAM footprint at the step's end and the
+#: ``dram_<part>_bytes`` its parts, which add up to it (defined in :mod:`sim.footprint`).
 STEP_COLUMNS = (
     "latency_us",
     "dense_us",
@@ -41,6 +47,13 @@ STEP_COLUMNS = (
     "dram_bytes",
     "swap_read_bytes",
     "swap_write_bytes",
+    "held_entries",
+    "selected_misses",
+    "dram_cache_bytes",
+    "dram_index_bytes",
+    "dram_buffer_bytes",
+    "dram_window_bytes",
+    "dram_dense_bytes",
 )
 
 

@@ -119,11 +119,12 @@ def _layer_pass(
 
 
 def compact_selection(selection: LayerSelection, n_positions: int) -> LayerSelection:
-    """``selection`` with its per-step positions (attended and extra reads) in the smallest
-    unsigned dtype holding ``n_positions`` (:meth:`HeadSelections.compacted`): every layer's
-    selections are held until the replay, and at thousands of decode steps they are most of a
-    run's memory (7168 steps x 90 KV heads x ~400 entries: ~1 GB as int32). Values, offsets and
-    everything else are unchanged; a head list shared between KV heads stays shared."""
+    """``selection`` with its per-step positions (attended, extra reads, split buffers) in the
+    smallest unsigned dtype holding ``n_positions`` (:meth:`HeadSelections.compacted`): every
+    layer's selections are held until the replay, and at thousands of decode steps they are
+    most of a run's memory (7168 steps x 90 KV heads x ~400 entries: ~1 GB as int32). Values,
+    offsets and everything else are unchanged; a head list shared between KV heads stays
+    shared."""
     def compact(heads: list[HeadSelections] | None) -> list[HeadSelections] | None:
         if heads is None:
             return None
@@ -131,7 +132,8 @@ def compact_selection(selection: LayerSelection, n_positions: int) -> LayerSelec
         return [done.setdefault(id(h), h.compacted(n_positions)) for h in heads]
 
     return dataclasses.replace(
-        selection, heads=compact(selection.heads), extra_reads=compact(selection.extra_reads)
+        selection, heads=compact(selection.heads), extra_reads=compact(selection.extra_reads),
+        split_buffers=compact(selection.split_buffers),
     )
 
 

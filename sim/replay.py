@@ -26,12 +26,18 @@ Sliding-window layers (Gemma 3's local layers; see :mod:`sim.policy_pass`) atten
 counted in ``dram_bytes``): no index, no cache, no flash reads or writes, nothing to swap. A
 simulated layer inherits the window of the trace layer it replays
 (:func:`sim.model.trace_layer_map`), so a Gemma trace driving a deeper target model keeps
-its local/global pattern spread over the target's depth.
+its local/global pattern spread over the target's depth. An eviction policy's kept set
+(H2O, StreamingLLM: ``LayerSelection.kept_in_dram``) is attended the same way.
+
+What a policy holds in DRAM outside the cache (its sinks and window, DynaKV's split buffers)
+and what a layout's write buffer holds are attended from there: they are left out of the cache
+lookup (neither hits nor misses: ``held_entries``), and a new token the policy or layout holds
+is not inserted into the cache. The DRAM footprint and its parts are defined in
+:mod:`sim.footprint`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +48,7 @@ import pandas as pd
 import simpy
 
 from sim.config import PipelineSpec
+from sim.footprint import PART_COLUMNS, StaticFootprint
 from sim.hardware import (
     DeviceParams,
     Flash,
@@ -52,7 +59,7 @@ from sim.hardware import (
 )
 from sim.kv.cache import LayerCache
 from sim.kv.io_plan import plan_reads, plan_writes
-from sim.kv.layouts import LAYOUTS, FlashLayout
+from sim.kv.layouts import LAYOUTS, FlashLayout, engine_layout_spec
 from sim.kv.replacement import REPLACEMENTS
 from sim.model import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
 from sim.outputs import STEP_COLUMNS, PolicyPass, SimResult
@@ -136,6 +143,12 @@ class Replay:
         # once per token, after the last layer: final norm + LM head (none without a vocab)
         self.lm_head_us = lm_head_us(target.vocab_size, target.hidden, self.compute, self.dram)
         self.caches, self.layouts = self._caches_and_layouts()
+        # the parts of the DRAM footprint the pass decides, and resident layers' entries
+        self.footprint = StaticFootprint(pp, target, dtype, setup.pipeline.stream_index)
+        # layers whose selection holds positions in DRAM outside the cache (sinks, a window,
+        # split buffers), and layers whose layouts may hold appends in a write buffer
+        self.holds = [self._holds(layer) for layer in range(self.n_layers)]
+        self.may_buffer = [self._may_buffer(layer) for layer in range(self.n_layers)]
         self.relabels_at = self._relabel_events()
         self.read_timing = [self._read_timing(layer) for layer in range(self.n_layers)]
         # per-layer cache swapping (PipelineSpec.swap_layers): the pending swap-in of each
@@ -171,13 +184,9 @@ class Replay:
 
     def _layout_spec(self) -> dict:
         """The layout's registry spec, with the sizes the replay knows filled in."""
-        spec = {**self.setup.layout, "n_positions": self.n_positions}
-        declared = {f.name for f in dataclasses.fields(LAYOUTS.get(spec["type"]))}
-        # sizes a layout may need (a page-aligned write buffer): filled in if it declares them
-        for name, value in (("entry_bytes", self.entry_bytes), ("page_bytes", self.page_bytes)):
-            if name in declared:
-                spec[name] = value
-        return spec
+        return engine_layout_spec(
+            self.setup.layout, self.n_positions, self.entry_bytes, self.page_bytes
+        )
 
     def _caches_and_layouts(self) -> tuple[list[LayerCache | None], list[list[FlashLayout]]]:
         """Each simulated layer's DRAM cache and per-KV-head flash layouts, the prompt placed;
@@ -188,7 +197,7 @@ class Replay:
         layouts: list[list[FlashLayout]] = []
         for layer in range(self.n_layers):
             selection = self._selection(layer)
-            if selection.is_resident:  # full attention or a sliding window: all in DRAM
+            if selection.is_resident:  # full attention, a sliding window, a kept set: DRAM
                 caches.append(None)
                 layouts.append([])
                 continue
@@ -251,15 +260,25 @@ class Replay:
 
     def _future_accesses(self, layer: int) -> list[tuple[int, list[np.ndarray]]]:
         """Every ``access`` then ``insert`` the replay will make on ``layer``'s cache, in order
-        (the same ``now`` and positions as :meth:`_issue_reads` and :meth:`_append`)."""
-        heads = self._selection(layer).heads
+        (the same ``now`` and positions as :meth:`_issue_reads` and :meth:`_append`, but for
+        what a layout's write buffer will hold, which only the replay knows)."""
+        selection = self._selection(layer)
+        heads = selection.heads
         assert heads is not None  # only resident layers (heads=None) have no cache
-        per_head = [heads[self.head_map[h]] for h in range(self.n_heads)]
+        trace_heads = self.head_map.tolist()
+        holds = self._holds(layer)
         accesses: list[tuple[int, list[np.ndarray]]] = []
         for step in range(self.pp.decode_steps):
             now = step * self.n_layers + layer
-            accesses.append((now, [selections.at(step) for selections in per_head]))
-            accesses.append((now, [np.array([self.pp.prompt_len + step])] * self.n_heads))
+            position = self.pp.prompt_len + step
+            wanted = [heads[t].at(step) for t in trace_heads]
+            if holds:
+                wanted = [self._without_held(selection, step, w, t)
+                          for w, t in zip(wanted, trace_heads, strict=True)]
+            accesses.append((now, wanted))
+            new = np.array([position])
+            accesses.append((now, [new[:0] if self._policy_holds_new(selection, step, t) else new
+                                   for t in trace_heads]))
         return accesses
 
     # -- helpers ----------------------------------------------------------------------------
@@ -267,6 +286,86 @@ class Replay:
     def _selection(self, layer: int) -> LayerSelection:
         """The selection simulated ``layer`` replays (its trace layer's)."""
         return self.pp.selections[self.layer_map[layer]]
+
+    def _holds(self, layer: int) -> bool:
+        """Whether ``layer``'s selection holds positions in DRAM outside its cache."""
+        selection = self._selection(layer)
+        return not selection.is_resident and (
+            selection.dram_sinks > 0 or selection.dram_tail is not None
+            or selection.split_buffers is not None
+        )
+
+    def _may_buffer(self, layer: int) -> bool:
+        """Whether ``layer``'s layouts may hold appends in a DRAM write buffer."""
+        selection = self._selection(layer)
+        groups = selection.prefill_groups
+        return any(
+            layout.max_buffered_entries(None if groups is None else groups[self.head_map[h]])
+            for h, layout in enumerate(self.layouts[layer])
+        )
+
+    @staticmethod
+    def _split_buffered(selection: LayerSelection, trace_head: int, step: int) -> np.ndarray:
+        """Positions in the split buffers of ``trace_head`` at the end of ``step`` (none before
+        the first step)."""
+        if selection.split_buffers is None or step < 0:
+            return np.zeros(0, dtype=np.int32)
+        return selection.split_buffers[trace_head].at(step)
+
+    def _without_held(
+        self,
+        selection: LayerSelection,
+        step: int,
+        positions: np.ndarray,
+        trace_head: int,
+        write_buffered: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``positions`` (stored, sorted) at ``step`` without those held in DRAM outside the
+        cache: the policy's sinks and window, the split buffers (as the step starts) and the
+        layout's ``write_buffered`` positions."""
+        keep = None
+        if selection.dram_sinks:
+            keep = positions >= selection.dram_sinks
+        if selection.dram_tail is not None:
+            below = positions < selection.dram_tail[step]
+            keep = below if keep is None else keep & below
+        out = positions if keep is None else positions[keep]
+        for held in (self._split_buffered(selection, trace_head, step - 1), write_buffered):
+            if held is not None and len(held) and len(out):
+                out = out[~np.isin(out, held)]
+        return out
+
+    def _policy_holds_new(self, selection: LayerSelection, step: int, trace_head: int) -> bool:
+        """Whether the policy holds the token appended at ``step`` in DRAM outside the cache
+        (its window or sinks, or a split buffer at the step's end)."""
+        position = self.pp.prompt_len + step
+        if selection.dram_tail is not None or position < selection.dram_sinks:
+            return True
+        return bool((self._split_buffered(selection, trace_head, step) == position).any())
+
+    def _cache_lookups(self, layer: int, step: int,
+                       lookups: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
+        """Each head's ``lookups`` without what DRAM holds outside the cache, and how many
+        entries that leaves out (computed once per trace head unless a write buffer holds
+        entries: the KV heads replaying one trace head look up alike)."""
+        selection = self._selection(layer)
+        layouts = self.layouts[layer]
+        done: dict[int, np.ndarray] = {}
+        out, held = [], 0
+        for h, wanted in enumerate(lookups):
+            trace_head = int(self.head_map[h])
+            buffered = None
+            if self.may_buffer[layer] and layouts[h].buffered_entries:
+                buffered = layouts[h].buffered_positions()
+            if buffered is None and trace_head in done:
+                kept = done[trace_head]
+            else:
+                kept = self._without_held(selection, step, wanted, trace_head, buffered)
+                if buffered is None:
+                    done[trace_head] = kept
+            out.append(kept)
+            held += len(wanted) - len(kept)
+        return out, held
 
     def _index_vectors(self, layer: int, step: int) -> int:
         """Index vectors simulated ``layer`` scores at ``step``, over its KV heads."""
@@ -307,12 +406,22 @@ class Replay:
                 for h, attended in enumerate(per_head)
             ]
             rec[col["extra_entries"]] += sum(len(x) for x in lookups) - sum(map(len, per_head))
+        if self.holds[layer] or self.may_buffer[layer]:
+            lookups, held = self._cache_lookups(layer, step, lookups)
+            rec[col["held_entries"]] += held
         cache = self._cache(layer)
         before = (cache.hits, cache.misses, cache.streamed)
         misses = cache.access(lookups, step * self.n_layers + layer)
         rec[col["hits"]] += cache.hits - before[0]
         rec[col["misses"]] += cache.misses - before[1]
         rec[col["streamed"]] += cache.streamed - before[2]
+        if selection.extra_reads is None:
+            rec[col["selected_misses"]] += cache.misses - before[1]
+        else:  # the misses among the attended entries, without the extra reads'
+            rec[col["selected_misses"]] += sum(
+                int(np.isin(missed, chosen, assume_unique=True).sum())
+                for missed, chosen in zip(misses, per_head, strict=True)
+            )
         # One plan for all KV heads: each head's entries live in its own flash region.
         layouts = self.layouts[layer]
         plan = plan_reads(
@@ -419,9 +528,18 @@ class Replay:
         track_groups = groups is not None and cache.replacement.uses_groups
         # (head, slots to write now): the new token's, or a write buffer's full page
         writes = []
+        # heads whose new entry DRAM holds outside the cache (the policy's window or sinks, a
+        # split buffer, a layout's write buffer): it is not inserted into the cache
+        held_new = [False] * self.n_heads
+        if self.holds[layer]:
+            held_new = [self._policy_holds_new(selection, step, int(t)) for t in self.head_map]
         for head, layout in enumerate(self.layouts[layer]):
             group = None if groups is None else int(groups[self.head_map[head], step])
-            writes.append((head, layout.due_writes(layout.place_append(position, group))))
+            slot = layout.place_append(position, group)
+            due = layout.due_writes(slot)
+            writes.append((head, due))
+            if not (due == slot).any():  # the layout's write buffer holds it
+                held_new[head] = True
             if track_groups:
                 assert group is not None  # track_groups: the selection has groups
                 cache.assign_groups(head, np.array([position]), group, now)
@@ -441,44 +559,60 @@ class Replay:
             self.max_io_bytes,
             regions=np.concatenate([np.full(len(slots), head) for head, slots in writes]),
         )
-        cache.insert([np.array([position])] * self.n_heads, now)
+        new = np.array([position])
+        if not any(held_new):
+            cache.insert([new] * self.n_heads, now)
+        elif not all(held_new):
+            cache.insert([new[:0] if held else new for held in held_new], now)
         rec[self.col["write_bytes"]] += command_bytes.sum()
         rec[self.col["write_commands"]] += len(command_bytes)
         self.flash.write(command_bytes)
 
-    def _resident_entries(self, selection: LayerSelection, step: int) -> int:
-        """Entries per KV head a cacheless layer holds and attends at ``step``: the whole
-        context with the current token, or at most its sliding window."""
-        context = self.pp.prompt_len + step + 1
-        return context if selection.window is None else min(selection.window, context)
+    def _write_buffered(self, layer: int, step: int) -> int:
+        """Entries of ``layer``'s layout write buffers at the end of ``step`` that no other part
+        holds (neither the policy's window nor a split buffer)."""
+        selection = self._selection(layer)
+        total = 0
+        for head, layout in enumerate(self.layouts[layer]):
+            if not layout.buffered_entries:
+                continue
+            positions = layout.buffered_positions()
+            outside = positions >= selection.dram_sinks
+            if selection.dram_tail is not None:
+                outside &= positions < selection.dram_tail[step]
+            positions = positions[outside]
+            split = self._split_buffered(selection, int(self.head_map[head]), step)
+            total += int((~np.isin(positions, split)).sum()) if len(split) else len(positions)
+        return total
 
-    def _dram_bytes(self, step: int) -> float:
-        """Resident KV (cache, or everything for full attention, or a sliding window) plus
-        every policy index.
+    def _record_dram(self, step: int, rec: np.ndarray) -> None:
+        """The step's DRAM footprint and its parts (:mod:`sim.footprint`).
 
         With ``swap_layers`` the caches count as the step's largest pair of resident images
         (the running layer's, at its end, plus the one being swapped in for the next layer)
         instead of every layer's; layouts' write buffers and full-attention layers stay.
         """
-        total = 0.0
-        index_bytes = []
-        for layer in range(self.n_layers):
-            selection = self._selection(layer)
-            vectors = selection.index_vectors[self.head_map, step].sum()
-            index_bytes.append(vectors * self.vector_bytes)
-            cache = self.caches[layer]
+        cached = written = 0
+        for layer, cache in enumerate(self.caches):
             if cache is None:
-                resident = self._resident_entries(selection, step)
-                total += resident * self.n_heads * self.entry_bytes
-            else:
-                buffered = sum(layout.buffered_entries for layout in self.layouts[layer])
-                resident = 0 if self.swap else cache.resident_entries
-                total += (resident + buffered) * self.entry_bytes
+                continue
+            if not self.swap:
+                cached += cache.resident_entries
+            if self.may_buffer[layer]:
+                written += self._write_buffered(layer, step)
         if self.swap:
-            total += self.step_cache_peak * self.entry_bytes
-        # a streamed index is resident one layer at a time
-        total += max(index_bytes) if self.setup.pipeline.stream_index else sum(index_bytes)
-        return total
+            cached = self.step_cache_peak
+        static = self.footprint
+        parts = (
+            cached * self.entry_bytes,
+            int(static.index[step]),
+            int(static.split[step]) + written * self.entry_bytes,
+            int(static.window[step]),
+            int(static.dense[step]),
+        )
+        for column, value in zip(PART_COLUMNS, parts, strict=True):
+            rec[self.col[column]] = value
+        rec[self.col["dram_bytes"]] = sum(parts)
 
     # -- the decode process --------------------------------------------------------------------
 
@@ -581,7 +715,9 @@ class Replay:
         """Entries the layer attends, over its KV heads: a resident layer's whole context or
         window; else its lookup's, once the reads are in (the wait is ``io_wait``)."""
         if reads is None:
-            return self._resident_entries(self._selection(layer), step) * self.n_heads
+            resident = self.footprint.resident[layer]
+            assert resident is not None  # only a resident layer issues no reads
+            return int(resident[step])
         yield from self._wait(reads.event, rec)
         return reads.event.value if reads.attended is None else reads.attended
 
@@ -679,7 +815,7 @@ class Replay:
             if self.lm_head_us:  # counted in dense_us
                 yield from self._dense(self.lm_head_us, rec)
             rec[col["latency_us"]] = self.env.now - started
-            rec[col["dram_bytes"]] = self._dram_bytes(step)
+            self._record_dram(step, rec)
             if on_step:
                 on_step()
 

@@ -87,7 +87,11 @@ def test_io_records_add_up_and_budget_holds(fixture_trace):
     assert sim.io_sizes["commands"].sum() == steps["read_commands"].sum()
     entry = target.entry_bytes("fp16")
     assert steps["useful_read_bytes"].sum() == steps["misses"].sum() * entry
-    # every selected entry of every (step, layer, KV head) was looked up exactly once
+    # every selected entry of every (step, layer, KV head) was looked up exactly once, or
+    # attended from the policy's DRAM window (16 sinks and 32 recent tokens per KV head:
+    # all selected, the budget of 64 holding them)
     selected = sum(int(h.counts().sum()) for sel in pp.selections for h in sel.heads)
-    assert steps["hits"].sum() + steps["misses"].sum() == selected
+    assert steps["hits"].sum() + steps["misses"].sum() + steps["held_entries"].sum() == selected
+    heads = target.n_layers * target.n_kv_heads
+    assert (steps["held_entries"] == (16 + 32) * heads).all()
     assert np.all(steps["latency_us"] > 0)

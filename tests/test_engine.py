@@ -168,6 +168,7 @@ def test_extra_reads_are_fetched_but_not_attended():
     pp.selections[0].extra_reads = [HeadSelections.from_lists([np.array([4, 5], np.int32)])]
     steps = simulate(pp, _setup(capacity_bytes=0)).steps
     assert steps["misses"][0] == 4 and steps["extra_entries"][0] == 2
+    assert steps["selected_misses"][0] == 2  # 0 and 1: the attended ones
     assert steps["selected_entries"][0] == 2
     assert steps["useful_read_bytes"][0] == 4 * 16 and steps["read_bytes"][0] == 4096
     assert steps["latency_us"][0] == pytest.approx(

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from sim.config import PipelineSpec
+from sim.footprint import PARTS
 from sim.hardware import DeviceParams, FlashParams
 from sim.model import ModelGeometry
 from sim.outputs import STEP_COLUMNS, PolicyPass
@@ -150,8 +151,19 @@ def test_swap_off_is_bit_identical_to_the_engine_before_swapping():
         np.testing.assert_array_equal(result.io_sizes.to_numpy(), golden[f"{name}/io_sizes"])
         np.testing.assert_array_equal(result.run_lengths.to_numpy(),
                                       golden[f"{name}/run_lengths"])
-        for column in set(STEP_COLUMNS) - set(engine_golden.OLD_COLUMNS):
+        # columns added since: swapping's (off here), held entries (the hand selections hold
+        # nothing outside the cache), the selected entries' misses (the misses but for the
+        # extra reads') and the footprint's parts, which add up to dram_bytes
+        parts = [f"dram_{part}_bytes" for part in PARTS]
+        later = set(STEP_COLUMNS) - set(engine_golden.OLD_COLUMNS) - {*parts, "selected_misses"}
+        for column in later:
             assert not steps[column].any(), (name, column)
+        assert (steps["selected_misses"] <= steps["misses"]).all()
+        plain = steps["extra_entries"] == 0
+        assert (steps["selected_misses"][plain] == steps["misses"][plain]).all()
+        assert (steps["selected_misses"][~plain] < steps["misses"][~plain]).any()
+        np.testing.assert_array_equal(steps[parts].sum(axis=1), steps["dram_bytes"], err_msg=name)
+        assert not steps[["dram_window_bytes", "dram_buffer_bytes"]].to_numpy().any(), name
 
 
 def _swapping(setup: SimSetup, **changes) -> SimSetup:

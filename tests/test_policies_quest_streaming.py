@@ -178,6 +178,28 @@ def test_streaming_llm_is_sinks_plus_window_whatever_the_queries(layer):
                 assert head.at(s).tolist() == want
 
 
+def test_streaming_llm_keeps_its_selection_in_dram(layer):
+    queries, keys, _ = layer
+    policy = POLICIES.create({"type": "streaming_llm", "budget": 20, "sink_tokens": 4})
+    sel = policy.select_layer(context(queries, keys))
+    assert sel.kept_in_dram and sel.is_resident and not sel.is_full
+    # the kept set (the budget) and the new token, per KV head
+    assert policy.dram_held_entries(PROMPT, 3) == 20 + 1
+    assert policy.dram_held_entries(10, 0) == 10 + 1  # a context below the budget: all of it
+
+
+def test_quest_holds_its_recent_page_in_dram(layer):
+    queries, keys, _ = layer
+    sel = POLICIES.create({"type": "quest", "budget": 32, "full_layers": 0}).select_layer(
+        context(queries, keys))
+    assert sel.dram_sinks == 0 and sel.dram_tail.tolist() == [PROMPT + s - 16
+                                                              for s in range(STEPS)]
+    # two vectors (min, max) per page of 16 at context P + s
+    policy = POLICIES.create({"type": "quest", "budget": 32})
+    assert policy.index_floor(PROMPT, 0, 8) == 2 * math.ceil(PROMPT / 16)
+    assert policy.index_floor(33, 0, 8) == 2 * 3
+
+
 def test_streaming_llm_fractional_budget(layer):
     queries, keys, _ = layer
     policy = POLICIES.create({"type": "streaming_llm", "budget": 0.25})  # sink_tokens 4

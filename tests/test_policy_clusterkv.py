@@ -109,6 +109,19 @@ def test_window_tokens_are_selected_until_clustered(selection):
             assert len(window) == s % M
 
 
+def test_sinks_and_the_unclustered_window_are_held_in_dram(selection):
+    # the window of step s starts at P + (s // 8) * 8 (no recent tokens forced on top)
+    assert selection.dram_sinks == SINKS
+    assert selection.dram_tail.tolist() == [PROMPT + (s // M) * M for s in range(STEPS)]
+    assert not selection.kept_in_dram and selection.split_buffers is None
+    # with recent tokens forced beyond the window, the earlier start wins
+    recent = build(recent_tokens=5).dram_window(PROMPT, np.array([0, 3, 8, 13]))
+    assert recent[0] == SINKS and recent[1].tolist() == [PROMPT - 5, PROMPT - 2, PROMPT + 3,
+                                                         PROMPT + 8]
+    # held at the end of step 13: 2 sinks + positions P + 8 .. P + 13
+    assert build().dram_held_entries(PROMPT, 13) == SINKS + 6
+
+
 def test_whole_clusters_plus_at_most_one_partial(selection):
     labels = labels_of(selection)
     for h in range(N_KV):

@@ -63,6 +63,9 @@ def test_far_key_joining_an_unloaded_cluster_is_buffered_then_split_when_loaded(
     assert (event.step, event.positions.tolist(), event.group) == (1, [9], 3)
     assert sel.index_vectors[0].tolist() == [2, 2, 3]
     assert sel.extra_reads is None
+    # the buffer holds 9 at the end of step 0 and nothing once B split at step 1
+    assert [sel.split_buffers[0].at(s).tolist() for s in range(3)] == [[9], [], []]
+    assert sel.dram_sinks == 1 and sel.dram_tail is None  # recent_tokens 0: no window
 
 
 def test_buffered_entry_is_attended_first_in_a_truncated_cluster_which_is_not_split():
@@ -73,6 +76,7 @@ def test_buffered_entry_is_attended_first_in_a_truncated_cluster_which_is_not_sp
     clusters_a_b(sel)
     assert sel.heads[0].at(1).tolist() == [0, 5, 6, 9]
     assert sel.relabels[0] == [] and sel.index_vectors[0].tolist() == [2, 2]
+    assert [sel.split_buffers[0].at(s).tolist() for s in range(2)] == [[9], [9]]
 
 
 def test_far_key_joining_a_loaded_cluster_splits_at_once():
@@ -83,6 +87,7 @@ def test_far_key_joining_a_loaded_cluster_splits_at_once():
     (event,) = sel.relabels[0]
     assert (event.step, event.positions.tolist(), event.group) == (0, [9], 3)
     assert sel.index_vectors[0].tolist() == [2, 3]
+    assert sel.split_buffers is None  # nothing was ever buffered
 
 
 def test_full_buffer_forces_a_load_of_the_cluster_members_on_flash():

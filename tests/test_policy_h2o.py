@@ -95,6 +95,13 @@ def test_hand_example_selection_ignores_the_current_query():
     assert POLICIES.get("h2o").selection_needs_query is False
 
 
+def test_the_kept_set_is_held_in_dram():
+    policy = POLICIES.create({"type": "h2o", "budget": 3})
+    sel = policy.select_layer(tiny())
+    assert sel.kept_in_dram and sel.is_resident
+    assert policy.keeps_selection_in_dram and policy.dram_held_entries(5, 0) == 3 + 1
+
+
 # --- Random layers ---
 
 

@@ -20,9 +20,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from sim.figures import FIGURES
+from sim.footprint import PARTS, StaticFootprint, floor_lower_bound
 from sim.hardware import load_device
 from sim.kv.layouts import LAYOUTS
 from sim.kv.replacement import REPLACEMENTS
@@ -112,8 +114,13 @@ def _check_run(trace, policy_name, layout, replacement):
     for cache in replay.caches:
         if cache is not None:
             assert cache.peak_resident_entries <= capacity_entries
-    assert records["hits"] + records["misses"] == \
+    assert records["hits"] + records["misses"] + records["held_entries"] == \
         records["selected_entries"] + records["extra_entries"]
+    assert 0 <= records["selected_misses"] <= min(records["misses"],
+                                                  records["selected_entries"])
+    steps = pd.DataFrame(replay.records, columns=list(STEP_COLUMNS))
+    parts = steps[[f"dram_{part}_bytes" for part in PARTS]]
+    np.testing.assert_array_equal(parts.sum(axis=1), steps["dram_bytes"])
     assert records["useful_read_bytes"] == records["misses"] * entry
     histogram = (replay.io_size_counts * np.arange(len(replay.io_size_counts))).sum()
     assert histogram * setup.device.flash.page_size_bytes == records["read_bytes"]
@@ -130,6 +137,26 @@ def test_every_policy(synthetic_trace, policy_name):
     has_groups = any(s.prefill_groups is not None for s in _pass(synthetic_trace,
                                                                   policy_name).selections)
     _check_run(synthetic_trace, policy_name, "cluster" if has_groups else "sequence", "lru")
+
+
+@pytest.mark.parametrize("policy_name", POLICIES.names())
+def test_the_dram_bound_before_the_pass_holds_after_it(synthetic_trace, policy_name):
+    """What a policy holds without a cache, bounded from its settings before any pass, is at
+    most the pass's exact peak; its window is the pass's exactly (at the last step)."""
+    pp = _pass(synthetic_trace, policy_name)
+    policy = _policy(policy_name)
+    model = synthetic_trace.model
+    entry = model.entry_bytes("fp16")
+    decided = [layer for layer in range(LAYERS) if not policy.is_dense_layer(layer)]
+    for stream in (False, True):
+        bound = floor_lower_bound(policy, model, [None] * LAYERS, PROMPT, STEPS, model,
+                                  "fp16", stream)
+        exact = StaticFootprint(pp, model, "fp16", stream)
+        assert bound <= exact.rest().max()
+        held = policy.dram_held_entries(PROMPT, STEPS - 1)
+        assert exact.window[-1] == len(decided) * HEADS * held * entry
+    assert [pp.selections[layer].is_full for layer in range(LAYERS)] == \
+        [layer not in decided for layer in range(LAYERS)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.names())

@@ -11,12 +11,12 @@ import hashlib
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from sim.atomic import atomic_write
-from sim.config import PipelineSpec, parse_size_bytes
+from sim.config import PipelineSpec, kv_size_bytes
 from sim.errors import KvsimError
 from sim.experiment.extra_records import extra_records
 from sim.experiment.group_progress import GroupProgress, ProgressFile
@@ -40,11 +40,7 @@ def cache_capacity_bytes(
     """``cache.capacity`` in bytes: a size, a fraction of the full KV cache, or the preset's."""
     if capacity is None:
         return int(device.dram.kv_budget_bytes)
-    if isinstance(capacity, str):
-        return parse_size_bytes(capacity)
-    if isinstance(capacity, float) and capacity <= 1.0:
-        return int(capacity * n_positions * target.kv_bytes_per_token(kv_dtype))
-    return int(capacity)
+    return kv_size_bytes(capacity, n_positions, target.kv_bytes_per_token(kv_dtype))
 
 
 def pass_cache_dir() -> Path | None:
@@ -112,6 +108,7 @@ def run_group(
     finished.
     """
     # imported here so a worker pays for the engine only when it has work
+    from sim.footprint import resolve_cache_capacity
     from sim.metrics.records import summarize
     from sim.replay import SimSetup, simulate
 
@@ -132,9 +129,6 @@ def run_group(
             raise KvsimError(f"run {run.label}: model geometry {target.name!r} lacks "
                              "params_per_layer")
         device = DeviceParams.model_validate(run.device)
-        capacity = cache_capacity_bytes(
-            run.cache["capacity"], device, target, trace.n_positions, run.kv_dtype
-        )
         layout = run.layout
         if layout is None:
             has_groups = any(sel.prefill_groups is not None for sel in pp.selections)
@@ -143,16 +137,28 @@ def run_group(
             device=device,
             target=target,
             kv_dtype=run.kv_dtype,
-            cache_capacity_bytes=capacity,
+            cache_capacity_bytes=0,
             replacement=dict(run.cache["replacement"]),
             layout=layout,
             pipeline=PipelineSpec(**run.pipeline),
         )
+        dram_target = None
+        if "dram_total" in run.cache:
+            # equal total DRAM: the cache gets what the policy's index, window, buffers and
+            # dense layers leave of the target (sim.footprint)
+            dram_target = kv_size_bytes(run.cache["dram_total"], trace.n_positions,
+                                        target.kv_bytes_per_token(run.kv_dtype))
+            capacity = resolve_cache_capacity(pp, setup, dram_target, f"run {run.label}")
+        else:
+            capacity = cache_capacity_bytes(
+                run.cache["capacity"], device, target, trace.n_positions, run.kv_dtype
+            )
+        setup = replace(setup, cache_capacity_bytes=capacity)
         tracker.start(run.label, "replay", pp.decode_steps, "step")
         sim = simulate(pp, setup, progress=False, on_step=tracker.advance)
         row = {
             "run_id": run.run_id,
-            **summarize(run.label, pp, sim),
+            **summarize(run.label, pp, sim, dram_target),
             "trace": run.trace.name,
             "device": device.name,
             "model": target.name,
@@ -171,7 +177,10 @@ def run_group(
             "seed": run.seed,
             "policy": run.policy,
             "layout": layout,
-            "cache": {**run.cache, "capacity_bytes": capacity},
+            "cache": {
+                **run.cache, "capacity_bytes": capacity,
+                **({} if dram_target is None else {"dram_total_bytes": dram_target}),
+            },
             "pipeline": run.pipeline,
             "model": asdict(target),
             "kv_dtype": run.kv_dtype,

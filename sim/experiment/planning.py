@@ -11,6 +11,11 @@ Runs that share a trace, a policy spec and a seed share one policy pass (selecti
 do not depend on the device, cache or layout): :meth:`Plan.groups` gathers them into
 :class:`~sim.experiment.runs.PassGroup` s, the unit of work of :mod:`sim.experiment.pass_group`.
 
+A total DRAM target (``cache.dram_total``) is checked against a lower bound of what each policy
+holds without a cache (:func:`check_dram_totals`) as soon as the trace's shape is known: here
+for trace directories and captures already cached, by the runner for the others once they
+are captured, in either case before any run starts.
+
 Planning runs in the coordinating process only: it validates figure specs, so it imports the
 figures (and matplotlib), which workers never need.
 """
@@ -25,14 +30,21 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from sim.config import CacheSpec, ExperimentConfig, PipelineSpec, load_model_geometry
+from sim.config import (
+    CacheSpec,
+    ExperimentConfig,
+    PipelineSpec,
+    kv_size_bytes,
+    load_model_geometry,
+)
 from sim.errors import CaptureError, ConfigError
 from sim.experiment.runs import PassGroup, RunPlan, TraceSource, digest
 from sim.figures.base import validate_figure_specs
 from sim.hardware import load_device
 from sim.kv.layouts import LAYOUTS
 from sim.kv.replacement import REPLACEMENTS
-from sim.paths import REPO_ROOT
+from sim.model import ModelGeometry
+from sim.paths import REPO_ROOT, trace_cache_dir
 from sim.policies import POLICIES
 from sim.result_files import RUN_SETTINGS, RUN_SUMMARY, RUNS_DIR
 from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
@@ -138,7 +150,56 @@ def plan(path: str | Path, output: str | Path | None = None) -> Plan:
                 runs.append(run)
     output_dir = Path(output or base.output or REPO_ROOT / "results" / base.name)
     axes = list(base.sweep.grid) + list(base.sweep.zip) if base.sweep else []
-    return Plan(base, source, output_dir, runs, traces, axes)
+    result = Plan(base, source, output_dir, runs, traces, axes)
+    if any("dram_total" in run.cache for run in runs):
+        check_dram_totals(result, _known_trace_paths(traces))
+    return result
+
+
+def _known_trace_paths(traces: dict[str, TraceSource]) -> dict[str, str]:
+    """The directories of the traces that exist already: given paths and cached captures."""
+    paths = {}
+    for key, source in traces.items():
+        if source.path is not None:
+            paths[key] = source.path
+        else:
+            assert source.capture is not None  # a TraceSource has a path or capture settings
+            cached = trace_cache_dir() / CaptureSettings(**source.capture).key()
+            if (cached / "manifest.json").exists():
+                paths[key] = str(cached)
+    return paths
+
+
+def check_dram_totals(plan: Plan, trace_paths: dict[str, str]) -> None:
+    """Raise ConfigError (one line naming the run, its policy and the minimum) for the first
+    run whose ``cache.dram_total`` is below a lower bound of what its policy holds in DRAM
+    without a cache (:func:`sim.footprint.floor_lower_bound`); runs whose trace is not in
+    ``trace_paths`` (not captured yet) are skipped. The exact minimum is checked after the
+    policy pass (:func:`sim.footprint.resolve_cache_capacity`)."""
+    from sim.footprint import below_floor, floor_lower_bound
+    from sim.policy_pass import sliding_windows
+
+    opened: dict[str, Any] = {}
+    for run in plan.unique_runs():
+        path = trace_paths.get(run.trace.key)
+        if "dram_total" not in run.cache or path is None:
+            continue
+        if path not in opened:
+            opened[path] = open_trace(path)
+        trace = opened[path]
+        target = ModelGeometry(**run.model) if run.model else trace.model
+        per_token = target.kv_bytes_per_token(run.kv_dtype)
+        wanted = kv_size_bytes(run.cache["dram_total"], trace.n_positions, per_token)
+        policy = POLICIES.create(run.policy, where=f"run {run.label}")
+        floor = floor_lower_bound(
+            policy, trace.model, sliding_windows(trace), run.trace.prompt_len,
+            trace.n_positions - run.trace.prompt_len, target, run.kv_dtype,
+            bool(run.pipeline["stream_index"]),
+        )
+        if wanted < floor:
+            where = f"{plan.source} [{describe_point(run.point)}]: {run.label}"
+            raise below_floor(where, policy.name, wanted, floor,
+                              trace.n_positions * per_token, exact=False)
 
 
 def _layout_spec(value: Any, where: str) -> dict[str, Any] | None:
@@ -270,10 +331,7 @@ def _plan_point(
             device=device.model_dump(mode="json"),
             model=None if target is None else asdict(target),
             kv_dtype=config.kv_dtype,
-            cache={
-                "replacement": _as_spec(cache.replacement),
-                "capacity": cache.capacity,
-            },
+            cache=_cache_settings(cache),
             pipeline=pipeline.model_dump(),
             seed=config.seed,
             experiment=config.name,
@@ -283,6 +341,14 @@ def _plan_point(
         run.run_id = digest(run.identity())
         runs.append(run)
     return runs
+
+
+def _cache_settings(cache: CacheSpec) -> dict[str, Any]:
+    """A run's cache settings: the replacement and the capacity, or the total DRAM target
+    (``dram_total`` only when set, so runs sized by capacity keep their ids)."""
+    if cache.dram_total is not None:
+        return {"replacement": _as_spec(cache.replacement), "dram_total": cache.dram_total}
+    return {"replacement": _as_spec(cache.replacement), "capacity": cache.capacity}
 
 
 def _parameters(policy: Any) -> dict[str, Any]:
@@ -303,8 +369,14 @@ def _override(model: type[BaseModel], base: Any, entry: Any, where: str) -> Any:
         return base
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a mapping of settings, got {entry!r}")
+    merged = {**base.model_dump(), **entry}
+    if model is CacheSpec:
+        # an entry that sizes its cache one way replaces the experiment's other way
+        for given, other in (("capacity", "dram_total"), ("dram_total", "capacity")):
+            if entry.get(given) is not None and other not in entry:
+                merged[other] = None
     try:
-        return model.model_validate({**base.model_dump(), **entry})
+        return model.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {pydantic_error_line(exc, '', model)}") from None
 

@@ -36,7 +36,7 @@ import pandas as pd
 from sim.errors import KvsimError
 from sim.experiment.group_progress import describe, read_progress
 from sim.experiment.pass_group import pass_cache_dir, run_group
-from sim.experiment.planning import Plan
+from sim.experiment.planning import Plan, check_dram_totals
 from sim.experiment.runs import PassGroup, RunPlan, code_fingerprint
 from sim.experiment.store import (
     read_summary,
@@ -139,6 +139,7 @@ def execute(
     runs = plan.unique_runs()
     report = Report(planned=len(runs))
     traces = obtain_traces(plan, progress, log)
+    check_dram_totals(plan, traces)  # the traces captured just now are known only here
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     write_experiment(plan)
     remove_stale_temporaries(plan.runs_dir)

@@ -43,15 +43,23 @@ METRIC_LABELS = {
     "mean_io_kib": "mean read command size (KiB)",
     "read_amplification": "read amplification (read / requested)",
     "effective_bandwidth_mb_s": "effective bandwidth (MB/s)",
-    "hit_rate": "cache hit rate (share of selected entries)",
+    "hit_rate": "served from DRAM (share of selected entries)",
     "peak_dram_mb": "peak DRAM use (MB)",
+    "mean_dram_mb": "mean DRAM use (MB)",
+    "dram_cache_mb": "DRAM cache (MB)",
+    "dram_index_mb": "DRAM index (MB)",
+    "dram_buffer_mb": "DRAM buffers (MB)",
+    "dram_window_mb": "DRAM window (MB)",
+    "dram_dense_mb": "DRAM dense layers (MB)",
     "cache_capacity_mb": "cache capacity (MB)",
+    "dram_target_mb": "total DRAM target (MB)",
     "intra_cluster_variance_mean": "intra-cluster key variance (squared key units)",
 }
 
 AXIS_LABELS = {  # key -> label; a fraction axis also has its label in % (x_percent)
     "policy.budget": "selected fraction of the context",
     "cache.capacity": "cache ratio (fraction of the full KV cache)",
+    "cache.dram_total": "total DRAM (fraction of the full KV cache)",
     "cache.replacement": "cache replacement",
     "buffer_max": "delayed-split buffer size B_max (entries)",
     "device": "phone (device preset)",
@@ -66,6 +74,7 @@ AXIS_LABELS = {  # key -> label; a fraction axis also has its label in % (x_perc
 PERCENT_LABELS = {
     "policy.budget": "selected share of the context (%)",
     "cache.capacity": "cache ratio (% of the full KV cache)",
+    "cache.dram_total": "total DRAM (% of full KV)",
 }
 
 
@@ -87,7 +96,6 @@ STEP_METRICS: dict[str, tuple[str, Callable[[pd.DataFrame], float]]] = {
     "write_mb_per_token": (
         "flash writes (MB/token)", lambda steps: float(steps["write_bytes"].mean() / 1e6)
     ),
-    "mean_dram_mb": ("mean DRAM use (MB)", lambda steps: float(steps["dram_bytes"].mean() / 1e6)),
 }
 
 

@@ -22,13 +22,21 @@ why each is measured):
   per-token means of time the decode process spent in each phase (they add up to the latency).
 * ``read_amplification``: bytes read from flash / bytes of the requested entries.
 * ``effective_bandwidth_mb_s``: bytes of requested entries read / time a read batch was in flight.
-* ``hit_rate``: selected entries found in the DRAM cache / selected entries.
+* ``hit_rate``: selected entries attended from DRAM without a flash read / selected entries
+  (``(selected_entries - selected_misses) / selected_entries``): cache hits plus what the
+  policy or layout holds in DRAM outside the cache (its sinks and window, split and write
+  buffers).
 * ``swap_read_mb_per_token`` / ``swap_write_mb_per_token``: per-layer cache swapping
   (``pipeline.swap_layers``): bytes of cache images read back / of newly resident entries
   written out, per decoded token (0 without swapping); not part of ``read_mb_per_token``.
-* ``peak_dram_mb``: largest DRAM use at a step boundary: cached KV + policy index (for full
-  attention, the whole KV cache; with ``swap_layers``, the step's largest pair of resident
-  layer images instead of every layer's cache).
+* ``peak_dram_mb`` / ``mean_dram_mb``: largest / mean DRAM footprint at a step's end: the
+  DRAM cache, the policy's index, split and write buffers, the policy's DRAM window (sinks,
+  recent or unclustered window, an eviction policy's kept set) and the layers attended wholly
+  from DRAM (full attention, sliding windows); defined part by part in :mod:`sim.footprint`.
+  ``dram_<part>_mb``: the mean of each part over the steps (they add up to ``mean_dram_mb``).
+* ``cache_capacity_mb``: the cache capacity the run used (split over every simulated layer),
+  as configured or, with ``cache.dram_total``, as resolved; ``dram_target_mb``: that target
+  (NaN for a run sized by ``cache.capacity``).
 * ``intra_cluster_variance_mean``: mean over (step, layer, KV head) of the mean intra-cluster
   key variance (``sim.metrics.clusters``); NaN for policies without groups.
 """
@@ -38,6 +46,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from sim.footprint import PARTS
 from sim.outputs import PolicyPass, SimResult
 
 MB = 1e6
@@ -67,13 +76,19 @@ SUMMARY_COLUMNS = (
     "effective_bandwidth_mb_s",
     "hit_rate",
     "peak_dram_mb",
+    "mean_dram_mb",
+    *(f"dram_{part}_mb" for part in PARTS),
     "cache_capacity_mb",
+    "dram_target_mb",
     "intra_cluster_variance_mean",
 )
 
 
-def summarize(run: str, pp: PolicyPass, sim: SimResult) -> dict[str, float | str]:
-    """One summary row of a run (see the module docstring for every definition)."""
+def summarize(
+    run: str, pp: PolicyPass, sim: SimResult, dram_target_bytes: int | None = None
+) -> dict[str, float | str]:
+    """One summary row of a run (see the module docstring for every definition);
+    ``dram_target_bytes``: the run's ``cache.dram_total``, if it was sized by one."""
     acc, steps = pp.accuracy, sim.steps
     latency_ms = steps["latency_us"].to_numpy() / 1e3
     read_bytes = steps["read_bytes"].sum()
@@ -104,9 +119,15 @@ def summarize(run: str, pp: PolicyPass, sim: SimResult) -> dict[str, float | str
         "swap_write_mb_per_token": float(steps["swap_write_bytes"].sum() / len(steps) / MB),
         "read_amplification": float(read_bytes / useful) if useful else float("nan"),
         "effective_bandwidth_mb_s": float(useful / busy_us) if busy_us else float("nan"),
-        "hit_rate": float(steps["hits"].sum() / selected) if selected else float("nan"),
+        "hit_rate": (
+            float((selected - steps["selected_misses"].sum()) / selected)
+            if selected else float("nan")
+        ),
         "peak_dram_mb": float(steps["dram_bytes"].max() / MB),
+        "mean_dram_mb": float(steps["dram_bytes"].mean() / MB),
+        **{f"dram_{part}_mb": float(steps[f"dram_{part}_bytes"].mean() / MB) for part in PARTS},
         "cache_capacity_mb": float(sim.totals["cache_capacity_bytes"] / MB),
+        "dram_target_mb": float("nan") if dram_target_bytes is None else dram_target_bytes / MB,
         "intra_cluster_variance_mean": (
             float(pp.clusters["intra_cluster_variance"].mean())
             if not pp.clusters.empty else float("nan")

@@ -153,6 +153,20 @@ class LayerSelection:
     ``window``: set (to ``w``) only for a sliding-window layer of the model itself (Gemma 3's
     local layers, see :meth:`sliding_window`): ``heads`` then lists the window, which stays in
     DRAM (no cache, no flash); ``None`` for every policy-made selection.
+
+    What the policy holds in DRAM outside the cache (never looked up in it, never read from
+    flash; the replay counts it in :mod:`sim.footprint`):
+    ``dram_sinks``: positions ``[0, dram_sinks)``, the forced attention sinks.
+    ``dram_tail[s]``: the policy's window at step ``s`` is the stored positions
+    ``[dram_tail[s], P + s)`` (a forced recent window, ClusterKV's unclustered window), the
+    same for every KV head; the token appended at step ``s`` joins it instead of the cache and
+    leaves DRAM when it leaves the window (it was written to flash on append). ``None``: no
+    window; appended tokens go into the cache.
+    ``kept_in_dram``: the selection *is* the KV the policy keeps (eviction policies: H2O,
+    StreamingLLM; what they evict never returns): the layer is attended wholly from DRAM
+    like a sliding window (no cache, no flash reads or writes).
+    ``split_buffers[h]``: per step, the positions in KV head ``h``'s split buffers at the
+    *end* of step ``s`` (DynaKV's delayed-split buffers, in DRAM); ``None`` if never any.
     """
 
     heads: list[HeadSelections] | None
@@ -163,6 +177,10 @@ class LayerSelection:
     extra_reads: list[HeadSelections] | None = None
     coretrieval: list[np.ndarray] | None = None
     window: int | None = None
+    dram_sinks: int = 0
+    dram_tail: np.ndarray | None = None
+    kept_in_dram: bool = False
+    split_buffers: list[HeadSelections] | None = None
 
     @property
     def is_full(self) -> bool:
@@ -170,8 +188,9 @@ class LayerSelection:
 
     @property
     def is_resident(self) -> bool:
-        """Attended wholly from DRAM, nothing cached or read: full attention or a window."""
-        return self.heads is None or self.window is not None
+        """Attended wholly from DRAM, nothing cached or read: full attention, a sliding
+        window or an eviction policy's kept set."""
+        return self.heads is None or self.window is not None or self.kept_in_dram
 
     @classmethod
     def full(cls, ctx: LayerContext) -> LayerSelection:
@@ -234,12 +253,19 @@ class RetrievalPolicy(ABC):
     ``needs_speculative_queries``: ``True`` for policies that read
     ``LayerContext.speculative_queries`` (InfiniGen), so a trace split before its captured
     prompt's end (which has none for the earlier decode steps) is refused before any work.
+    ``keeps_selection_in_dram``: ``True`` for eviction policies (H2O, StreamingLLM), whose
+    selection is the whole KV they keep, in DRAM (``LayerSelection.kept_in_dram``).
+
+    The methods :meth:`is_dense_layer`, :meth:`dram_window`, :meth:`dram_held_entries` and
+    :meth:`index_floor` describe the policy's DRAM without a trace, so a total DRAM target
+    (``cache.dram_total``) can be checked before any pass (:mod:`sim.footprint`).
     """
 
     name: ClassVar[str]
     selection_needs_query: ClassVar[bool] = True
     selection_lead_layers: ClassVar[int] = 0
     needs_speculative_queries: ClassVar[bool] = False
+    keeps_selection_in_dram: ClassVar[bool] = False
 
     @abstractmethod
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
@@ -248,6 +274,31 @@ class RetrievalPolicy(ABC):
     def min_context(self) -> int:
         """The smallest context length the policy's settings make sense for (config check)."""
         return 1
+
+    def is_dense_layer(self, layer: int) -> bool:
+        """Whether the policy attends trace layer ``layer`` in full (no selection)."""
+        return False
+
+    def dram_window(self, prompt_len: int, steps: np.ndarray) -> tuple[int, np.ndarray | None]:
+        """``(sinks, tail)``: the positions the policy holds in DRAM outside the cache at decode
+        ``steps``, ``[0, sinks)`` and ``[tail[i], prompt_len + steps[i])`` (see
+        :class:`LayerSelection`'s ``dram_sinks`` / ``dram_tail``); ``tail`` ``None``: no
+        window. Default: nothing."""
+        return 0, None
+
+    def dram_held_entries(self, prompt_len: int, step: int) -> int:
+        """KV entries per KV head the policy holds in DRAM outside the cache at the end of
+        decode ``step`` (its sinks and window with the appended token, or its kept set with
+        it), as :func:`sim.footprint.window_entries` counts them from the selection."""
+        from sim.footprint import window_entries  # the one count, shared with the replay
+
+        sinks, tail = self.dram_window(prompt_len, np.array([step]))
+        return int(window_entries(sinks, None if tail is None else int(tail[0]), prompt_len + step))
+
+    def index_floor(self, prompt_len: int, step: int, head_dim: int) -> int:
+        """A lower bound on the index vectors per KV head at decode ``step`` (the exact count is
+        the pass's ``index_vectors``); ``head_dim``: the trace's. Default 0."""
+        return 0
 
     def kept_tail_start(self, prompt_len: int, step: int) -> int:
         """First position of the tail the policy attends at decode ``step`` whatever the scores
@@ -402,7 +453,10 @@ class FullLayersMixin:
 
     def is_full_layer(self, ctx: LayerContext) -> bool:
         """Whether ``ctx``'s layer is one of the dense first layers."""
-        return ctx.layer < self.full_layers
+        return self.is_dense_layer(ctx.layer)
+
+    def is_dense_layer(self, layer: int) -> bool:
+        return layer < self.full_layers
 
 @dataclass
 class BudgetedPolicy(RetrievalPolicy):
@@ -412,7 +466,8 @@ class BudgetedPolicy(RetrievalPolicy):
     ``[0, sink_tokens)`` and the recent window ``[P + s - recent_tokens, P + s)`` into the
     selection (they count toward the budget) and fills the rest with the highest-scoring
     positions from :meth:`index_layer`. If a fractional budget resolves below the forced set,
-    sinks are kept first, then the newest recent tokens.
+    sinks are kept first, then the newest recent tokens. The forced sinks and recent window are
+    held in DRAM (:meth:`dram_window`), whatever the budget attends of them.
 
     Parameters (inherited by every subclass):
         budget (int | float, default 1024): tokens per step and KV head; a float in (0, 1] is a
@@ -451,6 +506,21 @@ class BudgetedPolicy(RetrievalPolicy):
     def budget_at(self, context_len: int) -> int:
         return tokens_for_budget(self.budget, context_len)
 
+    def dram_window(self, prompt_len: int, steps: np.ndarray) -> tuple[int, np.ndarray | None]:
+        """The forced sinks and recent window, held in DRAM (PQCache keeps its initial and
+        local tokens on the GPU, ClusterKV its sinks and unclustered window: the tokens a
+        policy attends whatever the scores stay resident)."""
+        if not self.recent_tokens:
+            return self.sink_tokens, None
+        steps = np.asarray(steps, dtype=np.int64)
+        return self.sink_tokens, np.maximum(0, prompt_len + steps - self.recent_tokens)
+
+    def dram_held_entries(self, prompt_len: int, step: int) -> int:
+        if self.keeps_selection_in_dram:  # the kept set (at most the budget) + the new token
+            context = prompt_len + step
+            return min(self.budget_at(context), context) + 1
+        return super().dram_held_entries(prompt_len, step)
+
     @abstractmethod
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         """Build the layer's index (clusters, pages...) and return its scorer."""
@@ -465,7 +535,20 @@ class BudgetedPolicy(RetrievalPolicy):
             for h in range(n_kv):
                 per_head[h].extend(self._fill(scores[h], prompt, start))
         heads = [HeadSelections.from_lists(rows) for rows in per_head]
-        return LayerSelection(heads, index.index_vectors, index.prefill_groups, index.append_groups)
+        selection = LayerSelection(
+            heads, index.index_vectors, index.prefill_groups, index.append_groups
+        )
+        return self.with_dram(selection, ctx)
+
+    def with_dram(self, selection: LayerSelection, ctx: LayerContext) -> LayerSelection:
+        """``selection`` with what the policy holds in DRAM outside the cache: its kept set
+        (``keeps_selection_in_dram``), else its sinks and window (:meth:`dram_window`)."""
+        if self.keeps_selection_in_dram:
+            selection.kept_in_dram = True
+            return selection
+        sinks, tail = self.dram_window(ctx.prompt_len, np.arange(ctx.decode_steps))
+        selection.dram_sinks, selection.dram_tail = sinks, tail
+        return selection
 
     def _fill(self, scores: np.ndarray, prompt: int, start: int) -> list[np.ndarray]:
         """Top-budget positions of each row of ``scores`` (steps, P + stop), forced first."""

@@ -32,7 +32,9 @@ class ClusterKV(FullLayersMixin, ClusteredPolicy):
     ``static_clusters(distance="cosine")``'s.
 
     Decode (local update): the token generated at step ``s`` sits in a DRAM window and is
-    always attended (counted in the budget, like recent tokens) until its window is clustered.
+    always attended (counted in the budget, like recent tokens) until its window is clustered;
+    the window and the sinks are held in DRAM (``dram_tail`` / ``dram_sinks``: attended from
+    there, never read from flash, counted in the DRAM footprint's ``window``).
     Window ``w`` holds the tokens of steps ``[w m, (w + 1) m)`` (``m = update_interval``); once
     its ``m`` tokens are stored (from step ``(w + 1) m`` on) they are clustered *alone* by the
     same k-means into ``window_clusters`` new clusters; older clusters never change. A window
@@ -93,6 +95,14 @@ class ClusterKV(FullLayersMixin, ClusteredPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_full_layers()
+
+    def dram_window(self, prompt_len: int, steps: np.ndarray) -> tuple[int, np.ndarray | None]:
+        """The sinks and the unclustered window (with any forced recent tokens) stay in DRAM:
+        ClusterKV keeps them on the GPU until the window is clustered and offloaded."""
+        steps = np.asarray(steps, dtype=np.int64)
+        window_start = prompt_len + (steps // self.update_interval) * self.update_interval
+        recent_start = np.maximum(0, prompt_len + steps - self.recent_tokens)
+        return self.sink_tokens, np.minimum(recent_start, window_start)
 
     def kept_tail_start(self, prompt_len: int, step: int) -> int:
         """The unclustered window (tokens since the last local update) is attended always."""

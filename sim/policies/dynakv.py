@@ -80,7 +80,10 @@ class DynaKV(ClusteredPolicy):
     ``P + s`` joined (or was buffered for) at its step, before any split of that step;
     ``relabels`` the splits; ``extra_reads`` the forced loads (``None`` if there were none);
     ``coretrieval`` the prefill clusters' co-retrieval counts over the last
-    ``coretrieval_queries`` prompt queries (``None`` without prompt queries in the trace).
+    ``coretrieval_queries`` prompt queries (``None`` without prompt queries in the trace);
+    ``split_buffers`` the buffers' positions at the end of each step (in DRAM: the engine
+    attends them from there and counts them in the DRAM footprint; ``None`` if never any);
+    ``dram_sinks`` / ``dram_tail`` the forced sinks and recent window (held in DRAM).
     Techniques 2 (dual-head, co-retrieval-ordered flash pools, page-aligned append buffers)
     and 3 (pipelined virtualisation, cluster-aligned replacement) are not part of the policy:
     they consume these groups and relabels in ``sim/kv/layouts/`` and ``sim/kv/replacement/``.
@@ -133,8 +136,9 @@ class DynaKV(ClusteredPolicy):
         keys, group_query = self.clustering_inputs(ctx)
         runs = [self._run_head(keys[h], group_query[h], prompt, ctx.rng) for h in range(n_kv)]
         forced = any(len(p) for run in runs for p in run.extra)
+        buffered = any(len(p) for run in runs for p in run.buffered)
         prefill_groups = np.stack([run.prefill_groups for run in runs])
-        return LayerSelection(
+        selection = LayerSelection(
             heads=[HeadSelections.from_lists(run.selected) for run in runs],
             index_vectors=np.array([run.n_clusters for run in runs], np.int64).reshape(
                 n_kv, n_steps
@@ -144,7 +148,11 @@ class DynaKV(ClusteredPolicy):
             relabels=[run.relabels for run in runs] if self.adaptation else None,
             extra_reads=[HeadSelections.from_lists(run.extra) for run in runs] if forced else None,
             coretrieval=prefill_coretrieval(self, ctx, prefill_groups),
+            split_buffers=(
+                [HeadSelections.from_lists(run.buffered) for run in runs] if buffered else None
+            ),
         )
+        return self.with_dram(selection, ctx)
 
     # ----------------------------------------------------------------------------------------
 
@@ -192,6 +200,8 @@ class DynaKV(ClusteredPolicy):
             else:
                 scores = static_scores[s]
             buffered = state.buffered_positions() if buffers else _NO_POSITIONS
+            if s:
+                run.buffered.append(buffered)  # the buffers at the end of step s - 1
             selected = self._select(scores, state, prompt, s, buffered)
             selected_steps.append(selected)
             n_clusters.append(state.count - 1)
@@ -238,6 +248,7 @@ class DynaKV(ClusteredPolicy):
                 self._split(state, run, c, s, new)
             if extra:
                 extra_steps[-1] = np.unique(np.concatenate(extra)).astype(np.int32)
+        run.buffered.append(state.buffered_positions() if buffers else _NO_POSITIONS)
         return run
 
     def _select(
@@ -356,7 +367,8 @@ _NO_READS = np.zeros(0, np.int32)  # shared by the steps without forced reads (n
 @dataclass
 class _HeadRun:
     """One KV head's outputs: its groups as first assigned (prefill positions, decode tokens),
-    then per decode step its selections, cluster counts, forced reads and relabels."""
+    then per decode step its selections, cluster counts, forced reads, relabels and the
+    split buffers' positions at the step's end."""
 
     prefill_groups: np.ndarray
     append_groups: np.ndarray
@@ -364,6 +376,7 @@ class _HeadRun:
     n_clusters: list[int] = field(default_factory=list)
     extra: list[np.ndarray] = field(default_factory=list)
     relabels: list[Relabel] = field(default_factory=list)
+    buffered: list[np.ndarray] = field(default_factory=list)
 
 
 class _Clusters:

@@ -20,5 +20,8 @@ class FullAttention(RetrievalPolicy):
     # Full attention reads everything regardless of the query, so reads may start early.
     selection_needs_query = False
 
+    def is_dense_layer(self, layer: int) -> bool:
+        return True
+
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
         return LayerSelection.full(ctx)

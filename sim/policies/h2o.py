@@ -51,7 +51,12 @@ class H2O(BudgetedPolicy):
       unprotected entry with the smallest accumulated score is evicted (ties: the earliest).
 
     So the selection at step ``s`` is decided before step ``s``'s query: the policy ignores the
-    current query (``selection_needs_query = False``; the engine may start the reads early).
+    current query (``selection_needs_query = False``).
+
+    The kept set is H2O's whole KV cache, in DRAM (``keeps_selection_in_dram``): what it evicts
+    never returns, so nothing is written to or read from flash and the DRAM cache is unused;
+    the replay attends each layer from DRAM like a sliding window and counts the kept set with
+    the current token in the DRAM footprint's ``window``.
     ``index_vectors`` are all 0: H2O's index is one scalar score per kept entry, not key-sized
     vectors to score the query against.
 
@@ -77,6 +82,7 @@ class H2O(BudgetedPolicy):
     recent_ratio: float = 0.5
 
     selection_needs_query = False
+    keeps_selection_in_dram = True
 
     #: the prefill accumulation scores prompt query rows in chunks of at most this many rows...
     prompt_chunk_rows: ClassVar[int] = 256
@@ -104,7 +110,8 @@ class H2O(BudgetedPolicy):
         heads = [
             HeadSelections.from_lists([np.sort(k[h]) for k in kept]) for h in range(ctx.n_kv_heads)
         ]
-        return LayerSelection(heads, np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64))
+        selection = LayerSelection(heads, np.zeros((ctx.n_kv_heads, ctx.decode_steps), np.int64))
+        return self.with_dram(selection, ctx)  # the kept set is in DRAM (keeps_selection_in_dram)
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         """The kept sets as scores (kept 1, evicted 0), for callers of the BudgetedPolicy API;

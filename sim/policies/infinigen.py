@@ -124,6 +124,13 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
         """Channels of the partial query and key cache per head."""
         return max(1, int(head_dim * self.partial_ratio))
 
+    def partial_vectors(self, context: np.ndarray, head_dim: int) -> np.ndarray:
+        """The partial key cache of ``context`` stored positions, in key-sized vectors."""
+        return -(-np.asarray(context, dtype=np.int64) * self.n_channels(head_dim) // head_dim)
+
+    def index_floor(self, prompt_len: int, step: int, head_dim: int) -> int:
+        return int(self.partial_vectors(np.array([prompt_len + step]), head_dim)[0])
+
     def index_layer(self, ctx: LayerContext):  # pragma: no cover - select_layer is overridden
         raise NotImplementedError("InfiniGen selects through select_layer")
 
@@ -153,9 +160,9 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
                 for row, step in enumerate(range(start, stop)):
                     per_head[h].append(self._pick(ranking[h, row], prompt + step, counts[row]))
         heads = [HeadSelections.from_lists(rows) for rows in per_head]
-        context = prompt + np.arange(n_steps, dtype=np.int64)
-        vectors = -(-context * m // head_dim)
-        return LayerSelection(heads, np.broadcast_to(vectors, (n_kv, n_steps)).copy())
+        vectors = self.partial_vectors(prompt + np.arange(n_steps, dtype=np.int64), head_dim)
+        selection = LayerSelection(heads, np.broadcast_to(vectors, (n_kv, n_steps)).copy())
+        return self.with_dram(selection, ctx)
 
     def _speculative(self, ctx: LayerContext) -> np.ndarray:
         """The queries the layer is scored with: speculated from the previous layer's input

@@ -29,6 +29,9 @@ class Oracle(TokenTopK):
         recent_tokens (int, default 0): newest positions always attended.
     """
 
+    def index_floor(self, prompt_len: int, step: int, head_dim: int) -> int:
+        return 0  # no index
+
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         index = super().index_layer(ctx)
         return replace(index, index_vectors=np.zeros_like(index.index_vectors))

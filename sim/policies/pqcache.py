@@ -138,6 +138,9 @@ class PQCache(BudgetedPolicy):
 
         return LayerIndex(score_steps, self.index_vectors(prompt, n_steps, n_kv, head_dim))
 
+    def index_floor(self, prompt_len: int, step: int, head_dim: int) -> int:
+        return int(self.index_vectors(prompt_len + step, 1, 1, head_dim)[0, 0])
+
     def index_vectors(self, prompt: int, n_steps: int, n_kv: int, head_dim: int) -> np.ndarray:
         """(n_kv, n_steps) int64: ``2 ** bits + ceil((P + s) M bits / (16 d))``, see above."""
         context = prompt + np.arange(n_steps, dtype=np.int64)

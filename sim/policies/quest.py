@@ -125,8 +125,9 @@ class Quest(FullLayersMixin, BudgetedPolicy):
         budget (int | float, default 1024): tokens per step and KV head, or a fraction in
             (0, 1] of the context.
         sink_tokens (int, default 0): leading positions always attended (Quest keeps none).
-        recent_tokens (int, default 16): newest positions always attended; one page's worth,
-            standing in for Quest always attending the current, partly filled page.
+        recent_tokens (int, default 16): newest positions always attended (held in DRAM);
+            one page's worth, standing in for Quest always attending the current, partly
+            filled page.
         page_tokens (int, default 16): tokens per page (Quest's page size).
         full_layers (int, default 2): layers with index below this use full attention.
         group_reduce (str, default "sum"): "sum" or "max" of a page's bounds over the query
@@ -156,6 +157,13 @@ class Quest(FullLayersMixin, BudgetedPolicy):
             return LayerSelection.full(ctx)
         return super().select_layer(ctx)
 
+    def page_vectors(self, context: np.ndarray) -> np.ndarray:
+        """Index vectors at stored context lengths ``context``: a min and a max per page."""
+        return 2 * -(-np.asarray(context, dtype=np.int64) // self.page_tokens)
+
+    def index_floor(self, prompt_len: int, step: int, head_dim: int) -> int:
+        return int(self.page_vectors(np.array([prompt_len + step]))[0])
+
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
         t = self.page_tokens
@@ -180,11 +188,10 @@ class Quest(FullLayersMixin, BudgetedPolicy):
             return priority[..., page_of] + np.arange(width, 0, -1, dtype=np.float64)
 
         context = prompt + np.arange(n_steps, dtype=np.int64)
-        n_pages = -(-context // t)
         page_of = (np.arange(prompt + n_steps) // t).astype(np.int32)
         return LayerIndex(
             score_steps,
-            index_vectors=np.broadcast_to(2 * n_pages, (n_kv, n_steps)).copy(),
+            index_vectors=np.broadcast_to(self.page_vectors(context), (n_kv, n_steps)).copy(),
             prefill_groups=np.broadcast_to(page_of[:prompt], (n_kv, prompt)).copy(),
             append_groups=np.broadcast_to(page_of[prompt:], (n_kv, n_steps)).copy(),
         )

@@ -21,8 +21,11 @@ class StreamingLLM(BudgetedPolicy):
     step ``s`` attends ``[0, sink_tokens) U [P + s - window, P + s)``. Implemented as a
     budgeted policy whose score is the position itself (newest first), so ``recent_tokens``
     does not change the selection. The selection ignores the query
-    (``selection_needs_query = False``: the engine may issue its reads before scoring), and
-    there is no index (``index_vectors`` all 0, no groups).
+    (``selection_needs_query = False``), and there is no index (``index_vectors`` all 0, no
+    groups). The sinks and window are StreamingLLM's whole KV cache, in DRAM
+    (``keeps_selection_in_dram``): evicted tokens never return, so nothing is written to or
+    read from flash and the DRAM cache is unused; the replay attends each layer from DRAM like
+    a sliding window and counts the kept set in the DRAM footprint's ``window``.
 
     Parameters:
         budget (int | float, default 1024): sinks + window tokens per step and KV head, or a
@@ -37,6 +40,7 @@ class StreamingLLM(BudgetedPolicy):
     recent_tokens: int = 0
 
     selection_needs_query = False
+    keeps_selection_in_dram = True
 
     def window_at(self, context_len: int) -> int:
         """Window length at a context length (the budget left after the sinks)."""

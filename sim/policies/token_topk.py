@@ -30,6 +30,9 @@ class TokenTopK(BudgetedPolicy):
         recent_tokens (int, default 0): newest positions always attended (0: a pure oracle).
     """
 
+    def index_floor(self, prompt_len: int, step: int, head_dim: int) -> int:
+        return prompt_len + step  # every stored key
+
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         keys = np.asarray(ctx.keys, dtype=np.float32)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from sim.registry import Registry
 
-__all__ = ["LAYOUTS", "FlashLayout"]
+__all__ = ["LAYOUTS", "FlashLayout", "engine_layout_spec"]
 
 _UNPLACED = -1
 
@@ -134,6 +134,16 @@ class FlashLayout(ABC):
         """Entries held in a DRAM write buffer, not yet on flash (0: no buffer)."""
         return 0
 
+    def buffered_positions(self) -> np.ndarray:
+        """The positions of :attr:`buffered_entries` (int64, sorted; empty: no buffer). They
+        are in DRAM only: the engine attends them from there, never from flash."""
+        return np.zeros(0, dtype=np.int64)
+
+    def max_buffered_entries(self, groups: np.ndarray | None) -> int:
+        """An upper bound on :attr:`buffered_entries` over a run whose prefill groups are
+        ``groups`` (as :meth:`place_prefill` would get them); 0: no write buffer."""
+        return 0
+
     def relabel(self, positions: np.ndarray, group: int) -> np.ndarray:
         """``positions`` (placed) now belong to ``group`` (a cluster split); returns the slots
         the layout rewrote to keep its promise (relocated entries, written from DRAM).
@@ -170,3 +180,19 @@ class FlashLayout(ABC):
 
 
 LAYOUTS: Registry[FlashLayout] = Registry("flash layout", package="sim.kv.layouts")
+
+
+def engine_layout_spec(
+    spec: dict, n_positions: int, entry_bytes: int, page_bytes: int
+) -> dict:
+    """A layout's registry spec with the sizes the engine knows filled in: ``n_positions``,
+    and ``entry_bytes`` / ``page_bytes`` if the layout declares them (a page-aligned write
+    buffer needs both)."""
+    import dataclasses
+
+    filled = {**spec, "n_positions": n_positions}
+    declared = {f.name for f in dataclasses.fields(LAYOUTS.get(filled["type"]))}
+    for name, value in (("entry_bytes", entry_bytes), ("page_bytes", page_bytes)):
+        if name in declared:
+            filled[name] = value
+    return filled

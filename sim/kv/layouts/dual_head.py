@@ -155,6 +155,20 @@ class DualHeadLayout(FlashLayout):
     def buffered_entries(self) -> int:
         return sum(len(b) for b in self._buffers.values())
 
+    def buffered_positions(self) -> np.ndarray:
+        if not self._buffers:
+            return np.zeros(0, dtype=np.int64)
+        return np.sort(np.fromiter((p for b in self._buffers.values() for p in b), np.int64))
+
+    def max_buffered_entries(self, groups: np.ndarray | None) -> int:
+        """A hot group holds at most ``entries_per_page - 1`` appends (the page-th is written
+        with them), and there are at most ``write_buffer_groups`` hot groups, chosen among the
+        prefill groups (none without groups: the sequence layout buffers nothing)."""
+        if not self.write_buffer_groups or groups is None or not len(groups):
+            return 0
+        hot = min(self.write_buffer_groups, len(np.unique(groups)))
+        return hot * (self.entries_per_page - 1)
+
     def group_slots(self, label: object) -> np.ndarray:
         """Slots of ``label``'s entries in position order (empty if it has none)."""
         g = self._gid.get(label)
