@@ -83,14 +83,17 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     from sim.trace.format import open_trace
+    from sim.trace.verified import verify_once
 
-    trace = open_trace(args.path, verify=args.action == "verify")
+    trace = open_trace(args.path)
+    if args.action == "verify":
+        verify_once(trace, again=True)  # and remember the verdict: runs need not verify again
     model = trace.model
     print(
         f"{trace.path}: {model.name} ({model.n_layers} layers, {model.n_q_heads} query heads, "
         f"{model.n_kv_heads} KV heads, head_dim {model.head_dim}); {trace.prompt_len} prompt + "
         f"{trace.decode_steps} decode positions; {trace.size_bytes / 2**20:.1f} MiB"
-        + ("; checksums OK" if args.action == "verify" else "")
+        + ("; checksums OK, values finite" if args.action == "verify" else "")
     )
     decode_line = _describe_decode(trace.manifest.get("capture", {}))
     if decode_line:

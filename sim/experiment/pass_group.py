@@ -28,6 +28,7 @@ from sim.paths import REPO_ROOT
 from sim.policies import POLICIES
 from sim.trace.format import open_trace
 from sim.trace.split import split_trace
+from sim.trace.verified import check_unchanged, verify_once
 
 
 def cache_capacity_bytes(
@@ -98,6 +99,7 @@ def run_group(
     pass_cache: str | None = None,
     progress_file: str | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    verified: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Obtain the group's policy pass once (computed, or from ``pass_cache``), replay it for
     each run, write each run's files.
@@ -106,6 +108,10 @@ def run_group(
     (:func:`sim.trace.split.split_trace`). Progress (the pass's layers, each replay's steps)
     goes to ``progress_file`` (a :class:`~sim.experiment.group_progress.ProgressFile`, for a
     worker process) or ``on_progress`` (in-process), see :mod:`sim.experiment.group_progress`.
+
+    ``verified``: the trace's fingerprint when the coordinator verified it
+    (:func:`sim.trace.verified.verify_once`); the trace must still have it. Without it the
+    trace is verified here (once: the verdict is remembered).
 
     Returns ``{"pass_s", "pass_cached", "sim_s", "rows"}`` (``pass_s``: the pass's compute time,
     when it was computed). Runs complete one by one: a worker killed half-way keeps the runs it
@@ -117,6 +123,10 @@ def run_group(
 
     first = runs[0]
     trace = open_trace(trace_path)
+    if verified is None:
+        verify_once(trace)
+    else:
+        check_unchanged(trace, verified)
     if first.trace.decode_from is not None:
         trace = split_trace(trace, first.trace.decode_from)
     sink = on_progress or (ProgressFile(progress_file) if progress_file else None)

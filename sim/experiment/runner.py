@@ -47,10 +47,14 @@ from sim.experiment.store import (
 from sim.paths import trace_cache_dir
 from sim.progress import progress as progress_bar
 from sim.result_files import RUN_SUMMARY
+from sim.trace.format import open_trace
+from sim.trace.verified import is_verified, verify_once
 
 POLL_S = 0.5
 #: where worker processes report their group's progress, under the output directory
 PROGRESS_DIR = ".progress"
+#: traces from this size on take a noticeable time to verify (~350 MiB/s): say so
+_VERIFY_NOTE_BYTES = 64 << 20
 
 
 @dataclass
@@ -83,23 +87,41 @@ class Report:
         return out
 
 
-def obtain_traces(plan: Plan, progress: bool, log: Callable[[str], None]) -> dict[str, str]:
-    """Trace key -> trace directory for every trace of the plan (captured when missing)."""
+def obtain_traces(
+    plan: Plan, progress: bool, log: Callable[[str], None]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Trace key -> (trace directory, its verified fingerprint) for every trace of the plan,
+    captured when missing and verified once (:mod:`sim.trace.verified`): a corrupt trace stops
+    the run here, before anything is written. Traces given by path are verified before any
+    capture starts, so a corrupt one costs no capture time."""
     from sim.trace.capture import CaptureSettings, get_or_capture
 
     cache_dir = trace_cache_dir()
     paths = {}
-    for key, source in plan.traces.items():
+    # traces given by path first (False sorts before True)
+    for key, source in sorted(plan.traces.items(), key=lambda item: item[1].path is None):
         if source.path is not None:
-            paths[key] = source.path
-            continue
-        assert source.capture is not None  # a TraceSource has a path or capture settings
-        settings = CaptureSettings(**source.capture)
-        cached = (cache_dir / settings.key()).exists()
-        if not cached:
-            log(f"capturing trace {source.name} (cached afterwards under {cache_dir})")
-        paths[key] = str(get_or_capture(settings, cache_dir, progress=progress))
+            path = source.path
+        else:
+            assert source.capture is not None  # a TraceSource has a path or capture settings
+            settings = CaptureSettings(**source.capture)
+            if not (cache_dir / settings.key()).exists():
+                log(f"capturing trace {source.name} (cached afterwards under {cache_dir})")
+            path = str(get_or_capture(settings, cache_dir, progress=progress))
+        paths[key] = (path, _verified(path, log))
     return paths
+
+
+def _verified(path: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """The fingerprint of the trace at ``path``, verified now unless it was before."""
+    trace = open_trace(path)
+    if trace.size_bytes >= _VERIFY_NOTE_BYTES and not is_verified(trace):
+        log(
+            f"verifying trace {path} ({trace.size_bytes / 2**20:.0f} MiB: checksums and "
+            "finite values; once, the verdict is kept beside it)"
+        )
+    fingerprint, _ran = verify_once(trace)
+    return fingerprint
 
 
 def _ignore_sigint() -> None:
@@ -180,7 +202,7 @@ def execute(
 def _run_groups(
     plan: Plan,
     groups: list[PassGroup],
-    traces: dict[str, str],
+    traces: dict[str, tuple[str, dict[str, Any]]],
     workers: int,
     scheduler: str | None,
     progress: bool,
@@ -206,8 +228,11 @@ def _run_groups(
 
     def args(group: PassGroup) -> tuple[list[RunPlan], str, str, int, str | None]:
         runs_dir = str(plan.runs_dir)
-        return (group.runs, traces[group.runs[0].trace.key], runs_dir, threads,
+        return (group.runs, traces[group.runs[0].trace.key][0], runs_dir, threads,
                 None if cache is None else str(cache))
+
+    def verified(group: PassGroup) -> dict[str, Any]:
+        return traces[group.runs[0].trace.key][1]
 
     def failed(group: PassGroup, exc: BaseException) -> None:
         if os.environ.get("KVSIM_DEBUG"):
@@ -223,7 +248,8 @@ def _run_groups(
 
         for group in groups:
             try:
-                account(group, run_group(*args(group), on_progress=show if progress else None))
+                account(group, run_group(*args(group), on_progress=show if progress else None,
+                                         verified=verified(group)))
             except Exception as exc:  # the group's completed runs are already saved
                 failed(group, exc)
             bar.update(len(group.runs))
@@ -240,7 +266,8 @@ def _run_groups(
         return str(progress_dir / f"{group.pass_id}.json")
 
     futures = {
-        executor.submit(run_group, *args(group), progress_file(group) if progress else None):
+        executor.submit(run_group, *args(group), progress_file(group) if progress else None,
+                        verified=verified(group)):
         group for group in groups
     }
     done_ids: set[str] = set()
