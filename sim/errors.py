@@ -21,3 +21,8 @@ class TraceError(KvsimError):
 
 class CaptureError(KvsimError):
     """A trace cannot be captured (missing model package, missing text, bad settings)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached ``kvsim``: it stops as on Ctrl-C (every ``except KeyboardInterrupt``
+    cleans up alike), then exits with 143 (128 + SIGTERM) instead of 130."""

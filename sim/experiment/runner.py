@@ -2,21 +2,25 @@
 
 ``execute`` is the whole of ``kvsim run``:
 
-1. obtain every trace the plan needs (capturing missing ones, one at a time) -- so a trace
-   that cannot be captured stops the experiment before any run starts;
-2. skip runs whose result directory is complete (unless ``force``);
-3. send each pass group (runs sharing a policy pass, see :mod:`sim.experiment.planning`) to a
+1. obtain every trace the plan needs (capturing missing ones, one at a time) and verify each
+   once (:mod:`sim.trace.verified`) -- so a trace that cannot be captured or is corrupt stops
+   the experiment before anything is written;
+2. take the results directory's lock (:func:`sim.experiment.store.results_lock`: another run
+   writing there stops this one in one line) and remove what a killed run left there;
+3. skip runs whose result directory is complete (unless ``force``);
+4. send each pass group (runs sharing a policy pass, see :mod:`sim.experiment.planning`) to a
    worker (:func:`sim.experiment.pass_group.run_group`):
-   in-process when there is one worker or one group, else a local process pool, or a Dask
-   cluster when a scheduler address is given; workers write each run as it completes;
-4. show progress (runs done, estimated time left) by watching result directories appear, and
+   in-process when there is one worker or one group, else a local process pool (whose workers
+   end with this process, :mod:`sim.experiment.worker`), or a Dask cluster when a scheduler
+   address is given; workers write each run as it completes;
+5. show progress (runs done, estimated time left) by watching result directories appear, and
    inside the running groups (policy pass: layers done; replay: steps done) from the progress
    each group reports (:mod:`sim.experiment.group_progress`);
-5. write the summary of every completed run of the plan.
+6. write the summary of every completed run of the plan.
 
-An interrupted sweep (Ctrl-C, a crash, a lost worker) keeps every completed run; running the
-same command again does only what is missing. A failing pass group is reported in one line and
-the others go on; ``KVSIM_DEBUG=1`` re-raises it with its traceback instead.
+An interrupted sweep (Ctrl-C, SIGTERM, a crash, a lost worker) keeps every completed run;
+running the same command again does only what is missing. A failing pass group is reported in
+one line and the others go on; ``KVSIM_DEBUG=1`` re-raises it with its traceback instead.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from typing import Any
 import pandas as pd
 
 from sim.errors import KvsimError
+from sim.experiment import worker
 from sim.experiment.group_progress import describe, read_progress
 from sim.experiment.pass_group import pass_cache_dir, run_group
 from sim.experiment.planning import Plan
@@ -41,18 +45,19 @@ from sim.experiment.runs import PassGroup, RunPlan, code_fingerprint
 from sim.experiment.store import (
     read_summary,
     remove_stale_temporaries,
+    results_lock,
     write_experiment,
     write_summary,
 )
 from sim.paths import trace_cache_dir
 from sim.progress import progress as progress_bar
-from sim.result_files import RUN_SUMMARY
+from sim.result_files import PROGRESS_DIR, RUN_SUMMARY
 from sim.trace.format import open_trace
 from sim.trace.verified import is_verified, verify_once
 
 POLL_S = 0.5
-#: where worker processes report their group's progress, under the output directory
-PROGRESS_DIR = ".progress"
+#: seconds a stopped worker has to end before it is killed
+STOP_TIMEOUT_S = 5.0
 #: traces from this size on take a noticeable time to verify (~350 MiB/s): say so
 _VERIFY_NOTE_BYTES = 64 << 20
 
@@ -124,11 +129,6 @@ def _verified(path: str, log: Callable[[str], None]) -> dict[str, Any]:
     return fingerprint
 
 
-def _ignore_sigint() -> None:
-    # workers leave Ctrl-C to the coordinator, which stops them
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _make_executor(workers: int, scheduler: str | None):
     if scheduler:
         try:
@@ -143,7 +143,9 @@ def _make_executor(workers: int, scheduler: str | None):
             raise KvsimError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         n = max(1, len(client.scheduler_info().get("workers", {})))
         return client.get_executor(pure=False), client, n
-    pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    # workers leave Ctrl-C to this process and end with it (sim.experiment.worker)
+    pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=worker.initialize,
+                                  initargs=(os.getpid(),))
     return pool, None, workers
 
 
@@ -161,9 +163,34 @@ def execute(
     runs = plan.unique_runs()
     report = Report(planned=len(runs))
     traces = obtain_traces(plan, progress, log)
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    with results_lock(plan.output_dir):
+        summary = _execute_locked(plan, runs, traces, jobs, scheduler, force, progress, log,
+                                  report)
+    report.wall_s = time.perf_counter() - started
+    for line in report.lines():
+        log(line)
+    if report.failed:
+        raise KvsimError(
+            f"{len(report.failed)} pass group(s) failed ({report.failed[0]}); completed runs are "
+            "saved, run the same command again to retry the rest"
+        )
+    return summary, report
+
+
+def _execute_locked(
+    plan: Plan,
+    runs: list[RunPlan],
+    traces: dict[str, tuple[str, dict[str, Any]]],
+    jobs: int | None,
+    scheduler: str | None,
+    force: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    report: Report,
+) -> pd.DataFrame:
+    """What :func:`execute` does holding the results directory's lock: everything it writes."""
     write_experiment(plan)
-    remove_stale_temporaries(plan.runs_dir)
+    remove_stale_temporaries(plan.output_dir)
     pending = [run for run in runs if force or not plan.is_complete(run)]
     report.skipped = len(runs) - len(pending)
     if report.skipped:
@@ -186,17 +213,9 @@ def execute(
     )
     if pending:
         _run_groups(plan, groups, traces, workers, scheduler, progress, report)
-    report.wall_s = time.perf_counter() - started
     summary = read_summary(plan)
     write_summary(plan, summary)
-    for line in report.lines():
-        log(line)
-    if report.failed:
-        raise KvsimError(
-            f"{len(report.failed)} pass group(s) failed ({report.failed[0]}); completed runs are "
-            "saved, run the same command again to retry the rest"
-        )
-    return summary, report
+    return summary
 
 
 def _run_groups(
@@ -292,8 +311,10 @@ def _run_groups(
                 states = (read_progress(progress_file(futures[f])) for f in not_done)
                 bar.set_postfix_str("; ".join(describe(s) for s in states if s))
             bar.update(len(now_done))
-    except KeyboardInterrupt:
-        _stop(executor, client)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (sim.errors.Terminated)
+        _stop(executor, client, list(futures))
+        if client is None:  # the workers are gone: what they were writing is stale
+            remove_stale_temporaries(plan.output_dir)
         bar.close()
         raise
     finally:
@@ -313,12 +334,19 @@ def _written_since(plan: Plan, run: Any, since: float) -> bool:
         return False
 
 
-def _stop(executor: Any, client: Any) -> None:
-    """Stop every worker now; their half-written run directories are temporaries."""
+def _stop(executor: Any, client: Any, futures: list[Any]) -> None:
+    """Stop every worker now; their half-written run directories are temporaries. Local
+    workers are gone when this returns; a Dask cluster's pending tasks are cancelled (a task
+    already running finishes on its worker, writing its run atomically)."""
     if client is not None:
+        client.cancel(futures)
         client.close()
         return
     processes = list(getattr(executor, "_processes", {}).values())
     executor.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
+    for process in processes:
+        process.join(timeout=STOP_TIMEOUT_S)
+        if process.is_alive():  # pragma: no cover - SIGTERM's default action ends a worker
+            process.kill()
