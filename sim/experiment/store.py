@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,9 @@ from sim.result_files import (
     SUMMARY_CSV,
     SUMMARY_MD,
 )
+
+#: seconds a run waits for the results directory's lock before it gives up
+LOCK_WAIT_S = 5.0
 
 if TYPE_CHECKING:  # planning imports the figures; the worker writing runs must not
     from sim.experiment.planning import Plan
@@ -109,18 +113,24 @@ def write_run(
 @contextmanager
 def results_lock(output_dir: Path) -> Iterator[None]:
     """Hold ``output_dir`` for one ``kvsim run`` (created if missing); raises one-line
-    :class:`KvsimError` if another run holds it. A file system without ``flock`` support
-    (some network mounts) leaves the directory unlocked rather than failing the run."""
+    :class:`KvsimError` if another run still holds it after ``LOCK_WAIT_S`` (the grace lets the
+    workers of a run killed a moment ago finish dying). A file system without ``flock``
+    support (some network mounts) leaves the directory unlocked rather than failing the run."""
     output_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(output_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        busy = False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:  # ENOLCK, EINVAL: this file system has no locks; go on
-            busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            busy = False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:  # ENOLCK, EINVAL: this file system has no locks; go on
+                busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            if not busy or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
         if busy:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             raise KvsimError(
