@@ -1,13 +1,14 @@
 """``kvsim``: run experiments, capture traces, inspect traces, redraw plots, list components.
 
-User errors (any :class:`sim.errors.KvsimError`) print one line and exit with code 2; Ctrl-C
-exits with 130, SIGTERM with 143, both after stopping the workers and discarding partial
-results.
+User errors (any :class:`sim.errors.KvsimError`) and file-system refusals (an ``OSError``: a
+full disk, a read-only directory) print one line and exit with code 2; Ctrl-C exits with 130,
+SIGTERM with 143, both after stopping the workers and discarding partial results.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from sim import __version__
+from sim.atomic import os_error_text
 from sim.errors import KvsimError, Terminated
 
 EXIT_USER_ERROR = 2
@@ -261,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KvsimError as exc:
         print(f"kvsim: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        # the file system refused (full, read-only, a name too long, ...): the user's to fix,
+        # in one line; KVSIM_DEBUG=1 keeps the traceback
+        if os.environ.get("KVSIM_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kvsim: error: {where}{os_error_text(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Terminated:
         print("kvsim: terminated; completed runs are saved, partial ones discarded",

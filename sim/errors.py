@@ -19,6 +19,11 @@ class TraceError(KvsimError):
     """A trace is missing, truncated, corrupt or inconsistent with its manifest."""
 
 
+class OutputError(KvsimError):
+    """A result, figure or trace cannot be written (a full disk, a read-only directory, a file
+    where a directory should be, a name too long for a file name)."""
+
+
 class CaptureError(KvsimError):
     """A trace cannot be captured (missing model package, missing text, bad settings)."""
 

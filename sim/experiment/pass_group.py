@@ -24,6 +24,7 @@ from sim.experiment.runs import RunPlan, code_fingerprint, digest
 from sim.experiment.store import summary_cell, write_run
 from sim.hardware import DeviceParams
 from sim.model import ModelGeometry
+from sim.outputs import PolicyPass
 from sim.paths import REPO_ROOT
 from sim.policies import POLICIES
 from sim.trace.format import open_trace
@@ -77,17 +78,23 @@ def _policy_pass(
         if path.exists():
             try:
                 with path.open("rb") as handle:
-                    return pickle.load(handle), True
-            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-                pass  # unreadable entry: compute it again (and replace it)
+                    cached = pickle.load(handle)
+            except Exception:  # noqa: BLE001 - any unreadable entry is a miss, whatever broke
+                cached = None
+            if isinstance(cached, PolicyPass) and cached.decode_steps == trace.decode_steps:
+                return cached, True
+            # unreadable, or not a policy pass of this trace: compute it again (and replace it)
     policy = POLICIES.create(run.policy, where=f"run {run.label}")
     pp = run_policy_pass(
         trace, policy, run.seed, progress=False, workers=threads,
         accuracy_every=run.accuracy_every, on_layer=on_layer,
     )
     if path is not None:
-        with atomic_write(path) as tmp, tmp.open("wb") as handle:
-            pickle.dump(pp, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with atomic_write(path) as tmp, tmp.open("wb") as handle:
+                pickle.dump(pp, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        except KvsimError:  # a full disk, a read-only cache: the cache is an optimisation only
+            pass
     return pp, False
 
 
