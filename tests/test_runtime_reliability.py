@@ -154,6 +154,32 @@ def test_sigterm_stops_an_in_process_run_like_ctrl_c(tmp_path):
     assert not _temporaries(out)
 
 
+def test_terminating_a_dask_coordinator_leaves_the_cluster_no_work(tmp_path):
+    """On a Dask cluster the workers are the cluster's, not the run's: a terminated coordinator
+    must leave them nothing to do (a task already running finishes its run atomically). After
+    a SIGKILL the scheduler drops a lost client's tasks itself (measured: none left 0.1 s
+    later)."""
+    distributed = pytest.importorskip("dask.distributed")
+    config, out = _config(tmp_path, SWEEP), tmp_path / "out"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        process = _kvsim("run", str(config), "--output", str(out), "--quiet", "--no-plot",
+                         "--scheduler", cluster.scheduler_address)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(client.processing().values()):
+            time.sleep(0.05)
+        assert any(client.processing().values()), "no task ever reached the cluster"
+        os.kill(process.pid, signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+        deadline = time.time() + 5
+        while time.time() < deadline and any(client.processing().values()):
+            time.sleep(0.05)
+        assert not any(client.processing().values()), "the cluster kept the run's tasks"
+    assert process.returncode == 143 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("kvsim: terminated")
+
+
 def test_a_worker_without_prctl_notices_its_parent_is_gone():
     """The portable watchdog alone (no PR_SET_PDEATHSIG): a worker whose parent dies ends
     within a few of its check intervals."""
