@@ -1,19 +1,27 @@
 """``kvsim``: run experiments, capture traces, inspect traces, redraw plots, list components.
 
-User errors (any :class:`sim.errors.KvsimError`) print one line and exit with code 2.
+User errors (any :class:`sim.errors.KvsimError`) and file-system refusals (an ``OSError``: a
+full disk, a read-only directory) print one line and exit with code 2; Ctrl-C exits with 130,
+SIGTERM with 143, both after stopping the workers and discarding partial results.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import NoReturn
 
 from sim import __version__
-from sim.errors import KvsimError
+from sim.atomic import os_error_text
+from sim.errors import KvsimError, Terminated
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,14 +91,17 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     from sim.trace.format import open_trace
+    from sim.trace.verified import verify_once
 
-    trace = open_trace(args.path, verify=args.action == "verify")
+    trace = open_trace(args.path)
+    if args.action == "verify":
+        verify_once(trace, again=True)  # and remember the verdict: runs need not verify again
     model = trace.model
     print(
         f"{trace.path}: {model.name} ({model.n_layers} layers, {model.n_q_heads} query heads, "
         f"{model.n_kv_heads} KV heads, head_dim {model.head_dim}); {trace.prompt_len} prompt + "
         f"{trace.decode_steps} decode positions; {trace.size_bytes / 2**20:.1f} MiB"
-        + ("; checksums OK" if args.action == "verify" else "")
+        + ("; checksums OK, values finite" if args.action == "verify" else "")
     )
     decode_line = _describe_decode(trace.manifest.get("capture", {}))
     if decode_line:
@@ -237,18 +248,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the cleanup finish
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code: 0, 2 (one-line error), 130 (Ctrl-C) or 143
+    (SIGTERM). A bug escapes as a traceback (Python's exit code 1)."""
+    handles_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except KvsimError as exc:
         print(f"kvsim: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:
+        # the file system refused (full, read-only, a name too long, ...): the user's to fix,
+        # in one line; KVSIM_DEBUG=1 keeps the traceback
+        if os.environ.get("KVSIM_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kvsim: error: {where}{os_error_text(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Terminated:
+        print("kvsim: terminated; completed runs are saved, partial ones discarded",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(
             "kvsim: interrupted; completed runs are saved, partial ones discarded", file=sys.stderr
         )
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        if handles_sigterm and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

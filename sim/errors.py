@@ -19,5 +19,15 @@ class TraceError(KvsimError):
     """A trace is missing, truncated, corrupt or inconsistent with its manifest."""
 
 
+class OutputError(KvsimError):
+    """A result, figure or trace cannot be written (a full disk, a read-only directory, a file
+    where a directory should be, a name too long for a file name)."""
+
+
 class CaptureError(KvsimError):
     """A trace cannot be captured (missing model package, missing text, bad settings)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached ``kvsim``: it stops as on Ctrl-C (every ``except KeyboardInterrupt``
+    cleans up alike), then exits with 143 (128 + SIGTERM) instead of 130."""

@@ -4,6 +4,7 @@
 and the figures read them. Layout of a results directory (``<output>/``)::
 
     experiment.yaml                  the experiment as given (``kvsim plot`` reads its figures)
+    .kvsim-run.lock                  held by the ``kvsim run`` writing here (empty but its pid)
     summary.csv, summary.md          one row per run: label, sweep axes, summary metrics
     accuracy_vs_latency.png / .pdf   the default plot
     figures/                         the experiment's ``figures:`` (PNG + PDF, tables as CSV + MD)
@@ -28,6 +29,8 @@ and, when the experiment's ``record:`` block asks for them (:class:`sim.config.R
 from __future__ import annotations
 
 EXPERIMENT = "experiment.yaml"
+RUN_LOCK = ".kvsim-run.lock"
+PROGRESS_DIR = ".progress"  # workers' progress reports while a run is going
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 DEFAULT_PLOT = "accuracy_vs_latency"  # stem: .png and .pdf

@@ -6,7 +6,9 @@
   the hashes naming runs and passes;
 * :mod:`sim.experiment.pass_group`: one pass group in a worker: the shared policy pass, each
   run's replay, its :mod:`~sim.experiment.extra_records`;
-* :mod:`sim.experiment.store`: the results directory (run files, the summary table);
+* :mod:`sim.experiment.store`: the results directory (its lock, run files, the summary table);
 * :mod:`sim.experiment.runner`: ``kvsim run``: traces, skipping complete runs, scheduling pass
-  groups on local processes or Dask, progress, the summary.
+  groups on local processes or Dask, progress, the summary;
+* :mod:`sim.experiment.worker`: a local worker process's start (Ctrl-C left to the coordinator,
+  ending with it).
 """

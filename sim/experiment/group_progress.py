@@ -73,7 +73,10 @@ class ProgressFile:
             tmp.write_text(json.dumps(state))
             os.replace(tmp, self.path)
         except OSError:
-            pass
+            try:  # a full disk leaves an empty temporary behind
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def read_progress(path: str | Path) -> dict[str, Any] | None:

@@ -24,10 +24,12 @@ from sim.experiment.runs import RunPlan, code_fingerprint, digest
 from sim.experiment.store import summary_cell, write_run
 from sim.hardware import DeviceParams
 from sim.model import ModelGeometry
+from sim.outputs import PolicyPass
 from sim.paths import REPO_ROOT
 from sim.policies import POLICIES
 from sim.trace.format import open_trace
 from sim.trace.split import split_trace
+from sim.trace.verified import check_unchanged, verify_once
 
 
 def cache_capacity_bytes(
@@ -72,17 +74,23 @@ def _policy_pass(
         if path.exists():
             try:
                 with path.open("rb") as handle:
-                    return pickle.load(handle), True
-            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-                pass  # unreadable entry: compute it again (and replace it)
+                    cached = pickle.load(handle)
+            except Exception:  # noqa: BLE001 - any unreadable entry is a miss, whatever broke
+                cached = None
+            if isinstance(cached, PolicyPass) and cached.decode_steps == trace.decode_steps:
+                return cached, True
+            # unreadable, or not a policy pass of this trace: compute it again (and replace it)
     policy = POLICIES.create(run.policy, where=f"run {run.label}")
     pp = run_policy_pass(
         trace, policy, run.seed, progress=False, workers=threads,
         accuracy_every=run.accuracy_every, on_layer=on_layer,
     )
     if path is not None:
-        with atomic_write(path) as tmp, tmp.open("wb") as handle:
-            pickle.dump(pp, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with atomic_write(path) as tmp, tmp.open("wb") as handle:
+                pickle.dump(pp, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        except KvsimError:  # a full disk, a read-only cache: the cache is an optimisation only
+            pass
     return pp, False
 
 
@@ -94,6 +102,7 @@ def run_group(
     pass_cache: str | None = None,
     progress_file: str | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    verified: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Obtain the group's policy pass once (computed, or from ``pass_cache``), replay it for
     each run, write each run's files.
@@ -102,6 +111,10 @@ def run_group(
     (:func:`sim.trace.split.split_trace`). Progress (the pass's layers, each replay's steps)
     goes to ``progress_file`` (a :class:`~sim.experiment.group_progress.ProgressFile`, for a
     worker process) or ``on_progress`` (in-process), see :mod:`sim.experiment.group_progress`.
+
+    ``verified``: the trace's fingerprint when the coordinator verified it
+    (:func:`sim.trace.verified.verify_once`); the trace must still have it. Without it the
+    trace is verified here (once: the verdict is remembered).
 
     Returns ``{"pass_s", "pass_cached", "sim_s", "rows"}`` (``pass_s``: the pass's compute time,
     when it was computed). Runs complete one by one: a worker killed half-way keeps the runs it
@@ -114,6 +127,10 @@ def run_group(
 
     first = runs[0]
     trace = open_trace(trace_path)
+    if verified is None:
+        verify_once(trace)
+    else:
+        check_unchanged(trace, verified)
     if first.trace.decode_from is not None:
         trace = split_trace(trace, first.trace.decode_from)
     sink = on_progress or (ProgressFile(progress_file) if progress_file else None)

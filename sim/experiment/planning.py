@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from sim.atomic import unwritable
 from sim.config import (
     CacheSpec,
     ExperimentConfig,
@@ -149,6 +150,12 @@ def plan(path: str | Path, output: str | Path | None = None) -> Plan:
                 seen.add(key)
                 runs.append(run)
     output_dir = Path(output or base.output or REPO_ROOT / "results" / base.name)
+    # the results directory must be one kvsim can make and write into: found now, not after
+    # minutes of capture and runs
+    problem = unwritable(output_dir)
+    if problem is not None:
+        given = "--output" if output else "output" if base.output else "name (results/NAME)"
+        raise ConfigError(f"{source}: {given}: cannot write results there: {problem}")
     axes = list(base.sweep.grid) + list(base.sweep.zip) if base.sweep else []
     result = Plan(base, source, output_dir, runs, traces, axes)
     if any("dram_total" in run.cache for run in runs):

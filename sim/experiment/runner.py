@@ -2,21 +2,25 @@
 
 ``execute`` is the whole of ``kvsim run``:
 
-1. obtain every trace the plan needs (capturing missing ones, one at a time) -- so a trace
-   that cannot be captured stops the experiment before any run starts;
-2. skip runs whose result directory is complete (unless ``force``);
-3. send each pass group (runs sharing a policy pass, see :mod:`sim.experiment.planning`) to a
+1. obtain every trace the plan needs (capturing missing ones, one at a time) and verify each
+   once (:mod:`sim.trace.verified`) -- so a trace that cannot be captured or is corrupt stops
+   the experiment before anything is written;
+2. take the results directory's lock (:func:`sim.experiment.store.results_lock`: another run
+   writing there stops this one in one line) and remove what a killed run left there;
+3. skip runs whose result directory is complete (unless ``force``);
+4. send each pass group (runs sharing a policy pass, see :mod:`sim.experiment.planning`) to a
    worker (:func:`sim.experiment.pass_group.run_group`):
-   in-process when there is one worker or one group, else a local process pool, or a Dask
-   cluster when a scheduler address is given; workers write each run as it completes;
-4. show progress (runs done, estimated time left) by watching result directories appear, and
+   in-process when there is one worker or one group, else a local process pool (whose workers
+   end with this process, :mod:`sim.experiment.worker`), or a Dask cluster when a scheduler
+   address is given; workers write each run as it completes;
+5. show progress (runs done, estimated time left) by watching result directories appear, and
    inside the running groups (policy pass: layers done; replay: steps done) from the progress
    each group reports (:mod:`sim.experiment.group_progress`);
-5. write the summary of every completed run of the plan.
+6. write the summary of every completed run of the plan.
 
-An interrupted sweep (Ctrl-C, a crash, a lost worker) keeps every completed run; running the
-same command again does only what is missing. A failing pass group is reported in one line and
-the others go on; ``KVSIM_DEBUG=1`` re-raises it with its traceback instead.
+An interrupted sweep (Ctrl-C, SIGTERM, a crash, a lost worker) keeps every completed run;
+running the same command again does only what is missing. A failing pass group is reported in
+one line and the others go on; ``KVSIM_DEBUG=1`` re-raises it with its traceback instead.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from typing import Any
 import pandas as pd
 
 from sim.errors import KvsimError
+from sim.experiment import worker
 from sim.experiment.group_progress import describe, read_progress
 from sim.experiment.pass_group import pass_cache_dir, run_group
 from sim.experiment.planning import Plan, check_dram_totals
@@ -41,16 +45,21 @@ from sim.experiment.runs import PassGroup, RunPlan, code_fingerprint
 from sim.experiment.store import (
     read_summary,
     remove_stale_temporaries,
+    results_lock,
     write_experiment,
     write_summary,
 )
 from sim.paths import trace_cache_dir
 from sim.progress import progress as progress_bar
-from sim.result_files import RUN_SUMMARY
+from sim.result_files import PROGRESS_DIR, RUN_SUMMARY
+from sim.trace.format import open_trace
+from sim.trace.verified import is_verified, verify_once
 
 POLL_S = 0.5
-#: where worker processes report their group's progress, under the output directory
-PROGRESS_DIR = ".progress"
+#: seconds a stopped worker has to end before it is killed
+STOP_TIMEOUT_S = 5.0
+#: traces from this size on take a noticeable time to verify (~350 MiB/s): say so
+_VERIFY_NOTE_BYTES = 64 << 20
 
 
 @dataclass
@@ -83,28 +92,41 @@ class Report:
         return out
 
 
-def obtain_traces(plan: Plan, progress: bool, log: Callable[[str], None]) -> dict[str, str]:
-    """Trace key -> trace directory for every trace of the plan (captured when missing)."""
+def obtain_traces(
+    plan: Plan, progress: bool, log: Callable[[str], None]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Trace key -> (trace directory, its verified fingerprint) for every trace of the plan,
+    captured when missing and verified once (:mod:`sim.trace.verified`): a corrupt trace stops
+    the run here, before anything is written. Traces given by path are verified before any
+    capture starts, so a corrupt one costs no capture time."""
     from sim.trace.capture import CaptureSettings, get_or_capture
 
     cache_dir = trace_cache_dir()
     paths = {}
-    for key, source in plan.traces.items():
+    # traces given by path first (False sorts before True)
+    for key, source in sorted(plan.traces.items(), key=lambda item: item[1].path is None):
         if source.path is not None:
-            paths[key] = source.path
-            continue
-        assert source.capture is not None  # a TraceSource has a path or capture settings
-        settings = CaptureSettings(**source.capture)
-        cached = (cache_dir / settings.key()).exists()
-        if not cached:
-            log(f"capturing trace {source.name} (cached afterwards under {cache_dir})")
-        paths[key] = str(get_or_capture(settings, cache_dir, progress=progress))
+            path = source.path
+        else:
+            assert source.capture is not None  # a TraceSource has a path or capture settings
+            settings = CaptureSettings(**source.capture)
+            if not (cache_dir / settings.key()).exists():
+                log(f"capturing trace {source.name} (cached afterwards under {cache_dir})")
+            path = str(get_or_capture(settings, cache_dir, progress=progress))
+        paths[key] = (path, _verified(path, log))
     return paths
 
 
-def _ignore_sigint() -> None:
-    # workers leave Ctrl-C to the coordinator, which stops them
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _verified(path: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """The fingerprint of the trace at ``path``, verified now unless it was before."""
+    trace = open_trace(path)
+    if trace.size_bytes >= _VERIFY_NOTE_BYTES and not is_verified(trace):
+        log(
+            f"verifying trace {path} ({trace.size_bytes / 2**20:.0f} MiB: checksums and "
+            "finite values; once, the verdict is kept beside it)"
+        )
+    fingerprint, _ran = verify_once(trace)
+    return fingerprint
 
 
 def _make_executor(workers: int, scheduler: str | None):
@@ -121,7 +143,9 @@ def _make_executor(workers: int, scheduler: str | None):
             raise KvsimError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         n = max(1, len(client.scheduler_info().get("workers", {})))
         return client.get_executor(pure=False), client, n
-    pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    # workers leave Ctrl-C to this process and end with it (sim.experiment.worker)
+    pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=worker.initialize,
+                                  initargs=(os.getpid(),))
     return pool, None, workers
 
 
@@ -139,10 +163,36 @@ def execute(
     runs = plan.unique_runs()
     report = Report(planned=len(runs))
     traces = obtain_traces(plan, progress, log)
-    check_dram_totals(plan, traces)  # the traces captured just now are known only here
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    # the traces captured just now are known only here
+    check_dram_totals(plan, {key: path for key, (path, _) in traces.items()})
+    with results_lock(plan.output_dir):
+        summary = _execute_locked(plan, runs, traces, jobs, scheduler, force, progress, log,
+                                  report)
+    report.wall_s = time.perf_counter() - started
+    for line in report.lines():
+        log(line)
+    if report.failed:
+        raise KvsimError(
+            f"{len(report.failed)} pass group(s) failed ({report.failed[0]}); completed runs are "
+            "saved, run the same command again to retry the rest"
+        )
+    return summary, report
+
+
+def _execute_locked(
+    plan: Plan,
+    runs: list[RunPlan],
+    traces: dict[str, tuple[str, dict[str, Any]]],
+    jobs: int | None,
+    scheduler: str | None,
+    force: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    report: Report,
+) -> pd.DataFrame:
+    """What :func:`execute` does holding the results directory's lock: everything it writes."""
     write_experiment(plan)
-    remove_stale_temporaries(plan.runs_dir)
+    remove_stale_temporaries(plan.output_dir)
     pending = [run for run in runs if force or not plan.is_complete(run)]
     report.skipped = len(runs) - len(pending)
     if report.skipped:
@@ -165,23 +215,15 @@ def execute(
     )
     if pending:
         _run_groups(plan, groups, traces, workers, scheduler, progress, report)
-    report.wall_s = time.perf_counter() - started
     summary = read_summary(plan)
     write_summary(plan, summary)
-    for line in report.lines():
-        log(line)
-    if report.failed:
-        raise KvsimError(
-            f"{len(report.failed)} pass group(s) failed ({report.failed[0]}); completed runs are "
-            "saved, run the same command again to retry the rest"
-        )
-    return summary, report
+    return summary
 
 
 def _run_groups(
     plan: Plan,
     groups: list[PassGroup],
-    traces: dict[str, str],
+    traces: dict[str, tuple[str, dict[str, Any]]],
     workers: int,
     scheduler: str | None,
     progress: bool,
@@ -207,8 +249,11 @@ def _run_groups(
 
     def args(group: PassGroup) -> tuple[list[RunPlan], str, str, int, str | None]:
         runs_dir = str(plan.runs_dir)
-        return (group.runs, traces[group.runs[0].trace.key], runs_dir, threads,
+        return (group.runs, traces[group.runs[0].trace.key][0], runs_dir, threads,
                 None if cache is None else str(cache))
+
+    def verified(group: PassGroup) -> dict[str, Any]:
+        return traces[group.runs[0].trace.key][1]
 
     def failed(group: PassGroup, exc: BaseException) -> None:
         if os.environ.get("KVSIM_DEBUG"):
@@ -224,7 +269,8 @@ def _run_groups(
 
         for group in groups:
             try:
-                account(group, run_group(*args(group), on_progress=show if progress else None))
+                account(group, run_group(*args(group), on_progress=show if progress else None,
+                                         verified=verified(group)))
             except Exception as exc:  # the group's completed runs are already saved
                 failed(group, exc)
             bar.update(len(group.runs))
@@ -241,7 +287,8 @@ def _run_groups(
         return str(progress_dir / f"{group.pass_id}.json")
 
     futures = {
-        executor.submit(run_group, *args(group), progress_file(group) if progress else None):
+        executor.submit(run_group, *args(group), progress_file(group) if progress else None,
+                        verified=verified(group)):
         group for group in groups
     }
     done_ids: set[str] = set()
@@ -266,8 +313,10 @@ def _run_groups(
                 states = (read_progress(progress_file(futures[f])) for f in not_done)
                 bar.set_postfix_str("; ".join(describe(s) for s in states if s))
             bar.update(len(now_done))
-    except KeyboardInterrupt:
-        _stop(executor, client)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (sim.errors.Terminated)
+        _stop(executor, client, list(futures))
+        if client is None:  # the workers are gone: what they were writing is stale
+            remove_stale_temporaries(plan.output_dir)
         bar.close()
         raise
     finally:
@@ -287,12 +336,19 @@ def _written_since(plan: Plan, run: Any, since: float) -> bool:
         return False
 
 
-def _stop(executor: Any, client: Any) -> None:
-    """Stop every worker now; their half-written run directories are temporaries."""
+def _stop(executor: Any, client: Any, futures: list[Any]) -> None:
+    """Stop every worker now; their half-written run directories are temporaries. Local
+    workers are gone when this returns; a Dask cluster's pending tasks are cancelled (a task
+    already running finishes on its worker, writing its run atomically)."""
     if client is not None:
+        client.cancel(futures)
         client.close()
         return
     processes = list(getattr(executor, "_processes", {}).values())
     executor.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
+    for process in processes:
+        process.join(timeout=STOP_TIMEOUT_S)
+        if process.is_alive():  # pragma: no cover - SIGTERM's default action ends a worker
+            process.kill()

@@ -1,16 +1,30 @@
-"""An experiment's results directory: one run's files, the summary table, stale temporaries.
+"""An experiment's results directory: its lock, one run's files, the summary table, stale
+temporaries.
 
 File names and the directory layout are in :mod:`sim.result_files`. A run directory appears
 complete or not at all (written to a temporary sibling, then renamed: :mod:`sim.atomic`), so an
 interrupted sweep resumes by skipping the runs whose directory exists.
+
+One ``kvsim run`` at a time writes into a results directory: it holds an exclusive
+``flock(2)`` on the directory's lock file (:func:`results_lock`) from before its first write to
+after its summary; another run into the same directory stops at once with one line. The kernel
+releases the lock when its holder ends, however it ends, so a killed run never leaves a stale
+lock. Forked local workers share the lock (an inherited descriptor), so it is held until the
+last of them is gone; that makes the start of a run, under the lock, the one safe moment to
+remove the temporaries a killed run left (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
+import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,18 +33,25 @@ import pandas as pd
 import yaml
 
 from sim.atomic import TEMPORARY_GLOB, atomic_write, atomic_write_text
+from sim.errors import KvsimError
 from sim.result_files import (
     ACCURACY,
     CLUSTERS,
     EXPERIMENT,
     IO_SIZES,
+    PROGRESS_DIR,
     RUN_LENGTHS,
+    RUN_LOCK,
     RUN_SETTINGS,
     RUN_SUMMARY,
+    RUNS_DIR,
     STEPS,
     SUMMARY_CSV,
     SUMMARY_MD,
 )
+
+#: seconds a run waits for the results directory's lock before it gives up
+LOCK_WAIT_S = 5.0
 
 if TYPE_CHECKING:  # planning imports the figures; the worker writing runs must not
     from sim.experiment.planning import Plan
@@ -89,16 +110,58 @@ def write_run(
         (tmp / RUN_SUMMARY).write_text(json.dumps(_json_safe(row), indent=1))
 
 
-def remove_stale_temporaries(runs_dir: Path, max_age_s: float = 0.0) -> int:
-    """Delete half-written run directories left by a killed worker; returns how many."""
-    if not runs_dir.exists():
-        return 0
+@contextmanager
+def results_lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir`` for one ``kvsim run`` (created if missing); raises one-line
+    :class:`KvsimError` if another run still holds it after ``LOCK_WAIT_S`` (the grace lets the
+    workers of a run killed a moment ago finish dying). A file system without ``flock``
+    support (some network mounts) leaves the directory unlocked rather than failing the run."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            busy = False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:  # ENOLCK, EINVAL: this file system has no locks; go on
+                busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            if not busy or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if busy:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise KvsimError(
+                f"another kvsim run{f' (pid {holder})' if holder.isdigit() else ''} is writing "
+                f"{output_dir}; wait for it to end or give this one another --output"
+            )
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(output_dir: Path) -> int:
+    """Delete what a killed run left in ``output_dir``: half-written run directories and summary
+    files under temporary names, its workers' progress reports. Returns how many were removed.
+
+    Call it holding :func:`results_lock`: no other run is writing there then, and the workers of
+    a killed one are gone (:mod:`sim.experiment.worker`), so every temporary is stale. Plots are
+    left alone: ``kvsim plot`` may be drawing them without the lock.
+    """
+    stale = [*(output_dir / RUNS_DIR).glob(TEMPORARY_GLOB), output_dir / PROGRESS_DIR]
+    for name in (EXPERIMENT, SUMMARY_CSV, SUMMARY_MD):
+        stale += output_dir.glob(f".{name}.tmp-*")
     removed = 0
-    now = time.time()
-    for tmp in runs_dir.glob(TEMPORARY_GLOB):
-        if now - tmp.stat().st_mtime >= max_age_s:
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed += 1
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        removed += 1
     return removed
 
 

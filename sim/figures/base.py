@@ -16,10 +16,11 @@ from typing import Any, ClassVar
 import pandas as pd
 import yaml
 
-from sim.atomic import atomic_write_text
-from sim.errors import KvsimError
+from sim.atomic import atomic_write_text, os_error_text
+from sim.errors import ConfigError, KvsimError, OutputError
 from sim.registry import Registry
 from sim.result_files import EXPERIMENT, FIGURES_DIR, RUN_SETTINGS, RUNS_DIR, SUMMARY_CSV
+from sim.validation import read_yaml
 
 FIGURES: Registry[Figure] = Registry("figure", package="sim.figures")
 
@@ -33,19 +34,29 @@ class Results:
 
     @classmethod
     def load(cls, directory: Path | str) -> Results:
+        """Read a results directory, checked as a figure will use it: ``summary.csv`` must be
+        kvsim's (its ``run_id`` and ``run`` columns, numeric metrics, a column per sweep axis)
+        and ``experiment.yaml`` an experiment's settings. Raises one-line KvsimError."""
         directory = Path(directory)
         summary_path = directory / SUMMARY_CSV
-        if not summary_path.exists():
+        if not summary_path.is_file():
             raise KvsimError(f"{directory}: no {SUMMARY_CSV} (run the experiment first)")
         try:
             summary = pd.read_csv(summary_path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise KvsimError(f"{summary_path}: unreadable ({exc})") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+                OSError) as exc:
+            raise KvsimError(f"{summary_path}: unreadable ({_first_line(exc)})") from None
         experiment_path = directory / EXPERIMENT
         experiment: dict[str, Any] = {}
         if experiment_path.exists():
-            experiment = yaml.safe_load(experiment_path.read_text()) or {}
-        return cls(directory, summary, experiment)
+            try:
+                data = read_yaml(experiment_path)
+            except UnicodeDecodeError:
+                raise ConfigError(f"{experiment_path}: not a text file") from None
+            experiment = _plot_settings(data, experiment_path)
+        results = cls(directory, summary, experiment)
+        _check_summary(summary, results.axes, summary_path)
+        return results
 
     @property
     def name(self) -> str:
@@ -59,7 +70,10 @@ class Results:
     @cached_property
     def out_dir(self) -> Path:
         path = self.dir / FIGURES_DIR
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {os_error_text(exc)}") from None
         return path
 
     def run_id(self, run: str, **axes: Any) -> str:
@@ -92,6 +106,58 @@ class Results:
 
     def settings(self, run_id: str) -> dict[str, Any]:
         return yaml.safe_load((self.run_dir(run_id) / RUN_SETTINGS).read_text())
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _plot_settings(data: Any, path: Path) -> dict[str, Any]:
+    """The keys of an experiment file that drawing reads (``name``, ``plot``, ``sweep``,
+    ``figures``, ``record``), checked for their types; the figures' names and options too."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of experiment settings, got {type(data).__name__}"
+        )
+    expected: dict[str, tuple[type, ...]] = {
+        "name": (str, int, float), "plot": (bool,), "sweep": (dict,), "figures": (list,),
+        "record": (dict,),
+    }
+    for key, types in expected.items():
+        value = data.get(key)
+        if value is not None and not isinstance(value, types):
+            kinds = " or ".join("a mapping" if t is dict else "a list" if t is list else t.__name__
+                                for t in types)
+            raise ConfigError(f"{path}: {key} must be {kinds}, got {value!r:.60}")
+    for part in ("grid", "zip"):
+        axes = (data.get("sweep") or {}).get(part)
+        if axes is not None and not isinstance(axes, dict):
+            raise ConfigError(f"{path}: sweep.{part} must be a mapping of axes, got {axes!r:.60}")
+    validate_figure_specs(data.get("figures") or [], str(path))
+    return data
+
+
+def _check_summary(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
+    """A summary a figure can draw: kvsim's identifying columns, every sweep axis, numeric
+    metrics. Metrics an older kvsim did not write are added empty, as the runner does."""
+    from sim.metrics.records import SUMMARY_COLUMNS
+
+    missing = [column for column in ("run_id", "run", *axes) if column not in summary]
+    if missing:
+        raise KvsimError(
+            f"{path}: no column {', '.join(missing)} (not a kvsim summary, or not of this "
+            "experiment)"
+        )
+    for column in SUMMARY_COLUMNS:
+        if column in ("run", "policy"):
+            continue
+        if column not in summary:
+            summary[column] = pd.Series(float("nan"), index=summary.index, dtype=float)
+        elif not pd.api.types.is_numeric_dtype(summary[column]):
+            raise KvsimError(f"{path}: column {column} holds non-numbers (not a kvsim summary?)")
 
 
 class Figure(ABC):

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from sim.atomic import unwritable
 from sim.errors import CaptureError, TraceError
 from sim.paths import trace_cache_dir
 from sim.progress import progress as progress_bar
@@ -355,6 +356,11 @@ def capture(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CaptureError(f"trace {out_dir} already exists (remove it or pass overwrite=True)")
+    # the trace is written beside out_dir, then renamed: check that it can be before loading the
+    # model (seconds to minutes)
+    problem = unwritable(out_dir.parent) or unwritable(out_dir, margin=len(".partial-") + 10)
+    if problem is not None:
+        raise CaptureError(f"cannot write trace {out_dir}: {problem}")
     text = load_text(settings.text)
     torch, _ = import_capture_deps()
 

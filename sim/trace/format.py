@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ TOKENS_NAME = "tokens.npy"
 _KV_DTYPE = np.dtype("<f2")
 _TOKEN_DTYPE = np.dtype("<i4")
 _HASH_CHUNK_BYTES = 1 << 20
+# what numpy's .npy header parser raises on a corrupt header (it tokenizes the header's dict)
+_HEADER_ERRORS = (OSError, ValueError, SyntaxError, tokenize.TokenError)
 
 _REQUIRED_TOP_KEYS = (
     "format_version",
@@ -110,6 +113,30 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(_HASH_CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# float16 is NaN or infinite exactly when its five exponent bits are all ones
+_F16_EXPONENT = 0x7C00
+
+
+def _scan_file(path: Path, float16_data: bool) -> tuple[str, int]:
+    """(hex sha256 of the file, number of non-finite float16 values in its data), in one read
+    of 1 MiB chunks (constant memory). ``float16_data``: the file is an ``.npy`` of float16
+    (a layer file), whose data follow the header; otherwise the count is 0."""
+    digest = hashlib.sha256()
+    nonfinite = 0
+    with open(path, "rb") as f:
+        if float16_data:
+            _shape, _dtype, _fortran, offset = _read_npy_header(path)
+            digest.update(f.read(offset))
+        for chunk in iter(lambda: f.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+            if float16_data:
+                # the header is padded to a multiple of 64 bytes and chunks are even-sized, so
+                # every chunk holds whole values; a trailing odd byte (an invalid file) is ignored
+                bits = np.frombuffer(chunk, dtype="<u2", count=len(chunk) // 2)
+                nonfinite += int(np.count_nonzero((bits & _F16_EXPONENT) == _F16_EXPONENT))
+    return digest.hexdigest(), nonfinite
 
 
 def is_int(value: Any) -> bool:
@@ -220,19 +247,27 @@ class Trace:
         yield from self.manifest["files"].items()
 
     def verify(self) -> None:
-        """Check every file's sha256 against the manifest (reads the whole trace once).
+        """Check every file's sha256 against the manifest and every key, value and query for
+        NaN and infinity, in one read of the whole trace.
 
-        Raises TraceError naming the first file whose checksum differs.
+        Raises TraceError naming the first file whose checksum differs or that holds a
+        non-finite value. :mod:`sim.trace.verified` remembers a passed verification, so a run
+        verifies each trace once rather than on every use.
         """
         for name, entry in self.iter_files():
             try:
-                actual = sha256_file(self.path / name)
-            except OSError as exc:
+                actual, nonfinite = _scan_file(self.path / name, name != TOKENS_NAME)
+            except _HEADER_ERRORS as exc:
                 raise self._error(f"{name} cannot be read ({_one_line(exc)})") from None
             if actual != entry.get("sha256"):
                 raise self._error(
                     f"{name} checksum mismatch (manifest {str(entry.get('sha256'))[:12]}..., "
                     f"file {actual[:12]}...); the file is corrupt or was modified"
+                )
+            if nonfinite:
+                raise self._error(
+                    f"{name} holds {nonfinite} non-finite value(s) (NaN or infinity); keys, "
+                    "values and queries must be finite"
                 )
 
 
@@ -377,7 +412,7 @@ def _validate_files(path: Path, manifest: dict[str, Any], model: ModelGeometry, 
             raise TraceError(f"{where}: {name} is missing")
         try:
             header_shape, header_dtype, fortran, data_offset = _read_npy_header(file_path)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except _HEADER_ERRORS as exc:
             raise TraceError(
                 f"{where}: {name} has a corrupt .npy header ({_one_line(exc)})"
             ) from None

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from sim.errors import TraceError
+from sim.trace import verified
 from sim.trace.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -236,6 +237,9 @@ class TraceWriter:
         (tmp / MANIFEST_NAME).write_text(
             json.dumps(self.manifest, indent=2) + "\n", encoding="utf-8"
         )
+        # every file was checksummed from disk and every value checked finite as it was
+        # written: the trace is verified (sim.trace.verified), and a run need not read it again
+        verified.record(tmp, verified.fingerprint(tmp, list(self.manifest["files"])))
         old: Path | None = None
         if self.path.exists():
             old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
