@@ -131,6 +131,60 @@ def test_generic_lines_figure_on_any_axis(sweeps):
     assert (table["n_traces"] == 2).all()
 
 
+def test_lines_panels_give_each_value_of_an_axis_its_own_panel(sweeps):
+    results = sweeps["cache"]
+    figure = FIGURES.create({"type": "lines", "x": "cache.capacity", "panels": "replacement",
+                             "metrics": ["latency_ms_mean", "hit_rate"], "stem": "panels"})
+    written = figure.draw(results)
+    assert {p.name for p in written} == {f"panels.{s}" for s in ("pdf", "png", "csv", "md")}
+    table = pd.read_csv(results.out_dir / "panels.csv")
+    # the panel axis leaves the line labels: one line (the run), a panel per replacement
+    assert set(table["line"]) == {"dynakv"} and set(table["panel"]) == {"lru", "belady"}
+    assert len(table) == 2 * 2 * 2  # panels x capacities x metrics
+    summary = results.summary
+    for (replacement, capacity), rows in summary.groupby(["cache.replacement",
+                                                          "cache.capacity"]):
+        for metric in ("latency_ms_mean", "hit_rate"):
+            got = table[(table["panel"] == replacement) & np.isclose(table["x"], capacity)
+                        & (table["metric"] == metric)]
+            assert len(got) == 1
+            assert got["mean"].iloc[0] == pytest.approx(rows[metric].mean())
+            assert got["min"].iloc[0] == pytest.approx(rows[metric].min())
+            assert got["n_traces"].iloc[0] == 2
+
+
+def test_lines_panels_on_a_trace_axis_and_runs_it_does_not_apply_to(sweeps):
+    results = sweeps["budget"]
+    # panels per budget: full has no budget, so it is drawn in both panels
+    table, _, _ = FIGURES.create({"type": "lines", "x": "trace.path",
+                                  "panels": "policy.budget"}).table(results)
+    assert set(table["panel"]) == {0.2, 0.3}
+    summary = results.summary
+    full = summary[summary["run"] == "full"].set_index("trace.path")["latency_ms_mean"]
+    for budget in (0.2, 0.3):
+        rows = table[(table["line"] == "full") & (table["panel"] == budget)]
+        assert dict(zip(rows["x"], rows["mean"], strict=True)) == pytest.approx(full.to_dict())
+        dynakv = summary[(summary["run"] == "dynakv") & (summary["policy.budget"] == budget)]
+        got = table[(table["line"] == "dynakv") & (table["panel"] == budget)]
+        assert dict(zip(got["x"], got["mean"], strict=True)) == pytest.approx(
+            dynakv.set_index("trace.path")["latency_ms_mean"].to_dict())
+    # a trace axis as panels: each panel holds one trace
+    table, _, _ = FIGURES.create({"type": "lines", "x": "policy.budget",
+                                  "panels": "trace.path"}).table(results)
+    assert set(table["panel"]) == set(summary["trace.path"])
+    assert (table["n_traces"] == 1).all()
+
+
+def test_lines_panels_errors(sweeps):
+    with pytest.raises(ConfigError) as excinfo:
+        FIGURES.create({"type": "lines", "x": "device", "panels": "device"})
+    assert "panels and x are the same axis" in _one_line(excinfo)
+    with pytest.raises(KvsimError) as excinfo:
+        FIGURES.create({"type": "lines", "x": "cache.capacity", "panels": "buffer_max"}).draw(
+            sweeps["cache"])
+    assert "no sweep axis 'buffer_max'" in _one_line(excinfo)
+
+
 # -- the numbers ----------------------------------------------------------------------------
 
 
