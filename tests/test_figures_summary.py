@@ -7,6 +7,7 @@ Every number a table shows is recomputed here from summary.csv or the run record
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import numpy as np
@@ -173,6 +174,38 @@ def test_lines_panels_on_a_trace_axis_and_runs_it_does_not_apply_to(sweeps):
                                   "panels": "trace.path"}).table(results)
     assert set(table["panel"]) == set(summary["trace.path"])
     assert (table["n_traces"] == 1).all()
+
+
+def test_lines_panels_leave_axes_zipped_with_the_panel_axis_out_of_the_lines(tmp_path):
+    """Precision as two zipped axes (KV dtype, weight bits), decode length on x: a panel per
+    dtype, one line per policy (not per policy and weight bits); numbers by hand."""
+    x, dtype, bits = "trace.capture.decode_steps", "kv_dtype", "device.compute.weight_bits"
+    rows = []
+    for steps, (kv, wb), trace, run in itertools.product(
+            (1024, 7680), (("fp8", 8), ("fp16", 16)), ("pydoc", "docs"), ("static", "dynakv")):
+        latency = steps / 1024 + wb + (run == "dynakv") * 0.5 + (trace == "docs") * 0.25
+        rows.append({"run": run, "trace": f"{trace}/{steps}", x: steps, dtype: kv, bits: wb,
+                     "latency_ms_mean": latency})
+    summary = pd.DataFrame(rows).assign(run_id=[f"r{i}" for i in range(len(rows))])
+    results = Results(tmp_path, summary, {"name": "precision", "sweep": {
+        "grid": {x: [1024, 7680]}, "zip": {dtype: ["fp8", "fp16"], bits: [8, 16]}}})
+    figure = FIGURES.create({"type": "lines", "x": "decode_steps", "panels": "kv_dtype"})
+    table, _, keys = figure.table(results)
+    assert keys == ["run"]
+    assert set(table["line"]) == {"static", "dynakv"}
+    got = table.set_index(["line", "panel", "x"])
+    # dynakv, fp16 at 7680 steps: 7.5 + 16 + 0.5, plus 0.25 on docs: mean of the two traces
+    assert got.loc[("dynakv", "fp16", 7680), "mean"] == pytest.approx(24.0 + 0.125)
+    assert got.loc[("dynakv", "fp16", 7680), "min"] == pytest.approx(24.0)
+    assert got.loc[("static", "fp8", 1024), "max"] == pytest.approx(9.25)
+    assert (got["n_traces"] == 2).all()
+    written = figure.draw(results)
+    assert {p.name for p in written} == {f"lines_decode_steps.{s}"
+                                         for s in ("pdf", "png", "csv", "md")}
+    # without panels, the zipped axes split the lines (and precisions are not averaged)
+    table, _, keys = FIGURES.create({"type": "lines", "x": "decode_steps"}).table(results)
+    assert keys == ["run", dtype, bits]
+    assert len(set(table["line"])) == 4
 
 
 def test_lines_panels_errors(sweeps):

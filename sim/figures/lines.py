@@ -17,7 +17,8 @@ would otherwise be averaged as traces); ``where`` keeps the rows matching ``{col
 panels get a log axis); ``show_traces`` adds each trace's own line (dotted); ``stem`` the
 file name; ``title``.
 Runs the x axis does not apply to (``full`` under ``policy.budget``) are drawn as dashed
-horizontal references; a run the ``panels`` axis does not apply to appears in every panel.
+horizontal references; a run the ``panels`` axis does not apply to appears in every panel, and
+an axis whose value the panel fixes (zipped with it) does not split lines.
 Besides the PDF and PNG, ``<stem>.csv``/``.md`` hold the plotted numbers (line, with
 ``panels`` the panel's value, x, metric, mean, min, max, traces).
 """
@@ -107,6 +108,9 @@ class MetricLines(Figure):
         if panel in (x, hue):
             raise KvsimError(f"{self.name}: panels and x or hue are the same axis ({panel})")
         keys = [hue, *varying_axes(results, frame, exclude=[x, hue, panel])]
+        if panel:  # an axis the panel's value fixes (zipped with it) does not split lines
+            keys = [hue, *(k for k in keys[1:] if frame.groupby(panel, dropna=False)[k].nunique(
+                dropna=False).max() > 1)]
         frame = with_step_metrics(results, frame, self.metrics)
         require_metrics(frame, self.metrics, self.name)
         frame = _in_every_panel(frame, panel, self.name) if panel else frame.assign(panel="")
