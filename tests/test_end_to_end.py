@@ -95,3 +95,28 @@ def test_io_records_add_up_and_budget_holds(fixture_trace):
     heads = target.n_layers * target.n_kv_heads
     assert (steps["held_entries"] == (16 + 32) * heads).all()
     assert np.all(steps["latency_us"] > 0)
+
+
+# -- every experiment file in the repository plans ---------------------------------------------
+
+EXPERIMENTS = sorted((FIXTURE_TRACE.parents[2] / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_file_plans(path, tmp_path):
+    """Each experiments/*.yaml validates with every sweep point and figure (planning needs no
+    trace, so this covers the long-decode files without their captures); nothing is written.
+    A long_* file states its run count in its header ("Size: N runs"), checked here."""
+    planned = plan(path, output=tmp_path / "out")
+    runs = planned.unique_runs()
+    assert runs and planned.groups(runs)
+    assert not (tmp_path / "out").exists()
+    if path.stem.startswith("long_"):
+        header = " ".join(line.lstrip("#").strip() for line in path.read_text().splitlines()
+                          if line.startswith("#"))
+        assert f"Size: {len(runs)} runs" in header, path.name
+
+
+def test_the_experiment_files_are_found():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"quickstart", "long_regime_map", "long_table6_decode_length"} <= names

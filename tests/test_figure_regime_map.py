@@ -66,6 +66,18 @@ def test_draws_figure_and_table(grid):
     assert len(written) == 8
 
 
+def test_axes_given_by_their_last_part_are_labelled_as_their_sweep_axis(grid, monkeypatch):
+    import sim.figures.regime_map as regime_map
+
+    drawn = []
+    monkeypatch.setattr(regime_map, "save_figure", lambda fig, stem: drawn.append(fig) or [])
+    FIGURES.create({"type": "regime_map", "x": "decode_from", "y": "capacity",
+                    "y_percent": True}).draw(grid)
+    axes = drawn[0].axes
+    assert "prompt length: decode starts at position" in {ax.get_xlabel() for ax in axes}
+    assert any(ax.get_ylabel().endswith("cache ratio (% of the full KV cache)") for ax in axes)
+
+
 def test_cells_pair_only_the_same_trace(tmp_path):
     rows = [_row("dynakv", "pydoc", 1024, 0.1, 10.0, 0.8),
             _row("static_clusters", "docs", 1024, 0.1, 20.0, 0.7)]

@@ -7,6 +7,7 @@ Every number a table shows is recomputed here from summary.csv or the run record
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import numpy as np
@@ -129,6 +130,92 @@ def test_generic_lines_figure_on_any_axis(sweeps):
     table = pd.read_csv(results.out_dir / "lines_device.csv")
     assert set(table["line"]) == set(results.summary["run"])
     assert (table["n_traces"] == 2).all()
+
+
+def test_lines_panels_give_each_value_of_an_axis_its_own_panel(sweeps):
+    results = sweeps["cache"]
+    figure = FIGURES.create({"type": "lines", "x": "cache.capacity", "panels": "replacement",
+                             "metrics": ["latency_ms_mean", "hit_rate"], "stem": "panels"})
+    written = figure.draw(results)
+    assert {p.name for p in written} == {f"panels.{s}" for s in ("pdf", "png", "csv", "md")}
+    table = pd.read_csv(results.out_dir / "panels.csv")
+    # the panel axis leaves the line labels: one line (the run), a panel per replacement
+    assert set(table["line"]) == {"dynakv"} and set(table["panel"]) == {"lru", "belady"}
+    assert len(table) == 2 * 2 * 2  # panels x capacities x metrics
+    summary = results.summary
+    for (replacement, capacity), rows in summary.groupby(["cache.replacement",
+                                                          "cache.capacity"]):
+        for metric in ("latency_ms_mean", "hit_rate"):
+            got = table[(table["panel"] == replacement) & np.isclose(table["x"], capacity)
+                        & (table["metric"] == metric)]
+            assert len(got) == 1
+            assert got["mean"].iloc[0] == pytest.approx(rows[metric].mean())
+            assert got["min"].iloc[0] == pytest.approx(rows[metric].min())
+            assert got["n_traces"].iloc[0] == 2
+
+
+def test_lines_panels_on_a_trace_axis_and_runs_it_does_not_apply_to(sweeps):
+    results = sweeps["budget"]
+    # panels per budget: full has no budget, so it is drawn in both panels
+    table, _, _ = FIGURES.create({"type": "lines", "x": "trace.path",
+                                  "panels": "policy.budget"}).table(results)
+    assert set(table["panel"]) == {0.2, 0.3}
+    summary = results.summary
+    full = summary[summary["run"] == "full"].set_index("trace.path")["latency_ms_mean"]
+    for budget in (0.2, 0.3):
+        rows = table[(table["line"] == "full") & (table["panel"] == budget)]
+        assert dict(zip(rows["x"], rows["mean"], strict=True)) == pytest.approx(full.to_dict())
+        dynakv = summary[(summary["run"] == "dynakv") & (summary["policy.budget"] == budget)]
+        got = table[(table["line"] == "dynakv") & (table["panel"] == budget)]
+        assert dict(zip(got["x"], got["mean"], strict=True)) == pytest.approx(
+            dynakv.set_index("trace.path")["latency_ms_mean"].to_dict())
+    # a trace axis as panels: each panel holds one trace
+    table, _, _ = FIGURES.create({"type": "lines", "x": "policy.budget",
+                                  "panels": "trace.path"}).table(results)
+    assert set(table["panel"]) == set(summary["trace.path"])
+    assert (table["n_traces"] == 1).all()
+
+
+def test_lines_panels_leave_axes_zipped_with_the_panel_axis_out_of_the_lines(tmp_path):
+    """Precision as two zipped axes (KV dtype, weight bits), decode length on x: a panel per
+    dtype, one line per policy (not per policy and weight bits); numbers by hand."""
+    x, dtype, bits = "trace.capture.decode_steps", "kv_dtype", "device.compute.weight_bits"
+    rows = []
+    for steps, (kv, wb), trace, run in itertools.product(
+            (1024, 7680), (("fp8", 8), ("fp16", 16)), ("pydoc", "docs"), ("static", "dynakv")):
+        latency = steps / 1024 + wb + (run == "dynakv") * 0.5 + (trace == "docs") * 0.25
+        rows.append({"run": run, "trace": f"{trace}/{steps}", x: steps, dtype: kv, bits: wb,
+                     "latency_ms_mean": latency})
+    summary = pd.DataFrame(rows).assign(run_id=[f"r{i}" for i in range(len(rows))])
+    results = Results(tmp_path, summary, {"name": "precision", "sweep": {
+        "grid": {x: [1024, 7680]}, "zip": {dtype: ["fp8", "fp16"], bits: [8, 16]}}})
+    figure = FIGURES.create({"type": "lines", "x": "decode_steps", "panels": "kv_dtype"})
+    table, _, keys = figure.table(results)
+    assert keys == ["run"]
+    assert set(table["line"]) == {"static", "dynakv"}
+    got = table.set_index(["line", "panel", "x"])
+    # dynakv, fp16 at 7680 steps: 7.5 + 16 + 0.5, plus 0.25 on docs: mean of the two traces
+    assert got.loc[("dynakv", "fp16", 7680), "mean"] == pytest.approx(24.0 + 0.125)
+    assert got.loc[("dynakv", "fp16", 7680), "min"] == pytest.approx(24.0)
+    assert got.loc[("static", "fp8", 1024), "max"] == pytest.approx(9.25)
+    assert (got["n_traces"] == 2).all()
+    written = figure.draw(results)
+    assert {p.name for p in written} == {f"lines_decode_steps.{s}"
+                                         for s in ("pdf", "png", "csv", "md")}
+    # without panels, the zipped axes split the lines (and precisions are not averaged)
+    table, _, keys = FIGURES.create({"type": "lines", "x": "decode_steps"}).table(results)
+    assert keys == ["run", dtype, bits]
+    assert len(set(table["line"])) == 4
+
+
+def test_lines_panels_errors(sweeps):
+    with pytest.raises(ConfigError) as excinfo:
+        FIGURES.create({"type": "lines", "x": "device", "panels": "device"})
+    assert "panels and x are the same axis" in _one_line(excinfo)
+    with pytest.raises(KvsimError) as excinfo:
+        FIGURES.create({"type": "lines", "x": "cache.capacity", "panels": "buffer_max"}).draw(
+            sweeps["cache"])
+    assert "no sweep axis 'buffer_max'" in _one_line(excinfo)
 
 
 # -- the numbers ----------------------------------------------------------------------------

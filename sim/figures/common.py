@@ -70,6 +70,11 @@ AXIS_LABELS = {  # key -> label; a fraction axis also has its label in % (x_perc
     "device.flash.read_command_latency_us": "flash read command latency (us)",
     "device.flash.parallel_units": "flash parallel units",
     "trace.decode_from": "prompt length: decode starts at position",
+    "trace.capture.decode_steps": "decode length (generated tokens)",
+    "trace.capture.prompt_len": "prompt length (tokens)",
+    "model": "simulated model (sizes)",
+    "kv_dtype": "KV cache precision",
+    "device.compute.weight_bits": "weight precision (bits per weight)",
 }
 PERCENT_LABELS = {
     "policy.budget": "selected share of the context (%)",

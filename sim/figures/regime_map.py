@@ -131,6 +131,9 @@ class RegimeMap(Figure):
         n_rows = len(self.baselines)
         fig, axes = plt.subplots(n_rows, 2, figsize=(PAGE_IN, 2.0 * n_rows + 0.5),
                                  squeeze=False, layout="constrained")
+        # labels from the axes' full keys (``decode_steps`` is labelled as its sweep axis)
+        x_axis = axis_column(results, self.x, self.name)
+        y_axis = axis_column(results, self.y, self.name)
         xs = sorted(table["x"].unique(), key=_order)
         ys = sorted(table["y"].unique(), key=_order)
         accuracy = metric_label(self.accuracy).split(" (")[0]
@@ -154,9 +157,9 @@ class RegimeMap(Figure):
                 ax.set_xticks(range(len(xs)), [_tick(v, self.x_percent) for v in xs])
                 ax.set_yticks(range(len(ys)), [_tick(v, self.y_percent) for v in ys])
                 if row == n_rows - 1:
-                    ax.set_xlabel(axis_label(self.x, self.x_percent))
+                    ax.set_xlabel(axis_label(x_axis, self.x_percent))
                 ax.set_ylabel(f"{self.target} vs {baseline}\n"
-                              f"{axis_label(self.y, self.y_percent)}" if col == 0 else "")
+                              f"{axis_label(y_axis, self.y_percent)}" if col == 0 else "")
                 if row == 0:
                     ax.set_title(label, fontsize=8)
                 fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
