@@ -111,10 +111,9 @@ def replay(pp: Any, name: str, dtype: str, swap: bool, steps: int | None) -> Any
     """:func:`sim.replay.simulate` of ``pp`` in one variant; only the first ``steps`` decode
     steps when given (the replay is built for the whole pass, then stops early)."""
     import sim.replay as engine
-    from sim.config import PipelineSpec
+    from sim.config import PipelineSpec, load_model_geometry
     from sim.experiment.pass_group import cache_capacity_bytes
     from sim.hardware import load_device
-    from sim.config import load_model_geometry
 
     _, layout, replacement, pipeline = CONFIGS[name]
     device = load_device({"preset": "ufs40-flagship", "compute": {"weight_bits": 8}})
