@@ -8,8 +8,9 @@ of a layer have the same byte size, so bytes are ``entries * entry_bytes`` outsi
 
 State is kept in ``(n_heads, n_positions)`` numpy arrays and every call is vectorised: the
 engine calls :meth:`LayerCache.access` once per (decode step, layer), about 250K times per run.
-The common path (the misses fit in the free space) does per-head fancy indexing only; the
-eviction path scans the layer once (``O(n_heads * n_positions)``).
+The heads' selections are handled together as *flat indices* ``head * n_positions + position``
+(a handful of numpy calls per access whatever the number of heads); the eviction path looks at
+the resident entries only (``O(resident)``).
 
 ``now`` is an integer logical clock supplied by the caller (the engine passes
 ``step * n_layers + layer``); it only orders events, it is not simulated time.
@@ -80,15 +81,11 @@ class LayerCache:
         self.check_inputs = check_inputs
         self._resident = np.zeros((n_heads, n_positions), dtype=bool)
         self._resident_flat = self._resident.reshape(-1)
-        # Row views made once: 1-D indexing is ~2x cheaper than resident[h, positions].
-        self._rows = list(self._resident)
         # The resident entries' flat indices, ascending: the eviction candidates come from
         # here (O(resident)) rather than from a scan of the whole layer (O(heads x positions)).
         self._resident_idx = np.zeros(0, dtype=np.int64)
         # Scratch marks of the protected entries (all False between calls).
-        self._mark = np.zeros((n_heads, n_positions), dtype=bool)
-        self._mark_flat = self._mark.reshape(-1)
-        self._mark_rows = list(self._mark)
+        self._mark_flat = np.zeros(n_heads * n_positions, dtype=bool)
         self._offsets = [h * n_positions for h in range(n_heads)]
         self._head_offsets = np.arange(n_heads, dtype=np.int64) * n_positions
         self.resident_entries = 0
@@ -108,30 +105,33 @@ class LayerCache:
         alone exceeds the capacity, the misses that do not fit are streamed (read, attended,
         not retained): those kept are the lowest positions across heads (ties: lowest head),
         which favours attention sinks and older, denser context. Returns, per head, the sorted
-        positions that were not resident (the engine reads all of them from flash).
+        positions that were not resident (the engine reads all of them from flash), in the
+        dtype of the head's selection.
         """
-        self._check_selections(selections, "selections")
-        rows = self._rows
-        rep = self.replacement
-        misses: list[np.ndarray] = []
-        index: list[np.ndarray] = []
-        n_selected = 0
-        for h, sel in enumerate(selections):
-            # numpy indexes with intp ~3x faster than with int32 (the engine's selections):
-            # convert once, index with the copy (the misses keep the caller's dtype).
-            idx = sel if sel.dtype == np.intp else sel.astype(np.intp)
-            index.append(idx)
-            misses.append(sel[~rows[h][idx]])
-            n_selected += sel.size
-            rep.on_access(h, idx, now)
-        n_miss = sum(m.size for m in misses)
-        n_hit = n_selected - n_miss
+        missed = self.access_flat(selections, now)
+        bounds = np.searchsorted(missed, self._head_offsets[1:])
+        return [
+            (part - offset).astype(sel.dtype, copy=False)
+            for part, offset, sel in zip(
+                np.split(missed, bounds), self._offsets, selections, strict=True
+            )
+        ]
+
+    def access_flat(self, selections: list[np.ndarray], now: int) -> np.ndarray:
+        """:meth:`access`, with the misses of all heads returned at once as flat indices
+        (``head * n_positions + position``, int64, ascending): what the engine uses, without
+        one array per head."""
+        flat = self._flat(selections, "selections")
+        missed = flat[~self._resident_flat[flat]]
+        self.replacement.on_access_flat(flat, now)
+        n_miss = missed.size
+        n_hit = flat.size - n_miss
         self.hits += n_hit
         self.misses += n_miss
         if n_miss:
             # Hits are the protected entries: they are in use now and must not be evicted.
-            self._admit(misses, protected=index, n_protected=n_hit, now=now)
-        return misses
+            self._admit(missed, protected=flat, n_protected=n_hit, now=now)
+        return missed
 
     def insert(self, head_positions: list[np.ndarray], now: int) -> None:
         """Make just-computed entries (the new decode token's) resident.
@@ -149,26 +149,29 @@ class LayerCache:
             and all(pos is first for pos in head_positions)
             and 0 <= first[0] < self.n_positions
         ):
-            # The engine's append: the same new position in every head (one gather, and the
-            # flat indices computed once).
+            # The engine's append: the same new position in every head (the flat indices
+            # computed at once).
             flat = self._head_offsets + int(first[0])
-            if not self._resident_flat[flat].any():
-                self._admit(head_positions, head_positions, 0, now, count=False, flat=flat)
-                return
-        self._check_selections(head_positions, "head_positions")
-        rows = self._rows
-        rep = self.replacement
-        new: list[np.ndarray] = []
-        n_old = 0
-        for h, pos in enumerate(head_positions):
-            is_res = rows[h][pos]
-            fresh = pos[~is_res]
-            new.append(fresh)
-            if fresh.size != pos.size:
-                rep.on_access(h, pos[is_res], now)
-                n_old += pos.size - fresh.size
-        if any(f.size for f in new):
-            self._admit(new, protected=head_positions, n_protected=n_old, now=now, count=False)
+        else:
+            flat = self._flat(head_positions, "head_positions")
+        if not flat.size:
+            return
+        is_res = self._resident_flat[flat]
+        if not is_res.any():
+            self._admit(flat, protected=flat, n_protected=0, now=now, count=False)
+            return
+        old = flat[is_res]
+        heads = old // self.n_positions
+        for h in np.unique(heads).tolist():  # touched per head, as on_access is called
+            self.replacement.on_access(h, old[heads == h] - self._offsets[h], now)
+        fresh = flat[~is_res]
+        if fresh.size:
+            self._admit(fresh, protected=flat, n_protected=old.size, now=now, count=False)
+
+    def resident_flat(self) -> np.ndarray:
+        """Flat indices (``head * n_positions + position``, int64, ascending) of every resident
+        entry: a copy."""
+        return self._resident_idx.copy()
 
     def resident(self, head: int) -> np.ndarray:
         """Sorted positions of ``head`` currently resident (for tests and invariants)."""
@@ -187,7 +190,7 @@ class LayerCache:
             and positions.size == 1
             and positions.dtype.kind in "iu"
             and isinstance(groups, (int, np.integer))
-        ):  # the engine's append: one position, one label
+        ):  # one position, one label
             self.replacement.assign_group(head, int(positions.flat[0]), int(groups), now)
             return
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
@@ -195,6 +198,10 @@ class LayerCache:
         if groups.shape != positions.shape:
             groups = np.full(positions.shape, groups, dtype=np.int64)  # one label for all
         self.replacement.assign_groups(head, positions, groups, now)
+
+    def assign_group(self, head: int, position: int, group: int, now: int) -> None:
+        """:meth:`assign_groups` of one position (the engine's append), with Python ints."""
+        self.replacement.assign_group(head, position, group, now)
 
     def observe_future(self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
         """Give an offline replacement policy (``replacement.needs_future``) the whole run.
@@ -221,22 +228,27 @@ class LayerCache:
 
     # ------------------------------------------------------------------ internals
 
-    def _admit(
-        self,
-        new: list[np.ndarray],
-        protected: list[np.ndarray],
-        n_protected: int,
-        now: int,
-        count: bool = True,
-        flat: np.ndarray | None = None,
-    ) -> None:
-        """Insert the non-resident ``new[h]`` entries, evicting non-protected ones as needed.
+    def _flat(self, per_head: list[np.ndarray], what: str) -> np.ndarray:
+        """Flat indices (int64, ascending) of the (checked) per-head positions."""
+        self._check_selections(per_head, what)
+        sizes = [p.size for p in per_head]
+        if not sum(sizes):
+            return np.zeros(0, dtype=np.int64)
+        flat = np.concatenate(per_head).astype(np.int64, copy=False)  # a new array either way
+        flat += np.repeat(self._head_offsets, sizes)
+        return flat
 
-        ``protected[h]`` may contain non-resident positions too (they are simply not
-        candidates); ``n_protected`` counts its resident entries. ``flat``: the flat indices
-        of ``new`` (ascending), if the caller has them.
+    def _admit(
+        self, new: np.ndarray, protected: np.ndarray, n_protected: int, now: int,
+        count: bool = True,
+    ) -> None:
+        """Insert the non-resident entries at flat indices ``new`` (ascending), evicting
+        non-protected ones as needed.
+
+        ``protected`` (flat indices) may contain non-resident entries too (they are simply not
+        candidates); ``n_protected`` counts its resident entries.
         """
-        n_new = sum(m.size for m in new)
+        n_new = new.size
         free = self.capacity_entries - self.resident_entries
         resident_idx = self._resident_idx
         if n_new > free:
@@ -245,12 +257,10 @@ class LayerCache:
             if n_evict > 0:
                 if n_protected:
                     # The candidates: resident entries not protected (marked, then unmarked).
-                    marks = self._mark_rows
-                    for h, sel in enumerate(protected):
-                        marks[h][sel] = True
-                    candidates = resident_idx[~self._mark_flat[resident_idx]]
-                    for h, sel in enumerate(protected):
-                        marks[h][sel] = False
+                    marks = self._mark_flat
+                    marks[protected] = True
+                    candidates = resident_idx[~marks[resident_idx]]
+                    marks[protected] = False
                 else:
                     candidates = resident_idx.copy()  # the policy may keep what it is given
                 victims = np.asarray(self.replacement.victims(candidates, n_evict), dtype=np.int64)
@@ -273,37 +283,29 @@ class LayerCache:
             room = self.capacity_entries - self.resident_entries
             if room < n_new:
                 new = self._keep_lowest(new, room)
-                flat = None
                 if count:
                     self.streamed += n_new - room
-        if flat is None:
-            offsets = self._offsets
-            added = [pos.astype(np.int64) + offsets[h] for h, pos in enumerate(new) if pos.size]
-            # Heads ascending, positions ascending within one: flat indices ascending.
-            flat = np.concatenate(added) if added else None
-        if flat is not None and flat.size:
-            self._resident_flat[flat] = True
-            self.replacement.on_insert_flat(flat, now)
-            self.resident_entries += flat.size
-            resident_idx = np.concatenate((resident_idx, flat))
+        if new.size:
+            self._resident_flat[new] = True
+            self.replacement.on_insert_flat(new, now)
+            self.resident_entries += new.size
+            resident_idx = np.concatenate((resident_idx, new))
             # Two sorted runs: the stable sort (timsort for int64) merges them in linear time.
             resident_idx.sort(kind="stable")
         self._resident_idx = resident_idx
         if self.resident_entries > self.peak_resident_entries:
             self.peak_resident_entries = self.resident_entries
 
-    def _keep_lowest(self, per_head: list[np.ndarray], keep: int) -> list[np.ndarray]:
-        """The ``keep`` lowest positions across heads (ties: lowest head), split per head."""
+    def _keep_lowest(self, flat: np.ndarray, keep: int) -> np.ndarray:
+        """The ``keep`` lowest positions among the entries at ``flat`` (ties: lowest head),
+        in ``flat``'s order."""
         if keep <= 0:
-            return [p[:0] for p in per_head]
-        sizes = np.array([p.size for p in per_head])
-        positions = np.concatenate(per_head)
-        heads = np.repeat(np.arange(len(per_head)), sizes)
+            return flat[:0]
+        heads, positions = np.divmod(flat, self.n_positions)
         chosen = np.lexsort((heads, positions))[:keep]
-        kept = np.zeros(positions.size, dtype=bool)
+        kept = np.zeros(flat.size, dtype=bool)
         kept[chosen] = True
-        bounds = np.cumsum(sizes)[:-1]
-        return [p[k] for p, k in zip(per_head, np.split(kept, bounds), strict=True)]
+        return flat[kept]
 
     def _check_selections(self, per_head: list[np.ndarray], what: str) -> None:
         if len(per_head) != self.n_heads:

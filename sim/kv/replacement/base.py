@@ -28,7 +28,9 @@ class ReplacementPolicy(ABC):
     position``. Call order within one :meth:`LayerCache.access`:
 
     1. ``on_access(h, selected, now)`` for every head, with **all** positions the head selects now
-       (hits and misses alike, including misses that end up streamed), before any eviction;
+       (hits and misses alike, including misses that end up streamed), before any eviction
+       (through :meth:`on_access_flat`, all heads at once, which built-in policies implement
+       directly);
     2. ``victims(candidates, n)`` then ``on_evict(victims)`` if the misses do not fit;
     3. ``on_insert(h, admitted, now)`` for the misses that become resident (through
        :meth:`on_insert_flat`, all heads at once, which built-in policies implement directly).
@@ -63,6 +65,15 @@ class ReplacementPolicy(ABC):
 
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:  # noqa: B027
         """``positions`` (sorted, unique) of ``head`` became resident at time ``now``."""
+
+    def on_access_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        """:meth:`on_access` of every head at once, by flat index (int64, ascending), as the
+        cache calls it; the default calls ``on_access`` for every head (with the head's
+        positions, possibly none). Override for speed only."""
+        m = self.n_positions
+        bounds = np.searchsorted(flat_idx, np.arange(1, self.n_heads) * m)
+        for h, part in enumerate(np.split(flat_idx, bounds)):
+            self.on_access(h, part - h * m, now)
 
     def on_insert_flat(self, flat_idx: np.ndarray, now: int) -> None:
         """:meth:`on_insert` for entries of any heads by flat index (int64, ascending), as the

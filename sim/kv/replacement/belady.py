@@ -113,6 +113,9 @@ class BeladyReplacement(ReplacementPolicy):
     def on_access(self, head: int, positions: np.ndarray, now: int) -> None:
         self._touch(head, positions, now)
 
+    def on_access_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        self._touch(0, flat_idx, now)  # head 0: flat indices are head 0's positions
+
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self._touch(head, positions, now)
 

@@ -155,6 +155,13 @@ class GroupBookkeeping(ReplacementPolicy):
         if self._has_groups:
             self._glast[self._gid_rows[head][positions]] = now
 
+    def on_access_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        if now != self._now:
+            self._clock(now)
+        self._stamp_flat[flat_idx] = now
+        if self._has_groups:
+            self._glast[self._gid_flat[flat_idx]] = now
+
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self.on_access(head, positions, now)
         self._res_rows[head][positions] = True

@@ -32,6 +32,10 @@ class LFUReplacement(ReplacementPolicy):
         self._count_rows[head][positions] += 1  # positions are unique: no lost increments
         self._stamp_rows[head][positions] = now
 
+    def on_access_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        self._count_flat[flat_idx] += 1  # flat indices are unique too
+        self._stamp_flat[flat_idx] = now
+
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self._count_rows[head][positions] = 1
         self._stamp_rows[head][positions] = now

@@ -43,6 +43,9 @@ class LRUReplacement(_OldestStampReplacement):
     def on_access(self, head: int, positions: np.ndarray, now: int) -> None:
         self._stamp_rows[head][positions] = now
 
+    def on_access_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        self._stamp_flat[flat_idx] = now
+
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self._stamp_rows[head][positions] = now
 
@@ -55,6 +58,9 @@ class LRUReplacement(_OldestStampReplacement):
 class FIFOReplacement(_OldestStampReplacement):
     """First in, first out: evicts the entries inserted earliest (accesses do not refresh them);
     ties broken by lowest flat index."""
+
+    def on_access_flat(self, flat_idx: np.ndarray, now: int) -> None:
+        pass  # accesses do not refresh an entry
 
     def on_insert(self, head: int, positions: np.ndarray, now: int) -> None:
         self._stamp_rows[head][positions] = now
