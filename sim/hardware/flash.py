@@ -115,18 +115,32 @@ class _FlashBase:
         self.write_bytes = 0
         self.busy_link_us = 0.0
 
-    def _transfer_bytes(self, sizes_bytes: np.ndarray | Sequence[int]) -> np.ndarray:
-        """Validate sizes and round each up to whole pages (int64 array of bytes moved)."""
-        sizes = np.asarray(sizes_bytes)
-        if sizes.ndim != 1:
-            raise ValueError(f"sizes_bytes must be 1-D, got shape {sizes.shape}")
-        if sizes.size == 0:
-            return sizes.astype(np.int64)
-        if not np.issubdtype(sizes.dtype, np.integer):
-            if not np.issubdtype(sizes.dtype, np.floating) or not np.all(sizes == np.floor(sizes)):
-                raise ValueError(f"sizes_bytes must be whole numbers of bytes, got {sizes.dtype}")
-            sizes = sizes.astype(np.int64)
-        low, high = int(sizes.min()), int(sizes.max())
+    def _transfer_bytes(self, sizes_bytes: np.ndarray | Sequence[int]) -> list[int]:
+        """Validate sizes and round each up to whole pages: the bytes each command moves.
+
+        Python ints: the engine submits a handful of commands at a time, where numpy's
+        per-call overhead would dominate."""
+        if isinstance(sizes_bytes, np.ndarray):
+            if sizes_bytes.ndim != 1:
+                raise ValueError(f"sizes_bytes must be 1-D, got shape {sizes_bytes.shape}")
+            if sizes_bytes.dtype.kind not in "iu":
+                sizes = np.asarray(sizes_bytes)
+                if sizes.size and (
+                    sizes.dtype.kind != "f" or not np.all(sizes == np.floor(sizes))
+                ):
+                    raise ValueError(
+                        f"sizes_bytes must be whole numbers of bytes, got {sizes.dtype}"
+                    )
+                sizes_bytes = sizes.astype(np.int64)
+            values = sizes_bytes.tolist()
+        else:
+            sizes = np.asarray(sizes_bytes)
+            if sizes.ndim != 1:
+                raise ValueError(f"sizes_bytes must be 1-D, got shape {sizes.shape}")
+            return self._transfer_bytes(sizes) if sizes.size else []
+        if not values:
+            return []
+        low, high = min(values), max(values)
         if low <= 0:
             raise ValueError(f"every command size must be > 0 bytes, got {low}")
         if high > self.params.max_io_bytes:
@@ -135,7 +149,7 @@ class _FlashBase:
                 " split it into several commands"
             )
         page = self.params.page_size_bytes
-        return -(-sizes.astype(np.int64) // page) * page
+        return [-(-size // page) * page for size in values]
 
     def read(self, sizes_bytes: np.ndarray | Sequence[int]) -> simpy.Event:
         """Submit one read command per entry of ``sizes_bytes`` at ``env.now``, in order.
@@ -145,8 +159,8 @@ class _FlashBase:
         fires when every command of the batch has completed (already triggered if empty).
         """
         moved = self._transfer_bytes(sizes_bytes)
-        self.read_commands += int(moved.size)
-        self.read_bytes += int(moved.sum())
+        self.read_commands += len(moved)
+        self.read_bytes += sum(moved)
         return self._submit(
             moved, self.params.read_command_latency_us, self.params.read_bandwidth_mb_s
         )
@@ -154,14 +168,14 @@ class _FlashBase:
     def write(self, sizes_bytes: np.ndarray | Sequence[int]) -> simpy.Event:
         """Like :meth:`read` for write commands (same queue, units and link)."""
         moved = self._transfer_bytes(sizes_bytes)
-        self.write_commands += int(moved.size)
-        self.write_bytes += int(moved.sum())
+        self.write_commands += len(moved)
+        self.write_bytes += sum(moved)
         return self._submit(
             moved, self.params.write_command_latency_us, self.params.write_bandwidth_mb_s
         )
 
     def _submit(
-        self, moved_bytes: np.ndarray, latency_us: float, bandwidth_mb_s: float
+        self, moved_bytes: list[int], latency_us: float, bandwidth_mb_s: float
     ) -> simpy.Event:
         raise NotImplementedError
 
@@ -190,16 +204,17 @@ class Flash(_FlashBase):
         self._link_free_us = 0.0
 
     def _submit(
-        self, moved_bytes: np.ndarray, latency_us: float, bandwidth_mb_s: float
+        self, moved_bytes: list[int], latency_us: float, bandwidth_mb_s: float
     ) -> simpy.Event:
         done = self.env.event()
-        n = int(moved_bytes.size)
+        n = len(moved_bytes)
         if n == 0:
             done.succeed()
             return done
         batch = _Batch(n, done)
         pending = self._pending
-        pending.extend([(latency_us, t, batch) for t in (moved_bytes / bandwidth_mb_s).tolist()])
+        # b / bw of a Python int is numpy's int64 / float64: the same correctly rounded double
+        pending.extend([(latency_us, b / bandwidth_mb_s, batch) for b in moved_bytes])
         while self._free_slots and pending:
             self._free_slots -= 1
             self._start(pending.popleft())
@@ -259,14 +274,14 @@ class ResourceFlash(_FlashBase):
         self.link = simpy.Resource(env, capacity=1)
 
     def _submit(
-        self, moved_bytes: np.ndarray, latency_us: float, bandwidth_mb_s: float
+        self, moved_bytes: list[int], latency_us: float, bandwidth_mb_s: float
     ) -> simpy.Event:
         done = self.env.event()
-        if moved_bytes.size == 0:
+        if not moved_bytes:
             done.succeed()
             return done
-        batch = _Batch(int(moved_bytes.size), done)
-        for transfer_us in (moved_bytes / bandwidth_mb_s).tolist():
+        batch = _Batch(len(moved_bytes), done)
+        for transfer_us in [b / bandwidth_mb_s for b in moved_bytes]:
             self._command(latency_us, transfer_us, batch)
         return done
 
