@@ -59,7 +59,7 @@ from sim.hardware import (
 )
 from sim.kv.cache import LayerCache
 from sim.kv.io_plan import plan_reads, plan_writes
-from sim.kv.layouts import LAYOUTS, FlashLayout, engine_layout_spec
+from sim.kv.layouts import LAYOUTS, FlashLayout, engine_layout_spec, shared_slot_table
 from sim.kv.replacement import REPLACEMENTS
 from sim.model import ModelGeometry, kv_dtype_bytes, trace_head_map, trace_layer_map
 from sim.outputs import STEP_COLUMNS, PolicyPass, SimResult
@@ -108,13 +108,14 @@ class _PendingReads:
 
     ``attended``: entries the layer attends, ``None`` while a lookup deferred behind a swap-in
     has not run (see :meth:`Replay._lookup`; the event's value is then the entries).
-    ``before``: with ``swap_layers``, the layer's resident positions per KV head before the
-    lookup (what :meth:`Replay._swap_out` compares against); ``None`` otherwise.
+    ``before``: with ``swap_layers``, the layer's resident entries before the lookup (flat
+    indices ``head * n_positions + position``, what :meth:`Replay._swap_out` compares
+    against); ``None`` otherwise.
     """
 
     event: simpy.Event
     attended: int | None
-    before: list[np.ndarray] | None
+    before: np.ndarray | None
 
 
 class Replay:
@@ -132,17 +133,33 @@ class Replay:
         self.layer_map = trace_layer_map(target, pp.trace_model)
         self.head_map = trace_head_map(target, pp.trace_model)
         self.n_layers, self.n_heads = target.n_layers, target.n_kv_heads
-        self.head_ids = np.arange(self.n_heads)
+        # each simulated KV head's trace head, and the distinct ones (simulated heads that
+        # replay one trace head select alike: their selections are computed once)
+        self.trace_heads: list[int] = self.head_map.tolist()
+        self.distinct_trace_heads = sorted(set(self.trace_heads))
         self.head_dim, self.queries_per_kv_head = target.head_dim, target.queries_per_kv_head
         self.entry_bytes = target.entry_bytes(dtype)
         self.vector_bytes = int(round(target.head_dim * kv_dtype_bytes(dtype)))
         self.page_bytes = flash_params.page_size_bytes
         self.max_io_bytes = flash_params.max_io_bytes
         self.n_positions = pp.prompt_len + pp.decode_steps
+        self.head_offsets = np.arange(self.n_heads, dtype=np.int64) * self.n_positions
         self.dense_pre_us, self.dense_q_us, self.dense_post_us = self._dense_split()
         # once per token, after the last layer: final norm + LM head (none without a vocab)
         self.lm_head_us = lm_head_us(target.vocab_size, target.hidden, self.compute, self.dram)
         self.caches, self.layouts = self._caches_and_layouts()
+        # each layer's flash slots of all its KV heads, by flat index head * n_positions +
+        # position (rows shared with the layouts, which keep placing into them)
+        self.slot_tables = [
+            shared_slot_table(layouts).reshape(-1) if layouts else None
+            for layouts in self.layouts
+        ]
+        # index vectors each layer scores per decode step, over its KV heads
+        self.index_vectors = [self._layer_index_vectors(layer) for layer in range(self.n_layers)]
+        # compute times by size (pure functions of it: computed once per distinct size)
+        self.scoring_us: dict[int, float] = {}
+        self.attention_us: dict[int, float] = {}
+        self.sequential_commands: dict[int, tuple[list[int], int]] = {}
         # the parts of the DRAM footprint the pass decides, and resident layers' entries
         self.footprint = StaticFootprint(pp, target, dtype, setup.pipeline.stream_index)
         # layers whose selection holds positions in DRAM outside the cache (sinks, a window,
@@ -353,7 +370,7 @@ class Replay:
         done: dict[int, np.ndarray] = {}
         out, held = [], 0
         for h, wanted in enumerate(lookups):
-            trace_head = int(self.head_map[h])
+            trace_head = self.trace_heads[h]
             buffered = None
             if self.may_buffer[layer] and layouts[h].buffered_entries:
                 buffered = layouts[h].buffered_positions()
@@ -369,7 +386,18 @@ class Replay:
 
     def _index_vectors(self, layer: int, step: int) -> int:
         """Index vectors simulated ``layer`` scores at ``step``, over its KV heads."""
+        per_step = self.index_vectors[layer]
+        if per_step is not None:
+            return per_step[step]
         return int(self._selection(layer).index_vectors[self.head_map, step].sum())
+
+    def _layer_index_vectors(self, layer: int) -> list[int] | None:
+        """:meth:`_index_vectors` of every decode step of ``layer``, computed at once (integer
+        counts only: a float sum could round differently summed at once)."""
+        vectors = np.asarray(self._selection(layer).index_vectors)
+        if vectors.dtype.kind not in "iub":
+            return None
+        return [int(v) for v in vectors[self.head_map].sum(axis=0).tolist()]
 
     def _cache(self, layer: int) -> LayerCache:
         """The cache of ``layer``, a layer that has one (not resident: its read timing is not
@@ -378,10 +406,9 @@ class Replay:
         assert cache is not None, f"layer {layer} is resident: it has no cache"
         return cache
 
-    def _resident(self, layer: int) -> list[np.ndarray]:
-        """``layer``'s resident positions per KV head (a swap snapshot, see :meth:`_swap_out`)."""
-        cache = self._cache(layer)
-        return [cache.resident(h) for h in range(self.n_heads)]
+    def _resident(self, layer: int) -> np.ndarray:
+        """``layer``'s resident entries, flat indices (a swap snapshot, see :meth:`_swap_out`)."""
+        return self._cache(layer).resident_flat()
 
     def _count_runs(self, run_entries: np.ndarray) -> None:
         counts = np.bincount(run_entries)
@@ -392,51 +419,52 @@ class Replay:
         self.run_length_counts[: len(counts)] += counts
 
     def _issue_reads(self, step: int, layer: int, rec: np.ndarray) -> tuple[simpy.Event, int]:
-        """Cache lookup and flash reads of one layer; returns the read event, entries attended."""
+        """Cache lookup and flash reads of one layer; returns the read event, entries attended.
+
+        The KV heads are looked up, planned and read together (flat indices ``head *
+        n_positions + position``); what depends on the selection only is computed once per
+        trace head."""
         col = self.col
         selection = self._selection(layer)
         heads = selection.heads
         assert heads is not None  # a layer that reads is not resident, so it selects per head
-        per_head = [heads[self.head_map[h]].at(step) for h in range(self.n_heads)]
+        trace_heads = self.trace_heads
+        chosen = {t: heads[t].at(step) for t in self.distinct_trace_heads}
+        per_head = [chosen[t] for t in trace_heads]
+        n_selected = sum(len(p) for p in per_head)
         lookups = per_head
         if selection.extra_reads is not None:
             # loaded into DRAM (e.g. to split a cluster) but not attended
-            lookups = [
-                np.union1d(attended, selection.extra_reads[self.head_map[h]].at(step))
-                for h, attended in enumerate(per_head)
-            ]
-            rec[col["extra_entries"]] += sum(len(x) for x in lookups) - sum(map(len, per_head))
+            extra = selection.extra_reads
+            loaded = {t: np.union1d(c, extra[t].at(step)) for t, c in chosen.items()}
+            lookups = [loaded[t] for t in trace_heads]
+            rec[col["extra_entries"]] += sum(len(x) for x in lookups) - n_selected
         if self.holds[layer] or self.may_buffer[layer]:
             lookups, held = self._cache_lookups(layer, step, lookups)
             rec[col["held_entries"]] += held
         cache = self._cache(layer)
         before = (cache.hits, cache.misses, cache.streamed)
-        misses = cache.access(lookups, step * self.n_layers + layer)
+        missed = cache.access_flat(lookups, step * self.n_layers + layer)
         rec[col["hits"]] += cache.hits - before[0]
         rec[col["misses"]] += cache.misses - before[1]
         rec[col["streamed"]] += cache.streamed - before[2]
         if selection.extra_reads is None:
             rec[col["selected_misses"]] += cache.misses - before[1]
         else:  # the misses among the attended entries, without the extra reads'
-            rec[col["selected_misses"]] += sum(
-                int(np.isin(missed, chosen, assume_unique=True).sum())
-                for missed, chosen in zip(misses, per_head, strict=True)
-            )
+            rec[col["selected_misses"]] += self._count_in(missed, per_head)
         # One plan for all KV heads: each head's entries live in its own flash region.
-        layouts = self.layouts[layer]
+        table = self.slot_tables[layer]
+        assert table is not None  # a layer with a cache has layouts
         plan = plan_reads(
-            np.concatenate([layouts[h].slots(missed) for h, missed in enumerate(misses)]),
-            self.entry_bytes,
-            self.page_bytes,
-            self.max_io_bytes,
-            regions=np.repeat(self.head_ids, [len(missed) for missed in misses]),
+            table[missed], self.entry_bytes, self.page_bytes, self.max_io_bytes,
+            regions=missed // self.n_positions,
         )
         command_bytes, useful = plan.command_bytes, plan.useful_bytes
         self._count_runs(plan.run_entries)
         rec[col["read_bytes"]] += command_bytes.sum()
         rec[col["useful_read_bytes"]] += useful
         rec[col["read_commands"]] += len(command_bytes)
-        rec[col["selected_entries"]] += sum(len(p) for p in per_head)
+        rec[col["selected_entries"]] += n_selected
         self.io_size_counts += np.bincount(
             command_bytes // self.page_bytes, minlength=len(self.io_size_counts)
         )
@@ -448,23 +476,40 @@ class Replay:
                 rec[col["read_busy_us"]] += self.env.now - issued
 
             event.callbacks.append(_done)
-        attended = sum(len(p) for p in per_head) + self.n_heads  # + the current token per head
+        attended = n_selected + self.n_heads  # + the current token per head
         return event, attended
 
-    def _sequential_commands(self, size: int) -> np.ndarray:
-        """Command sizes (bytes, whole pages) moving ``size`` contiguous bytes: maximum-size
-        commands, then the remainder rounded up to pages (none for ``size`` 0)."""
+    def _count_in(self, flat: np.ndarray, per_head: list[np.ndarray]) -> int:
+        """How many of the flat indices ``flat`` (ascending) are among the positions
+        ``per_head[h]`` (each sorted, unique) of their head."""
+        sizes = [len(p) for p in per_head]
+        if not flat.size or not sum(sizes):
+            return 0
+        among = np.concatenate(per_head).astype(np.int64)
+        among += np.repeat(self.head_offsets, sizes)
+        found = np.searchsorted(among, flat)
+        np.minimum(found, among.size - 1, out=found)
+        return int(np.count_nonzero(among[found] == flat))
+
+    def _sequential_commands(self, size: int) -> tuple[list[int], int]:
+        """Command sizes (bytes, whole pages) moving ``size`` contiguous bytes, and their
+        total: maximum-size commands, then the remainder rounded up to pages (none for
+        ``size`` 0)."""
+        known = self.sequential_commands.get(size)
+        if known is not None:
+            return known
         pages = -(-size // self.page_bytes)
         per_command = self.max_io_bytes // self.page_bytes
-        commands = np.full(pages // per_command, per_command, dtype=np.int64)
+        commands = [per_command * self.page_bytes] * (pages // per_command)
         if pages % per_command:
-            commands = np.append(commands, pages % per_command)
-        return commands * self.page_bytes
+            commands.append(pages % per_command * self.page_bytes)
+        self.sequential_commands[size] = commands, sum(commands)
+        return commands, sum(commands)
 
     def _stream_index(self, vectors: int, rec: np.ndarray) -> simpy.Event:
         """Read one layer's index (stored contiguously on flash) in maximum-size commands."""
-        commands = self._sequential_commands(vectors * self.vector_bytes)
-        rec[self.col["index_read_bytes"]] += commands.sum()
+        commands, total = self._sequential_commands(vectors * self.vector_bytes)
+        rec[self.col["index_read_bytes"]] += total
         return self.flash.read(commands)
 
     # -- per-layer cache swapping (PipelineSpec.swap_layers) -----------------------------------
@@ -476,13 +521,13 @@ class Replay:
         if cache is None:
             return 0
         entries = cache.resident_entries
-        commands = self._sequential_commands(entries * self.entry_bytes)
-        self.records[step, self.col["swap_read_bytes"]] += commands.sum()
+        commands, total = self._sequential_commands(entries * self.entry_bytes)
+        self.records[step, self.col["swap_read_bytes"]] += total
         self.swap_in[layer] = self.flash.read(commands)
         return entries
 
     def _lookup(
-        self, step: int, layer: int, before: list[np.ndarray] | None, rec: np.ndarray
+        self, step: int, layer: int, before: np.ndarray | None, rec: np.ndarray
     ) -> _PendingReads:
         """:meth:`_issue_reads` once the layer's cache image is in DRAM; ``before``: the
         layer's swap snapshot, carried along for :meth:`_swap_out`.
@@ -506,16 +551,14 @@ class Replay:
 
         return _PendingReads(self.env.process(after_swap_in()), None, before)
 
-    def _swap_out(self, layer: int, before: list[np.ndarray], rec: np.ndarray) -> None:
-        """Write the entries that became resident during the layer to its swap area."""
-        cache = self._cache(layer)
-        new = sum(
-            len(np.setdiff1d(cache.resident(head), old, assume_unique=True))
-            for head, old in enumerate(before)
-        )
-        commands = self._sequential_commands(new * self.entry_bytes)
-        if len(commands):
-            rec[self.col["swap_write_bytes"]] += commands.sum()
+    def _swap_out(self, layer: int, before: np.ndarray, rec: np.ndarray) -> None:
+        """Write the entries that became resident during the layer to its swap area
+        (``before``: the layer's resident entries before its reads, flat indices)."""
+        resident = self._cache(layer).resident_flat()
+        new = int(np.count_nonzero(np.isin(resident, before, assume_unique=True, invert=True)))
+        commands, total = self._sequential_commands(new * self.entry_bytes)
+        if commands:
+            rec[self.col["swap_write_bytes"]] += total
             self.flash.write(commands)
 
     def _append(self, step: int, layer: int, rec: np.ndarray) -> None:
@@ -526,38 +569,53 @@ class Replay:
         now = step * self.n_layers + layer
         cache = self._cache(layer)
         track_groups = groups is not None and cache.replacement.uses_groups
-        # (head, slots to write now): the new token's, or a write buffer's full page
-        writes = []
+        trace_heads = self.trace_heads
+        # (region, slot) of every entry to write now: the new token's, a write buffer's full
+        # page, relocated entries
+        regions: list[int] = []
+        slots: list[int] = []
         # heads whose new entry DRAM holds outside the cache (the policy's window or sinks, a
         # split buffer, a layout's write buffer): it is not inserted into the cache
         held_new = [False] * self.n_heads
         if self.holds[layer]:
-            held_new = [self._policy_holds_new(selection, step, int(t)) for t in self.head_map]
+            holds = {t: self._policy_holds_new(selection, step, t)
+                     for t in self.distinct_trace_heads}
+            held_new = [holds[t] for t in trace_heads]
+        group_of = None if groups is None else [int(g) for g in groups[:, step].tolist()]
         for head, layout in enumerate(self.layouts[layer]):
-            group = None if groups is None else int(groups[self.head_map[head], step])
+            group = None if group_of is None else group_of[trace_heads[head]]
             slot = layout.place_append(position, group)
             due = layout.due_writes(slot)
-            writes.append((head, due))
-            if not (due == slot).any():  # the layout's write buffer holds it
-                held_new[head] = True
+            if len(due) == 1:
+                written = int(due[0])
+                regions.append(head)
+                slots.append(written)
+                if written != slot:  # the layout's write buffer holds it
+                    held_new[head] = True
+            else:
+                regions.extend([head] * len(due))
+                slots.extend(due.tolist())
+                if not (due == slot).any():  # the layout's write buffer holds it
+                    held_new[head] = True
             if track_groups:
                 assert group is not None  # track_groups: the selection has groups
-                cache.assign_groups(head, np.array([position]), group, now)
+                cache.assign_group(head, position, group, now)
         relabels = self.relabels_at[layer].get(step)
         if relabels:
             # cluster splits: the layout may relocate entries (written from DRAM)
             for head, event in relabels:
                 moved = self.layouts[layer][head].relabel(event.positions, event.group)
-                writes.append((head, moved))
+                regions.extend([head] * len(moved))
+                slots.extend(moved.tolist())
                 rec[self.col["relocated_entries"]] += len(moved)
                 if cache.replacement.uses_groups:
                     cache.assign_groups(head, event.positions, event.group, now)
         command_bytes = plan_writes(
-            np.concatenate([slots for _, slots in writes]),
+            np.array(slots, dtype=np.int64),
             self.entry_bytes,
             self.page_bytes,
             self.max_io_bytes,
-            regions=np.concatenate([np.full(len(slots), head) for head, slots in writes]),
+            regions=np.array(regions, dtype=np.int64),
         )
         new = np.array([position])
         if not any(held_new):
@@ -581,7 +639,7 @@ class Replay:
             if selection.dram_tail is not None:
                 outside &= positions < selection.dram_tail[step]
             positions = positions[outside]
-            split = self._split_buffered(selection, int(self.head_map[head]), step)
+            split = self._split_buffered(selection, self.trace_heads[head], step)
             total += int((~np.isin(positions, split)).sum()) if len(split) else len(positions)
         return total
 
@@ -640,7 +698,7 @@ class Replay:
 
     def _swap_ahead(
         self, step: int, layer: int, timing: ReadTiming
-    ) -> tuple[int, list[np.ndarray] | None]:
+    ) -> tuple[int, np.ndarray | None]:
         """With ``swap_layers``: swap in the next layer's image now (one layer ahead) and note
         what this layer holds before its reads. Returns the incoming image's entries and the
         snapshot (``None`` without swapping, for a resident layer, or for reads issued by the
@@ -661,7 +719,7 @@ class Replay:
         step: int,
         layer: int,
         timing: ReadTiming,
-        before: list[np.ndarray] | None,
+        before: np.ndarray | None,
         rec: np.ndarray,
     ) -> _PendingReads | None:
         """The reads in flight when the layer starts: the previous layer's speculation's, or
@@ -691,7 +749,7 @@ class Replay:
         timing: ReadTiming,
         vectors: int,
         index_ready: simpy.Event | None,
-        before: list[np.ndarray] | None,
+        before: np.ndarray | None,
         rec: np.ndarray,
     ):
         """The QKV projection, then the scoring of ``vectors`` index vectors once the streamed
@@ -749,18 +807,22 @@ class Replay:
         """Score the query heads against ``vectors`` index vectors (none: no time)."""
         if not vectors:
             return
-        score_us = float(
-            scoring_us(vectors, self.head_dim, self.queries_per_kv_head, self.vector_bytes,
-                       self.compute, self.dram)
-        )
+        score_us = self.scoring_us.get(vectors)
+        if score_us is None:
+            score_us = self.scoring_us[vectors] = float(
+                scoring_us(vectors, self.head_dim, self.queries_per_kv_head, self.vector_bytes,
+                           self.compute, self.dram)
+            )
         yield self.env.timeout(score_us)
         rec[self.col["scoring_us"]] += score_us
 
     def _attend(self, attended: int, rec: np.ndarray):
-        attend_us = float(
-            attention_us(attended, self.head_dim, self.queries_per_kv_head, self.entry_bytes,
-                         self.compute, self.dram)
-        )
+        attend_us = self.attention_us.get(attended)
+        if attend_us is None:
+            attend_us = self.attention_us[attended] = float(
+                attention_us(attended, self.head_dim, self.queries_per_kv_head,
+                             self.entry_bytes, self.compute, self.dram)
+            )
         yield self.env.timeout(attend_us)
         rec[self.col["attention_us"]] += attend_us
 

@@ -5,6 +5,6 @@ Importing this package loads no layout: :data:`LAYOUTS` imports every module her
 lookup (:class:`sim.registry.Registry`).
 """
 
-from sim.kv.layouts.base import LAYOUTS, FlashLayout, engine_layout_spec
+from sim.kv.layouts.base import LAYOUTS, FlashLayout, engine_layout_spec, shared_slot_table
 
-__all__ = ["LAYOUTS", "FlashLayout", "engine_layout_spec"]
+__all__ = ["LAYOUTS", "FlashLayout", "engine_layout_spec", "shared_slot_table"]

@@ -15,6 +15,7 @@ hyperparameters, so ``n_positions`` is always the first field.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from sim.registry import Registry
 
-__all__ = ["LAYOUTS", "FlashLayout", "engine_layout_spec"]
+__all__ = ["LAYOUTS", "FlashLayout", "engine_layout_spec", "shared_slot_table"]
 
 _UNPLACED = -1
 
@@ -180,6 +181,18 @@ class FlashLayout(ABC):
 
 
 LAYOUTS: Registry[FlashLayout] = Registry("flash layout", package="sim.kv.layouts")
+
+
+def shared_slot_table(layouts: Sequence[FlashLayout]) -> np.ndarray:
+    """One ``(len(layouts), n_positions)`` table whose rows *are* the position -> slot tables
+    of ``layouts`` (regions of equal ``n_positions``; -1: not placed), so the slots of entries
+    of several regions are one gather (``table.reshape(-1)[region * n_positions + position]``,
+    the engine's reads of all KV heads of a layer). The layouts go on placing into their rows
+    (a layout only ever writes into its table, never replaces it)."""
+    table = np.stack([layout._slot_of for layout in layouts])
+    for layout, row in zip(layouts, table, strict=True):
+        layout._slot_of = row
+    return table
 
 
 def engine_layout_spec(
