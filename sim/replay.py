@@ -137,6 +137,10 @@ class Replay:
         # replay one trace head select alike: their selections are computed once)
         self.trace_heads: list[int] = self.head_map.tolist()
         self.distinct_trace_heads = sorted(set(self.trace_heads))
+        self.first_head = {t: self.trace_heads.index(t) for t in self.distinct_trace_heads}
+        # simulated KV heads per trace head
+        self.heads_per_trace_head = {t: self.trace_heads.count(t)
+                                     for t in self.distinct_trace_heads}
         self.head_dim, self.queries_per_kv_head = target.head_dim, target.queries_per_kv_head
         self.entry_bytes = target.entry_bytes(dtype)
         self.vector_bytes = int(round(target.head_dim * kv_dtype_bytes(dtype)))
@@ -148,12 +152,16 @@ class Replay:
         # once per token, after the last layer: final norm + LM head (none without a vocab)
         self.lm_head_us = lm_head_us(target.vocab_size, target.hidden, self.compute, self.dram)
         self.caches, self.layouts = self._caches_and_layouts()
-        # each layer's flash slots of all its KV heads, by flat index head * n_positions +
-        # position (rows shared with the layouts, which keep placing into them)
+        # each layer's flash slots, one row per trace head's layout (the rows shared with the
+        # layouts, which keep placing into them), and the row of each simulated KV head
         self.slot_tables = [
-            shared_slot_table(layouts).reshape(-1) if layouts else None
+            shared_slot_table([layouts[self.first_head[t]] for t in self.distinct_trace_heads])
+            if layouts else None
             for layouts in self.layouts
         ]
+        self.slot_rows = np.array(
+            [self.distinct_trace_heads.index(t) for t in self.trace_heads], dtype=np.int64
+        )
         # index vectors each layer scores per decode step, over its KV heads
         self.index_vectors = [self._layer_index_vectors(layer) for layer in range(self.n_layers)]
         # compute times by size (pure functions of it: computed once per distinct size)
@@ -224,18 +232,26 @@ class Replay:
                 # Offline replacement (Belady) sees this layer's own accesses, as replayed.
                 cache.observe_future(self._future_accesses(layer))
             caches.append(cache)
-            layouts.append(
-                [self._placed_layout(layout_spec, selection, cache, h) for h in range(self.n_heads)]
-            )
+            placed = {t: self._placed_layout(layout_spec, selection, t)
+                      for t in self.distinct_trace_heads}
+            layouts.append([placed[t] for t in self.trace_heads])
+            groups = selection.prefill_groups
+            if groups is not None and replacement.uses_groups:
+                # the prompt's clusters go to a cluster-aware replacement too
+                for head, t in enumerate(self.trace_heads):
+                    cache.assign_groups(head, np.arange(self.pp.prompt_len), groups[t], -1)
         return caches, layouts
 
-    def _placed_layout(
-        self, spec: dict, selection: LayerSelection, cache: LayerCache, head: int
-    ) -> FlashLayout:
-        """One KV head's flash layout with the prompt placed (by cluster, if the policy has
-        clusters); the prompt's clusters go to a cluster-aware replacement too."""
+    def _placed_layout(self, spec: dict, selection: LayerSelection, trace_head: int
+                       ) -> FlashLayout:
+        """The flash layout of the KV heads replaying ``trace_head``, with the prompt placed
+        (by cluster, if the policy has clusters).
+
+        Each simulated KV head has its own flash region, but the regions of heads replaying
+        one trace head are laid out alike: a layout decides from the trace head's groups,
+        appends and relabels alone. So those heads share one layout object (the replay places
+        and relabels once per trace head) and their regions hold the same slots."""
         layout = LAYOUTS.create(spec, where="layout")
-        trace_head = self.head_map[head]
         groups = selection.prefill_groups
         coretrieval = selection.coretrieval
         layout.place_prefill(
@@ -243,8 +259,6 @@ class Replay:
             None if groups is None else groups[trace_head],
             coretrieval=None if coretrieval is None else coretrieval[trace_head],
         )
-        if groups is not None and cache.replacement.uses_groups:
-            cache.assign_groups(head, np.arange(self.pp.prompt_len), groups[trace_head], -1)
         return layout
 
     def _relabel_events(self) -> list[dict[int, list[tuple[int, Relabel]]]]:
@@ -362,24 +376,23 @@ class Replay:
 
     def _cache_lookups(self, layer: int, step: int,
                        lookups: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
-        """Each head's ``lookups`` without what DRAM holds outside the cache, and how many
-        entries that leaves out (computed once per trace head unless a write buffer holds
-        entries: the KV heads replaying one trace head look up alike)."""
+        """Each head's ``lookups`` (alike for the heads of one trace head) without what DRAM
+        holds outside the cache, and how many entries that leaves out (computed once per trace
+        head: the KV heads replaying one look up alike, their layouts buffer alike)."""
         selection = self._selection(layer)
         layouts = self.layouts[layer]
         done: dict[int, np.ndarray] = {}
         out, held = [], 0
         for h, wanted in enumerate(lookups):
             trace_head = self.trace_heads[h]
-            buffered = None
-            if self.may_buffer[layer] and layouts[h].buffered_entries:
-                buffered = layouts[h].buffered_positions()
-            if buffered is None and trace_head in done:
-                kept = done[trace_head]
-            else:
-                kept = self._without_held(selection, step, wanted, trace_head, buffered)
-                if buffered is None:
-                    done[trace_head] = kept
+            kept = done.get(trace_head)
+            if kept is None:
+                buffered = None
+                if self.may_buffer[layer] and layouts[h].buffered_entries:
+                    buffered = layouts[h].buffered_positions()
+                kept = done[trace_head] = self._without_held(
+                    selection, step, wanted, trace_head, buffered
+                )
             out.append(kept)
             held += len(wanted) - len(kept)
         return out, held
@@ -455,9 +468,10 @@ class Replay:
         # One plan for all KV heads: each head's entries live in its own flash region.
         table = self.slot_tables[layer]
         assert table is not None  # a layer with a cache has layouts
+        regions, positions = np.divmod(missed, self.n_positions)
         plan = plan_reads(
-            table[missed], self.entry_bytes, self.page_bytes, self.max_io_bytes,
-            regions=missed // self.n_positions,
+            table[self.slot_rows[regions], positions], self.entry_bytes, self.page_bytes,
+            self.max_io_bytes, regions=regions,
         )
         command_bytes, useful = plan.command_bytes, plan.useful_bytes
         self._count_runs(plan.run_entries)
@@ -562,67 +576,72 @@ class Replay:
             self.flash.write(commands)
 
     def _append(self, step: int, layer: int, rec: np.ndarray) -> None:
-        """The new token's K/V: resident in the cache, written to flash per the layout."""
+        """The new token's K/V: resident in the cache, written to flash per the layout.
+
+        A layout is placed and relabelled once per trace head (see :meth:`_placed_layout`);
+        each KV head's region gets the writes of its trace head's layout."""
         selection = self._selection(layer)
         position = self.pp.prompt_len + step
         groups = selection.append_groups
         now = step * self.n_layers + layer
         cache = self._cache(layer)
-        track_groups = groups is not None and cache.replacement.uses_groups
+        layouts = self.layouts[layer]
         trace_heads = self.trace_heads
-        # (region, slot) of every entry to write now: the new token's, a write buffer's full
-        # page, relocated entries
-        regions: list[int] = []
-        slots: list[int] = []
-        # heads whose new entry DRAM holds outside the cache (the policy's window or sinks, a
-        # split buffer, a layout's write buffer): it is not inserted into the cache
-        held_new = [False] * self.n_heads
-        if self.holds[layer]:
-            holds = {t: self._policy_holds_new(selection, step, t)
-                     for t in self.distinct_trace_heads}
-            held_new = [holds[t] for t in trace_heads]
         group_of = None if groups is None else [int(g) for g in groups[:, step].tolist()]
-        for head, layout in enumerate(self.layouts[layer]):
-            group = None if group_of is None else group_of[trace_heads[head]]
-            slot = layout.place_append(position, group)
+        # slots to write now per trace head's layout: the new token's, a write buffer's full
+        # page, relocated entries; and whether the layout's write buffer holds the new token
+        written: dict[int, list[int]] = {}
+        buffered: dict[int, bool] = {}
+        for t in self.distinct_trace_heads:
+            layout = layouts[self.first_head[t]]
+            slot = layout.place_append(position, None if group_of is None else group_of[t])
             due = layout.due_writes(slot)
-            if len(due) == 1:
-                written = int(due[0])
-                regions.append(head)
-                slots.append(written)
-                if written != slot:  # the layout's write buffer holds it
-                    held_new[head] = True
-            else:
-                regions.extend([head] * len(due))
-                slots.extend(due.tolist())
-                if not (due == slot).any():  # the layout's write buffer holds it
-                    held_new[head] = True
-            if track_groups:
-                assert group is not None  # track_groups: the selection has groups
-                cache.assign_group(head, position, group, now)
+            written[t] = [int(due[0])] if len(due) == 1 else due.tolist()
+            buffered[t] = slot not in written[t]
+        if group_of is not None and cache.replacement.uses_groups:
+            for head, t in enumerate(trace_heads):
+                cache.assign_group(head, position, group_of[t], now)
         relabels = self.relabels_at[layer].get(step)
         if relabels:
             # cluster splits: the layout may relocate entries (written from DRAM)
+            relocated = dict.fromkeys(self.distinct_trace_heads, 0)
             for head, event in relabels:
-                moved = self.layouts[layer][head].relabel(event.positions, event.group)
-                regions.extend([head] * len(moved))
-                slots.extend(moved.tolist())
-                rec[self.col["relocated_entries"]] += len(moved)
-                if cache.replacement.uses_groups:
+                t = trace_heads[head]
+                if head == self.first_head[t]:
+                    moved = layouts[head].relabel(event.positions, event.group)
+                    written[t].extend(moved.tolist())
+                    relocated[t] += len(moved)
+            rec[self.col["relocated_entries"]] += sum(relocated[t] for t in trace_heads)
+            if cache.replacement.uses_groups:
+                for head, event in relabels:
                     cache.assign_groups(head, event.positions, event.group, now)
-        command_bytes = plan_writes(
-            np.array(slots, dtype=np.int64),
-            self.entry_bytes,
-            self.page_bytes,
-            self.max_io_bytes,
-            regions=np.array(regions, dtype=np.int64),
-        )
+        # each region's commands, in region order (a plan never joins two regions), planned
+        # once per distinct set of slots
+        plans: dict[tuple[int, ...], list[int]] = {}
+        command_bytes: list[int] = []
+        for t in trace_heads:
+            key = tuple(written[t])
+            sizes = plans.get(key)
+            if sizes is None:
+                sizes = plans[key] = plan_writes(
+                    np.array(key, dtype=np.int64), self.entry_bytes, self.page_bytes,
+                    self.max_io_bytes,
+                ).tolist()
+            command_bytes.extend(sizes)
+        # heads whose new entry DRAM holds outside the cache (the policy's window or sinks, a
+        # split buffer, a layout's write buffer): it is not inserted into the cache
+        if self.holds[layer]:
+            holds = {t: buffered[t] or self._policy_holds_new(selection, step, t)
+                     for t in self.distinct_trace_heads}
+        else:
+            holds = buffered
+        held_new = [holds[t] for t in trace_heads]
         new = np.array([position])
         if not any(held_new):
             cache.insert([new] * self.n_heads, now)
         elif not all(held_new):
             cache.insert([new[:0] if held else new for held in held_new], now)
-        rec[self.col["write_bytes"]] += command_bytes.sum()
+        rec[self.col["write_bytes"]] += sum(command_bytes)
         rec[self.col["write_commands"]] += len(command_bytes)
         self.flash.write(command_bytes)
 
@@ -630,18 +649,23 @@ class Replay:
         """Entries of ``layer``'s layout write buffers at the end of ``step`` that no other part
         holds (neither the policy's window nor a split buffer)."""
         selection = self._selection(layer)
-        total = 0
-        for head, layout in enumerate(self.layouts[layer]):
+        layouts = self.layouts[layer]
+        per_trace_head = {}
+        for t in self.distinct_trace_heads:
+            layout = layouts[self.first_head[t]]
             if not layout.buffered_entries:
+                per_trace_head[t] = 0
                 continue
             positions = layout.buffered_positions()
             outside = positions >= selection.dram_sinks
             if selection.dram_tail is not None:
                 outside &= positions < selection.dram_tail[step]
             positions = positions[outside]
-            split = self._split_buffered(selection, self.trace_heads[head], step)
-            total += int((~np.isin(positions, split)).sum()) if len(split) else len(positions)
-        return total
+            split = self._split_buffered(selection, t, step)
+            per_trace_head[t] = (
+                int((~np.isin(positions, split)).sum()) if len(split) else len(positions)
+            )
+        return sum(per_trace_head[t] for t in self.trace_heads)
 
     def _record_dram(self, step: int, rec: np.ndarray) -> None:
         """The step's DRAM footprint and its parts (:mod:`sim.footprint`).
