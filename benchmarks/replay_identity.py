@@ -142,6 +142,9 @@ def replay(pp: Any, name: str, dtype: str, swap: bool, steps: int | None) -> Any
 
 
 def dump(args: argparse.Namespace) -> None:
+    import sim
+
+    print(f"replaying with {sim.__file__}", flush=True)
     names = args.config or list(CONFIGS)
     out: dict[str, dict[str, Any]] = {}
     passes: dict[str, Any] = {}
@@ -210,6 +213,7 @@ def timing(args: argparse.Namespace) -> None:
                     [sys.executable, "-c", TIME, here, args.trace, name, str(args.pass_dir),
                      str(args.steps or 0)],
                     check=True, capture_output=True, text=True, env=env,
+                    cwd=here,  # not the repository: `-c` puts the working directory first
                 )
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 assert result["sim"].startswith(src), (result["sim"], src)
