@@ -118,6 +118,14 @@ class _PendingReads:
     before: np.ndarray | None
 
 
+def _in_sorted(values: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """``np.isin(values, among)`` for a sorted, non-empty ``among`` (one binary search per
+    value: cheaper than ``isin``'s general path on the replay's small arrays)."""
+    found = np.searchsorted(among, values)
+    np.minimum(found, len(among) - 1, out=found)
+    return among[found] == values
+
+
 class Replay:
     """The SimPy model of one run: a decode process on the CPU, the flash beside it."""
 
@@ -168,6 +176,9 @@ class Replay:
         self.scoring_us: dict[int, float] = {}
         self.attention_us: dict[int, float] = {}
         self.sequential_commands: dict[int, tuple[list[int], int]] = {}
+        # write commands of one entry by its byte offset within a page (the plan of one slot
+        # depends on nothing else)
+        self.entry_writes: dict[int, list[int]] = {}
         # the parts of the DRAM footprint the pass decides, and resident layers' entries
         self.footprint = StaticFootprint(pp, target, dtype, setup.pipeline.stream_index)
         # layers whose selection holds positions in DRAM outside the cache (sinks, a window,
@@ -354,16 +365,16 @@ class Replay:
         """``positions`` (stored, sorted) at ``step`` without those held in DRAM outside the
         cache: the policy's sinks and window, the split buffers (as the step starts) and the
         layout's ``write_buffered`` positions."""
-        keep = None
-        if selection.dram_sinks:
-            keep = positions >= selection.dram_sinks
-        if selection.dram_tail is not None:
-            below = positions < selection.dram_tail[step]
-            keep = below if keep is None else keep & below
-        out = positions if keep is None else positions[keep]
+        out = positions
+        if selection.dram_sinks or selection.dram_tail is not None:
+            # sorted: the positions in [sinks, tail) are one slice
+            lo = np.searchsorted(out, selection.dram_sinks) if selection.dram_sinks else 0
+            hi = len(out) if selection.dram_tail is None else np.searchsorted(
+                out, selection.dram_tail[step])
+            out = out[lo:hi]
         for held in (self._split_buffered(selection, trace_head, step - 1), write_buffered):
             if held is not None and len(held) and len(out):
-                out = out[~np.isin(out, held)]
+                out = out[~_in_sorted(out, held)]
         return out
 
     def _policy_holds_new(self, selection: LayerSelection, step: int, trace_head: int) -> bool:
@@ -449,7 +460,10 @@ class Replay:
         if selection.extra_reads is not None:
             # loaded into DRAM (e.g. to split a cluster) but not attended
             extra = selection.extra_reads
-            loaded = {t: np.union1d(c, extra[t].at(step)) for t, c in chosen.items()}
+            loaded = {}
+            for t, attended in chosen.items():
+                more = extra[t].at(step)
+                loaded[t] = np.union1d(attended, more) if len(more) else attended
             lookups = [loaded[t] for t in trace_heads]
             rec[col["extra_entries"]] += sum(len(x) for x in lookups) - n_selected
         if self.holds[layer] or self.may_buffer[layer]:
@@ -617,17 +631,18 @@ class Replay:
                     cache.assign_groups(head, event.positions, event.group, now)
         # each region's commands, in region order (a plan never joins two regions), planned
         # once per distinct set of slots
-        plans: dict[tuple[int, ...], list[int]] = {}
-        command_bytes: list[int] = []
-        for t in trace_heads:
-            key = tuple(written[t])
-            sizes = plans.get(key)
-            if sizes is None:
-                sizes = plans[key] = plan_writes(
-                    np.array(key, dtype=np.int64), self.entry_bytes, self.page_bytes,
-                    self.max_io_bytes,
-                ).tolist()
-            command_bytes.extend(sizes)
+        plans: dict[int, list[int]] = {}
+        for t in self.distinct_trace_heads:
+            slots = written[t]
+            if len(slots) == 1:
+                offset = slots[0] * self.entry_bytes % self.page_bytes
+                sizes = self.entry_writes.get(offset)
+                if sizes is None:
+                    sizes = self.entry_writes[offset] = self._write_commands(slots)
+            else:
+                sizes = self._write_commands(slots)
+            plans[t] = sizes
+        command_bytes = [size for t in trace_heads for size in plans[t]]
         # heads whose new entry DRAM holds outside the cache (the policy's window or sinks, a
         # split buffer, a layout's write buffer): it is not inserted into the cache
         if self.holds[layer]:
@@ -644,6 +659,12 @@ class Replay:
         rec[self.col["write_bytes"]] += sum(command_bytes)
         rec[self.col["write_commands"]] += len(command_bytes)
         self.flash.write(command_bytes)
+
+    def _write_commands(self, slots: list[int]) -> list[int]:
+        """Sizes of the commands writing ``slots`` of one region (:func:`plan_writes`)."""
+        return plan_writes(
+            np.array(slots, dtype=np.int64), self.entry_bytes, self.page_bytes, self.max_io_bytes
+        ).tolist()
 
     def _write_buffered(self, layer: int, step: int) -> int:
         """Entries of ``layer``'s layout write buffers at the end of ``step`` that no other part
