@@ -121,7 +121,7 @@ class _PendingReads:
 def _in_sorted(values: np.ndarray, among: np.ndarray) -> np.ndarray:
     """``np.isin(values, among)`` for a sorted, non-empty ``among`` (one binary search per
     value: cheaper than ``isin``'s general path on the replay's small arrays)."""
-    found = np.searchsorted(among, values)
+    found = among.searchsorted(values)
     np.minimum(found, len(among) - 1, out=found)
     return among[found] == values
 
@@ -368,9 +368,9 @@ class Replay:
         out = positions
         if selection.dram_sinks or selection.dram_tail is not None:
             # sorted: the positions in [sinks, tail) are one slice
-            lo = np.searchsorted(out, selection.dram_sinks) if selection.dram_sinks else 0
-            hi = len(out) if selection.dram_tail is None else np.searchsorted(
-                out, selection.dram_tail[step])
+            lo = out.searchsorted(selection.dram_sinks) if selection.dram_sinks else 0
+            hi = len(out) if selection.dram_tail is None else out.searchsorted(
+                selection.dram_tail[step])
             out = out[lo:hi]
         for held in (self._split_buffered(selection, trace_head, step - 1), write_buffered):
             if held is not None and len(held) and len(out):
