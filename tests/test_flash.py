@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from sim.hardware.flash import Flash, FlashParams, ResourceFlash, read_bandwidth_curve
+from sim.hardware.flash import (
+    EventFlash,
+    Flash,
+    FlashParams,
+    ResourceFlash,
+    read_bandwidth_curve,
+)
 
 KIB = 1024
 
@@ -61,14 +67,14 @@ def completion_log(flash: Flash, env: simpy.Environment, batches: list[tuple[str
 # --- single commands and exact timelines -------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [Flash, ResourceFlash])
+@pytest.mark.parametrize("cls", [Flash, EventFlash, ResourceFlash])
 def test_single_4k_read_takes_latency_plus_transfer(cls: type) -> None:
     params = make_params(read_bandwidth_mb_s=4000.0, read_command_latency_us=50.0)
     # 50 us on a unit, then 4096 B / 4000 B/us = 1.024 us on the link.
     assert run_reads(params, [4096], cls) == pytest.approx(51.024, rel=1e-12)
 
 
-@pytest.mark.parametrize("cls", [Flash, ResourceFlash])
+@pytest.mark.parametrize("cls", [Flash, EventFlash, ResourceFlash])
 def test_timeline_three_commands_two_units(cls: type) -> None:
     # L = 10 us, 4096 B at 1024 MB/s = 4 us, 8192 B = 8 us.
     params = make_params(
@@ -83,7 +89,7 @@ def test_timeline_three_commands_two_units(cls: type) -> None:
     assert log == [(0, pytest.approx(14.0)), (1, pytest.approx(18.0)), (2, pytest.approx(28.0))]
 
 
-@pytest.mark.parametrize("cls", [Flash, ResourceFlash])
+@pytest.mark.parametrize("cls", [Flash, EventFlash, ResourceFlash])
 def test_timeline_queue_depth_limits_admission(cls: type) -> None:
     params = make_params(
         read_bandwidth_mb_s=1024.0, read_command_latency_us=10.0, parallel_units=2, queue_depth=2
@@ -94,7 +100,7 @@ def test_timeline_queue_depth_limits_admission(cls: type) -> None:
     assert log == [(0, pytest.approx(14.0)), (1, pytest.approx(18.0)), (2, pytest.approx(28.0))]
 
 
-@pytest.mark.parametrize("cls", [Flash, ResourceFlash])
+@pytest.mark.parametrize("cls", [Flash, EventFlash, ResourceFlash])
 def test_writes_and_reads_contend(cls: type) -> None:
     params = make_params(
         read_bandwidth_mb_s=1024.0,
@@ -111,7 +117,7 @@ def test_writes_and_reads_contend(cls: type) -> None:
     assert sorted(log) == [(0, pytest.approx(28.0)), (1, pytest.approx(34.0))]
 
 
-@pytest.mark.parametrize("cls", [Flash, ResourceFlash])
+@pytest.mark.parametrize("cls", [Flash, EventFlash, ResourceFlash])
 def test_empty_batch_is_already_triggered(cls: type) -> None:
     env = simpy.Environment()
     flash = cls(env, make_params())
@@ -310,3 +316,59 @@ def test_fast_model_matches_resource_reference(seed: int) -> None:
         return finished
 
     assert simulate(Flash) == pytest.approx(simulate(ResourceFlash), rel=1e-12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    round_times=st.booleans(),
+    queue_depth=st.integers(1, 8),
+    units=st.integers(1, 4),
+)
+def test_fast_model_matches_event_model_exactly(
+    seed: int, round_times: bool, queue_depth: int, units: int
+) -> None:
+    """Flash processes its stage ends ahead of SimPy's clock; EventFlash has a Timeout per stage.
+    Same completion and resumption times, in the same order, to the last bit: batches from
+    several processes, some awaited and followed by more reads, whole-microsecond times (many
+    ties between stage ends, submissions and other processes' timeouts) or arbitrary ones."""
+    rng = np.random.default_rng(seed)
+    params = make_params(
+        queue_depth=queue_depth,
+        parallel_units=units,
+        read_command_latency_us=40.0 if round_times else 46.0,
+        read_bandwidth_mb_s=4096.0 if round_times else 4200.0,
+        write_bandwidth_mb_s=2048.0 if round_times else 2800.0,
+    )
+    plan = [
+        (
+            float(rng.integers(0, 400)) if round_times else float(rng.random() * 400),
+            "read" if rng.random() < 0.7 else "write",
+            rng.integers(1, 129, size=int(rng.integers(1, 30))) * 4096,
+            bool(rng.random() < 0.5),
+        )
+        for _ in range(12)
+    ]
+
+    def simulate(cls: type) -> tuple[list[tuple], float, float]:
+        env = simpy.Environment()
+        flash = cls(env, params)
+        log: list[tuple] = []
+
+        def submit(index: int, at: float, kind: str, sizes: np.ndarray, wait: bool):
+            yield env.timeout(at)
+            event = getattr(flash, kind)(sizes)
+            event.callbacks.append(lambda _e: log.append(("done", index, env.now)))
+            if wait:
+                yield event
+                log.append(("resumed", index, env.now))
+                yield env.timeout(float(int(at) % 50) if round_times else at / 7)
+                yield flash.read(sizes[:3])
+                log.append(("again", index, env.now))
+
+        for index, (at, kind, sizes, wait) in enumerate(plan):
+            env.process(submit(index, at, kind, sizes, wait))
+        env.run()
+        return log, env.now, flash.busy_link_us
+
+    assert simulate(Flash) == simulate(EventFlash)

@@ -16,15 +16,20 @@ commands/s = min(queue_depth / (latency + b/bw), parallel_units / latency, bw / 
 small I/O, bandwidth-bound for large I/O, with the knee at ``b = bw * latency / parallel_units``
 (DynaKV, arXiv 2511.07427, Fig. 3b: about 24 KB on UFS 4.0).
 
-Two implementations of the same model:
+Three implementations of the same model:
 
-* :class:`Flash` — the fast one used by the engine. Queue slots are a counter plus a FIFO of
-  waiting commands; the unit pool and the link are FIFO servers whose next-free times are kept
-  inline (a heap of unit free times, one link free time) instead of ``simpy.Resource``
-  request/release events — the technique SimPy itself uses when it inlines hot paths "for
-  performance reasons". Because SimPy delivers arrivals at each stage in time order, this is
-  exactly a FIFO multi-server queue (Kiefer-Wolfowitz recursion) followed by a FIFO single
-  server. Each command costs two ``Timeout`` events whose callbacks move it on.
+* :class:`Flash` — the fast one used by the engine: :class:`EventFlash`'s arithmetic, with the
+  stage ends of the commands kept on the device's own heap and processed ahead of SimPy's clock
+  (up to the next event in SimPy's queue, before which nothing can submit), so SimPy handles a
+  few events per batch (its completion, wake-ups) instead of two per command. Same times to
+  the last bit as :class:`EventFlash` (a differential test checks this, ties included).
+* :class:`EventFlash` — the same model with two SimPy ``Timeout`` events per command. Queue
+  slots are a counter plus a FIFO of waiting commands; the unit pool and the link are FIFO
+  servers whose next-free times are kept inline (a heap of unit free times, one link free time)
+  instead of ``simpy.Resource`` request/release events — the technique SimPy itself uses when
+  it inlines hot paths "for performance reasons". Because SimPy delivers arrivals at each stage
+  in time order, this is exactly a FIFO multi-server queue (Kiefer-Wolfowitz recursion)
+  followed by a FIFO single server. Kept as :class:`Flash`'s exact reference.
 * :class:`ResourceFlash` — the textbook version: one process per command and three
   ``simpy.Resource`` objects. Slow (about 8 events per command), kept as the differential-test
   reference and as readable documentation of the model.
@@ -43,7 +48,7 @@ from typing import Any
 import numpy as np
 import simpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from simpy.events import Timeout
+from simpy.events import NORMAL, Timeout
 from simpy.resources.resource import Request
 
 
@@ -181,7 +186,146 @@ class _FlashBase:
 
 
 class Flash(_FlashBase):
-    """Fast UFS model: queue slots as a counter, inline FIFO unit pool and link, 2 events/command.
+    """Fast UFS model: :class:`EventFlash`'s commands without a SimPy event per stage.
+
+    ``read(sizes)`` / ``write(sizes)`` submit a batch at ``env.now`` and return one event for the
+    whole batch. Running counters: ``read_commands``, ``read_bytes``, ``write_commands``,
+    ``write_bytes`` (bytes moved, page-rounded, counted at submission) and ``busy_link_us``
+    (link time of completed transfers).
+
+    The two stage ends of each command (its unit time, its transfer) are kept on the device's
+    own heap, ordered as SimPy orders :class:`EventFlash`'s ``Timeout`` events (by time, then
+    by creation), and computed with the same floating-point operations. The device processes
+    them ahead of SimPy's clock, up to (not including) the time of the next event in SimPy's
+    queue: nothing can submit a command before then, so its state there is the one
+    :class:`EventFlash` reaches. A batch's ``done`` event is put into SimPy's queue at the
+    time its last command completes (as ``succeed`` would schedule it then), and one wake-up
+    event brings SimPy's clock to the device's next stage end whenever nothing else will, so
+    SimPy processes a few events per batch instead of two per command.
+
+    Two events of different origins at exactly the same float time (a stage end and a
+    compute step, say) are ordered by SimPy by creation; the device, which creates its
+    events earlier, may order such a tie differently from :class:`EventFlash`. That needs two
+    independent timelines to meet to the last bit; submissions and stage ends at one time
+    commute (the queue, units and link end in the same state either way).
+    """
+
+    #: kinds of stage ends on the device's heap
+    _UNIT, _LINK = 0, 1
+
+    def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
+        super().__init__(env, params)
+        # Commands waiting for a queue slot: (latency_us, transfer_us, batch), FIFO.
+        self._pending: deque[tuple[float, float, _Batch]] = deque()
+        self._free_slots = params.queue_depth
+        # Times at which each unit becomes free (min-heap) and the link becomes free.
+        self._unit_free_us = [0.0] * params.parallel_units
+        self._link_free_us = 0.0
+        # Stage ends not processed yet: (time, creation order, kind, command).
+        self._stages: list[tuple[float, int, int, tuple[float, float, _Batch]]] = []
+        self._created = 0
+        # The wake-up event in SimPy's queue and its time (None, inf: none).
+        self._wake_event: simpy.Event | None = None
+        self._wake_at = float("inf")
+
+    def _submit(
+        self, moved_bytes: list[int], latency_us: float, bandwidth_mb_s: float
+    ) -> simpy.Event:
+        env = self.env
+        now = env._now
+        self._run_until(now)
+        done = env.event()
+        n = len(moved_bytes)
+        if n == 0:
+            done.succeed()
+            return done
+        batch = _Batch(n, done)
+        pending = self._pending
+        # b / bw of a Python int is numpy's int64 / float64: the same correctly rounded double
+        pending.extend([(latency_us, b / bandwidth_mb_s, batch) for b in moved_bytes])
+        while self._free_slots and pending:
+            self._free_slots -= 1
+            self._start(pending.popleft(), now)
+        self._wake()
+        return done
+
+    # The methods below run once per command and dominate the simulator's run time; they use
+    # SimPy's queue, clock and event ids directly like SimPy's own hot paths.
+
+    def _start(self, command: tuple[float, float, _Batch], now: float) -> None:
+        """A command that got a slot at ``now``: FIFO over identical units, take the earliest
+        free; its unit time ends when :class:`EventFlash`'s ``Timeout`` would fire."""
+        unit_free = self._unit_free_us
+        start = unit_free[0]
+        if start < now:
+            start = now
+        unit_done = start + command[0]
+        heapq.heapreplace(unit_free, unit_done)
+        self._created += 1
+        heapq.heappush(self._stages, (now + (unit_done - now), self._created, 0, command))
+
+    def _run_until(self, limit: float) -> None:
+        """Process the stage ends before ``limit``, in SimPy's order; a completed batch's
+        ``done`` event goes into SimPy's queue (and stops the run at its time, where the
+        batch's waiters may submit)."""
+        stages = self._stages
+        queue = self.env._queue
+        while stages and stages[0][0] < limit:
+            now, _, kind, command = heapq.heappop(stages)
+            if kind == 0:
+                # Unit released; the link serves commands FIFO in order of unit completion.
+                start = self._link_free_us
+                if start < now:
+                    start = now
+                link_done = start + command[1]
+                self._link_free_us = link_done
+                self._created += 1
+                heapq.heappush(stages, (now + (link_done - now), self._created, 1, command))
+                continue
+            # Command complete: count it, then hand its slot to the next waiting command.
+            _, transfer_us, batch = command
+            self.busy_link_us += transfer_us
+            batch.remaining -= 1
+            if not batch.remaining:
+                done = batch.done
+                done._ok = True
+                done._value = None
+                heapq.heappush(queue, (now, NORMAL, next(self.env._eid), done))
+                if now < limit:
+                    limit = now
+            if self._pending:
+                self._start(self._pending.popleft(), now)
+            else:
+                self._free_slots += 1
+
+    def _wake(self) -> None:
+        """Make sure SimPy's clock reaches the next stage end: a wake-up event then, unless an
+        earlier one is queued (a later one is superseded: it will do nothing)."""
+        if self._stages:
+            at = self._stages[0][0]
+            if at < self._wake_at:
+                env = self.env
+                wake = simpy.Event(env)
+                wake._ok = True
+                wake._value = None
+                wake.callbacks.append(self._on_wake)
+                self._wake_at, self._wake_event = at, wake
+                heapq.heappush(env._queue, (at, NORMAL, next(env._eid), wake))
+
+    def _on_wake(self, event: simpy.Event) -> None:
+        """A wake-up: process the stage ends before SimPy's next event, then wake again."""
+        if event is not self._wake_event:
+            return  # superseded by an earlier wake-up
+        self._wake_at, self._wake_event = float("inf"), None
+        queue = self.env._queue
+        self._run_until(queue[0][0] if queue else float("inf"))
+        self._wake()
+
+
+class EventFlash(_FlashBase):
+    """UFS model with two SimPy events per command: queue slots as a counter, inline FIFO unit
+    pool and link. The exact reference of :class:`Flash` (a differential test checks that
+    they give the same times to the last bit).
 
     ``read(sizes)`` / ``write(sizes)`` submit a batch at ``env.now`` and return one event for the
     whole batch. Running counters: ``read_commands``, ``read_bytes``, ``write_commands``,
