@@ -613,8 +613,7 @@ class Replay:
             written[t] = [int(due[0])] if len(due) == 1 else due.tolist()
             buffered[t] = slot not in written[t]
         if group_of is not None and cache.replacement.uses_groups:
-            for head, t in enumerate(trace_heads):
-                cache.assign_group(head, position, group_of[t], now)
+            cache.assign_group_heads(position, [group_of[t] for t in trace_heads], now)
         relabels = self.relabels_at[layer].get(step)
         if relabels:
             # cluster splits: the layout may relocate entries (written from DRAM)

@@ -310,3 +310,44 @@ def test_engine_run_with_groups_appends_and_splits(layout):
         misses[name] = int(steps_df["misses"].sum())
     assert misses["cluster_aligned"] > 0
     assert misses["belady"] <= min(misses["cluster_aligned"], misses["lru"])
+
+
+# ---------------------------------------------------------------------------- batched hooks
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), n_heads=st.integers(1, 4), n_positions=st.integers(2, 20))
+def test_assign_group_heads_is_assign_group_per_head(data, n_heads, n_positions):
+    """The engine's batched append bookkeeping (all heads at once) leaves the same state and
+    the same later victims as assign_group head by head: positions with or without a group,
+    resident or not, labels old and new, the same label twice."""
+    capacity = data.draw(st.integers(1, n_heads * n_positions))
+    caches = [make(n_positions, capacity, n_heads=n_heads) for _ in range(2)]
+    for now in range(data.draw(st.integers(1, 25))):
+        kind = data.draw(st.sampled_from(["access", "assign", "assign", "split"]))
+        if kind == "access":
+            per_head = [
+                a(*sorted(data.draw(st.sets(st.integers(0, n_positions - 1), max_size=5))))
+                for _ in range(n_heads)
+            ]
+            trails = [[m.tolist() for m in c.access(per_head, now)] for c in caches]
+            assert trails[0] == trails[1]
+        elif kind == "assign":
+            position = data.draw(st.integers(0, n_positions - 1))
+            groups = data.draw(st.lists(st.integers(0, 4), min_size=n_heads, max_size=n_heads))
+            caches[0].assign_group_heads(position, groups, now)
+            for head, group in enumerate(groups):
+                caches[1].assign_group(head, position, group, now)
+        else:
+            head = data.draw(st.integers(0, n_heads - 1))
+            moved = a(*sorted(data.draw(st.sets(st.integers(0, n_positions - 1), min_size=1))))
+            label = data.draw(st.integers(0, 6))
+            for c in caches:
+                c.assign_groups(head, moved, label, now)
+        states = [
+            [getattr(c.replacement, name).tolist()
+             for name in ("_gid", "_gsize", "_gres", "_glast", "_gupd", "_stamp", "_res")]
+            + [c.replacement._gid_of, c.replacement._has_groups, c.replacement._tick]
+            for c in caches
+        ]
+        assert states[0] == states[1]

@@ -138,6 +138,8 @@ class _FlashBase:
                     )
                 sizes_bytes = sizes.astype(np.int64)
             values = sizes_bytes.tolist()
+        elif type(sizes_bytes) is list and all(type(v) is int for v in sizes_bytes):
+            values = sizes_bytes
         else:
             sizes = np.asarray(sizes_bytes)
             if sizes.ndim != 1:

@@ -203,6 +203,11 @@ class LayerCache:
         """:meth:`assign_groups` of one position (the engine's append), with Python ints."""
         self.replacement.assign_group(head, position, group, now)
 
+    def assign_group_heads(self, position: int, groups: Sequence[int], now: int) -> None:
+        """:meth:`assign_group` of ``position`` in every head ``h`` to ``groups[h]``, heads in
+        order (the engine's append: one call per layer instead of one per head)."""
+        self.replacement.assign_group_heads(position, groups, now)
+
     def observe_future(self, accesses: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
         """Give an offline replacement policy (``replacement.needs_future``) the whole run.
 

@@ -7,6 +7,7 @@ victims are ranked from it is the policy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -145,6 +146,34 @@ class GroupBookkeeping(ReplacementPolicy):
             self._gupd[new] = self._tick
             if old:
                 self._gupd[old] = self._tick
+
+    def assign_group_heads(self, position: int, groups: Sequence[int], now: int) -> None:
+        # assign_group of every head at once: the heads' group ids are distinct (one per
+        # (head, label)), so only the dummy slot 0 may be updated by several heads (added up)
+        self._clock(now)
+        new = np.array(
+            [self._gid_for(head, group) for head, group in enumerate(groups)], dtype=np.int64
+        )
+        flat = np.arange(len(groups), dtype=np.int64) * self.n_positions + position
+        old = self._gid_flat[flat]
+        changed = old != new
+        if not changed.all():
+            if not changed.any():
+                return
+            flat, old, new = flat[changed], old[changed], new[changed]
+        if not self._has_groups:
+            self._start_groups()
+        np.subtract.at(self._gsize, old, 1)
+        self._gsize[new] += 1
+        resident = self._res_flat[flat]
+        if resident.any():
+            np.subtract.at(self._gres, old[resident], 1)
+            self._gres[new[resident]] += 1
+        self._gid_flat[flat] = new
+        np.maximum.at(self._glast, new, self._stamp_flat[flat])
+        if now >= 0:
+            self._gupd[new] = self._tick
+            self._gupd[old[old > 0]] = self._tick
 
     # -- hooks ---------------------------------------------------------------------------------
 
