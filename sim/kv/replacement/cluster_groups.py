@@ -149,7 +149,7 @@ class GroupBookkeeping(ReplacementPolicy):
 
     def assign_group_heads(self, position: int, groups: Sequence[int], now: int) -> None:
         # assign_group of every head at once: the heads' group ids are distinct (one per
-        # (head, label)), so only the dummy slot 0 may be updated by several heads (added up)
+        # (head, label)), so only the dummy slot 0 (no group) may be updated by several heads
         self._clock(now)
         new = np.array(
             [self._gid_for(head, group) for head, group in enumerate(groups)], dtype=np.int64
@@ -163,17 +163,22 @@ class GroupBookkeeping(ReplacementPolicy):
             flat, old, new = flat[changed], old[changed], new[changed]
         if not self._has_groups:
             self._start_groups()
-        np.subtract.at(self._gsize, old, 1)
+        grouped = old > 0
+        left = old[grouped]  # distinct
+        self._gsize[0] -= len(old) - len(left)
+        self._gsize[left] -= 1
         self._gsize[new] += 1
         resident = self._res_flat[flat]
         if resident.any():
-            np.subtract.at(self._gres, old[resident], 1)
+            was = old[resident]
+            self._gres[0] -= int(np.count_nonzero(was == 0))
+            self._gres[was[was > 0]] -= 1
             self._gres[new[resident]] += 1
         self._gid_flat[flat] = new
-        np.maximum.at(self._glast, new, self._stamp_flat[flat])
+        self._glast[new] = np.maximum(self._glast[new], self._stamp_flat[flat])
         if now >= 0:
             self._gupd[new] = self._tick
-            self._gupd[old[old > 0]] = self._tick
+            self._gupd[left] = self._tick
 
     # -- hooks ---------------------------------------------------------------------------------
 
