@@ -199,8 +199,10 @@ class Replay:
         self.records = np.zeros((pp.decode_steps, len(STEP_COLUMNS)), dtype=np.float64)
         self.col = {name: i for i, name in enumerate(STEP_COLUMNS)}
         max_pages = self.max_io_bytes // self.page_bytes
-        self.io_size_counts = np.zeros(max_pages + 1, dtype=np.int64)
-        self.run_length_counts = np.zeros(64, dtype=np.int64)
+        # read commands by size in pages, runs of contiguous entries by length (Python ints:
+        # a few per layer and step, below numpy's per-call cost)
+        self._io_sizes = [0] * (max_pages + 1)
+        self._run_lengths: dict[int, int] = {}
 
     # -- builders (run once, before the decode process) -----------------------------------------
 
@@ -434,13 +436,18 @@ class Replay:
         """``layer``'s resident entries, flat indices (a swap snapshot, see :meth:`_swap_out`)."""
         return self._cache(layer).resident_flat()
 
-    def _count_runs(self, run_entries: np.ndarray) -> None:
-        counts = np.bincount(run_entries)
-        if len(counts) > len(self.run_length_counts):
-            grown = np.zeros(max(len(counts), 2 * len(self.run_length_counts)), dtype=np.int64)
-            grown[: len(self.run_length_counts)] = self.run_length_counts
-            self.run_length_counts = grown
-        self.run_length_counts[: len(counts)] += counts
+    @property
+    def io_size_counts(self) -> np.ndarray:
+        """Read commands so far by size in pages (index: pages)."""
+        return np.array(self._io_sizes, dtype=np.int64)
+
+    @property
+    def run_length_counts(self) -> np.ndarray:
+        """Runs of contiguous requested entries read so far, by length (index: entries)."""
+        counts = np.zeros(max(64, max(self._run_lengths, default=0) + 1), dtype=np.int64)
+        for length, runs in self._run_lengths.items():
+            counts[length] = runs
+        return counts
 
     def _issue_reads(self, step: int, layer: int, rec: np.ndarray) -> tuple[simpy.Event, int]:
         """Cache lookup and flash reads of one layer; returns the read event, entries attended.
@@ -487,15 +494,17 @@ class Replay:
             table[self.slot_rows[regions], positions], self.entry_bytes, self.page_bytes,
             self.max_io_bytes, regions=regions,
         )
-        command_bytes, useful = plan.command_bytes, plan.useful_bytes
-        self._count_runs(plan.run_entries)
-        rec[col["read_bytes"]] += command_bytes.sum()
-        rec[col["useful_read_bytes"]] += useful
+        command_bytes = plan.command_bytes.tolist()
+        runs = self._run_lengths
+        for length in plan.run_entries.tolist():
+            runs[length] = runs.get(length, 0) + 1
+        sizes, page = self._io_sizes, self.page_bytes
+        for size in command_bytes:
+            sizes[size // page] += 1
+        rec[col["read_bytes"]] += sum(command_bytes)
+        rec[col["useful_read_bytes"]] += plan.useful_bytes
         rec[col["read_commands"]] += len(command_bytes)
         rec[col["selected_entries"]] += n_selected
-        self.io_size_counts += np.bincount(
-            command_bytes // self.page_bytes, minlength=len(self.io_size_counts)
-        )
         issued = self.env.now
         event = self.flash.read(command_bytes)
         if len(command_bytes):
@@ -948,12 +957,14 @@ def simulate(
     bar.close()
     steps = pd.DataFrame(replay.records, columns=list(STEP_COLUMNS))
     steps.insert(0, "step", np.arange(pp.decode_steps, dtype=np.int32))
-    sizes = np.nonzero(replay.io_size_counts)[0]
+    size_counts = replay.io_size_counts
+    sizes = np.nonzero(size_counts)[0]
     io_sizes = pd.DataFrame(
-        {"size_bytes": sizes * replay.page_bytes, "commands": replay.io_size_counts[sizes]}
+        {"size_bytes": sizes * replay.page_bytes, "commands": size_counts[sizes]}
     )
-    lengths = np.nonzero(replay.run_length_counts)[0]
-    run_lengths = pd.DataFrame({"run_entries": lengths, "runs": replay.run_length_counts[lengths]})
+    length_counts = replay.run_length_counts
+    lengths = np.nonzero(length_counts)[0]
+    run_lengths = pd.DataFrame({"run_entries": lengths, "runs": length_counts[lengths]})
     peak_cache = sum(c.peak_resident_entries for c in replay.caches if c is not None)
     totals = {
         "entry_bytes": replay.entry_bytes,
