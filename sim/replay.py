@@ -119,8 +119,8 @@ class _PendingReads:
 
 
 def _in_sorted(values: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """``np.isin(values, among)`` for a sorted, non-empty ``among`` (one binary search per
-    value: cheaper than ``isin``'s general path on the replay's small arrays)."""
+    """``np.isin(values, among)`` for a sorted, unique, non-empty ``among`` (one binary search
+    per value: cheaper than ``isin``'s general path on the replay's small arrays)."""
     found = among.searchsorted(values)
     np.minimum(found, len(among) - 1, out=found)
     return among[found] == values
@@ -146,9 +146,6 @@ class Replay:
         self.trace_heads: list[int] = self.head_map.tolist()
         self.distinct_trace_heads = sorted(set(self.trace_heads))
         self.first_head = {t: self.trace_heads.index(t) for t in self.distinct_trace_heads}
-        # simulated KV heads per trace head
-        self.heads_per_trace_head = {t: self.trace_heads.count(t)
-                                     for t in self.distinct_trace_heads}
         self.head_dim, self.queries_per_kv_head = target.head_dim, target.queries_per_kv_head
         self.entry_bytes = target.entry_bytes(dtype)
         self.vector_bytes = int(round(target.head_dim * kv_dtype_bytes(dtype)))
@@ -156,6 +153,8 @@ class Replay:
         self.max_io_bytes = flash_params.max_io_bytes
         self.n_positions = pp.prompt_len + pp.decode_steps
         self.head_offsets = np.arange(self.n_heads, dtype=np.int64) * self.n_positions
+        # (selection, trace head) -> (step, split buffers at its end), see _split_buffered
+        self.split_buffered: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
         self.dense_pre_us, self.dense_q_us, self.dense_post_us = self._dense_split()
         # once per token, after the last layer: final norm + LM head (none without a vocab)
         self.lm_head_us = lm_head_us(target.vocab_size, target.hidden, self.compute, self.dram)
@@ -348,13 +347,19 @@ class Replay:
             for h, layout in enumerate(self.layouts[layer])
         )
 
-    @staticmethod
-    def _split_buffered(selection: LayerSelection, trace_head: int, step: int) -> np.ndarray:
+    def _split_buffered(self, selection: LayerSelection, trace_head: int, step: int
+                        ) -> np.ndarray:
         """Positions in the split buffers of ``trace_head`` at the end of ``step`` (none before
-        the first step)."""
+        the first step); the latest step's are kept (asked for again by the next step)."""
         if selection.split_buffers is None or step < 0:
             return np.zeros(0, dtype=np.int32)
-        return selection.split_buffers[trace_head].at(step)
+        key = (id(selection), trace_head)
+        known = self.split_buffered.get(key)
+        if known is not None and known[0] == step:
+            return known[1]
+        positions = selection.split_buffers[trace_head].at(step)
+        self.split_buffered[key] = (step, positions)
+        return positions
 
     def _without_held(
         self,
@@ -524,7 +529,7 @@ class Replay:
             return 0
         among = np.concatenate(per_head).astype(np.int64)
         among += np.repeat(self.head_offsets, sizes)
-        found = np.searchsorted(among, flat)
+        found = among.searchsorted(flat)
         np.minimum(found, among.size - 1, out=found)
         return int(np.count_nonzero(among[found] == flat))
 
@@ -592,7 +597,9 @@ class Replay:
         """Write the entries that became resident during the layer to its swap area
         (``before``: the layer's resident entries before its reads, flat indices)."""
         resident = self._cache(layer).resident_flat()
-        new = int(np.count_nonzero(np.isin(resident, before, assume_unique=True, invert=True)))
+        new = len(resident)
+        if new and len(before):
+            new -= int(np.count_nonzero(_in_sorted(resident, before)))
         commands, total = self._sequential_commands(new * self.entry_bytes)
         if commands:
             rec[self.col["swap_write_bytes"]] += total
