@@ -15,7 +15,7 @@ import simpy
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sim.hardware import Flash, ResourceFlash, load_device, preset_names  # noqa: E402
-from sim.hardware.flash import read_bandwidth_curve  # noqa: E402
+from sim.hardware.flash import EventFlash, read_bandwidth_curve  # noqa: E402
 
 KIB = 1024
 
@@ -31,10 +31,12 @@ def one_big_batch(cls: type, params, size_bytes: int, n_commands: int) -> tuple[
     return n_commands / cpu_s, n_commands * size_bytes / env.now
 
 
-def many_small_batches(params, batch_size: int, n_batches: int, size_bytes: int) -> float:
+def many_small_batches(
+    cls: type, params, batch_size: int, n_batches: int, size_bytes: int
+) -> float:
     """Commands per CPU second when a process submits batches one after another (engine-like)."""
     env = simpy.Environment()
-    flash = Flash(env, params)
+    flash = cls(env, params)
     sizes = np.full(batch_size, size_bytes, dtype=np.int64)
 
     def decode():
@@ -50,15 +52,17 @@ def many_small_batches(params, batch_size: int, n_batches: int, size_bytes: int)
 def main() -> None:
     params = load_device("ufs40-flagship").flash
     print("Simulator speed (ufs40-flagship), simulated commands per CPU second")
-    for cls, n in ((Flash, 300_000), (ResourceFlash, 30_000)):
+    for cls, n in ((Flash, 300_000), (EventFlash, 300_000), (ResourceFlash, 30_000)):
         for size in (4 * KIB, 128 * KIB):
             rate, mb_s = one_big_batch(cls, params, size, n)
             print(
                 f"  {cls.__name__:13s} {size // KIB:4d} KiB x {n:7d}: "
                 f"{rate:10,.0f} cmd/s  (simulated {mb_s:7.1f} MB/s)"
             )
-    rate = many_small_batches(params, batch_size=24, n_batches=10_000, size_bytes=16 * KIB)
-    print(f"  Flash         10,000 batches of 24 x 16 KiB: {rate:10,.0f} cmd/s")
+    for cls in (Flash, EventFlash):
+        rate = many_small_batches(cls, params, batch_size=24, n_batches=10_000,
+                                  size_bytes=16 * KIB)
+        print(f"  {cls.__name__:13s} 10,000 batches of 24 x 16 KiB: {rate:10,.0f} cmd/s")
 
     sizes = [4 * KIB * 2**i for i in range(8)]  # 4 KiB .. 512 KiB
     for name in preset_names():
