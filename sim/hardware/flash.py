@@ -235,7 +235,8 @@ class Flash(_FlashBase):
     ) -> simpy.Event:
         env = self.env
         now = env._now
-        self._run_until(now)
+        if self._stages and self._stages[0][0] < now:
+            self._run_until(now)
         done = env.event()
         n = len(moved_bytes)
         if n == 0:
@@ -244,10 +245,16 @@ class Flash(_FlashBase):
         batch = _Batch(n, done)
         pending = self._pending
         # b / bw of a Python int is numpy's int64 / float64: the same correctly rounded double
-        pending.extend([(latency_us, b / bandwidth_mb_s, batch) for b in moved_bytes])
-        while self._free_slots and pending:
-            self._free_slots -= 1
-            self._start(pending.popleft(), now)
+        commands = [(latency_us, b / bandwidth_mb_s, batch) for b in moved_bytes]
+        if not pending and self._free_slots >= n:  # every command gets a slot now
+            self._free_slots -= n
+            for command in commands:
+                self._start(command, now)
+        else:
+            pending.extend(commands)
+            while self._free_slots and pending:
+                self._free_slots -= 1
+                self._start(pending.popleft(), now)
         self._wake()
         return done
 
