@@ -119,8 +119,8 @@ class _PendingReads:
 
 
 def _in_sorted(values: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """``np.isin(values, among)`` for a sorted, unique, non-empty ``among`` (one binary search
-    per value: cheaper than ``isin``'s general path on the replay's small arrays)."""
+    """``np.isin(values, among)`` for a sorted, non-empty ``among`` (one binary search per
+    value: cheaper than ``isin``'s general path on the replay's small arrays)."""
     found = among.searchsorted(values)
     np.minimum(found, len(among) - 1, out=found)
     return among[found] == values
@@ -528,10 +528,8 @@ class Replay:
         if not flat.size or not sum(sizes):
             return 0
         among = np.concatenate(per_head).astype(np.int64)
-        among += np.repeat(self.head_offsets, sizes)
-        found = among.searchsorted(flat)
-        np.minimum(found, among.size - 1, out=found)
-        return int(np.count_nonzero(among[found] == flat))
+        among += np.repeat(self.head_offsets, sizes)  # ascending: heads, then positions
+        return int(np.count_nonzero(_in_sorted(flat, among)))
 
     def _sequential_commands(self, size: int) -> tuple[list[int], int]:
         """Command sizes (bytes, whole pages) moving ``size`` contiguous bytes, and their
