@@ -18,7 +18,7 @@ from sim.errors import ConfigError
 from sim.hardware.device import DEFAULT_PRESET
 from sim.model import KV_DTYPE_BYTES, ModelGeometry
 from sim.paths import CONFIGS_DIR
-from sim.validation import read_yaml
+from sim.yaml_input import read_yaml
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 

@@ -52,7 +52,8 @@ from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
 from sim.trace.capture import CaptureSettings
 from sim.trace.format import open_trace
 from sim.trace.split import check_decode_from
-from sim.validation import pydantic_error_line, read_yaml
+from sim.validation import pydantic_error_line
+from sim.yaml_input import read_yaml
 
 
 @dataclass

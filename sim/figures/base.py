@@ -20,7 +20,7 @@ from sim.atomic import atomic_write_text, os_error_text
 from sim.errors import ConfigError, KvsimError, OutputError
 from sim.registry import Registry
 from sim.result_files import EXPERIMENT, FIGURES_DIR, RUN_SETTINGS, RUNS_DIR, SUMMARY_CSV
-from sim.validation import read_yaml
+from sim.yaml_input import read_yaml
 
 FIGURES: Registry[Figure] = Registry("figure", package="sim.figures")
 
@@ -49,10 +49,7 @@ class Results:
         experiment_path = directory / EXPERIMENT
         experiment: dict[str, Any] = {}
         if experiment_path.exists():
-            try:
-                data = read_yaml(experiment_path)
-            except UnicodeDecodeError:
-                raise ConfigError(f"{experiment_path}: not a text file") from None
+            data = read_yaml(experiment_path)  # a binary file, too, is one line (ConfigError)
             experiment = _plot_settings(data, experiment_path)
         results = cls(directory, summary, experiment)
         _check_summary(summary, results.axes, summary_path)

@@ -19,7 +19,8 @@ from sim.hardware.compute import ComputeParams
 from sim.hardware.dram import DramParams
 from sim.hardware.flash import FlashParams
 from sim.paths import CONFIGS_DIR
-from sim.validation import pydantic_error_line, read_yaml
+from sim.validation import pydantic_error_line
+from sim.yaml_input import read_yaml
 
 DEVICE_PRESETS_DIR = CONFIGS_DIR / "devices"
 DEFAULT_PRESET = "ufs40-flagship"  # an experiment's device when it names none
