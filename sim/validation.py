@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 _MAX_SHOWN_CHARS = 60
+
+#: The model config of every config model (experiments, device parameters): unknown keys are
+#: errors, values are immutable, and every float must be finite (``.inf``, ``.nan`` or the
+#: strings ``"inf"``/``"nan"`` would otherwise reach the results as Infinity or NaN).
+STRICT_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _valid_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str] | None:

@@ -138,7 +138,7 @@ def _check_duplicate_keys(node: MappingNode) -> None:
             )
 
 
-class StrictLoader(_Base):  # type: ignore[misc,valid-type]
+class StrictLoader(_Base):
     """:class:`yaml.SafeLoader` with the checks of the module docstring."""
 
     def get_single_data(self) -> Any:

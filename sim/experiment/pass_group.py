@@ -33,13 +33,14 @@ from sim.trace.verified import check_unchanged, verify_once
 
 
 def cache_capacity_bytes(
-    capacity: float | int | str | None,
+    capacity: float | str | None,
     device: DeviceParams,
     target: ModelGeometry,
     n_positions: int,
     kv_dtype: str,
 ) -> int:
-    """``cache.capacity`` in bytes: a size, a fraction of the full KV cache, or the preset's."""
+    """``cache.capacity`` in bytes: a size string, a fraction of the full KV cache (a number,
+    validated in (0, 1] by :class:`sim.config.CacheSpec`), or the preset's."""
     if capacity is None:
         return int(device.dram.kv_budget_bytes)
     return kv_size_bytes(capacity, n_positions, target.kv_bytes_per_token(kv_dtype))

@@ -1,0 +1,183 @@
+"""Bad input never gives a wrong result or fails inside a run (issue 11, classes 1 and 4):
+every value is checked before any work, in one line, exit 2, with nothing written."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from pydantic import BaseModel
+
+from sim.cli import main
+from sim.config import ExperimentConfig
+from sim.errors import ConfigError
+from sim.experiment.pass_group import cache_capacity_bytes
+from sim.experiment.planning import plan
+from sim.hardware import ComputeParams, DeviceParams, DramParams, FlashParams, load_device
+from sim.model import GEOMETRY_LIMITS, ModelGeometry
+
+from .test_cli import GOOD, _run_bad, _write
+
+# the fixture trace: SmolLM2-135M, 160 + 24 positions, 30 layers, 3 KV heads, head_dim 64,
+# queries of the decode steps only (query_start 160), no speculative queries (format 1)
+FIXTURE_POSITIONS, FIXTURE_LAYERS, FIXTURE_KV_HEADS, FIXTURE_HEAD_DIM = 184, 30, 3, 64
+
+
+def _policy(entry: str) -> str:
+    """GOOD with its static_clusters entry replaced by ``entry`` (a flow mapping)."""
+    old = "  - type: static_clusters\n    budget: 64\n    tokens_per_cluster: 16\n"
+    assert old in GOOD
+    return GOOD.replace(old, f"  - {entry}\n")
+
+
+# -- class 1: cache.capacity is a fraction in (0, 1] or a size string --------------------------
+
+
+@pytest.mark.parametrize("value", ["1.5", "2", "300000", "0", "-0.1", "true", "'0B'", "'2PiB'",
+                                   "'2048TiB'"])
+def test_capacity_that_is_neither_a_fraction_nor_a_size_is_refused(tmp_path, capsys, value):
+    line = _run_bad(tmp_path, capsys, GOOD.replace("capacity: 0.2", f"capacity: {value}"))
+    assert "cache.capacity" in line
+
+
+def test_capacity_number_is_a_fraction_of_the_full_kv_cache_and_a_string_is_bytes(tmp_path):
+    device = load_device("ufs40-flagship")
+    model = plan(_write(tmp_path, GOOD)).runs[0]
+    assert model.cache["capacity"] == 0.2
+    trace_model = ModelGeometry("fixture", FIXTURE_LAYERS, 9, FIXTURE_KV_HEADS, FIXTURE_HEAD_DIM)
+    # the whole fp16 KV cache: positions x layers x KV heads x (K + V) x head_dim x 2 bytes
+    full = FIXTURE_POSITIONS * FIXTURE_LAYERS * FIXTURE_KV_HEADS * 2 * FIXTURE_HEAD_DIM * 2
+    assert full == 4_239_360
+    for written, expected in [("1", full), ("1.0", full), ("0.5", full // 2),
+                              ("'300000B'", 300_000), ("'300000'", 300_000),
+                              ("'64MiB'", 64 * 2**20), ("'1.5 GB'", 1_500_000_000)]:
+        config = _write(tmp_path, GOOD.replace("capacity: 0.2", f"capacity: {written}"))
+        capacity = plan(config).runs[0].cache["capacity"]
+        got = cache_capacity_bytes(capacity, device, trace_model, FIXTURE_POSITIONS, "fp16")
+        assert got == expected, written
+
+
+# -- class 1: every number finite, everywhere --------------------------------------------------
+
+
+def _config_models(model: type[BaseModel], seen: set | None = None) -> set[type[BaseModel]]:
+    """Every pydantic model reachable through ``model``'s field annotations."""
+    import typing
+
+    seen = set() if seen is None else seen
+    if model in seen:
+        return seen
+    seen.add(model)
+    for field in model.model_fields.values():
+        stack = [field.annotation]
+        while stack:
+            tp = stack.pop()
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
+                _config_models(tp, seen)
+            stack.extend(typing.get_args(tp))
+    return seen
+
+
+def test_every_config_model_refuses_inf_and_nan():
+    models = _config_models(ExperimentConfig) | _config_models(DeviceParams)
+    assert {FlashParams, DramParams, ComputeParams, ExperimentConfig} <= models
+    for model in models:
+        assert model.model_config.get("allow_inf_nan") is False, model.__name__
+
+
+@pytest.mark.parametrize("section", ["flash", "dram", "compute"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", float("inf"), float("nan")])
+def test_every_float_device_parameter_refuses_non_finite_values(section, value):
+    params = {"flash": FlashParams, "dram": DramParams, "compute": ComputeParams}[section]
+    floats = [name for name, f in params.model_fields.items() if f.annotation in (float, "float")]
+    assert floats
+    for name in floats:
+        with pytest.raises(ConfigError, match=f"device.{section}.{name}: .*finite"):
+            load_device({"preset": "ufs40-flagship", section: {name: value}})
+
+
+@pytest.mark.parametrize(
+    ("replace", "by"),
+    [
+        ("device: ufs40-flagship",
+         "device: {preset: ufs40-flagship, compute: {kernel_overhead_us: .inf}}"),
+        ("device: ufs40-flagship",
+         "device: {preset: ufs40-flagship, flash: {read_command_latency_us: 1.0e+999}}"),
+        ("budget: 64", "budget: .nan"),
+        ("capacity: 0.2", "capacity: .inf"),
+    ],
+)
+def test_non_finite_yaml_numbers_are_refused_at_their_line(tmp_path, capsys, replace, by):
+    line = _run_bad(tmp_path, capsys, GOOD.replace(replace, by))
+    assert "not a finite number" in line and "at line" in line
+
+
+def test_duplicate_key_in_an_experiment_is_refused(tmp_path, capsys):
+    line = _run_bad(tmp_path, capsys, GOOD.replace("capacity: 0.2", "capacity: 0.2\n  capacity: 1"))
+    assert "duplicate key 'capacity'" in line
+
+
+# -- class 1: sizes that would exhaust memory ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("flash", "parallel_units", 10**9), ("flash", "queue_depth", 10**9),
+     ("flash", "page_size_bytes", 2**40), ("dram", "kv_budget_bytes", 2**60)],
+)
+def test_device_sizes_are_bounded(section, key, value):
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"device.{section}.{key}: .*less than or equal"):
+        load_device({"preset": "ufs40-flagship", section: {key: value}})
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("field", list(GEOMETRY_LIMITS))
+def test_model_geometry_is_bounded(tmp_path, capsys, field):
+    sizes = {"n_layers": 16, "n_q_heads": 32, "n_kv_heads": 8, "head_dim": 64}
+    sizes[field] = GEOMETRY_LIMITS[field]
+    if field == "n_kv_heads":
+        sizes["n_q_heads"] = GEOMETRY_LIMITS[field]
+    ModelGeometry("edge", **sizes)  # the limit itself is allowed
+    sizes[field] = 10**9
+    model = tmp_path / "huge.yaml"
+    model.write_text("name: huge\nparams_per_layer: 1000\n"
+                     + "".join(f"{k}: {v}\n" for k, v in sizes.items()))
+    line = _run_bad(tmp_path, capsys, GOOD.replace("name: tiny", f"name: tiny\nmodel: {model}"))
+    assert f"{field} must be in [1, {GEOMETRY_LIMITS[field]}]" in line
+
+
+def test_sweep_with_too_many_points_is_refused_before_expanding(tmp_path, capsys):
+    grid = "".join(
+        f"    policies.static_clusters.{name}: {list(range(1, 11))}\n"
+        for name in ("max_iter", "sink_tokens", "recent_tokens", "coretrieval_queries",
+                     "tokens_per_cluster", "n_clusters", "budget")
+    ) + f"    device.flash.queue_depth: {list(range(1, 11))}\n"  # 10 ** 8 points
+    started = time.perf_counter()
+    line = _run_bad(tmp_path, capsys, GOOD + "sweep:\n  grid:\n" + grid)
+    assert time.perf_counter() - started < 5.0
+    assert "100000000 points is more than 10000" in line
+
+
+# -- class 4: hostile files through the CLI ---------------------------------------------------
+
+
+def test_binary_experiment_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "exp.yaml"
+    config.write_bytes(bytes(range(256)) * 16)
+    assert main(["run", str(config), "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8 text" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_billion_laughs_experiment_fails_fast(tmp_path, capsys):
+    bomb = ["lol: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"l{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)
+    ]
+    # the bomb as the value of a key kvsim would otherwise print, copy and validate
+    text = GOOD.replace("name: tiny", "\n".join(bomb) + "\nname: tiny\ndescription: *a8")
+    started = time.perf_counter()
+    line = _run_bad(tmp_path, capsys, text)
+    assert time.perf_counter() - started < 1.0
+    assert "billion laughs" in line
