@@ -1,21 +1,27 @@
-"""Bad input never gives a wrong result or fails inside a run (issue 11, classes 1 and 4):
+"""Bad input never gives a wrong result or fails inside a run (issue 11, classes 1, 3 and 4):
 every value is checked before any work, in one line, exit 2, with nothing written."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
 from sim.cli import main
 from sim.config import ExperimentConfig
-from sim.errors import ConfigError
+from sim.errors import ConfigError, KvsimError
 from sim.experiment.pass_group import cache_capacity_bytes
 from sim.experiment.planning import plan
 from sim.hardware import ComputeParams, DeviceParams, DramParams, FlashParams, load_device
 from sim.model import GEOMETRY_LIMITS, ModelGeometry
+from sim.policies import POLICIES
+from sim.policy_pass import run_policy_pass
 
+from .conftest import FIXTURE_TRACE
 from .test_cli import GOOD, _run_bad, _write
 
 # the fixture trace: SmolLM2-135M, 160 + 24 positions, 30 layers, 3 KV heads, head_dim 64,
@@ -157,6 +163,102 @@ def test_sweep_with_too_many_points_is_refused_before_expanding(tmp_path, capsys
     line = _run_bad(tmp_path, capsys, GOOD + "sweep:\n  grid:\n" + grid)
     assert time.perf_counter() - started < 5.0
     assert "100000000 points is more than 10000" in line
+
+
+# -- class 3: what the trace lacks or does not fit, before any work ----------------------------
+
+
+def _trace_copy(tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "trace"
+    shutil.copytree(FIXTURE_TRACE, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD.replace("name: tiny", "name: tiny\nseed: -1"), "seed"),
+        (GOOD.replace("name: tiny", "name: tiny\nrecord: {cluster_layer: 30, cluster_steps: [0]}"),
+         "record.cluster_layer: 30 >= the trace's 30 layers"),
+        (GOOD.replace("name: tiny", "name: tiny\nrecord: {cluster_layer: 1, cluster_kv_head: 3}"),
+         "record.cluster_kv_head: 3 >= the trace's 3 KV heads"),
+        (_policy("{type: h2o, budget: 32}"), "stores queries from position 160 on"),
+        (_policy("{type: infinigen, budget: 0.2}"), "the trace stores none"),
+        (_policy("{type: pqcache, budget: 64, n_subvectors: 3}"),
+         "n_subvectors (=3) must divide the trace's head dimension (=64)"),
+        (_policy("{type: quest, budget: 64, page_tokens: 185}"),
+         "page_tokens (=185) exceeds the trace's 184 positions"),
+        (GOOD.replace("name: tiny", "name: tiny\nfigures: [fig4_cluster_pca]"),
+         "record.cluster_layer"),
+        (GOOD.replace("name: tiny", "name: tiny\nfigures: [fig7_coretrieval]"),
+         "record.cluster_layer"),
+        (GOOD.replace("name: tiny", "name: tiny\nfigures: [table2_update_retrieval]"),
+         "record.update_horizon"),
+        (GOOD + "sweep:\n  grid:\n    seed: [0, -5]\n", "[seed=-5]"),
+    ],
+)
+def test_problems_a_run_would_meet_are_found_at_plan_time(tmp_path, capsys, text, expected):
+    assert expected in _run_bad(tmp_path, capsys, text)
+
+
+@pytest.mark.parametrize("name", POLICIES.names())
+def test_plan_time_trace_check_agrees_with_the_run(fixture_trace, name):
+    """Differential, on every registered policy: the fixture trace lacks prompt and
+    speculative queries; a policy whose trace_problem finds nothing must run on it, and one
+    whose trace_problem names a problem must fail inside the pass (so the check is neither
+    too strict nor missing)."""
+    params = {"budget": 0.2} if "budget" in POLICIES.parameters(name) else {}
+    policy = POLICIES.create({"type": name, **params})
+    problem = policy.trace_problem(fixture_trace)
+    if problem is None:
+        run_policy_pass(fixture_trace, policy, seed=0, workers=1)
+    else:
+        assert "\n" not in problem
+        with pytest.raises(KvsimError):
+            run_policy_pass(fixture_trace, policy, seed=0, workers=1)
+
+
+def test_limits_themselves_plan(tmp_path):
+    fine = _policy("{type: quest, budget: 64, page_tokens: 184}").replace(
+        "name: tiny", "name: tiny\nrecord: {cluster_layer: 29, cluster_kv_head: 2}")
+    assert len(plan(_write(tmp_path, fine)).runs) == 2
+
+
+def test_simulated_model_without_params_per_layer_is_refused(tmp_path, capsys):
+    model = tmp_path / "zero.yaml"
+    model.write_text("name: zero\nn_layers: 16\nn_q_heads: 32\nn_kv_heads: 8\nhead_dim: 64\n")
+    line = _run_bad(tmp_path, capsys, GOOD.replace("name: tiny", f"name: tiny\nmodel: {model}"))
+    assert "model 'zero' has no params_per_layer" in line
+    # the trace's own model (no model: key) from a manifest without it
+    trace = _trace_copy(tmp_path, lambda m: m["model"].pop("params_per_layer"))
+    line = _run_bad(tmp_path, capsys, GOOD.replace(str(FIXTURE_TRACE), str(trace)))
+    assert "model 'smollm2-135m' has no params_per_layer" in line
+
+
+def test_trace_captured_after_planning_is_checked_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    """A capture not yet in the cache cannot be checked at plan time; the runner checks it
+    as soon as it exists, before creating the output directory."""
+    import sim.experiment.runner as runner
+    import sim.trace.capture as capture
+
+    monkeypatch.setenv("KVSIM_TRACE_CACHE", str(tmp_path / "empty-cache"))
+    text = _policy("{type: h2o, budget: 32}").replace(
+        f"path: {FIXTURE_TRACE}",
+        "capture: {model: smollm2-135m, text: pydoc, prompt_len: 160, decode_steps: 24, "
+        "queries: decode}",
+    )
+    planned = plan(_write(tmp_path, text), output=tmp_path / "out")
+    assert not planned.checked
+    # the capture yields the fixture trace (captured with queries: decode)
+    monkeypatch.setattr(capture, "get_or_capture", lambda *a, **k: FIXTURE_TRACE)
+    with pytest.raises(ConfigError, match="stores queries from position 160 on"):
+        runner.execute(planned, jobs=1, progress=False, log=lambda _m: None)
+    assert not (tmp_path / "out").exists()
 
 
 # -- class 4: hostile files through the CLI ---------------------------------------------------
