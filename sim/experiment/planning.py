@@ -57,6 +57,7 @@ from sim.result_files import RUN_SETTINGS, RUN_SUMMARY, RUNS_DIR
 from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
 from sim.trace.capture import CaptureSettings
 from sim.trace.format import Trace, open_trace
+from sim.trace.sources import load_text
 from sim.trace.split import check_decode_from, split_trace
 from sim.validation import pydantic_error_line
 from sim.yaml_input import read_yaml
@@ -317,8 +318,11 @@ def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
             settings.validate()
         except (TypeError, ValueError, CaptureError) as exc:
             raise ConfigError(f"{where}: trace.capture: {exc}") from None
-        if settings.text.startswith("file:") and not Path(settings.text[5:]).expanduser().is_file():
-            raise ConfigError(f"{where}: trace.capture.text: no file at {settings.text[5:]}")
+        if settings.text.startswith("file:"):
+            try:  # what a capture would read: a file, a glob or a comma-separated list of them
+                load_text(settings.text)
+            except CaptureError as exc:
+                raise ConfigError(f"{where}: trace.capture.text: {exc}") from None
         name = f"{settings.model}/{settings.text}/{settings.prompt_len}+{settings.decode_steps}"
         if settings.mode != "generate" or settings.sampling != "greedy":
             name += f" ({settings.mode}, {settings.sampling})"
