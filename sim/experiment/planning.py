@@ -283,6 +283,9 @@ def _record_problem(record: RecordSpec, trace: Trace) -> str | None:
 def _layout_spec(value: Any, where: str) -> dict[str, Any] | None:
     if value is None or value == "auto":
         return None
+    if not isinstance(value, (str, dict)):
+        raise ConfigError(f"{where}.layout: expected a layout name or a mapping with a 'type' "
+                          f"key, got {value!r}")
     spec = {"type": value} if isinstance(value, str) else dict(value)
     # Build once with a dummy size so unknown layout names and parameters fail before any run.
     LAYOUTS.create({**spec, "n_positions": 1}, where=f"{where}.layout")
