@@ -166,6 +166,17 @@ def test_sweep_with_too_many_points_is_refused_before_expanding(tmp_path, capsys
     assert "100000000 points is more than 10000" in line
 
 
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [("n_commands: 1000001", "n_commands must be in [1, 10**6]"),
+     (f"sizes_kib: {list(range(1, 66))}", "at most 64 sizes")],
+)
+def test_figure_work_is_bounded(tmp_path, capsys, option, expected):
+    text = GOOD.replace("name: tiny", f"name: tiny\nfigures: [{{type: fig3b_read_bandwidth, "
+                                      f"{option}}}]")
+    assert expected in _run_bad(tmp_path, capsys, text)
+
+
 # -- class 3: what the trace lacks or does not fit, before any work ----------------------------
 
 
