@@ -124,6 +124,32 @@ def test_duplicate_key_in_an_experiment_is_refused(tmp_path, capsys):
     assert "duplicate key 'capacity'" in line
 
 
+def test_a_sweep_over_the_record_block_records_each_points_own_layer(tmp_path):
+    """Runs differing only in record: share one policy pass; each must still get the records
+    its own block asks for (the group's first block was used for all), equal to a lone run's."""
+    import pandas as pd
+
+    from sim.experiment.runner import execute
+
+    record = "name: tiny\nrecord: {cluster_layer: 1, cluster_steps: [0, 23]}"
+    base = _policy("{type: static_clusters, budget: 64, tokens_per_cluster: 16}").replace(
+        "name: tiny", record)
+    swept = plan(_write(tmp_path, base + "sweep:\n  grid:\n    record.cluster_layer: [1, 2]\n"),
+                 output=tmp_path / "sweep")
+    alone = plan(_write(tmp_path, base.replace("cluster_layer: 1", "cluster_layer: 2")),
+                 output=tmp_path / "alone")
+    for planned in (swept, alone):
+        execute(planned, jobs=1, progress=False, log=lambda _m: None)
+
+    def labels(planned, layer):
+        (run,) = [r for r in planned.runs if r.label == "static_clusters"
+                  and r.record["cluster_layer"] == layer]
+        return pd.read_parquet(planned.run_dir(run) / "cluster_keys.parquet")
+
+    assert not labels(swept, 1).equals(labels(swept, 2))  # two layers, two sets of keys
+    pd.testing.assert_frame_equal(labels(swept, 2), labels(alone, 2))
+
+
 # -- class 1: sizes that would exhaust memory ---------------------------------------------------
 
 
@@ -210,6 +236,9 @@ def _trace_copy(tmp_path: Path, edit) -> Path:
         (GOOD.replace("name: tiny", "name: tiny\nfigures: [table2_update_retrieval]"),
          "record.update_horizon"),
         (GOOD + "sweep:\n  grid:\n    seed: [0, -5]\n", "[seed=-5]"),
+        (GOOD.replace("name: tiny", "name: tiny\nrecord: {cluster_layer: 1}")
+         + "sweep:\n  grid:\n    record.cluster_layer: [1, 40]\n",
+         "[record.cluster_layer=40]: run 'full': record.cluster_layer: 40 >= the trace's 30"),
     ],
 )
 def test_problems_a_run_would_meet_are_found_at_plan_time(tmp_path, capsys, text, expected):

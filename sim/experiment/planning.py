@@ -241,14 +241,15 @@ def check_against_trace(plan: Plan, key: str, trace: Trace) -> None:
     :meth:`~sim.policies.base.RetrievalPolicy.trace_problem`, the ``record:`` block against the
     trace's layers and KV heads, and a simulated model whose dense compute is known. Raises
     one-line ConfigError naming the run."""
-    passes: set[str] = set()
+    checked: set[str] = set()  # (policy pass, record) pairs: each is checked once
     for run in plan.unique_runs():
         if run.trace.key != key:
             continue
         point = f" [{describe_point(run.point)}]" if run.point else ""
         where = f"{plan.source}{point}: run {run.label!r}"
-        if run.pass_id not in passes:
-            passes.add(run.pass_id)
+        pair = json.dumps([run.pass_id, run.record], sort_keys=True, default=str)
+        if pair not in checked:
+            checked.add(pair)
             problem = POLICIES.create(run.policy, where=where).trace_problem(trace)
             problem = problem or _record_problem(RecordSpec(**run.record), trace)
             if problem:
