@@ -8,19 +8,21 @@ has been validated.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from sim.errors import ConfigError
 from sim.hardware.device import DEFAULT_PRESET
 from sim.model import KV_DTYPE_BYTES, ModelGeometry
 from sim.paths import CONFIGS_DIR
-from sim.validation import read_yaml
+from sim.validation import STRICT_CONFIG
+from sim.yaml_input import read_yaml
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+_STRICT = STRICT_CONFIG
 
 _SIZE_UNITS = {
     "": 1,
@@ -28,22 +30,31 @@ _SIZE_UNITS = {
     "kib": 2**10,
     "mib": 2**20,
     "gib": 2**30,
+    "tib": 2**40,
     "kb": 10**3,
     "mb": 10**6,
     "gb": 10**9,
+    "tb": 10**12,
 }
+#: the largest byte size a config may give (1 PiB): a thousand times any phone's DRAM, and
+#: small enough that byte counts stay exact in float64 and far from int64 overflow
+MAX_SIZE_BYTES = 2**50
 
 
-def parse_size_bytes(value: int | float | str) -> int:
-    """``"64MiB"``, ``"1.5 GB"`` or a plain number of bytes -> bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size in bytes, got {value!r}")
-    if isinstance(value, (int, float)):
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+def parse_size_bytes(value: str) -> int:
+    """A size string -> bytes: ``"64MiB"``, ``"1.5 GB"``, ``"300000B"`` or ``"300000"``
+    (units: B, KiB, MiB, GiB, TiB, KB, MB, GB, TB; case-insensitive). At most
+    :data:`MAX_SIZE_BYTES`; raises ValueError otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size string like 64MiB, got {value!r}")
+    match = re.fullmatch(r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?|\.[0-9]{1,20})\s*([A-Za-z]*)\s*",
+                         value)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"cannot read {value!r} as a size (use e.g. 64MiB, 1GB or bytes)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        raise ValueError(f"cannot read {value!r} as a size (use e.g. 64MiB, 1GB or 300000B)")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size > MAX_SIZE_BYTES:
+        raise ValueError(f"{value!r} is more than {MAX_SIZE_BYTES // 2**40} TiB")
+    return size
 
 
 class CaptureSpec(BaseModel):
@@ -88,21 +99,22 @@ class TraceSpec(BaseModel):
             raise ValueError("give exactly one of 'path' or 'capture'")
 
 
-def kv_size_bytes(value: float | int | str, n_positions: int, bytes_per_token: int) -> int:
-    """A DRAM size as configured: bytes (``"64MiB"``, ``1e9``), or a float in (0, 1] as a
-    fraction of the full KV cache (``n_positions`` tokens of ``bytes_per_token``)."""
+def kv_size_bytes(value: float | str, n_positions: int, bytes_per_token: int) -> int:
+    """A DRAM size as configured (validated by :class:`CacheSpec`): a size string (``"64MiB"``)
+    in bytes, or a number in (0, 1] as a fraction of the full KV cache (``n_positions`` tokens
+    of ``bytes_per_token``)."""
     if isinstance(value, str):
         return parse_size_bytes(value)
-    if isinstance(value, float) and value <= 1.0:
-        return int(value * n_positions * bytes_per_token)
-    return int(value)
+    return int(value * n_positions * bytes_per_token)
 
 
 class CacheSpec(BaseModel):
     """DRAM cache for KV entries, sized one of two ways.
 
-    ``capacity``: bytes (``"64MiB"``), or a fraction in (0, 1] of the full KV cache of the
-    simulated model at the trace's final length; ``null`` takes the device preset's
+    ``capacity``: a number is a fraction in (0, 1] of the full KV cache of the simulated model at
+    the trace's final length; bytes are a size string (``"64MiB"``, ``"300000B"``: see
+    :func:`parse_size_bytes`), so a byte count cannot be mistaken for a fraction or the
+    reverse (``1.5`` is an error, not 1.5 bytes); ``null`` takes the device preset's
     ``dram.kv_budget_bytes``. The capacity is split evenly across layers (one cache per layer;
     a layer attended wholly from DRAM has none, and its share goes unused).
     ``dram_total``: the same units, for the run's *total* DRAM (cache, index, buffers, window,
@@ -113,19 +125,26 @@ class CacheSpec(BaseModel):
 
     model_config = _STRICT
     replacement: str | dict[str, Any] = "lru"
-    capacity: float | int | str | None = None
-    dram_total: float | int | str | None = None
+    capacity: float | str | None = None
+    dram_total: float | str | None = None
 
-    @field_validator("capacity", "dram_total")
+    @field_validator("capacity", "dram_total", mode="before")
     @classmethod
-    def _size_positive(cls, value: float | int | str | None) -> float | int | str | None:
+    def _size_valid(cls, value: Any) -> float | str | None:
         if value is None:
             return value
         if isinstance(value, str):
-            value = parse_size_bytes(value)
-        if value <= 0:
-            raise ValueError(f"must be > 0, got {value}")
-        return value
+            if parse_size_bytes(value) <= 0:
+                raise ValueError("must be > 0 bytes")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a fraction in (0, 1] or a size string like 64MiB")
+        if not math.isfinite(value) or not 0 < value <= 1:
+            raise ValueError(
+                f"a number is a fraction of the full KV cache, in (0, 1]; got {value} (write "
+                'bytes as a size string, e.g. "64MiB" or "300000B")'
+            )
+        return float(value)
 
     def model_post_init(self, _context: Any) -> None:
         if self.capacity is not None and self.dram_total is not None:
@@ -214,7 +233,7 @@ class ExperimentConfig(BaseModel):
     model_config = _STRICT
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     trace: TraceSpec
     #: accuracy (exact attention, the costly part of long decodes) on decode steps 0, k, 2k, ...
     #: only; selections and the replay still cover every step. See sim.metrics.accuracy.
@@ -224,7 +243,8 @@ class ExperimentConfig(BaseModel):
     kv_dtype: Literal[tuple(KV_DTYPE_BYTES)] = "fp16"  # type: ignore[valid-type]
     cache: CacheSpec = CacheSpec()
     pipeline: PipelineSpec = PipelineSpec()
-    policies: list[dict[str, Any]] = Field(min_length=1)
+    #: at most 256 entries (each is one run per sweep point; see sim.sweep.MAX_POINTS)
+    policies: list[dict[str, Any]] = Field(min_length=1, max_length=256)
     record: RecordSpec = RecordSpec()
     sweep: SweepSpec | None = None
     output: str | None = None

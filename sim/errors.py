@@ -6,9 +6,23 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+#: characters that would break or garble the one line of an error (line and paragraph
+#: breaks, as str.splitlines counts them, and other control characters), shown escaped
+_ESCAPED = {
+    code: repr(chr(code))[1:-1]
+    for code in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029)
+    if code != 0x09  # a tab stays a tab
+}
+
 
 class KvsimError(Exception):
-    """A problem with the user's input (config, trace, arguments), not a bug in kvsim."""
+    """A problem with the user's input (config, trace, arguments), not a bug in kvsim.
+
+    Its text is always one line: line breaks and control characters that come from the input
+    (a key or a file name holding a newline) are shown escaped (``\\n``)."""
+
+    def __str__(self) -> str:
+        return super().__str__().translate(_ESCAPED)
 
 
 class ConfigError(KvsimError):

@@ -27,6 +27,14 @@ KV_DTYPE_BYTES: dict[str, float] = {
 }
 
 
+#: Upper bounds of a geometry's sizes, about twice the largest published transformers
+#: (Llama 3.1 405B: 126 layers, 128 query heads; GPT-3: 96 KV heads, multi-head attention;
+#: Gemma 3 and PaLM: head_dim 256): the replay keeps a cache and a flash layout of
+#: ``n_positions`` entries per simulated (layer, KV head), so an absurd geometry would exhaust
+#: memory instead of failing.
+GEOMETRY_LIMITS = {"n_layers": 256, "n_q_heads": 1024, "n_kv_heads": 128, "head_dim": 1024}
+
+
 @dataclass(frozen=True)
 class ModelGeometry:
     """Shape of a decoder-only transformer as far as the KV cache and decode cost care.
@@ -59,16 +67,22 @@ class ModelGeometry:
     qkv_bias: bool = False
 
     def __post_init__(self) -> None:
-        for field in ("n_layers", "n_q_heads", "n_kv_heads", "head_dim"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be > 0, got {getattr(self, field)}")
+        for field, most in GEOMETRY_LIMITS.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{field} must be an integer, got {value!r}")
+            if not 0 < value <= most:
+                raise ValueError(f"{field} must be in [1, {most}], got {value}")
         if self.n_q_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
         for field in ("params_per_layer", "hidden_size", "vocab_size", "intermediate_size"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{field} must be an integer, got {value!r}")
+            if not 0 <= value < 2**53:  # exact in float64, where the cost model uses them
+                raise ValueError(f"{field} must be in [0, 2**53), got {value}")
 
     @property
     def hidden(self) -> int:

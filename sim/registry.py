@@ -92,12 +92,10 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> type[T]:
         self.discover()
-        try:
-            return self._members[name]
-        except KeyError:
-            raise ConfigError(
-                f"unknown {self.family} {name!r}; valid: {', '.join(self.names())}"
-            ) from None
+        member = self._members.get(name) if isinstance(name, str) else None
+        if member is None:
+            raise ConfigError(f"unknown {self.family} {name!r}; valid: {', '.join(self.names())}")
+        return member
 
     def parameters(self, name: str) -> list[str]:
         cls = self.get(name)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 from typing import Any
 
 from sim.config import SweepSpec
@@ -39,6 +40,10 @@ from sim.policies import POLICIES
 # keys of a policy entry that are not policy parameters: its label, its flash layout, and its
 # own cache / pipeline settings (merged over the experiment-wide ones)
 RUN_KEYS = ("label", "layout", "cache", "pipeline")
+#: most points a sweep may have: each is at least one run of seconds to minutes, so more is
+#: days of work and almost surely a mistake (a grid's axes multiply; expanding 10**8 points
+#: alone would exhaust memory)
+MAX_POINTS = 10_000
 
 
 def expand(sweep: SweepSpec | None, where: str = "sweep") -> list[dict[str, Any]]:
@@ -63,6 +68,13 @@ def expand(sweep: SweepSpec | None, where: str = "sweep") -> list[dict[str, Any]
     if len(set(lengths.values())) > 1:
         shown = ", ".join(f"{key} has {n}" for key, n in lengths.items())
         raise ConfigError(f"{where}.zip: axes must have equal lengths ({shown})")
+    n_points = math.prod(len(values) for values in sweep.grid.values()) * max(
+        lengths.values(), default=1
+    )
+    if n_points > MAX_POINTS:
+        raise ConfigError(
+            f"{where}: {n_points} points is more than {MAX_POINTS}; split the experiment"
+        )
     zipped: list[dict[str, Any]] = [{}]
     if sweep.zip:
         rows = [list(row) for row in zip(*sweep.zip.values(), strict=True)]

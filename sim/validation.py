@@ -1,4 +1,4 @@
-"""Turning pydantic validation failures and YAML problems into one-line user errors.
+"""Turning pydantic validation failures into one-line user errors (YAML problems: sim.yaml_input).
 
 Every config in kvsim (device presets, experiment files) is a frozen pydantic v2 model with
 ``extra="forbid"``. A :class:`pydantic.ValidationError` lists every problem with a location tuple;
@@ -8,15 +8,16 @@ users get one line naming the first problem's dotted key and the offending value
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ValidationError
-
-from sim.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 _MAX_SHOWN_CHARS = 60
+
+#: The model config of every config model (experiments, device parameters): unknown keys are
+#: errors, values are immutable, and every float must be finite (``.inf``, ``.nan`` or the
+#: strings ``"inf"``/``"nan"`` would otherwise reach the results as Infinity or NaN).
+STRICT_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _valid_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str] | None:
@@ -63,20 +64,3 @@ def pydantic_error_line(
         got = f" (got {shown})"
     more = f" [+{len(errors) - 1} more error(s)]" if len(errors) > 1 else ""
     return f"{key or '(top level)'}: {msg}{got}{more}"
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing file or bad syntax becomes one-line :class:`ConfigError`."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from None

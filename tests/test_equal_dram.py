@@ -116,7 +116,7 @@ def test_a_target_below_the_exact_minimum_fails_after_the_pass(tmp_path):
     # 30 x 3 x 49 x 256 = 1,128,960 bytes, checked before the pass; its index (about 9
     # clusters per head) only shows after it, so 1.13 MB passes the plan and fails the run.
     policies = [{"type": "static_clusters", "budget": 64, "tokens_per_cluster": 16}]
-    the_plan = plan(_experiment(tmp_path, policies, {"dram_total": 1_130_000}))
+    the_plan = plan(_experiment(tmp_path, policies, {"dram_total": "1130000B"}))
     with pytest.raises(KvsimError) as info:
         execute(the_plan, **QUIET)
     message = str(info.value)

@@ -408,7 +408,7 @@ def results_dir(tmp_path_factory) -> Path:
         ("experiment.yaml", "name: [unclosed\n", "invalid YAML"),
         ("experiment.yaml", "- a\n- b\n", "expected a mapping of experiment settings, got list"),
         ("experiment.yaml", "42\n", "expected a mapping of experiment settings, got int"),
-        ("experiment.yaml", b"\x00\x01\xff\xfe", "not a text file"),
+        ("experiment.yaml", b"\x00\x01\xff\xfe", "not UTF-8 text"),
         ("experiment.yaml", "name: x\nfigures: 3\n", "figures must be a list"),
         ("experiment.yaml", "name: x\nfigures: [no_such_figure]\n", "no_such_figure"),
         ("experiment.yaml", "name: x\nsweep: [a]\n", "sweep must be a mapping"),

@@ -3,9 +3,14 @@
 An experiment is a base config plus an optional ``sweep:`` (see :mod:`sim.sweep`). :func:`plan`
 expands the sweep, validates every point as if it had been written by hand (device preset and
 overrides, simulated model, cache, every policy/layout/replacement spec, the trace or its capture
-settings, budgets against the context) and the experiment's ``figures:``, and turns each (point,
-policy entry) into a :class:`~sim.experiment.runs.RunPlan` named by a hash of its resolved
-settings. Nothing runs and nothing is written before the whole plan is valid.
+settings, budgets against the context) and the experiment's ``figures:`` (and the records they
+are drawn from), and turns each (point, policy entry) into a
+:class:`~sim.experiment.runs.RunPlan` named by a hash of its resolved settings. Then, against
+every trace that exists (its manifest, no arrays), :func:`check_against_trace` checks what
+each run needs from it: the policy's data (prompt or speculative queries) and geometry, the
+``record:`` block's layer and head, a simulated model with a known dense compute; a trace
+still to be captured is checked the same way as soon as it is (:meth:`Plan.check_traces`).
+Nothing runs and nothing is written before the whole plan is valid.
 
 Runs that share a trace, a policy spec and a seed share one policy pass (selections and accuracy
 do not depend on the device, cache or layout): :meth:`Plan.groups` gathers them into
@@ -35,6 +40,7 @@ from sim.config import (
     CacheSpec,
     ExperimentConfig,
     PipelineSpec,
+    RecordSpec,
     kv_size_bytes,
     load_model_geometry,
 )
@@ -50,9 +56,11 @@ from sim.policies import POLICIES
 from sim.result_files import RUN_SETTINGS, RUN_SUMMARY, RUNS_DIR
 from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
 from sim.trace.capture import CaptureSettings
-from sim.trace.format import open_trace
-from sim.trace.split import check_decode_from
-from sim.validation import pydantic_error_line, read_yaml
+from sim.trace.format import Trace, open_trace
+from sim.trace.sources import load_text
+from sim.trace.split import check_decode_from, split_trace
+from sim.validation import pydantic_error_line
+from sim.yaml_input import read_yaml
 
 
 @dataclass
@@ -65,6 +73,9 @@ class Plan:
     runs: list[RunPlan]
     traces: dict[str, TraceSource] = field(default_factory=dict)
     axes: list[str] = field(default_factory=list)  # the sweep's dotted keys, in order
+    #: keys of the traces whose runs passed :func:`check_against_trace` (planning checks the
+    #: traces that exist; :meth:`check_traces` the ones captured afterwards)
+    checked: set[str] = field(default_factory=set)
 
     @property
     def runs_dir(self) -> Path:
@@ -93,6 +104,13 @@ class Plan:
         for run in self.runs:
             unique.setdefault(run.run_id, run)
         return list(unique.values())
+
+    def check_traces(self, paths: dict[str, str]) -> None:
+        """:func:`check_against_trace` for every trace not checked yet (those captured after
+        planning), given trace key -> directory; before any run starts or anything is written."""
+        for key, path in paths.items():
+            if key not in self.checked:
+                check_against_trace(self, key, _opened(path, self.traces[key].decode_from))
 
     def groups(self, runs: list[RunPlan]) -> list[PassGroup]:
         """``runs`` grouped by policy pass, in plan order."""
@@ -135,6 +153,7 @@ def plan(path: str | Path, output: str | Path | None = None) -> Plan:
     for point in points:
         where = f"{source}" if not point else f"{source} [{describe_point(point)}]"
         config = validate_config(apply_point(raw, point, str(source)), where)
+        validate_figure_specs(config.figures, where, config.record)
         in_point: dict[str, str] = {}
         for run in _plan_point(config, point, where, traces):
             if run.run_id in in_point:
@@ -158,8 +177,10 @@ def plan(path: str | Path, output: str | Path | None = None) -> Plan:
         raise ConfigError(f"{source}: {given}: cannot write results there: {problem}")
     axes = list(base.sweep.grid) + list(base.sweep.zip) if base.sweep else []
     result = Plan(base, source, output_dir, runs, traces, axes)
+    known = _known_trace_paths(traces)
+    result.check_traces(known)
     if any("dram_total" in run.cache for run in runs):
-        check_dram_totals(result, _known_trace_paths(traces))
+        check_dram_totals(result, known)
     return result
 
 
@@ -209,9 +230,63 @@ def check_dram_totals(plan: Plan, trace_paths: dict[str, str]) -> None:
                               trace.n_positions * per_token, exact=False)
 
 
+def _opened(path: str | Path, decode_from: int | None) -> Trace:
+    trace = open_trace(path)
+    return trace if decode_from is None else split_trace(trace, decode_from)
+
+
+def check_against_trace(plan: Plan, key: str, trace: Trace) -> None:
+    """The checks of the plan's runs on trace ``key`` that need the trace's own facts (its
+    geometry, stored queries and decode steps; nothing of its arrays is read): each policy's
+    :meth:`~sim.policies.base.RetrievalPolicy.trace_problem`, the ``record:`` block against the
+    trace's layers and KV heads, and a simulated model whose dense compute is known. Raises
+    one-line ConfigError naming the run."""
+    checked: set[str] = set()  # (policy pass, record) pairs: each is checked once
+    for run in plan.unique_runs():
+        if run.trace.key != key:
+            continue
+        point = f" [{describe_point(run.point)}]" if run.point else ""
+        where = f"{plan.source}{point}: run {run.label!r}"
+        pair = json.dumps([run.pass_id, run.record], sort_keys=True, default=str)
+        if pair not in checked:
+            checked.add(pair)
+            problem = POLICIES.create(run.policy, where=where).trace_problem(trace)
+            problem = problem or _record_problem(RecordSpec(**run.record), trace)
+            if problem:
+                raise ConfigError(f"{where}: {problem}")
+        target = ModelGeometry(**run.model) if run.model else trace.model
+        if target.params_per_layer == 0:
+            raise ConfigError(
+                f"{where}: model {target.name!r} has no params_per_layer, which the dense "
+                "compute needs (set model: to a geometry of configs/models)"
+            )
+    plan.checked.add(key)
+
+
+def _record_problem(record: RecordSpec, trace: Trace) -> str | None:
+    """Why the ``record:`` block cannot be recorded on ``trace``, or ``None``."""
+    if record.cluster_layer is None:
+        return None
+    model = trace.model
+    if record.cluster_layer >= model.n_layers:
+        return (
+            f"record.cluster_layer: {record.cluster_layer} >= the trace's {model.n_layers} "
+            "layers"
+        )
+    if record.cluster_kv_head >= model.n_kv_heads:
+        return (
+            f"record.cluster_kv_head: {record.cluster_kv_head} >= the trace's "
+            f"{model.n_kv_heads} KV heads"
+        )
+    return None
+
+
 def _layout_spec(value: Any, where: str) -> dict[str, Any] | None:
     if value is None or value == "auto":
         return None
+    if not isinstance(value, (str, dict)):
+        raise ConfigError(f"{where}.layout: expected a layout name or a mapping with a 'type' "
+                          f"key, got {value!r}")
     spec = {"type": value} if isinstance(value, str) else dict(value)
     # Build once with a dummy size so unknown layout names and parameters fail before any run.
     LAYOUTS.create({**spec, "n_positions": 1}, where=f"{where}.layout")
@@ -247,8 +322,11 @@ def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
             settings.validate()
         except (TypeError, ValueError, CaptureError) as exc:
             raise ConfigError(f"{where}: trace.capture: {exc}") from None
-        if settings.text.startswith("file:") and not Path(settings.text[5:]).expanduser().is_file():
-            raise ConfigError(f"{where}: trace.capture.text: no file at {settings.text[5:]}")
+        if settings.text.startswith("file:"):
+            try:  # what a capture would read: a file, a glob or a comma-separated list of them
+                load_text(settings.text)
+            except CaptureError as exc:
+                raise ConfigError(f"{where}: trace.capture.text: {exc}") from None
         name = f"{settings.model}/{settings.text}/{settings.prompt_len}+{settings.decode_steps}"
         if settings.mode != "generate" or settings.sampling != "greedy":
             name += f" ({settings.mode}, {settings.sampling})"

@@ -163,8 +163,10 @@ def execute(
     runs = plan.unique_runs()
     report = Report(planned=len(runs))
     traces = obtain_traces(plan, progress, log)
-    # the traces captured just now are known only here
-    check_dram_totals(plan, {key: path for key, (path, _) in traces.items()})
+    # the traces captured just now are known only here: checked before anything is written
+    paths = {key: path for key, (path, _) in traces.items()}
+    plan.check_traces(paths)
+    check_dram_totals(plan, paths)
     with results_lock(plan.output_dir):
         summary = _execute_locked(plan, runs, traces, jobs, scheduler, force, progress, log,
                                   report)

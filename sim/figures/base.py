@@ -20,7 +20,7 @@ from sim.atomic import atomic_write_text, os_error_text
 from sim.errors import ConfigError, KvsimError, OutputError
 from sim.registry import Registry
 from sim.result_files import EXPERIMENT, FIGURES_DIR, RUN_SETTINGS, RUNS_DIR, SUMMARY_CSV
-from sim.validation import read_yaml
+from sim.yaml_input import read_yaml
 
 FIGURES: Registry[Figure] = Registry("figure", package="sim.figures")
 
@@ -49,10 +49,7 @@ class Results:
         experiment_path = directory / EXPERIMENT
         experiment: dict[str, Any] = {}
         if experiment_path.exists():
-            try:
-                data = read_yaml(experiment_path)
-            except UnicodeDecodeError:
-                raise ConfigError(f"{experiment_path}: not a text file") from None
+            data = read_yaml(experiment_path)  # a binary file, too, is one line (ConfigError)
             experiment = _plot_settings(data, experiment_path)
         results = cls(directory, summary, experiment)
         _check_summary(summary, results.axes, summary_path)
@@ -165,6 +162,10 @@ class Figure(ABC):
     are the figure's options (given in the experiment's ``figures:`` entry)."""
 
     name: ClassVar[str]
+    #: the ``record:`` settings (fields of :class:`sim.config.RecordSpec`) the figure's files
+    #: come from; planning refuses an experiment that lists the figure without them, before
+    #: any run (the runs would otherwise complete and the figure fail afterwards)
+    needs_record: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def draw(self, results: Results) -> list[Path]:
@@ -180,10 +181,23 @@ def draw_figures(results: Results, specs: list[str | dict[str, Any]]) -> list[Pa
     return written
 
 
-def validate_figure_specs(specs: list[str | dict[str, Any]], where: str) -> None:
-    """Fail before any run if a figure name or option is unknown (ConfigError)."""
+def validate_figure_specs(
+    specs: list[str | dict[str, Any]], where: str, record: Any = None
+) -> None:
+    """Fail before any run if a figure name or option is unknown, or (given the experiment's
+    ``record``, a :class:`sim.config.RecordSpec`) a figure's :attr:`Figure.needs_record`
+    settings are left at their defaults, which record nothing (ConfigError)."""
     for i, spec in enumerate(specs):
-        FIGURES.create(spec, where=f"{where}: figures[{i}]")
+        figure = FIGURES.create(spec, where=f"{where}: figures[{i}]")
+        if record is None:
+            continue
+        fields = type(record).model_fields
+        for name in figure.needs_record:
+            if getattr(record, name) == fields[name].get_default(call_default_factory=True):
+                raise ConfigError(
+                    f"{where}: figures[{i}] ({figure.name}) is drawn from the records that "
+                    f"record.{name} asks for; set it in the experiment's record: block"
+                )
 
 
 def atomic_write_table(frame: pd.DataFrame, stem: Path, floatfmt: str = ".4g") -> list[Path]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -94,6 +94,8 @@ class ClusterPCA(Figure):
     cluster labels), ``runs`` (labels of the rows, in order; default: every run with cluster
     labels), ``max_colored``, ``highlight`` ("decode" or "largest").
     """
+
+    needs_record: ClassVar[tuple[str, ...]] = ("cluster_layer", "cluster_steps")
 
     trace: str | None = None
     runs: list[str] | None = None
@@ -274,6 +276,8 @@ class Coretrieval(Figure):
     every run with a matrix), ``order`` ("both", "chain" or "position").
     """
 
+    needs_record: ClassVar[tuple[str, ...]] = ("cluster_layer",)
+
     trace: str | None = None
     runs: list[str] | None = None
     order: str = "both"
@@ -406,6 +410,8 @@ class UpdateRetrieval(Figure):
     Options: ``steps`` (the t columns; must be <= ``record.update_horizon``; empty = all).
     Writes ``table2_update_retrieval.{csv,md}``.
     """
+
+    needs_record: ClassVar[tuple[str, ...]] = ("update_horizon",)
 
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
 

@@ -23,9 +23,10 @@ Q8_0 = 34 bytes per 32 (fp16 scale + 32 x 8 bits) = 8.5 bits/weight; Q6_K = 210 
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from sim.hardware.dram import DramParams
+from sim.validation import STRICT_CONFIG
 
 #: bits per weight of the formats named in the presets (see the module docstring)
 Q4_0_BITS = 18 * 8 / 32
@@ -50,7 +51,7 @@ class ComputeParams(BaseModel):
     - ``kernel_overhead_us``: fixed launch/thread-sync cost per kernel, >= 0 (default 0).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT_CONFIG
 
     cpu_gflops: float = Field(gt=0)
     weight_bits: float = Field(gt=0)

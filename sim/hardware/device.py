@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sim.dotted import NotASection, is_dotted_key, set_dotted
 from sim.errors import ConfigError
@@ -19,7 +19,8 @@ from sim.hardware.compute import ComputeParams
 from sim.hardware.dram import DramParams
 from sim.hardware.flash import FlashParams
 from sim.paths import CONFIGS_DIR
-from sim.validation import pydantic_error_line, read_yaml
+from sim.validation import STRICT_CONFIG, pydantic_error_line
+from sim.yaml_input import read_yaml
 
 DEVICE_PRESETS_DIR = CONFIGS_DIR / "devices"
 DEFAULT_PRESET = "ufs40-flagship"  # an experiment's device when it names none
@@ -29,7 +30,7 @@ _MAX_PRESET_NESTING = 8
 class DeviceParams(BaseModel):
     """One simulated phone: ``name``, ``description``, ``flash``, ``dram``, ``compute``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT_CONFIG
 
     name: str
     description: str = ""

@@ -8,7 +8,9 @@ flash alike), and ``1 MB/s = 1e6 bytes/s = 1 byte/us``.
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from sim.validation import STRICT_CONFIG
 
 
 class DramParams(BaseModel):
@@ -22,13 +24,14 @@ class DramParams(BaseModel):
       limits all cap it); the presets carry an estimate, labelled as such. The roofline
       (:func:`sim.hardware.compute.roofline_us`) uses :attr:`sustained_bandwidth_mb_s`.
     - ``kv_budget_bytes``: DRAM the KV cache may occupy (cache + buffers), bytes, > 0; a config
-      knob that experiments usually override.
+      knob that experiments usually override; at most 1 PiB (a thousand times any phone's
+      DRAM; byte counts stay exact in float64).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT_CONFIG
 
     bandwidth_mb_s: float = Field(gt=0)
-    kv_budget_bytes: int = Field(gt=0)
+    kv_budget_bytes: int = Field(gt=0, le=2**50)
     sustained_fraction: float = Field(1.0, gt=0, le=1)
 
     @property

@@ -47,9 +47,14 @@ from typing import Any
 
 import numpy as np
 import simpy
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from simpy.events import NORMAL, Timeout
 from simpy.resources.resource import Request
+
+from sim.validation import STRICT_CONFIG
+
+#: most command-queue slots and NAND units a device may have (see FlashParams)
+MAX_SLOTS = 4096
 
 
 class FlashParams(BaseModel):
@@ -62,20 +67,27 @@ class FlashParams(BaseModel):
     - ``page_size_bytes``: logical page / mapping unit; every command covers whole pages.
     - ``max_io_bytes``: largest command; a multiple of ``page_size_bytes``.
 
-    Every field is > 0. ``parallel_units / read_command_latency_us * 1e6`` is the small-I/O read
-    IOPS ceiling, ``read_bandwidth_mb_s * read_command_latency_us / parallel_units`` the knee size.
+    Every field is > 0 and finite. ``parallel_units / read_command_latency_us * 1e6`` is the
+    small-I/O read IOPS ceiling, ``read_bandwidth_mb_s * read_command_latency_us /
+    parallel_units`` the knee size.
+
+    Upper bounds, far above any UFS device but below what exhausts memory or overflows:
+    ``queue_depth`` and ``parallel_units`` <= 4096 (UFS 2.x-4.0's single command queue has 32
+    slots; the presets have 4-8 units; the model keeps one entry per unit, so ``1e9`` units
+    was 8 GB), ``page_size_bytes`` <= 1 MiB (UFS maps 4 KiB pages) and ``max_io_bytes`` <= 1 GiB
+    (the presets' 512 KiB; command sizes are summed in int64).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT_CONFIG
 
     read_bandwidth_mb_s: float = Field(gt=0)
     write_bandwidth_mb_s: float = Field(gt=0)
-    queue_depth: int = Field(gt=0)
-    parallel_units: int = Field(gt=0)
+    queue_depth: int = Field(gt=0, le=MAX_SLOTS)
+    parallel_units: int = Field(gt=0, le=MAX_SLOTS)
     read_command_latency_us: float = Field(gt=0)
     write_command_latency_us: float = Field(gt=0)
-    page_size_bytes: int = Field(gt=0)
-    max_io_bytes: int = Field(gt=0)
+    page_size_bytes: int = Field(gt=0, le=2**20)
+    max_io_bytes: int = Field(gt=0, le=2**30)
 
     @field_validator("max_io_bytes")
     @classmethod

@@ -20,9 +20,12 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sim.trace.format import Trace
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,13 @@ class RetrievalPolicy(ABC):
         """A lower bound on the index vectors per KV head at decode ``step`` (the exact count is
         the pass's ``index_vectors``); ``head_dim``: the trace's. Default 0."""
         return 0
+
+    def trace_problem(self, trace: Trace) -> str | None:
+        """Why the policy cannot run on ``trace`` (an opened trace, possibly a split; nothing
+        of its arrays is read), or ``None``. Planning asks before any work, so data the trace
+        lacks (prompt queries, speculative queries) or a geometry the settings do not fit is
+        one line up front instead of a failure inside the run. The default: no requirement."""
+        return None
 
     def kept_tail_start(self, prompt_len: int, step: int) -> int:
         """First position of the tail the policy attends at decode ``step`` whatever the scores

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from .base import (
     LayerSelection,
     decode_attention_weights,
 )
+
+if TYPE_CHECKING:
+    from sim.trace.format import Trace
 
 #: Eviction-key offsets of the protected tiers (accumulated scores stay far below them and
 #: every key is an exact float64 integer-or-score below 2^53).
@@ -94,6 +97,14 @@ class H2O(BudgetedPolicy):
         ratio = self.recent_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise ValueError(f"recent_ratio must be a number in [0, 1], got {ratio!r}")
+
+    def trace_problem(self, trace: Trace) -> str | None:
+        if trace.query_start > 0:
+            return (
+                "h2o accumulates attention from every prompt query, but the trace stores "
+                f"queries from position {trace.query_start} on (capture with queries: all)"
+            )
+        return None
 
     def recent_at(self, context_len: int) -> int:
         """Recent-window length at a context length (non-decreasing, +1 at most per token)."""

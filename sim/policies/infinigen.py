@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from . import POLICIES
 from .base import BudgetedPolicy, FullLayersMixin, HeadSelections, LayerContext, LayerSelection
+
+if TYPE_CHECKING:
+    from sim.trace.format import Trace
 
 RECAPTURE_HINT = (
     "the trace has no speculative queries (captured before kvsim stored them, trace format 1); "
@@ -119,6 +122,21 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
         self.check_full_layers()
+
+    def trace_problem(self, trace: Trace) -> str | None:
+        if trace.query_start >= trace.prompt_len:
+            return (
+                "infinigen chooses its partial channels from the prompt's queries; the trace "
+                "stores none (capture with queries: all)"
+            )
+        if trace.model.n_layers <= max(1, self.full_layers):
+            return None  # every layer that would speculate is dense (layer 0 never does)
+        gap = getattr(trace, "speculative_gap", None)
+        if gap:
+            return f"{self.name} needs speculative queries: {gap}"
+        if not trace.has_speculative_queries:
+            return RECAPTURE_HINT
+        return None
 
     def n_channels(self, head_dim: int) -> int:
         """Channels of the partial query and key cache per head."""

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import POLICIES
 from .base import BudgetedPolicy, LayerContext, LayerIndex, check_count
 from .static_clusters import kmeans_labels, nearest_centroid, sum_by_label
+
+if TYPE_CHECKING:
+    from sim.trace.format import Trace
 
 GROUP_SCORES = ("softmax", "sum")
 MAX_BITS = 16
@@ -86,6 +90,15 @@ class PQCache(BudgetedPolicy):
 
     def min_context(self) -> int:
         return max(super().min_context(), self.sink_tokens + 1)
+
+    def trace_problem(self, trace: Trace) -> str | None:
+        head_dim = trace.model.head_dim
+        if head_dim % self.n_subvectors:
+            return (
+                f"n_subvectors (={self.n_subvectors}) must divide the trace's head dimension "
+                f"(={head_dim})"
+            )
+        return None
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +16,9 @@ from .base import (
     LayerSelection,
     check_count,
 )
+
+if TYPE_CHECKING:
+    from sim.trace.format import Trace
 
 GROUP_REDUCTIONS = ("sum", "max")
 
@@ -151,6 +155,16 @@ class Quest(FullLayersMixin, BudgetedPolicy):
             raise ValueError(
                 f"group_reduce must be one of {GROUP_REDUCTIONS}, got {self.group_reduce!r}"
             )
+
+    def trace_problem(self, trace: Trace) -> str | None:
+        # the page index pads the keys to whole pages: a page beyond the trace is no paging at
+        # all, and a huge one would allocate page_tokens keys per head
+        if self.page_tokens > trace.n_positions:
+            return (
+                f"page_tokens (={self.page_tokens}) exceeds the trace's {trace.n_positions} "
+                "positions"
+            )
+        return None
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
         if self.is_full_layer(ctx):

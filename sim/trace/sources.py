@@ -114,7 +114,13 @@ def _file_name(spec: str) -> str:
     return f"file-{safe or 'text'}-{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
 
 
-def _file_text(spec: str) -> str:
+def file_paths(source: str) -> list[Path]:
+    """The files a ``file:PATH[,PATH...]`` text spec names, globs expanded, in the order they
+    are joined (each glob's matches sorted), without reading them. Raises one-line
+    CaptureError for an empty path, a missing file or a glob that matches none."""
+    if not source.startswith("file:") or not source[len("file:") :]:
+        raise CaptureError("text file: needs a path, e.g. file:notes.txt or file:docs/*.md")
+    spec = source[len("file:") :]
     paths: list[Path] = []
     for pattern in (p.strip() for p in spec.split(",")):
         if not pattern:
@@ -132,6 +138,11 @@ def _file_text(spec: str) -> str:
             if not path.is_file():
                 raise CaptureError(f"text file:{spec}: {pattern} does not exist or is not a file")
             paths.append(path)
+    return paths
+
+
+def _file_text(spec: str) -> str:
+    paths = file_paths(f"file:{spec}")
     texts = []
     for path in paths:
         try:
