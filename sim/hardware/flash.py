@@ -119,7 +119,7 @@ class _Batch:
 
 
 class _FlashBase:
-    """Argument checking and counters shared by both implementations."""
+    """Argument checking and counters shared by every implementation."""
 
     def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
         if not isinstance(params, FlashParams):
@@ -199,7 +199,22 @@ class _FlashBase:
         raise NotImplementedError
 
 
-class Flash(_FlashBase):
+class _CommandQueueFlash(_FlashBase):
+    """The command queue, unit and link state of the two implementations that schedule each
+    command's stages arithmetically (:class:`Flash` on its own heap, :class:`EventFlash` with
+    SimPy timeouts)."""
+
+    def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
+        super().__init__(env, params)
+        # Commands waiting for a queue slot: (latency_us, transfer_us, batch), FIFO.
+        self._pending: deque[tuple[float, float, _Batch]] = deque()
+        self._free_slots = params.queue_depth
+        # Times at which each unit becomes free (min-heap) and the link becomes free.
+        self._unit_free_us = [0.0] * params.parallel_units
+        self._link_free_us = 0.0
+
+
+class Flash(_CommandQueueFlash):
     """Fast UFS model: :class:`EventFlash`'s commands without a SimPy event per stage.
 
     ``read(sizes)`` / ``write(sizes)`` submit a batch at ``env.now`` and return one event for the
@@ -229,12 +244,6 @@ class Flash(_FlashBase):
 
     def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
         super().__init__(env, params)
-        # Commands waiting for a queue slot: (latency_us, transfer_us, batch), FIFO.
-        self._pending: deque[tuple[float, float, _Batch]] = deque()
-        self._free_slots = params.queue_depth
-        # Times at which each unit becomes free (min-heap) and the link becomes free.
-        self._unit_free_us = [0.0] * params.parallel_units
-        self._link_free_us = 0.0
         # Stage ends not processed yet: (time, creation order, kind, command).
         self._stages: list[tuple[float, int, int, tuple[float, float, _Batch]]] = []
         self._created = 0
@@ -343,7 +352,7 @@ class Flash(_FlashBase):
         self._wake()
 
 
-class EventFlash(_FlashBase):
+class EventFlash(_CommandQueueFlash):
     """UFS model with two SimPy events per command: queue slots as a counter, inline FIFO unit
     pool and link. The exact reference of :class:`Flash` (a differential test checks that
     they give the same times to the last bit).
@@ -359,14 +368,6 @@ class EventFlash(_FlashBase):
     processes that must be woken per batch.
     """
 
-    def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
-        super().__init__(env, params)
-        # Commands waiting for a queue slot: (latency_us, transfer_us, batch), FIFO.
-        self._pending: deque[tuple[float, float, _Batch]] = deque()
-        self._free_slots = params.queue_depth
-        # Times at which each unit becomes free (min-heap) and the link becomes free.
-        self._unit_free_us = [0.0] * params.parallel_units
-        self._link_free_us = 0.0
 
     def _submit(
         self, moved_bytes: list[int], latency_us: float, bandwidth_mb_s: float
