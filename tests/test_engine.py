@@ -142,17 +142,18 @@ def test_accounting_invariants(data, prompt, steps, capacity_entries, layout):
     # every selected entry is either a hit or a miss, and every miss is read exactly once
     assert records["hits"].sum() + records["misses"].sum() == selected
     assert records["useful_read_bytes"].sum() == records["misses"].sum() * 16
-    assert (replay.run_length_counts * np.arange(len(replay.run_length_counts))).sum() == \
+    assert (replay.io.run_length_counts * np.arange(len(replay.io.run_length_counts))).sum() == \
         records["misses"].sum()
     # bytes counted once: the command size histogram, the per-step records and the device agree
-    histogram_bytes = (replay.io_size_counts * np.arange(len(replay.io_size_counts)) * 4096).sum()
+    sizes = replay.io.io_size_counts
+    histogram_bytes = (sizes * np.arange(len(sizes)) * 4096).sum()
     assert histogram_bytes == records["read_bytes"].sum() == replay.flash.read_bytes
     assert records["read_bytes"].sum() >= records["useful_read_bytes"].sum()
     # the DRAM budget is never exceeded
-    for cache in replay.caches:
+    for cache in replay.run.caches:
         assert cache.peak_resident_entries <= capacity_entries
     # no KV entry lost or duplicated: every position of every region has exactly one slot
-    for row in replay.layouts:
+    for row in replay.run.layouts:
         for layout_obj in row:
             slots = layout_obj.slots(np.arange(prompt + steps))
             assert len(np.unique(slots)) == prompt + steps

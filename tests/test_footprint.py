@@ -108,7 +108,7 @@ def test_a_kept_set_is_attended_from_dram_and_counted_in_the_window():
                           params_per_layer=1_000_000)
     pp = PolicyPass(HandPolicy(), PROMPT, 3, model, [kept], pd.DataFrame(), 0.0)
     replay = Replay(pp, _setup(1 << 20, model=model))
-    assert replay.caches == [None] and replay.layouts == [[]]
+    assert replay.run.caches == [None] and replay.run.layouts == [[]]
     steps = simulate(pp, _setup(1 << 20, model=model)).steps
     for column in ("read_bytes", "write_bytes", "selected_entries", "hits", "misses"):
         assert not steps[column].any(), column
@@ -246,7 +246,7 @@ def test_parts_add_up_and_held_entries_are_never_looked_up(scenario):
             == steps["selected_entries"] + steps["extra_entries"]).all()
     assert (steps["selected_misses"] <= steps["misses"]).all()
     assert (steps["misses"] - steps["selected_misses"] <= steps["extra_entries"]).all()
-    n_cached = sum(c is not None for c in replay.caches)
+    n_cached = sum(c is not None for c in replay.run.caches)
     images = min(2, n_cached) if setup.pipeline.swap_layers else n_cached
     assert (steps["dram_cache_bytes"] <= images * capacity_entries * ENTRY).all()
     # the window part: each layer's sinks and window (the formula), or its kept set

@@ -199,7 +199,7 @@ def test_engine_fills_the_entry_and_page_sizes():
                      layout={"type": "dual_head", "write_buffer_groups": 1,
                              "pool_slack": 2.0})
     replay = Replay(pp, setup)
-    layout = replay.layouts[0][0]
+    layout = replay.run.layouts[0][0]
     assert (layout.entry_bytes, layout.page_bytes) == (16, 4096)
     replay.env.process(replay.decode(None))
     replay.env.run()

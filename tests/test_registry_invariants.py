@@ -111,7 +111,7 @@ def _check_run(trace, policy_name, layout, replacement):
     replay.env.process(replay.decode(None))
     replay.env.run()
     records = dict(zip(STEP_COLUMNS, replay.records.sum(axis=0), strict=True))
-    for cache in replay.caches:
+    for cache in replay.run.caches:
         if cache is not None:
             assert cache.peak_resident_entries <= capacity_entries
     assert records["hits"] + records["misses"] + records["held_entries"] == \
@@ -122,10 +122,10 @@ def _check_run(trace, policy_name, layout, replacement):
     parts = steps[[f"dram_{part}_bytes" for part in PARTS]]
     np.testing.assert_array_equal(parts.sum(axis=1), steps["dram_bytes"])
     assert records["useful_read_bytes"] == records["misses"] * entry
-    histogram = (replay.io_size_counts * np.arange(len(replay.io_size_counts))).sum()
+    histogram = (replay.io.io_size_counts * np.arange(len(replay.io.io_size_counts))).sum()
     assert histogram * setup.device.flash.page_size_bytes == records["read_bytes"]
     assert records["read_bytes"] == replay.flash.read_bytes
-    for row in replay.layouts:
+    for row in replay.run.layouts:
         for region in row:
             slots = region.slots(np.arange(region.n_placed))
             assert region.n_placed == PROMPT + STEPS

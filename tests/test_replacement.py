@@ -316,7 +316,7 @@ def test_engine_future_is_exactly_what_the_replay_does():
     replay = Replay(pp, setup)
     replay.env.process(replay.decode(None))
     replay.env.run()
-    for cache in replay.caches:
+    for cache in replay.run.caches:
         belady = cache.replacement
         assert (belady.next_use_rank(np.arange(3 * (prompt + steps))) == belady._never).all()
         assert cache.misses > 0

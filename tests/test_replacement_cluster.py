@@ -295,10 +295,10 @@ def test_engine_run_with_groups_appends_and_splits(layout):
         replay_ = Replay(pp, setup)
         replay_.env.process(replay_.decode(None))
         replay_.env.run()
-        for cache in replay_.caches:
+        for cache in replay_.run.caches:
             assert cache.peak_resident_entries <= capacity_entries
         if name == "cluster_aligned":
-            rep = replay_.caches[0].replacement
+            rep = replay_.run.caches[0].replacement
             gid = rep._gid_rows[0]
             # the split's members share a new group, apart from the rest of cluster 3
             assert len(set(gid[12:18].tolist())) == 1 and gid[12] != gid[18]

@@ -196,16 +196,17 @@ def _replayed(pp: PolicyPass, target: ModelGeometry, swap: bool = False) -> Repl
 
 def _last_step_dram(replay: Replay, window_entries: int, index_vectors: int) -> int:
     """Caches as left by the run + the windows' entries + the index, in bytes (no swapping)."""
-    cached = sum(c.resident_entries for c in replay.caches if c is not None)
-    return (cached + window_entries) * replay.entry_bytes + index_vectors * replay.vector_bytes
+    cached = sum(c.resident_entries for c in replay.run.caches if c is not None)
+    run = replay.run
+    return (cached + window_entries) * run.entry_bytes + index_vectors * run.vector_bytes
 
 
 def test_replay_attends_windows_from_dram_without_flash(window_trace):
     pp = run_policy_pass(window_trace, CountingTopK(), seed=0, workers=1)
     replay = _replayed(pp, window_trace.model)
     records = pd.DataFrame(replay.records, columns=[*replay.col])
-    assert [c is None for c in replay.caches] == [True, False, True, False]
-    assert [len(row) for row in replay.layouts] == [0, HEADS, 0, HEADS]
+    assert [c is None for c in replay.run.caches] == [True, False, True, False]
+    assert [len(row) for row in replay.run.layouts] == [0, HEADS, 0, HEADS]
     # only the two global layers look anything up: 8 entries per KV head per step each
     assert (records["selected_entries"] == 2 * HEADS * 8).all()
     assert (records["hits"] + records["misses"] == 2 * HEADS * 8).all()
@@ -230,7 +231,7 @@ def test_replay_attends_windows_from_dram_without_flash(window_trace):
                     | set(range(PROMPT, PROMPT + step + 1)))
                 for head in pp.selections[layer].heads
             )
-            pages += -(-resident * replay.entry_bytes // 4096)
+            pages += -(-resident * replay.run.entry_bytes // 4096)
         expected.append(pages * 4096)
     assert swapped["swap_read_bytes"].tolist() == expected
 
@@ -265,8 +266,8 @@ def test_a_deeper_target_inherits_the_windows_of_the_layers_it_replays(window_tr
     target = ModelGeometry("deep", n_layers=7, n_q_heads=4, n_kv_heads=2, head_dim=8,
                            params_per_layer=50_000)
     replay = _replayed(pp, target)
-    assert replay.layer_map.tolist() == [0, 0, 1, 2, 2, 2, 3]
-    assert [c is None for c in replay.caches] == [True, True, False, True, True, True, False]
+    assert replay.run.layer_map.tolist() == [0, 0, 1, 2, 2, 2, 3]
+    assert [c is None for c in replay.run.caches] == [True, True, False, True, True, True, False]
     records = pd.DataFrame(replay.records, columns=[*replay.col])
     assert (records["selected_entries"] == 2 * HEADS * 8).all()  # two cached target layers
     # two layers of window 16 and three of 40, per KV head; two global layers' indexes
