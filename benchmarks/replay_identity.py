@@ -127,18 +127,21 @@ def replay(pp: Any, name: str, dtype: str, swap: bool, steps: int | None) -> Any
     )
     if steps is None or steps >= pp.decode_steps:
         return engine.simulate(pp, setup)
-    full = engine.Replay
+    # the module whose `simulate` builds the Replay (sim.replay itself before it became a
+    # package, sim.replay.result since), so that `time` works on both trees
+    home = sys.modules[engine.simulate.__module__]
+    full = home.Replay
 
     class Limited(full):  # type: ignore[misc,valid-type]
         def __init__(self, pp: Any, setup: Any) -> None:
             super().__init__(pp, setup)
             self.pp = replace(pp, decode_steps=steps)
 
-    engine.Replay = Limited  # type: ignore[misc]
+    home.Replay = Limited
     try:
         return engine.simulate(pp, setup)
     finally:
-        engine.Replay = full  # type: ignore[misc]
+        home.Replay = full
 
 
 def dump(args: argparse.Namespace) -> None:
