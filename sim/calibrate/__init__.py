@@ -38,7 +38,13 @@ from sim.calibrate.patterns import (
     fio_available,
 )
 from sim.calibrate.preset import CalibrationContext, preset_text, write_preset
-from sim.calibrate.storage import DirectFile, Issuer, check_directory, sequential_commands
+from sim.calibrate.storage import (
+    DirectFile,
+    Issuer,
+    check_directory,
+    mount_of,
+    sequential_commands,
+)
 from sim.errors import ConfigError, StorageError
 from sim.hardware.device import DeviceParams
 from sim.progress import progress
@@ -107,19 +113,9 @@ def check_arguments(
 
 
 def _describe_storage(directory: Path) -> str:
-    """``ext4 on /dev/vda`` for the mount holding ``directory`` (from /proc/mounts)."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return "file system unknown"
-    resolved = str(directory.resolve())
-    best = ("", "unknown", "unknown")
-    for line in mounts:
-        parts = line.split()
-        if len(parts) >= 3 and (resolved == parts[1] or resolved.startswith(
-                parts[1].rstrip("/") + "/")) and len(parts[1]) >= len(best[0]):
-            best = (parts[1], parts[2], parts[0])
-    return f"{best[1]} on {best[2]}"
+    """``ext4 on /dev/vda`` for the mount holding ``directory``."""
+    _, fs_type, device = mount_of(directory)
+    return f"{fs_type} on {device}"
 
 
 def calibrate(

@@ -57,13 +57,45 @@ FREE_MARGIN_BYTES = 256 * 2**20
 Command = tuple[bool, int, int]
 
 
+#: file systems that keep files in memory: O_DIRECT there (tmpfs accepts it since Linux 6.6)
+#: reaches no storage device
+MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
+
+
+def mount_of(directory: Path) -> tuple[str, str, str]:
+    """(mount point, file system type, device) of the mount holding ``directory``, from
+    ``/proc/mounts`` (``("", "unknown", "unknown")`` where there is none)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ("", "unknown", "unknown")
+    resolved = str(directory.resolve())
+    best = ("", "unknown", "unknown")
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1]
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, parts[2], parts[0])
+    return best
+
+
 def check_directory(directory: Path, size_bytes: int) -> None:
     """Refuse (:class:`StorageError`, one line) a directory that does not exist, is not one,
-    cannot be written into, or has less free space than ``size_bytes`` plus a margin."""
+    is on a file system kept in memory, cannot be written into, or has less free space than
+    ``size_bytes`` plus a margin."""
     if not directory.exists():
         raise StorageError(f"calibrate --path: {directory} does not exist")
     if not directory.is_dir():
         raise StorageError(f"calibrate --path: {directory} is not a directory")
+    _, fs_type, _ = mount_of(directory)
+    if fs_type in MEMORY_FILE_SYSTEMS:
+        raise StorageError(
+            f"calibrate --path: {directory} is on {fs_type}, which keeps files in memory "
+            "(O_DIRECT reaches no storage there); measure a directory on the storage device"
+        )
     if not os.access(directory, os.W_OK | os.X_OK):
         raise StorageError(
             f"calibrate --path: {directory} is not writable (permissions or a read-only file "
