@@ -159,15 +159,20 @@ def test_roofline_numbers_come_from_their_kernels() -> None:
     kernels = (
         kernel("matvec block (cold)", 2e8, 4e8),
         kernel("matvec 32x2048 (hot)", 131072.0, 0.0),
+        KernelTiming("matvec 1x16 (call)", 32.0, 0.0, overhead),
         kernel("attention N=256", 4 * 256 * 64 * 4, 2 * 256 * 64 * 4),
         kernel("attention N=4096", 4 * 4096 * 64 * 4, 2 * 4096 * 64 * 4),
     )
     fit = fit_roofline(kernels)
-    # the hot kernel's time includes the overhead: its GFLOP/s is the effective rate
-    assert fit.cpu_gflops == pytest.approx(131072.0 / kernels[1].time_us / 1e3)
-    assert fit.bandwidth_mb_s == pytest.approx(4e8 / (4e8 / mb_s + overhead))
-    assert fit.kernel_overhead_us >= 0
-    assert len(fit.residual_lines()) == 4
+    assert fit.cpu_gflops == pytest.approx(gflops)
+    assert fit.bandwidth_mb_s == pytest.approx(mb_s)
+    assert fit.kernel_overhead_us == pytest.approx(overhead)
+    for k, predicted in fit.predictions:
+        assert predicted == pytest.approx(k.time_us, rel=1e-3), k.name  # the call: 32 FLOP
+    assert len(fit.residual_lines()) == len(kernels)
+    with pytest.raises(ValueError, match="no longer than an empty call"):
+        fit_roofline((kernels[0], KernelTiming("matvec 8x8 (hot)", 128.0, 0.0, 2.0),
+                      kernels[2]))
 
 
 def test_block_shapes_hold_the_block_weights_less_the_norms() -> None:

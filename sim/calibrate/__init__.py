@@ -210,10 +210,11 @@ def _measure_storage(
     measurers: list[Measurer], deadline: float, tick: Callable[[str], None]
 ) -> list[Measurement]:
     """Every pattern with every measurer, by ``deadline`` (``time.perf_counter``). With two
-    measurers each pattern is measured in alternating slices (A, B, A, B), so that a device
-    whose speed drifts (a shared or throttled disk, an SLC cache filling) affects both alike; a
-    measurer's figure is the sum of its slices. Each run gets an even share of the time left,
-    less what runs have cost beyond their measuring time so far (fio's start, say)."""
+    measurers each pattern is measured in alternating slices (A B B A, twice with a longer
+    budget), so that a device whose speed drifts (a shared or throttled disk, a write cache
+    filling) affects both alike; a measurer's figure is the sum of its slices. Each run gets
+    an even share of the time left, less what runs have cost beyond their measuring time so far
+    (fio's start, say)."""
     budget_s = deadline - time.perf_counter()
     slices = 1 if len(measurers) == 1 else (2 if budget_s / len(PATTERNS) < 4 else 4)
     runs_left = len(PATTERNS) * slices * len(measurers)
@@ -223,7 +224,8 @@ def _measure_storage(
         tick(pattern.label)
         parts: dict[str, list[Measurement]] = {m.name: [] for m in measurers}
         for part in range(slices):
-            for measurer in measurers:
+            # A B, then B A: a drift (writes filling a cache, say) favours neither
+            for measurer in measurers if part % 2 == 0 else measurers[::-1]:
                 share = (deadline - time.perf_counter()) / runs_left
                 seconds = max(0.05, share - overhead[measurer.name])
                 t0 = time.perf_counter()

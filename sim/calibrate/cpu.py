@@ -6,11 +6,13 @@ each timed as the best of several repetitions (the least disturbed by other work
 
 * **matvec (cold)**: the matrix-vector products of one decode step through a transformer
   block of the simulated model: q, k, v, o, gate, up and down projections at its sizes
-  (``configs/models``), taken in turn, so every matrix comes from DRAM (one block's float32
-  weights are hundreds of MB, far beyond any last-level cache); bytes = 4 per weight, FLOPs =
-  2 per weight, as :func:`~sim.hardware.compute.dense_layer_us` counts them.
+  (``configs/models``), taken in turn, over copies of the block that together span twice
+  :data:`COLD_BYTES`, so every matrix comes from DRAM; bytes = 4 per weight, FLOPs = 2 per
+  weight, as :func:`~sim.hardware.compute.dense_layer_us` counts them.
 * **matvec (hot)**: one of them cut to :data:`HOT_BYTES` rows' worth, repeated on the same
   matrix: it stays in the CPU's caches, so DRAM bytes are 0 and the time is the compute side.
+* **matvec (call)**: a 1 x :data:`TINY_COLUMNS` product: next to no work, its time is the cost
+  of a call.
 * **attention**: one KV head's GQA attention over ``N`` entries (the query heads that share it
   against ``N`` keys, softmax, against ``N`` values; head_dim of the model), over copies that
   together exceed :data:`COLD_BYTES`, so they come from DRAM: FLOPs ``4 N head_dim g``, bytes
@@ -40,6 +42,8 @@ HOT_BYTES = 256 * 1024
 COLD_BYTES = 64 * 2**20
 #: bytes of each array of the copy measurement
 COPY_BYTES = 256 * 2**20
+#: columns of the smallest matvec, whose time is the cost of a call
+TINY_COLUMNS = 16
 #: attention sizes measured (entries)
 ATTENTION_ENTRIES = (256, 1024, 4096, 16384)
 
@@ -109,7 +113,7 @@ def measure_cpu(model: ModelGeometry, seconds: float, threads: int = 1) -> CpuMe
 
 def _measure_cpu(model: ModelGeometry, seconds: float, threads: int) -> CpuMeasurements:
     deadline = time.perf_counter() + seconds
-    n_kernels = 3 + len(ATTENTION_ENTRIES)  # cold, hot, copy, each attention size
+    n_kernels = 4 + len(ATTENTION_ENTRIES)  # cold, hot, call, copy, each attention size
 
     def until(done: int) -> float:
         """The deadline of the next kernel: an even share of the time left."""
@@ -119,30 +123,39 @@ def _measure_cpu(model: ModelGeometry, seconds: float, threads: int) -> CpuMeasu
     # Values do not change a float32 kernel's time (none is zero or subnormal); filling is
     # far cheaper than drawing random numbers for hundreds of MB.
     shapes = block_shapes(model)
-    mats = [np.full((r, c), 0.5, dtype=np.float32) for _, r, c in shapes]
-    vecs = [np.full(c, 0.25, dtype=np.float32) for _, _, c in shapes]
     weights = sum(r * c for _, r, c in shapes)
+    # copies of the block taken in turn, together beyond the caches (a small model's block
+    # alone may fit in a last-level cache)
+    copies = max(1, -(-2 * COLD_BYTES // (4 * weights)))
+    blocks = [[np.full((r, c), 0.5, dtype=np.float32) for _, r, c in shapes]
+              for _ in range(copies)]
+    vecs = [np.full(c, 0.25, dtype=np.float32) for _, _, c in shapes]
 
-    def block(_i: int) -> None:
-        for m, v in zip(mats, vecs, strict=True):
+    def block(i: int) -> None:
+        for m, v in zip(blocks[i % copies], vecs, strict=True):
             m @ v
 
-    t = _best_time_us(block, until(0), least=2)
+    t = _best_time_us(block, until(0), least=copies + 1)
     kernels = [KernelTiming("matvec block (cold)", 2.0 * weights, 4.0 * weights, t)]
+    mats = blocks[0]
 
     hidden = shapes[0][2]
     rows = max(1, HOT_BYTES // (4 * hidden))
     hot = mats[0][:rows].copy()
     x = vecs[0]
-    mats.clear()  # the block's weights are no longer needed
+    blocks.clear()  # the blocks' weights are no longer needed
     repeat = 64
     t = _best_time_us(lambda _i: [hot @ x for _ in range(repeat)], until(1))
     kernels.append(KernelTiming(f"matvec {rows}x{hidden} (hot)", 2.0 * rows * hidden, 0.0,
                                 t / repeat))
+    tiny, y = hot[:1, :TINY_COLUMNS].copy(), x[:TINY_COLUMNS].copy()
+    t = _best_time_us(lambda _i: [tiny @ y for _ in range(repeat)], until(2))
+    kernels.append(KernelTiming(f"matvec 1x{TINY_COLUMNS} (call)", 2.0 * TINY_COLUMNS, 0.0,
+                                t / repeat))
 
     g = model.n_q_heads // model.n_kv_heads
     d = model.head_dim
-    for done, n in enumerate(ATTENTION_ENTRIES, start=2):
+    for done, n in enumerate(ATTENTION_ENTRIES, start=3):
         copies = max(1, COLD_BYTES // (2 * n * d * 4))
         keys = np.full((copies, n, d), 0.125, dtype=np.float32)
         values = np.full((copies, n, d), 0.5, dtype=np.float32)
@@ -194,21 +207,22 @@ def roofline_time_us(
 
 
 def fit_roofline(kernels: tuple[KernelTiming, ...]) -> RooflineFit:
-    """The roofline's three numbers, each from one kind of kernel: ``cpu_gflops`` from the
-    cache-resident matvec (no DRAM bytes: its time is the compute side), the sustained
-    bandwidth from the cold block of matvecs (the weight stream that dominates decode), and
-    ``kernel_overhead_us`` from the smallest attention: its time beyond the roofline's (>= 0).
-    The other kernels are the check (their residuals)."""
-    hot = [k for k in kernels if not k.dram_bytes]
+    """The roofline's three numbers, each from one kind of kernel: ``kernel_overhead_us`` from
+    the smallest matvec (a call doing next to no work), ``cpu_gflops`` from the cache-resident
+    matvec (no DRAM bytes: its time less the call's is the compute side), the sustained
+    bandwidth from the cold block of matvecs (the weight stream that dominates decode). The
+    attention kernels are the check (their residuals)."""
+    calls = [k for k in kernels if k.name.endswith("(call)")]
+    hot = [k for k in kernels if not k.dram_bytes and k not in calls]
     cold = [k for k in kernels if k.name.startswith("matvec") and k.dram_bytes]
-    attention = [k for k in kernels if k.name.startswith("attention")]
-    if not hot or not cold or not attention:
-        raise ValueError("the roofline needs a hot matvec, a cold matvec and an attention")
-    gflops = max(k.gflops for k in hot)
-    mb_s = max(k.mb_s for k in cold)
-    smallest = min(attention, key=lambda k: k.flops)
-    overhead = max(0.0, smallest.time_us - roofline_time_us(
-        smallest.flops, smallest.dram_bytes, gflops, mb_s, 0.0))
+    if not calls or not hot or not cold:
+        raise ValueError("the roofline needs a call, a hot matvec and a cold matvec")
+    overhead = min(k.time_us for k in calls)
+    best = max(hot, key=lambda k: k.gflops)
+    if best.time_us <= overhead:
+        raise ValueError(f"{best.name} took no longer than an empty call ({overhead:.2f} us)")
+    gflops = best.flops / (best.time_us - overhead) / 1e3
+    mb_s = max(k.dram_bytes / max(k.time_us - overhead, 1e-9) for k in cold)
     return RooflineFit(gflops, mb_s, overhead, tuple(
         (k, roofline_time_us(k.flops, k.dram_bytes, gflops, mb_s, overhead)) for k in kernels
     ))
