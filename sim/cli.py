@@ -184,7 +184,7 @@ def _cmd_list(_args: argparse.Namespace) -> int:
         ("policies", ", ".join(POLICIES.names())),
         ("layouts", ", ".join(LAYOUTS.names())),
         ("replacement", ", ".join(REPLACEMENTS.names())),
-        ("devices", ", ".join(preset_names())),
+        ("devices", ", ".join(preset_names()) + "  (or a preset file: kvsim calibrate)"),
         ("simulated models", ", ".join(model_names()) + "  (model: in an experiment)"),
         ("capturable models", ", ".join(MODELS)
          + "  (kvsim capture --model, trace.capture.model)"),

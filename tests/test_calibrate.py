@@ -314,6 +314,19 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_fio_asked_for_but_not_installed_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sim.calibrate
+
+    monkeypatch.setattr(sim.calibrate, "fio_available", lambda: False)
+    for measurer in ("fio", "both"):
+        _one_line_error(capsys, ["calibrate", "--path", str(tmp_path), "--out",
+                                 str(tmp_path / "p.yaml"), "--measurer", measurer],
+                        "fio program is not installed")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_memory_file_system_is_refused(capsys: pytest.CaptureFixture[str],
                                          tmp_path: Path) -> None:
     from sim.calibrate.storage import mount_of

@@ -132,8 +132,8 @@ def calibrate(
     from sim.config import load_model_geometry
 
     started = time.perf_counter()
-    size_bytes = size_bytes // MAX_IO_BYTES * MAX_IO_BYTES
     check_arguments(directory, out, seconds, size_bytes, measurer)
+    size_bytes = size_bytes // MAX_IO_BYTES * MAX_IO_BYTES  # whole largest commands
     geometry = load_model_geometry(model, "calibrate --model")
     if measurer == "auto":
         measurer = "fio" if fio_available() else "builtin"
