@@ -67,6 +67,7 @@ MAX_QUEUE_DEPTH = max(p.queue_depth for p in PATTERNS)
 
 DEFAULT_SECONDS = 180.0
 MIN_SECONDS = 5.0
+MAX_SECONDS = 86400.0  # a day
 DEFAULT_SIZE_BYTES = 8 * 2**30
 #: smallest measurement file: a few of the largest commands per thread
 MIN_SIZE_BYTES = 16 * 2**20
@@ -91,8 +92,10 @@ def check_arguments(
     directory: Path, out: Path, seconds: float, size_bytes: int, measurer: str
 ) -> None:
     """Every problem found before anything is created, as one-line errors."""
-    if not seconds >= MIN_SECONDS:
-        raise ConfigError(f"calibrate --seconds: must be >= {MIN_SECONDS:g}, got {seconds:g}")
+    if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+        raise ConfigError(
+            f"calibrate --seconds: must be in [{MIN_SECONDS:g}, {MAX_SECONDS:g}], got {seconds:g}"
+        )
     if size_bytes < MIN_SIZE_BYTES:
         raise ConfigError(
             f"calibrate --size: must be at least {MIN_SIZE_BYTES // 2**20} MiB, got "
