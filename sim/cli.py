@@ -1,4 +1,5 @@
-"""``kvsim``: run experiments, capture traces, inspect traces, redraw plots, list components.
+"""``kvsim``: run experiments, capture traces, inspect traces, calibrate a device, redraw plots,
+list components.
 
 User errors (any :class:`sim.errors.KvsimError`) and file-system refusals (an ``OSError``: a
 full disk, a read-only directory) print one line and exit with code 2; Ctrl-C exits with 130,
@@ -153,6 +154,22 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from sim.calibrate import DEFAULT_SIZE_BYTES, calibrate
+    from sim.config import parse_size_bytes
+
+    try:
+        size = DEFAULT_SIZE_BYTES if args.size is None else parse_size_bytes(args.size)
+    except ValueError as exc:
+        raise KvsimError(f"calibrate --size: {exc}") from None
+    result = calibrate(
+        Path(args.path), Path(args.out), seconds=args.seconds, size_bytes=size,
+        measurer=args.measurer, model=args.model, show_progress=not args.quiet,
+    )
+    print(result.report)
+    return 0
+
+
 def _cmd_list(_args: argparse.Namespace) -> int:
     from sim.config import model_names
     from sim.hardware import preset_names
@@ -167,7 +184,7 @@ def _cmd_list(_args: argparse.Namespace) -> int:
         ("policies", ", ".join(POLICIES.names())),
         ("layouts", ", ".join(LAYOUTS.names())),
         ("replacement", ", ".join(REPLACEMENTS.names())),
-        ("devices", ", ".join(preset_names())),
+        ("devices", ", ".join(preset_names()) + "  (or a preset file: kvsim calibrate)"),
         ("simulated models", ", ".join(model_names()) + "  (model: in an experiment)"),
         ("capturable models", ", ".join(MODELS)
          + "  (kvsim capture --model, trace.capture.model)"),
@@ -238,6 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("action", choices=["info", "verify"])
     tr.add_argument("path")
     tr.set_defaults(func=_cmd_trace)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure the storage under a directory and this CPU; write a device preset",
+    )
+    cal.add_argument("--path", required=True,
+                     help="a directory on the storage to measure (a file is made and removed)")
+    cal.add_argument("--out", required=True, help="the device preset to write (a .yaml)")
+    cal.add_argument("--seconds", type=float, default=180.0,
+                     help="time budget of the whole measurement (default 180, at least 5)")
+    cal.add_argument("--size", help="measurement file size, e.g. 8GiB (the default)")
+    cal.add_argument("--measurer", default="auto", choices=["auto", "builtin", "fio", "both"],
+                     help="storage measurer: fio when installed (auto), the built-in one, or "
+                     "both, alternating, compared in the report")
+    cal.add_argument("--model", default="llama-3.2-1b",
+                     help="simulated model whose kernel sizes the CPU is timed at")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    cal.set_defaults(func=_cmd_calibrate)
 
     plot = sub.add_parser("plot", help="redraw the plots of a results directory")
     plot.add_argument("results")

@@ -42,6 +42,11 @@ class CaptureError(KvsimError):
     """A trace cannot be captured (missing model package, missing text, bad settings)."""
 
 
+class StorageError(KvsimError):
+    """Storage cannot be measured: the directory does not exist, is not writable, lacks the free
+    space, or refuses O_DIRECT (``kvsim calibrate``)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM reached ``kvsim``: it stops as on Ctrl-C (every ``except KeyboardInterrupt``
     cleans up alike), then exits with 143 (128 + SIGTERM) instead of 130."""

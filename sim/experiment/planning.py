@@ -48,6 +48,7 @@ from sim.errors import CaptureError, ConfigError
 from sim.experiment.runs import PassGroup, RunPlan, TraceSource, digest
 from sim.figures.base import validate_figure_specs
 from sim.hardware import load_device
+from sim.hardware.device import is_device_file
 from sim.kv.layouts import LAYOUTS
 from sim.kv.replacement import REPLACEMENTS
 from sim.model import ModelGeometry
@@ -155,7 +156,7 @@ def plan(path: str | Path, output: str | Path | None = None) -> Plan:
         config = validate_config(apply_point(raw, point, str(source)), where)
         validate_figure_specs(config.figures, where, config.record)
         in_point: dict[str, str] = {}
-        for run in _plan_point(config, point, where, traces):
+        for run in _plan_point(config, point, where, traces, source.parent):
             if run.run_id in in_point:
                 raise ConfigError(
                     f"{where}: runs {in_point[run.run_id]!r} and {run.label!r} have identical "
@@ -369,10 +370,39 @@ def _check_speculative(policy: Any, trace: TraceSource, at: str) -> None:
         )
 
 
+def _device_file(text: str, where: str, experiment_dir: Path) -> str:
+    """A device file named by a relative path: found from the current directory, else beside
+    the experiment, else in the repository (as ``trace.path``); refused in one line if none."""
+    path = Path(text)
+    if path.is_absolute() or path.exists():
+        return text
+    for base in (experiment_dir, REPO_ROOT):
+        if (base / path).exists():
+            return str(base / path)
+    raise ConfigError(
+        f"{where}: device: no such file {text!r} (a relative path is looked up from the current "
+        "directory, the experiment's directory and the kvsim repository)"
+    )
+
+
+def _device_spec(spec: Any, where: str, experiment_dir: Path) -> Any:
+    """``device:`` with a relative device file (``device: phone.yaml`` or ``{preset:
+    phone.yaml, ...}``, as written by ``kvsim calibrate``) resolved (see :func:`_device_file`);
+    preset names and mappings without a file are returned as given."""
+    if isinstance(spec, str) and is_device_file(spec):
+        return _device_file(spec, where, experiment_dir)
+    if isinstance(spec, dict) and isinstance(spec.get("preset"), str) and is_device_file(
+        spec["preset"]
+    ):
+        return {**spec, "preset": _device_file(spec["preset"], where, experiment_dir)}
+    return spec
+
+
 def _plan_point(
-    config: ExperimentConfig, point: dict[str, Any], where: str, traces: dict[str, TraceSource]
+    config: ExperimentConfig, point: dict[str, Any], where: str, traces: dict[str, TraceSource],
+    experiment_dir: Path,
 ) -> list[RunPlan]:
-    device = load_device(config.device)
+    device = load_device(_device_spec(config.device, where, experiment_dir))
     target = load_model_geometry(config.model, f"{where}: model") if config.model else None
     REPLACEMENTS.create(config.cache.replacement, where=f"{where}: cache.replacement")
     trace = _trace_source(config, where)

@@ -111,10 +111,17 @@ def _resolve(spec: Any, directory: Path, depth: int) -> tuple[dict[str, Any], st
     )
 
 
+def is_device_file(spec: str | Path) -> bool:
+    """Whether ``spec`` names a YAML file (a path, or a name ending in ``.yaml``/``.yml``)
+    rather than a preset of the presets directory."""
+    text = str(spec)
+    return isinstance(spec, Path) or "/" in text or text.endswith((".yaml", ".yml"))
+
+
 def _preset_path(spec: str | Path, directory: Path) -> tuple[Path, bool]:
     """The YAML file ``spec`` names, and whether it was a preset name (not a path)."""
     text = str(spec)
-    if isinstance(spec, Path) or "/" in text or text.endswith((".yaml", ".yml")):
+    if is_device_file(spec):
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"device: no such file {text!r}")
