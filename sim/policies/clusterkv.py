@@ -8,9 +8,10 @@ from typing import ClassVar
 import numpy as np
 
 from . import POLICIES
-from .base import FullLayersMixin, LayerContext, LayerIndex, LayerSelection
+from .base import FullLayersMixin, GroupRanking, LayerContext, LayerIndex, LayerSelection
 from .static_clusters import (
     ClusteredPolicy,
+    cluster_order,
     cluster_priorities,
     cluster_space,
     kmeans_labels,
@@ -159,11 +160,15 @@ class ClusterKV(FullLayersMixin, ClusteredPolicy):
                     out[h, i, lo:hi] = top + positions[lo:hi]
             return out
 
+        def lead(start: int, stop: int) -> np.ndarray:  # the unclustered window's start
+            return prompt + (np.arange(start, stop) // m) * m
+
         return LayerIndex(
             score_steps,
             index_vectors=index_vectors,
             prefill_groups=groups[:, :prompt].copy(),
             append_groups=groups[:, prompt:].copy(),
+            groups=GroupRanking(ranking_labels, cluster_order(cluster_scores), lead),
         )
 
     def _cluster_head(
