@@ -501,12 +501,20 @@ class FullLayersMixin:
     """For policies with a ``full_layers`` field: layers with index below it attend everything
     (Quest and ClusterKV keep the first two layers dense; InfiniGen's reference code, one).
 
-    The subclass declares the field (its default is the policy's own), calls
-    :meth:`check_full_layers` from ``__post_init__`` and starts ``select_layer`` with
+    The subclass declares the field (its default is the policy's own) and calls
+    :meth:`check_full_layers` from ``__post_init__``; listed before its policy base, the mixin's
+    :meth:`select_layer` answers the dense layers and hands the others on to that base. A
+    subclass that defines its own ``select_layer`` starts it with
     ``if self.is_full_layer(ctx): return LayerSelection.full(ctx)``.
     """
 
     full_layers: int
+
+    def select_layer(self, ctx: LayerContext) -> LayerSelection:
+        """Full attention on the dense first layers, else the next class's selection."""
+        if self.is_full_layer(ctx):
+            return LayerSelection.full(ctx)
+        return super().select_layer(ctx)  # type: ignore[misc]  # the policy base, next in the MRO
 
     def check_full_layers(self) -> None:
         """Raises ValueError unless ``full_layers`` is an integer >= 0."""

@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from . import POLICIES
-from .base import FullLayersMixin, GroupRanking, LayerContext, LayerIndex, LayerSelection
+from .base import FullLayersMixin, GroupRanking, LayerContext, LayerIndex
 from .static_clusters import (
     ClusteredPolicy,
     cluster_order,
@@ -109,11 +109,6 @@ class ClusterKV(FullLayersMixin, ClusteredPolicy):
         """The unclustered window (tokens since the last local update) is attended always."""
         window_start = prompt_len + (step // self.update_interval) * self.update_interval
         return min(super().kept_tail_start(prompt_len, step), window_start)
-
-    def select_layer(self, ctx: LayerContext) -> LayerSelection:
-        if self.is_full_layer(ctx):
-            return LayerSelection.full(ctx)
-        return super().select_layer(ctx)
 
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads

@@ -14,7 +14,6 @@ from .base import (
     GroupRanking,
     LayerContext,
     LayerIndex,
-    LayerSelection,
     check_count,
 )
 
@@ -166,11 +165,6 @@ class Quest(FullLayersMixin, BudgetedPolicy):
                 "positions"
             )
         return None
-
-    def select_layer(self, ctx: LayerContext) -> LayerSelection:
-        if self.is_full_layer(ctx):
-            return LayerSelection.full(ctx)
-        return super().select_layer(ctx)
 
     def page_vectors(self, context: np.ndarray) -> np.ndarray:
         """Index vectors at stored context lengths ``context``: a min and a max per page."""
