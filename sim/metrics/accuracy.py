@@ -336,12 +336,26 @@ def _validated_counts(sel: HeadSelections, n_steps: int, prompt_len: int) -> np.
     counts = np.diff(offsets)
     if (counts < 0).any() or offsets[-1] != len(sel.positions):
         raise ValueError("selection offsets are not a valid CSR index of positions")
-    pos = np.asarray(sel.positions, dtype=np.int64)
-    step = np.repeat(np.arange(n_steps), counts)
-    if len(pos) and (pos.min() < 0 or (pos >= prompt_len + step).any()):
-        raise ValueError("a selected position lies outside its step's stored context [0, P + s)")
+    positions = np.asarray(sel.positions)
+    # int32 positions (a policy's) as they are: their differences fit; others as int64
+    pos = positions if positions.dtype == np.int32 else positions.astype(np.int64)
+    starts = offsets[:-1][counts > 0]  # first entry of each non-empty step
     inner = np.ones(len(pos), bool)
-    inner[offsets[:-1][counts > 0]] = False  # first entry of each step has no predecessor
-    if (np.diff(pos, prepend=-1)[inner] <= 0).any():
+    inner[starts] = False  # the first entry of a step has no predecessor
+    ordered = not (np.diff(pos, prepend=-1)[inner] <= 0).any()
+    if len(pos):
+        if ordered:  # each step's extremes are its first and last entries
+            nonempty = np.flatnonzero(counts)
+            outside = pos[starts].min() < 0 or (
+                pos[offsets[1:][nonempty] - 1] >= prompt_len + nonempty
+            ).any()
+        else:
+            step = np.repeat(np.arange(n_steps), counts)
+            outside = pos.min() < 0 or (pos >= prompt_len + step).any()
+        if outside:
+            raise ValueError(
+                "a selected position lies outside its step's stored context [0, P + s)"
+            )
+    if not ordered:
         raise ValueError("selected positions must be sorted and unique within each step")
     return counts
