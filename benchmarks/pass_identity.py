@@ -191,7 +191,8 @@ def compare(args: argparse.Namespace) -> None:
             print(f"{run}: DIFFERS: " + "; ".join(found[:5]))
             failed.append(run)
     n = len(set(before) & set(after))
-    print(f"{n - len(failed) + len(set(before) ^ set(after))} runs equal, {len(failed)} differ"
+    unpaired = len(set(before) ^ set(after))  # in one dump only: counted as differing
+    print(f"{n - (len(failed) - unpaired)} runs equal, {len(failed)} differ"
           + (f": {failed}" if failed else ""))
     sys.exit(1 if failed or not n else 0)
 
