@@ -216,8 +216,8 @@ class DynaKV(ClusteredPolicy):
             j = state.nearest(space64[new])
             deviation, variance = state.append_variance(j, new)
             active = None
-            if variance > tau or buffers:
-                active = state.active(selected, buffered)
+            if variance > tau or buffers:  # the clusters a split may concern: j, the buffered
+                active = state.active({j, *buffers}, selected, buffered)
             state.labels[new] = append_groups[s] = j
             state.size[j] += 1
             state.add_member(j, new)
@@ -536,17 +536,21 @@ class _Clusters:
         mark[buffered] = False
         return found
 
-    def active(self, selected: np.ndarray, buffered: np.ndarray) -> np.ndarray:
-        """Clusters whose members (labelled so far) are all in DRAM: selected or buffered."""
-        held = np.bincount(self.labels[selected], minlength=self.count)
-        if len(buffered):
-            in_selection = self._scratch
-            in_selection[selected] = True
-            extra = buffered[~in_selection[buffered]]
-            in_selection[selected] = False
-            held += np.bincount(self.labels[extra], minlength=self.count)
-        active = held == self.size[: self.count]
-        active[self.sink_id] = False
+    def active(
+        self, clusters: set[int], selected: np.ndarray, buffered: np.ndarray
+    ) -> dict[int, bool]:
+        """Which of ``clusters`` have all their members (labelled so far) in DRAM: selected
+        or buffered. A cluster's members are its stored ones (``size`` counts them too)."""
+        mark = self._scratch
+        mark[selected] = True
+        mark[buffered] = True
+        room = len(selected) + len(buffered)
+        active = {}
+        for c in clusters:
+            n = int(self.n_stored[c])
+            active[c] = c != self.sink_id and n <= room and bool(mark[self.stored[c][:n]].all())
+        mark[selected] = False
+        mark[buffered] = False
         return active
 
     def members(self, j: int, stop: int) -> np.ndarray:
