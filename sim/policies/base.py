@@ -527,6 +527,11 @@ class FullLayersMixin:
     def is_dense_layer(self, layer: int) -> bool:
         return layer < self.full_layers
 
+#: :meth:`BudgetedPolicy._budget_rows`: rows decided by the budget alone, contexts, budgets and
+#: the plain rows
+BudgetRows = tuple[list[np.ndarray], np.ndarray, np.ndarray, list[int]]
+
+
 @dataclass
 class BudgetedPolicy(RetrievalPolicy):
     """A retrieval policy that attends a fixed token budget per (step, KV head).
@@ -604,17 +609,18 @@ class BudgetedPolicy(RetrievalPolicy):
         ]
         for start in range(0, n_steps, self.score_chunk_steps):
             stop = min(n_steps, start + self.score_chunk_steps)
+            budgeted = self._budget_rows(prompt, start, stop - start)  # the same for every head
             if groups is None:
                 scores = index.score_steps(start, stop)
                 for h in range(n_kv):
-                    per_head[h].extend(self._fill(scores[h], prompt, start))
+                    per_head[h].extend(self._fill(scores[h], prompt, start, budgeted))
                 continue
             assert members is not None  # built with groups
             order = groups.order(start, stop)
             lead = None if groups.lead is None else groups.lead(start, stop)
             for h in range(n_kv):
                 per_head[h].extend(
-                    self._fill_groups(members[h], order[h], prompt, start, lead)
+                    self._fill_groups(members[h], order[h], prompt, start, lead, budgeted)
                 )
         heads = [HeadSelections.from_lists(rows) for rows in per_head]
         selection = LayerSelection(
@@ -632,9 +638,7 @@ class BudgetedPolicy(RetrievalPolicy):
         selection.dram_sinks, selection.dram_tail = sinks, tail
         return selection
 
-    def _budget_rows(
-        self, prompt: int, start: int, n_rows: int
-    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, list[int]]:
+    def _budget_rows(self, prompt: int, start: int, n_rows: int) -> BudgetRows:
         """The rows of decode steps ``start, start + 1, ...``: their selections where the
         budget decides them alone (the whole context, or a prefix of the forced positions),
         the rows' context lengths and budgets, and the *plain* rows (``forced <= budget <
@@ -659,12 +663,17 @@ class BudgetedPolicy(RetrievalPolicy):
         prompt: int,
         start: int,
         lead: np.ndarray | None,
+        budgeted: BudgetRows | None = None,
     ) -> list[np.ndarray]:
         """:meth:`_fill` of the scores a :class:`GroupRanking` stands for, one KV head:
         ``head`` its groups, ``order`` (steps, m) and ``lead`` (steps,) or ``None`` its
-        ranking of the steps ``start, start + 1, ...``."""
+        ranking of the steps ``start, start + 1, ...``; ``budgeted``: their
+        :meth:`_budget_rows` if known."""
         labels, members, n_labels, first = head.labels, head.positions, head.n_labels, head.first
-        rows, context, budgets, plain = self._budget_rows(prompt, start, len(order))
+        if budgeted is None:
+            budgeted = self._budget_rows(prompt, start, len(order))
+        rows, context, budgets, plain = budgeted
+        rows = list(rows)  # filled in here: the caller's stays as it is
         if not plain:
             return rows
         sinks, recent = self.sink_tokens, self.recent_tokens
@@ -715,10 +724,16 @@ class BudgetedPolicy(RetrievalPolicy):
             rows[r] = out
         return rows
 
-    def _fill(self, scores: np.ndarray, prompt: int, start: int) -> list[np.ndarray]:
-        """Top-budget positions of each row of ``scores`` (steps, P + stop), forced first."""
+    def _fill(
+        self, scores: np.ndarray, prompt: int, start: int, budgeted: BudgetRows | None = None
+    ) -> list[np.ndarray]:
+        """Top-budget positions of each row of ``scores`` (steps, P + stop), forced first;
+        ``budgeted``: the rows' :meth:`_budget_rows` if known."""
         n_rows, width = scores.shape
-        rows, context, budgets, plain_rows = self._budget_rows(prompt, start, n_rows)
+        if budgeted is None:
+            budgeted = self._budget_rows(prompt, start, n_rows)
+        rows, context, budgets, plain_rows = budgeted
+        rows = list(rows)  # filled in here: the caller's stays as it is
         if not np.issubdtype(scores.dtype, np.floating):
             scores = scores.astype(np.float64)
         # Forced and invisible positions: the sinks are a column block; the recent window and

@@ -548,7 +548,12 @@ class _Clusters:
         active = {}
         for c in clusters:
             n = int(self.n_stored[c])
-            active[c] = c != self.sink_id and n <= room and bool(mark[self.stored[c][:n]].all())
+            row = self.stored[c]
+            # the earliest and newest member first: a cluster is rarely wholly in DRAM
+            active[c] = c != self.sink_id and n <= room and (
+                n == 0 or (mark[row[0]] and mark[row[n - 1]]
+                           and np.count_nonzero(mark[row[:n]]) == n)
+            )
         mark[selected] = False
         mark[buffered] = False
         return active
