@@ -96,6 +96,18 @@ def layer_accuracy(
     if len(heads) != n_kv:
         raise ValueError(f"selection has {len(heads)} KV heads, trace layer has {n_kv}")
     counts = np.stack([_validated_counts(h, n_steps, prompt_len) for h in heads])  # (H_kv, S)
+    if window is not None and selection.window == window:
+        # The layer's own window against windowed attention: every position the reference
+        # weighs is selected, so the selected weights are the weights bit for bit, their sum
+        # the norm (recall exactly 1), the output the reference's (error exactly 0) and the
+        # window the top-k (recall 1): what the arithmetic below gives, without it
+        # (tests/test_sliding_window.py checks both agree).
+        return {
+            "attention_recall": np.ones((n_q, n_out)),
+            "topk_recall": np.ones((n_q, n_out)),
+            "output_rel_error": np.zeros((n_q, n_out)),
+            "n_selected": np.repeat(counts[:, sampled], q_per_kv, axis=0).astype(np.int64),
+        }
     if every == 1:
         # Step of every flat selection entry, to scatter/gather a chunk's entries in one shot.
         entry_step = [np.repeat(np.arange(n_steps, dtype=np.int64), c) for c in counts]
