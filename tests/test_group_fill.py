@@ -1,12 +1,12 @@
 """The budgeted fill computed on groups (``GroupRanking``) against the fill of the per-position
 scores it stands for (``score_steps``): the same selections, to the last position.
 
-Static update, ClusterKV and Quest rank whole groups (clusters, pages); their selections are
-computed on the groups, which costs about the budget per step instead of the context. The
-reference here is the budgeted base's top-k of ``score_steps`` (the index with its ``groups``
-removed), over random layers and every budget regime (whole context, below the forced
-positions, the plain fill), fractional and token budgets, sinks, recent windows, ClusterKV's
-unclustered window and short update intervals, pages of any size.
+Static update, ClusterKV and Quest rank whole groups (clusters, pages), StreamingLLM one
+window; their selections are computed on the groups, which costs about the budget per step
+instead of the context. The reference here is the budgeted base's top-k of ``score_steps``
+(the index with its ``groups`` removed), over random layers and every budget regime (whole
+context, below the forced positions, the plain fill), fractional and token budgets, sinks,
+recent windows, ClusterKV's unclustered window and short update intervals, pages of any size.
 """
 
 from __future__ import annotations
@@ -117,6 +117,25 @@ def test_quest(seed, prompt, steps, budget, sinks, recent, page, reduce):
     keys, queries = layer(seed, prompt, steps)
     spec = {"type": "quest", "budget": budget, "sink_tokens": sinks, "recent_tokens": recent,
             "page_tokens": page, "group_reduce": reduce, "full_layers": 0}
+    assert_same(*both(spec, keys, queries, prompt))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    prompt=st.integers(1, 80),
+    steps=st.integers(1, 70),
+    budget=budgets,
+    sinks=st.integers(0, 6),
+    recent=st.integers(0, 6),
+)
+def test_streaming_llm(seed, prompt, steps, budget, sinks, recent):
+    """StreamingLLM's ranking (the newest first after the sinks) as one lead window."""
+    if isinstance(budget, int) and budget < sinks + recent:
+        budget = sinks + recent + 1
+    keys, queries = layer(seed, prompt, steps)
+    spec = {"type": "streaming_llm", "budget": budget, "sink_tokens": sinks,
+            "recent_tokens": recent}
     assert_same(*both(spec, keys, queries, prompt))
 
 
