@@ -432,8 +432,9 @@ class LayerIndex:
     The array must be fresh and floating-point (float32 is fine if it ranks exactly): the base
     overwrites it in place to mark forced and invisible positions.
     ``index_vectors``, ``prefill_groups``, ``append_groups``: as in :class:`LayerSelection`.
-    ``groups``: set when the scores rank whole groups (clusters, pages), each one's positions
-    earliest first: the same selections, computed on the groups (:class:`GroupRanking`);
+    ``groups``: set when the scores rank whole groups (clusters, pages) each one's positions
+    earliest first, or a window newest first: the same selections, computed on the groups
+    (:class:`GroupRanking`);
     ``score_steps`` then stays the reference they equal.
     """
 
@@ -450,9 +451,10 @@ class GroupRanking:
     ``score_steps`` selects, stated on the groups, so a step costs about its budget instead
     of its context (no per-position priorities, no partition of them).
 
-    The scores it stands for (``cluster_priorities``, Quest's pages): at decode step ``s``,
-    first a *lead* window ``[lead[s], P + s)`` newest first (ClusterKV's unclustered window;
-    none if ``lead`` is ``None``), then the groups of ``order`` in that order, then the
+    The scores it stands for (``cluster_priorities``, Quest's pages, StreamingLLM's recency):
+    at decode step ``s``, first a *lead* window ``[lead[s], P + s)`` newest first (ClusterKV's
+    unclustered window, StreamingLLM's everything after the sinks; none if ``lead`` is
+    ``None``), then the groups of ``order`` in that order, then the
     positions of the groups ``order`` does not list, and inside each group (and among the
     unlisted) the earliest position first. Every such priority is distinct, so the top-k set
     is the first ``k`` positions of this order; the forced sinks and recent window come first,
