@@ -193,3 +193,31 @@ def test_rejects_mismatched_shapes():
         layer_accuracy(QUERIES, KEYS, VALUES, P, selection([0], [1], heads=2))
     with pytest.raises(ValueError, match="positions"):
         layer_accuracy(QUERIES, KEYS, VALUES, 2, selection([0], [1]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(-2, 9), max_size=6), min_size=1, max_size=5),
+    dtype=st.sampled_from([np.int32, np.int64, np.uint16]),
+)
+def test_selection_check_matches_a_step_by_step_reading(rows, dtype):
+    """The CSR check says what a step-by-step reading of the rows says: a position outside
+    its step's context [0, P + s) first (any step), else an unsorted or repeated one."""
+    from sim.metrics.accuracy import _validated_counts
+
+    prompt = 4
+    if dtype == np.uint16:
+        rows = [[max(p, 0) for p in row] for row in rows]
+    outside = any(p < 0 or p >= prompt + s for s, row in enumerate(rows) for p in row)
+    unsorted = any(b <= a for row in rows for a, b in zip(row, row[1:], strict=False))
+    sel = HeadSelections.from_lists([np.array(row, np.int64) for row in rows])
+    sel = HeadSelections(sel.positions.astype(dtype), sel.offsets)
+    if outside:
+        with pytest.raises(ValueError, match="outside"):
+            _validated_counts(sel, len(rows), prompt)
+    elif unsorted:
+        with pytest.raises(ValueError, match="sorted and unique"):
+            _validated_counts(sel, len(rows), prompt)
+    else:
+        np.testing.assert_array_equal(_validated_counts(sel, len(rows), prompt),
+                                      [len(row) for row in rows])

@@ -8,12 +8,15 @@ Convention under test (transformers' ``sliding_window_overlay``: key ``j`` visib
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sim.config import PipelineSpec
 from sim.errors import KvsimError
@@ -287,3 +290,45 @@ def test_a_malformed_window_list_is_an_error(tmp_path):
         writer.write_tokens(np.arange(5, dtype=np.int32))
     with pytest.raises(KvsimError, match="must list 2 windows"):
         sliding_windows(open_trace(tmp_path / "t"))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    prompt=st.integers(1, 40),
+    steps=st.integers(1, 50),
+    window=st.integers(1, 60),
+    every=st.sampled_from([1, 3, 8]),
+    chunk=st.sampled_from([4, 32]),
+)
+def test_window_layer_scores_are_what_the_arithmetic_gives(seed, prompt, steps, window, every,
+                                                          chunk):
+    """A window layer's figures are stated without the arithmetic (recall 1, error 0): the
+    same arrays, to the last bit and dtype, as computing them like any selection's."""
+    ctx, values = _ctx(prompt, steps, n_kv=2, group=2, dim=8, seed=seed)
+    _assert_window_figures(ctx, values, window, every, chunk)
+
+
+@pytest.mark.parametrize("every", [1, 8])
+def test_window_layer_scores_above_the_small_product_limit(every):
+    """Long enough that the sampled products run on their rows alone (SMALL_PRODUCT)."""
+    rng = np.random.default_rng(5)
+    prompt, steps, n_kv, group, dim = 2300, 40, 1, 4, 64
+    keys = rng.normal(size=(n_kv, prompt + steps, dim)).astype(np.float32)
+    values = rng.normal(size=(n_kv, prompt + steps, dim)).astype(np.float32)
+    queries = (2 * rng.normal(size=(n_kv * group, steps, dim))).astype(np.float32)
+    ctx = LayerContext(layer=0, keys=keys, queries=queries, prompt_len=prompt,
+                       rng=np.random.default_rng(0))
+    _assert_window_figures(ctx, values, 512, every, 32)
+
+
+def _assert_window_figures(ctx, values, window, every, chunk):
+    sel = LayerSelection.sliding_window(ctx, window)
+    stated = layer_accuracy(ctx.queries, ctx.keys, values, ctx.prompt_len, sel,
+                            chunk_steps=chunk, window=window, every=every)
+    as_any = dataclasses.replace(sel, window=None)  # the same positions, computed
+    computed = layer_accuracy(ctx.queries, ctx.keys, values, ctx.prompt_len, as_any,
+                              chunk_steps=chunk, window=window, every=every)
+    for column, array in computed.items():
+        assert stated[column].dtype == array.dtype and stated[column].shape == array.shape
+        assert stated[column].tobytes() == array.tobytes(), column

@@ -96,6 +96,18 @@ def layer_accuracy(
     if len(heads) != n_kv:
         raise ValueError(f"selection has {len(heads)} KV heads, trace layer has {n_kv}")
     counts = np.stack([_validated_counts(h, n_steps, prompt_len) for h in heads])  # (H_kv, S)
+    if window is not None and selection.window == window:
+        # The layer's own window against windowed attention: every position the reference
+        # weighs is selected, so the selected weights are the weights bit for bit, their sum
+        # the norm (recall exactly 1), the output the reference's (error exactly 0) and the
+        # window the top-k (recall 1): what the arithmetic below gives, without it
+        # (tests/test_sliding_window.py checks both agree).
+        return {
+            "attention_recall": np.ones((n_q, n_out)),
+            "topk_recall": np.ones((n_q, n_out)),
+            "output_rel_error": np.zeros((n_q, n_out)),
+            "n_selected": np.repeat(counts[:, sampled], q_per_kv, axis=0).astype(np.int64),
+        }
     if every == 1:
         # Step of every flat selection entry, to scatter/gather a chunk's entries in one shot.
         entry_step = [np.repeat(np.arange(n_steps, dtype=np.int64), c) for c in counts]
@@ -336,12 +348,26 @@ def _validated_counts(sel: HeadSelections, n_steps: int, prompt_len: int) -> np.
     counts = np.diff(offsets)
     if (counts < 0).any() or offsets[-1] != len(sel.positions):
         raise ValueError("selection offsets are not a valid CSR index of positions")
-    pos = np.asarray(sel.positions, dtype=np.int64)
-    step = np.repeat(np.arange(n_steps), counts)
-    if len(pos) and (pos.min() < 0 or (pos >= prompt_len + step).any()):
-        raise ValueError("a selected position lies outside its step's stored context [0, P + s)")
+    positions = np.asarray(sel.positions)
+    # int32 positions (a policy's) as they are: their differences fit; others as int64
+    pos = positions if positions.dtype == np.int32 else positions.astype(np.int64)
+    starts = offsets[:-1][counts > 0]  # first entry of each non-empty step
     inner = np.ones(len(pos), bool)
-    inner[offsets[:-1][counts > 0]] = False  # first entry of each step has no predecessor
-    if (np.diff(pos, prepend=-1)[inner] <= 0).any():
+    inner[starts] = False  # the first entry of a step has no predecessor
+    ordered = not (np.diff(pos, prepend=-1)[inner] <= 0).any()
+    if len(pos):
+        if ordered:  # each step's extremes are its first and last entries
+            nonempty = np.flatnonzero(counts)
+            outside = pos[starts].min() < 0 or (
+                pos[offsets[1:][nonempty] - 1] >= prompt_len + nonempty
+            ).any()
+        else:
+            step = np.repeat(np.arange(n_steps), counts)
+            outside = pos.min() < 0 or (pos >= prompt_len + step).any()
+        if outside:
+            raise ValueError(
+                "a selected position lies outside its step's stored context [0, P + s)"
+            )
+    if not ordered:
         raise ValueError("selected positions must be sorted and unique within each step")
     return counts

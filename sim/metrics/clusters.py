@@ -10,6 +10,7 @@ O(groups x head_dim) plus the entries that changed group.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -82,35 +83,95 @@ def _head_variance(
     live = counts > 0
     live_ids = np.flatnonzero(live)
     values[live_ids] = figures(live_ids)
-    for step in range(steps):
+
+    def join_run(start: int, stop: int) -> None:
+        """Steps ``[start, stop)``, none with relabels: one member joins per step. The same
+        numbers as one step at a time, batched: each group's running sums are a cumulative
+        sum of its joins in step order (the additions ``+=`` makes, in that order), a row's
+        einsum and a row's mean do not depend on the rows beside it."""
+        nonlocal live_ids
+        n = stop - start
+        positions = prompt_len + np.arange(start, stop)
+        groups = labels[positions]
+        joined_sums = np.empty((n, keys.shape[1]))
+        joined_squares = np.empty(n)
+        joined_counts = np.empty(n, dtype=np.int64)
+        order = np.argsort(groups, kind="stable")
+        cuts = np.flatnonzero(np.diff(groups[order])) + 1
+        for steps_of in np.split(order, cuts):  # one group's steps, ascending
+            group = int(groups[steps_of[0]])
+            running = np.empty((len(steps_of) + 1, keys.shape[1]))
+            running[0] = sums[group]
+            running[1:] = keys[positions[steps_of]]
+            np.cumsum(running, axis=0, out=running)
+            joined_sums[steps_of] = running[1:]
+            sums[group] = running[-1]
+            square = np.empty(len(steps_of) + 1)
+            square[0] = squares[group]
+            square[1:] = norms[positions[steps_of]]
+            np.cumsum(square, out=square)
+            joined_squares[steps_of] = square[1:]
+            squares[group] = square[-1]
+            joined_counts[steps_of] = counts[group] + np.arange(1, len(steps_of) + 1)
+            counts[group] += len(steps_of)
+        figure = np.maximum(
+            joined_squares / joined_counts
+            - np.einsum("gd,gd->g", joined_sums, joined_sums) / joined_counts**2,
+            0.0,
+        )
+        # A group turns live at its first join (unless it already was): the live set changes
+        # at those steps only.
+        turns_live = np.zeros(n, bool)
+        turns_live[order[np.concatenate(([0], cuts))]] = True
+        turns_live &= ~live[groups]
+        for block in range(0, n, 512):  # the figures after each step: (block, top) arrays
+            rows = np.arange(block, min(n, block + 512))
+            last = np.full((len(rows), top), -1, dtype=np.int64)  # the group's last join
+            last[rows - block, groups[rows]] = rows
+            np.maximum.accumulate(last, axis=0, out=last)
+            after = np.where(last >= 0, figure[last], values[None, :])
+            values[:] = after[-1]
+            bounds = [0, *np.flatnonzero(turns_live[rows]).tolist(), len(rows)]
+            for k, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+                if k:  # row lo's group turns live
+                    live[groups[block + lo]] = True
+                    live_ids = np.flatnonzero(live)
+                if hi == lo:
+                    continue
+                part = after[lo:hi]
+                if len(live_ids) != top:
+                    part = np.ascontiguousarray(part[:, live_ids])
+                variance[start + block + lo : start + block + hi] = part.mean(axis=1)
+                n_groups[start + block + lo : start + block + hi] = len(live_ids)
+
+    done = 0
+    for step in sorted(by_step) + [steps]:
+        if step > done:
+            join_run(done, step)
+        if step == steps:
+            break
         position = prompt_len + step
         group = int(labels[position])
         # one member joins: the additions np.add.at would make
         sums[group] += keys[position]
         squares[group] += norms[position]
         counts[group] += 1
-        events = by_step.get(step)
-        if events:
-            changed = {group}
-            for event in events:
-                positions = np.asarray(event.positions)
-                changed.update(np.unique(labels[positions]).tolist())
-                changed.add(int(event.group))
-                move(positions, labels[positions], -1)
-                labels[positions] = event.group
-                move(positions, labels[positions], +1)
-            live = counts > 0
-            live_ids = np.flatnonzero(live)
-            touched = np.array(sorted(changed))
-            touched = touched[counts[touched] > 0]
-        else:
-            if not live[group]:
-                live[group] = True
-                live_ids = np.flatnonzero(live)
-            touched = np.array([group])
+        changed = {group}
+        for event in by_step[step]:
+            positions = np.asarray(event.positions)
+            changed.update(np.unique(labels[positions]).tolist())
+            changed.add(int(event.group))
+            move(positions, labels[positions], -1)
+            labels[positions] = event.group
+            move(positions, labels[positions], +1)
+        live = counts > 0
+        live_ids = np.flatnonzero(live)
+        touched = np.array(sorted(changed))
+        touched = touched[counts[touched] > 0]
         values[touched] = figures(touched)
         variance[step] = (values if len(live_ids) == top else values[live_ids]).mean()
         n_groups[step] = len(live_ids)
+        done = step + 1
     return variance, n_groups
 
 

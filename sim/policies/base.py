@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -432,12 +432,65 @@ class LayerIndex:
     The array must be fresh and floating-point (float32 is fine if it ranks exactly): the base
     overwrites it in place to mark forced and invisible positions.
     ``index_vectors``, ``prefill_groups``, ``append_groups``: as in :class:`LayerSelection`.
+    ``groups``: set when the scores rank whole groups (clusters, pages) each one's positions
+    earliest first, or a window newest first: the same selections, computed on the groups
+    (:class:`GroupRanking`);
+    ``score_steps`` then stays the reference they equal.
     """
 
     score_steps: Callable[[int, int], np.ndarray]
     index_vectors: np.ndarray
     prefill_groups: np.ndarray | None = None
     append_groups: np.ndarray | None = None
+    groups: GroupRanking | None = None
+
+
+@dataclass
+class GroupRanking:
+    """Scores that rank groups of positions whole: what :class:`BudgetedPolicy`'s fill of
+    ``score_steps`` selects, stated on the groups, so a step costs about its budget instead
+    of its context (no per-position priorities, no partition of them).
+
+    The scores it stands for (``cluster_priorities``, Quest's pages, StreamingLLM's recency):
+    at decode step ``s``, first a *lead* window ``[lead[s], P + s)`` newest first (ClusterKV's
+    unclustered window, StreamingLLM's everything after the sinks; none if ``lead`` is
+    ``None``), then the groups of ``order`` in that order, then the
+    positions of the groups ``order`` does not list, and inside each group (and among the
+    unlisted) the earliest position first. Every such priority is distinct, so the top-k set
+    is the first ``k`` positions of this order; the forced sinks and recent window come first,
+    as in the fill.
+
+    ``labels`` (H_kv, N): the group of every stored position, fixed over the decode (>= 0).
+    ``order(start, stop)``: per KV head, a (stop - start, m) integer array: per decode step,
+    group ids best first (distinct; groups without positions in the step's context may be
+    listed anywhere).
+    ``lead(start, stop)`` (stop - start,) integer, or ``None``.
+    """
+
+    labels: np.ndarray
+    order: Callable[[int, int], Sequence[np.ndarray] | np.ndarray]
+    lead: Callable[[int, int], np.ndarray] | None = None
+
+    def members(self, h: int, sinks: int) -> GroupMembers:
+        """KV head ``h``'s groups (:class:`GroupMembers`), ``sinks``: the forced sinks."""
+        labels = np.asarray(self.labels[h])
+        n_labels = int(labels.max()) + 1 if len(labels) else 0
+        counts = np.bincount(labels, minlength=n_labels)
+        by_label = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])
+        first = [int(np.searchsorted(m, sinks)) for m in by_label]
+        return GroupMembers(labels, by_label, n_labels, first)
+
+
+@dataclass
+class GroupMembers:
+    """One KV head's groups: ``labels`` (N,) as :attr:`GroupRanking.labels`, ``positions[g]``
+    group ``g``'s positions ascending, ``n_labels`` the number of labels, ``first[g]`` how many
+    of ``g``'s positions are sinks (below the unforced span)."""
+
+    labels: np.ndarray
+    positions: list[np.ndarray]
+    n_labels: int
+    first: list[int]
 
 
 def check_count(name: str, value: object) -> None:
@@ -450,12 +503,20 @@ class FullLayersMixin:
     """For policies with a ``full_layers`` field: layers with index below it attend everything
     (Quest and ClusterKV keep the first two layers dense; InfiniGen's reference code, one).
 
-    The subclass declares the field (its default is the policy's own), calls
-    :meth:`check_full_layers` from ``__post_init__`` and starts ``select_layer`` with
+    The subclass declares the field (its default is the policy's own) and calls
+    :meth:`check_full_layers` from ``__post_init__``; listed before its policy base, the mixin's
+    :meth:`select_layer` answers the dense layers and hands the others on to that base. A
+    subclass that defines its own ``select_layer`` starts it with
     ``if self.is_full_layer(ctx): return LayerSelection.full(ctx)``.
     """
 
     full_layers: int
+
+    def select_layer(self, ctx: LayerContext) -> LayerSelection:
+        """Full attention on the dense first layers, else the next class's selection."""
+        if self.is_full_layer(ctx):
+            return LayerSelection.full(ctx)
+        return super().select_layer(ctx)  # type: ignore[misc]  # the policy base, next in the MRO
 
     def check_full_layers(self) -> None:
         """Raises ValueError unless ``full_layers`` is an integer >= 0."""
@@ -467,6 +528,11 @@ class FullLayersMixin:
 
     def is_dense_layer(self, layer: int) -> bool:
         return layer < self.full_layers
+
+#: :meth:`BudgetedPolicy._budget_rows`: rows decided by the budget alone, contexts, budgets and
+#: the plain rows
+BudgetRows = tuple[list[np.ndarray], np.ndarray, np.ndarray, list[int]]
+
 
 @dataclass
 class BudgetedPolicy(RetrievalPolicy):
@@ -539,11 +605,25 @@ class BudgetedPolicy(RetrievalPolicy):
         index = self.index_layer(ctx)
         n_kv, n_steps, prompt = ctx.n_kv_heads, ctx.decode_steps, ctx.prompt_len
         per_head: list[list[np.ndarray]] = [[] for _ in range(n_kv)]
+        groups = index.groups
+        members = None if groups is None else [
+            groups.members(h, self.sink_tokens) for h in range(n_kv)
+        ]
         for start in range(0, n_steps, self.score_chunk_steps):
             stop = min(n_steps, start + self.score_chunk_steps)
-            scores = index.score_steps(start, stop)
+            budgeted = self._budget_rows(prompt, start, stop - start)  # the same for every head
+            if groups is None:
+                scores = index.score_steps(start, stop)
+                for h in range(n_kv):
+                    per_head[h].extend(self._fill(scores[h], prompt, start, budgeted))
+                continue
+            assert members is not None  # built with groups
+            order = groups.order(start, stop)
+            lead = None if groups.lead is None else groups.lead(start, stop)
             for h in range(n_kv):
-                per_head[h].extend(self._fill(scores[h], prompt, start))
+                per_head[h].extend(
+                    self._fill_groups(members[h], order[h], prompt, start, lead, budgeted)
+                )
         heads = [HeadSelections.from_lists(rows) for rows in per_head]
         selection = LayerSelection(
             heads, index.index_vectors, index.prefill_groups, index.append_groups
@@ -560,11 +640,102 @@ class BudgetedPolicy(RetrievalPolicy):
         selection.dram_sinks, selection.dram_tail = sinks, tail
         return selection
 
-    def _fill(self, scores: np.ndarray, prompt: int, start: int) -> list[np.ndarray]:
-        """Top-budget positions of each row of ``scores`` (steps, P + stop), forced first."""
-        n_rows, width = scores.shape
+    def _budget_rows(self, prompt: int, start: int, n_rows: int) -> BudgetRows:
+        """The rows of decode steps ``start, start + 1, ...``: their selections where the
+        budget decides them alone (the whole context, or a prefix of the forced positions),
+        the rows' context lengths and budgets, and the *plain* rows (``forced <= budget <
+        context``), which take the best-scoring positions after the forced ones."""
         context = prompt + start + np.arange(n_rows)
         budgets = np.array([self.budget_at(int(c)) for c in context])
+        rows: list[np.ndarray] = [np.empty(0, np.int32)] * n_rows
+        plain = []
+        for r, (c, k) in enumerate(zip(context.tolist(), budgets.tolist(), strict=True)):
+            if k >= c:
+                rows[r] = np.arange(c, dtype=np.int32)
+            elif k < self._n_forced(c):
+                rows[r] = self._forced_prefix(c, k)
+            else:
+                plain.append(r)
+        return rows, context, budgets, plain
+
+    def _fill_groups(
+        self,
+        head: GroupMembers,
+        order: np.ndarray,
+        prompt: int,
+        start: int,
+        lead: np.ndarray | None,
+        budgeted: BudgetRows | None = None,
+    ) -> list[np.ndarray]:
+        """:meth:`_fill` of the scores a :class:`GroupRanking` stands for, one KV head:
+        ``head`` its groups, ``order`` (steps, m) and ``lead`` (steps,) or ``None`` its
+        ranking of the steps ``start, start + 1, ...``; ``budgeted``: their
+        :meth:`_budget_rows` if known."""
+        labels, members, n_labels, first = head.labels, head.positions, head.n_labels, head.first
+        if budgeted is None:
+            budgeted = self._budget_rows(prompt, start, len(order))
+        rows, context, budgets, plain = budgeted
+        rows = list(rows)  # filled in here: the caller's stays as it is
+        if not plain:
+            return rows
+        sinks, recent = self.sink_tokens, self.recent_tokens
+        picked = np.asarray(plain)
+        context, k = context[picked], budgets[picked]
+        hi = context - recent  # the unforced span is [sinks, hi): sinks < hi as k < context
+        cut = hi if lead is None else np.maximum(sinks, np.minimum(hi, lead[picked]))
+        rest = k - sinks - recent
+        n_lead = np.minimum(hi - cut, rest)  # the lead window's share, newest first
+        need = rest - n_lead  # the groups' share, taken from their positions in [sinks, cut)
+        # Positions of every label in [sinks, cut) per row (cut grows with the rows).
+        in_span = np.zeros((len(plain), n_labels), np.int64)
+        in_span[0] = np.bincount(labels[sinks : cut[0]], minlength=n_labels)
+        if len(plain) > 1:
+            row_of = np.repeat(np.arange(1, len(plain)), np.diff(cut))
+            np.add.at(in_span, (row_of, labels[cut[0] : cut[-1]]), 1)
+            np.cumsum(in_span, axis=0, out=in_span)
+        order = order[picked]
+        ranked = np.take_along_axis(in_span, order, axis=1)
+        filled = np.cumsum(ranked, axis=1)
+        whole = (filled < need[:, None]).sum(axis=1)  # groups taken whole, in order
+        for i, r in enumerate(plain):
+            c, kk, top, low = int(context[i]), int(k[i]), int(hi[i]), int(cut[i])
+            parts = []
+            n_whole = int(whole[i])
+            for g, count in zip(order[i, :n_whole].tolist(), ranked[i, :n_whole].tolist(),
+                                strict=True):
+                if count:
+                    parts.append(members[g][first[g] : first[g] + count])
+            left = int(need[i]) - (int(filled[i, n_whole - 1]) if n_whole else 0)
+            if left > 0 and n_whole < order.shape[1]:  # the boundary group, its earliest
+                g = int(order[i, n_whole])
+                parts.append(members[g][first[g] : first[g] + left])
+            elif left > 0:  # the unlisted groups' positions, earliest first
+                unlisted = np.ones(n_labels, bool)
+                unlisted[order[i]] = False
+                parts.append(sinks + np.flatnonzero(unlisted[labels[sinks:low]])[:left])
+            out = np.empty(kk, np.int32)
+            out[:sinks] = np.arange(sinks)
+            chosen = int(need[i])
+            if parts:
+                span = np.concatenate(parts)  # a fresh array: sorted in place
+                span.sort()
+                out[sinks : sinks + chosen] = span
+            lead_part = int(n_lead[i])
+            out[sinks + chosen : sinks + chosen + lead_part] = np.arange(top - lead_part, top)
+            out[kk - recent :] = np.arange(top, c)
+            rows[r] = out
+        return rows
+
+    def _fill(
+        self, scores: np.ndarray, prompt: int, start: int, budgeted: BudgetRows | None = None
+    ) -> list[np.ndarray]:
+        """Top-budget positions of each row of ``scores`` (steps, P + stop), forced first;
+        ``budgeted``: the rows' :meth:`_budget_rows` if known."""
+        n_rows, width = scores.shape
+        if budgeted is None:
+            budgeted = self._budget_rows(prompt, start, n_rows)
+        rows, context, budgets, plain_rows = budgeted
+        rows = list(rows)  # filled in here: the caller's stays as it is
         if not np.issubdtype(scores.dtype, np.floating):
             scores = scores.astype(np.float64)
         # Forced and invisible positions: the sinks are a column block; the recent window and
@@ -575,18 +746,11 @@ class BudgetedPolicy(RetrievalPolicy):
         tail = scores[:, lo:]
         tail[rel >= -self.recent_tokens] = np.inf
         tail[rel >= 0] = -np.inf
-        rows: list[np.ndarray] = [np.empty(0, np.int32)] * n_rows
-        for k in np.unique(budgets):
-            members = np.flatnonzero(budgets == k)
-            plain = []
-            for r in members:
-                c = int(context[r])
-                if k >= c:
-                    rows[r] = np.arange(c, dtype=np.int32)
-                elif k < self._n_forced(c):
-                    rows[r] = self._forced_prefix(c, int(k))
-                else:
-                    plain.append(r)
+        if not plain_rows:
+            return rows
+        plain_budgets = budgets[plain_rows]
+        for k in np.unique(plain_budgets):
+            plain = [r for r, b in zip(plain_rows, plain_budgets, strict=True) if b == k]
             if plain:
                 top = np.argpartition(scores[plain], width - k, axis=-1)[:, width - k :]
                 top.sort(axis=-1)

@@ -8,9 +8,10 @@ from typing import ClassVar
 import numpy as np
 
 from . import POLICIES
-from .base import FullLayersMixin, LayerContext, LayerIndex, LayerSelection
+from .base import FullLayersMixin, GroupRanking, LayerContext, LayerIndex
 from .static_clusters import (
     ClusteredPolicy,
+    cluster_order,
     cluster_priorities,
     cluster_space,
     kmeans_labels,
@@ -109,11 +110,6 @@ class ClusterKV(FullLayersMixin, ClusteredPolicy):
         window_start = prompt_len + (step // self.update_interval) * self.update_interval
         return min(super().kept_tail_start(prompt_len, step), window_start)
 
-    def select_layer(self, ctx: LayerContext) -> LayerSelection:
-        if self.is_full_layer(ctx):
-            return LayerSelection.full(ctx)
-        return super().select_layer(ctx)
-
     def index_layer(self, ctx: LayerContext) -> LayerIndex:
         prompt, n_steps, n_kv = ctx.prompt_len, ctx.decode_steps, ctx.n_kv_heads
         m = self.update_interval
@@ -159,11 +155,15 @@ class ClusterKV(FullLayersMixin, ClusteredPolicy):
                     out[h, i, lo:hi] = top + positions[lo:hi]
             return out
 
+        def lead(start: int, stop: int) -> np.ndarray:  # the unclustered window's start
+            return prompt + (np.arange(start, stop) // m) * m
+
         return LayerIndex(
             score_steps,
             index_vectors=index_vectors,
             prefill_groups=groups[:, :prompt].copy(),
             append_groups=groups[:, prompt:].copy(),
+            groups=GroupRanking(ranking_labels, cluster_order(cluster_scores), lead),
         )
 
     def _cluster_head(

@@ -17,7 +17,6 @@ from .base import (
 )
 from .static_clusters import (
     ClusteredPolicy,
-    cluster_priorities,
     cluster_space,
     kmeans_labels,
     nearest_centroid,
@@ -217,8 +216,8 @@ class DynaKV(ClusteredPolicy):
             j = state.nearest(space64[new])
             deviation, variance = state.append_variance(j, new)
             active = None
-            if variance > tau or buffers:
-                active = state.active(selected, buffered)
+            if variance > tau or buffers:  # the clusters a split may concern: j, the buffered
+                active = state.active({j, *buffers}, selected, buffered)
             state.labels[new] = append_groups[s] = j
             state.size[j] += 1
             state.add_member(j, new)
@@ -229,7 +228,7 @@ class DynaKV(ClusteredPolicy):
                 if active[j]:
                     self._split(state, run, j, s, new)
                 else:
-                    buffers.setdefault(j, []).append(new)
+                    state.buffer(j, new)
             if not buffers:
                 continue
             # buffers were non-empty before the placement or variance > tau: computed above
@@ -243,8 +242,7 @@ class DynaKV(ClusteredPolicy):
             while sum(len(b) for b in buffers.values()) >= self.buffer_max:
                 c = max(sorted(buffers), key=lambda k: len(buffers[k]))
                 members = state.members(c, width)
-                in_dram = np.isin(members, selected) | np.isin(members, buffered)
-                extra.append(members[~in_dram])
+                extra.append(members[~state.held(members, selected, buffered)])
                 self._split(state, run, c, s, new)
             if extra:
                 extra_steps[-1] = np.unique(np.concatenate(extra)).astype(np.int32)
@@ -259,16 +257,19 @@ class DynaKV(ClusteredPolicy):
         entries first and then its earliest positions.
 
         This is the budgeted base's fill of :func:`cluster_priorities` with the buffered
-        entries moved to the front of their cluster (:meth:`_select_by_priority`, used when
-        the budget covers the whole context or not even the forced positions): every
-        priority is distinct, so the top-k set is the first k in this order. Computed on
-        clusters instead: a cluster's positions in the unforced span ``[sinks, width -
-        recent)`` are the first ``span_count`` of its sorted stored members."""
+        entries moved to the front of their cluster (``tests/dynakv_reference.py`` computes
+        it so): every priority is distinct, so the top-k set is the first k in this order;
+        when the budget covers the whole context or not even the forced positions, the fill
+        takes the context or a prefix of the forced positions. Computed on clusters instead:
+        a cluster's positions in the unforced span ``[sinks, width - recent)`` are the first
+        ``span_count`` of its sorted stored members."""
         width = prompt + s
         sinks, recent = self.sink_tokens, self.recent_tokens
         k = self.budget_at(width)
-        if k >= width or k < min(width, sinks + recent):
-            return self._select_by_priority(scores, state.labels[:width], prompt, s, buffered)
+        if k >= width:  # the fill's two cases the budget decides alone
+            return np.arange(width, dtype=np.int32)
+        if k < min(width, sinks + recent):
+            return self._forced_prefix(width, k)
         # Otherwise sinks + recent <= k < width: the forced blocks [0, sinks) and [hi, width)
         # are disjoint and the clusters fill the other rest >= 0 positions, from [sinks, hi).
         hi = width - recent
@@ -300,20 +301,6 @@ class DynaKV(ClusteredPolicy):
         out[hi - width + k :] = state.recent_offsets + width
         return out
 
-    def _select_by_priority(
-        self, scores: np.ndarray, labels: np.ndarray, prompt: int, s: int, buffered: np.ndarray
-    ) -> np.ndarray:
-        """The reference fill: per-position priorities, the budgeted base's top-k."""
-        width = prompt + s
-        priority = cluster_priorities(scores[None, :], labels)
-        if len(buffered):
-            # Buffered entries (DRAM) first inside their cluster. A cluster of rank r holds
-            # priorities r (width + 1) + (width - p) <= r (width + 1) + width and the next
-            # one starts above r (width + 1) + width + 1: move p to the open interval
-            # between, r (width + 1) + width + 1 - (p + 1) / (width + 2) (earliest first).
-            priority[0, buffered] += 1 + buffered - (buffered + 1) / (width + 2)
-        return self._fill(priority, prompt, s)[0]
-
     def _split(self, state: _Clusters, run: _HeadRun, j: int, step: int, last: int) -> None:
         """Split cluster ``j`` (members up to position ``last``, buffer included) in two."""
         members = state.members(j, last + 1)
@@ -323,7 +310,7 @@ class DynaKV(ClusteredPolicy):
         moved = members[move].astype(np.int32)
         new_id = state.add_cluster()
         state.labels[moved] = new_id
-        state.buffers.pop(j, None)
+        state.unbuffer(j)
         kept = members[~move]
         state.recompute(j, kept)
         state.recompute(new_id, moved)
@@ -404,6 +391,7 @@ class _Clusters:
         self.count = sink_id + 1
         self.labels = np.full(len(keys), sink_id, np.int32)
         self.buffers: dict[int, list[int]] = {}
+        self._buffered: np.ndarray | None = None  # buffered_positions, while unchanged
         self._scratch = np.zeros(len(keys), bool)  # all False between uses
         # Stored members of each cluster (positions < the current step's new token, plus it
         # once placed), ascending: stored[c][:n_stored[c]] (arrays grow by doubling).
@@ -518,22 +506,56 @@ class _Clusters:
             self.rsum[j] += self.keys[position]
         self._derive(j)
 
+    def buffer(self, j: int, position: int) -> None:
+        """``position`` waits in cluster ``j``'s split buffer."""
+        self.buffers.setdefault(j, []).append(position)
+        self._buffered = None
+
+    def unbuffer(self, j: int) -> None:
+        """Cluster ``j``'s split buffer is emptied (by its split)."""
+        if self.buffers.pop(j, None) is not None:
+            self._buffered = None
+
     def buffered_positions(self) -> np.ndarray:
+        """Every buffered position, ascending (kept until the buffers change: read-only)."""
         if not self.buffers:
             return np.zeros(0, np.int64)
-        return np.sort(np.fromiter((p for b in self.buffers.values() for p in b), np.int64))
+        if self._buffered is None:
+            self._buffered = np.sort(
+                np.fromiter((p for b in self.buffers.values() for p in b), np.int64)
+            )
+        return self._buffered
 
-    def active(self, selected: np.ndarray, buffered: np.ndarray) -> np.ndarray:
-        """Clusters whose members (labelled so far) are all in DRAM: selected or buffered."""
-        held = np.bincount(self.labels[selected], minlength=self.count)
-        if len(buffered):
-            in_selection = self._scratch
-            in_selection[selected] = True
-            extra = buffered[~in_selection[buffered]]
-            in_selection[selected] = False
-            held += np.bincount(self.labels[extra], minlength=self.count)
-        active = held == self.size[: self.count]
-        active[self.sink_id] = False
+    def held(self, positions: np.ndarray, selected: np.ndarray, buffered: np.ndarray) -> np.ndarray:
+        """Which ``positions`` are in DRAM: selected or buffered (a mask)."""
+        mark = self._scratch
+        mark[selected] = True
+        mark[buffered] = True
+        found = mark[positions]
+        mark[selected] = False
+        mark[buffered] = False
+        return found
+
+    def active(
+        self, clusters: set[int], selected: np.ndarray, buffered: np.ndarray
+    ) -> dict[int, bool]:
+        """Which of ``clusters`` have all their members (labelled so far) in DRAM: selected
+        or buffered. A cluster's members are its stored ones (``size`` counts them too)."""
+        mark = self._scratch
+        mark[selected] = True
+        mark[buffered] = True
+        room = len(selected) + len(buffered)
+        active = {}
+        for c in clusters:
+            n = int(self.n_stored[c])
+            row = self.stored[c]
+            # the earliest and newest member first: a cluster is rarely wholly in DRAM
+            active[c] = c != self.sink_id and n <= room and (
+                n == 0 or (mark[row[0]] and mark[row[n - 1]]
+                           and np.count_nonzero(mark[row[:n]]) == n)
+            )
+        mark[selected] = False
+        mark[buffered] = False
         return active
 
     def members(self, j: int, stop: int) -> np.ndarray:

@@ -11,9 +11,9 @@ from . import POLICIES
 from .base import (
     BudgetedPolicy,
     FullLayersMixin,
+    GroupRanking,
     LayerContext,
     LayerIndex,
-    LayerSelection,
     check_count,
 )
 
@@ -166,11 +166,6 @@ class Quest(FullLayersMixin, BudgetedPolicy):
             )
         return None
 
-    def select_layer(self, ctx: LayerContext) -> LayerSelection:
-        if self.is_full_layer(ctx):
-            return LayerSelection.full(ctx)
-        return super().select_layer(ctx)
-
     def page_vectors(self, context: np.ndarray) -> np.ndarray:
         """Index vectors at stored context lengths ``context``: a min and a max per page."""
         return 2 * -(-np.asarray(context, dtype=np.int64) // self.page_tokens)
@@ -185,17 +180,21 @@ class Quest(FullLayersMixin, BudgetedPolicy):
         queries = np.asarray(ctx.queries, dtype=np.float32)
         grouped = queries.reshape(n_kv, ctx.queries_per_kv_head, n_steps, queries.shape[2])
 
-        def score_steps(start: int, stop: int) -> np.ndarray:
-            width = prompt + stop
+        def page_order(start: int, stop: int) -> np.ndarray:
+            """(H_kv, steps, pages visible by the last step): pages by bound, best first."""
             contexts = prompt + np.arange(start, stop)
             scores = index.page_scores(grouped[:, :, start:stop], contexts, self.group_reduce)
-            n_pages = scores.shape[-1]
+            return np.argsort(-scores, axis=-1, kind="stable")
+
+        def score_steps(start: int, stop: int) -> np.ndarray:
+            width = prompt + stop
+            order = page_order(start, stop)
+            n_pages = order.shape[-1]
             # Lexicographic (page rank, earliest position) packed into one exact number
             # (integers below 2^53): rank * (width + 1) + (width - position).
-            order = np.argsort(-scores, axis=-1, kind="stable")
-            priority = np.empty(scores.shape, np.float64)
+            priority = np.empty(order.shape, np.float64)
             ranks = np.arange(n_pages, 0, -1, dtype=np.float64) * (width + 1)
-            np.put_along_axis(priority, order, np.broadcast_to(ranks, scores.shape), axis=-1)
+            np.put_along_axis(priority, order, np.broadcast_to(ranks, order.shape), axis=-1)
             # Positions of a page past the last one scored are at or after every step's own
             # position (the base masks them): clip them onto any page.
             page_of = np.minimum(np.arange(width) // t, n_pages - 1)
@@ -208,4 +207,5 @@ class Quest(FullLayersMixin, BudgetedPolicy):
             index_vectors=np.broadcast_to(self.page_vectors(context), (n_kv, n_steps)).copy(),
             prefill_groups=np.broadcast_to(page_of[:prompt], (n_kv, prompt)).copy(),
             append_groups=np.broadcast_to(page_of[prompt:], (n_kv, n_steps)).copy(),
+            groups=GroupRanking(np.broadcast_to(page_of, (n_kv, prompt + n_steps)), page_order),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,7 +12,14 @@ from sklearn.cluster import KMeans
 from threadpoolctl import ThreadpoolController
 
 from . import POLICIES
-from .base import BudgetedPolicy, LayerContext, LayerIndex, LayerSelection, check_count
+from .base import (
+    BudgetedPolicy,
+    GroupRanking,
+    LayerContext,
+    LayerIndex,
+    LayerSelection,
+    check_count,
+)
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -147,6 +155,7 @@ class StaticClusters(ClusteredPolicy):
             index_vectors=np.repeat(n_clusters[:, None], n_steps, axis=1),
             prefill_groups=labels[:, :prompt].copy(),
             append_groups=labels[:, prompt:].copy(),
+            groups=GroupRanking(labels, cluster_order(cluster_scores)),
         )
 
     def _cluster_head(
@@ -226,6 +235,20 @@ def _threadpools() -> ThreadpoolController:
     if not _CONTROLLER:
         _CONTROLLER.append(ThreadpoolController())
     return _CONTROLLER[0]
+
+
+def cluster_order(
+    cluster_scores: list[np.ndarray],
+) -> Callable[[int, int], list[np.ndarray]]:
+    """:attr:`GroupRanking.order` of per-head cluster scores (S, n): the clusters by score,
+    ties to the lowest id, as :func:`cluster_priorities` ranks them (the unranked label
+    ``n`` is not listed: it ranks last)."""
+
+    def order(start: int, stop: int) -> list[np.ndarray]:
+        return [np.argsort(-scores[start:stop], axis=1, kind="stable")
+                for scores in cluster_scores]
+
+    return order
 
 
 def cluster_priorities(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import POLICIES
-from .base import BudgetedPolicy, LayerContext, LayerIndex
+from .base import BudgetedPolicy, GroupRanking, LayerContext, LayerIndex
 
 
 @POLICIES.register("streaming_llm")
@@ -54,4 +54,18 @@ class StreamingLLM(BudgetedPolicy):
             by_recency = np.arange(width, dtype=np.float64)
             return np.broadcast_to(by_recency, (n_kv, stop - start, width)).copy()
 
-        return LayerIndex(score_steps, index_vectors=np.zeros((n_kv, n_steps), np.int64))
+        # The same ranking on groups: after the sinks, one window of every stored position,
+        # newest first (no group is ever reached).
+        every_position = np.zeros((n_kv, ctx.prompt_len + n_steps), np.int64)
+
+        def no_groups(start: int, stop: int) -> np.ndarray:
+            return np.zeros((n_kv, stop - start, 1), np.int64)
+
+        def from_the_sinks(start: int, stop: int) -> np.ndarray:
+            return np.full(stop - start, self.sink_tokens, np.int64)
+
+        return LayerIndex(
+            score_steps,
+            index_vectors=np.zeros((n_kv, n_steps), np.int64),
+            groups=GroupRanking(every_position, no_groups, from_the_sinks),
+        )
