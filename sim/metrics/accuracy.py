@@ -43,7 +43,7 @@ from sim.policies.base import HeadSelections, LayerSelection, decode_attention_w
 #: that round differently from its general kernel, whose results, measured on this project's
 #: shapes, do not depend on how many rows a product has; so with this margin a sampled row's
 #: figures stay bit-identical to the same row's in every step's computation
-#: (tests/test_accuracy_every.py checks it on both sides of the limit).
+#: (tests/test_long_decode.py checks it on both sides of the limit).
 SMALL_PRODUCT = 2_000_000
 
 
@@ -64,7 +64,7 @@ def layer_accuracy(
     attention is the cost of long decodes). A sampled step's figures are bit-identical to the
     same step's with ``every=1``: steps are still taken in the same chunks of ``chunk_steps``,
     each row over the same positions (the chunk's width), so only the rows of unsampled steps
-    are left out of the arithmetic; ``tests/test_accuracy_every.py`` checks it.
+    are left out of the arithmetic; ``tests/test_long_decode.py`` checks it.
 
     ``queries``: (H_q, S, d); ``keys``/``values``: (H_kv, P + S, d), any float dtype (float16
     memmaps are converted once to float32). ``selection.heads`` must hold one
