@@ -610,3 +610,13 @@ def test_teacher_forced_text_too_short_writes_nothing(tmp_path: Path) -> None:
         capture_mod.capture(settings, tmp_path / "t", progress=False)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t*"))
+
+
+def test_time_left_counts_the_decode_steps_still_to_run(monkeypatch):
+    # 8 steps per second over the last marks; 128 - 8 steps left -> 15 s; none left at the end
+    clock = iter([0.0, 1.0, 16.0])
+    monkeypatch.setattr(capture_mod.time, "perf_counter", lambda: next(clock))
+    rate = capture_mod._Rate(128)
+    assert rate.postfix(0) == ""
+    assert rate.postfix(8) == "8.0 tok/s, ~0.2 min left"
+    assert rate.postfix(128) == "8.0 tok/s, ~0.0 min left"

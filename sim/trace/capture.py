@@ -397,7 +397,7 @@ def capture(
         )
     capture_info: dict[str, Any] = {"seed": settings.seed, "settings": settings.as_dict()}
     bar = progress_bar(n_positions, f"capture {settings.key()}", "tok", enabled=progress)
-    rate = _Rate(n_positions)
+    rate = _Rate(decode_steps)  # the decode loop reports steps done, not positions
     with TraceWriter(
         out_dir, model_info, prompt_len, decode_steps, settings.query_start,
         text.describe(), capture_info, overwrite=overwrite,
