@@ -35,11 +35,12 @@ import dataclasses
 import json
 import os
 import pickle
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from child_runs import add_identity_commands, child, code_trees, median
 
 DEFAULT_TRACE = "smollm2-135m_pydoc_p512_d2048_tf_d9825447"
 EVERY = (1, 8)
@@ -221,8 +222,7 @@ print(json.dumps({"wall_s": pp.wall_s, "cpu_s": sum(cpu), "sim": sim.__file__}))
 
 def timing(args: argparse.Namespace) -> None:
     here = str(Path(__file__).resolve().parent)
-    trees = {"before": str(Path(args.base_src).resolve()),
-             "after": str(Path(__file__).resolve().parents[1])}
+    trees = code_trees(args.base_src)
     names = args.config or ["dynakv", "static_clusters", "clusterkv", "token_topk"]
     everies = args.every or [8]
     times: dict[tuple[str, int, str], list[float]] = {}
@@ -230,15 +230,9 @@ def timing(args: argparse.Namespace) -> None:
         for name in names:
             for every in everies:
                 for tree, src in trees.items():
-                    env = {**os.environ, "PYTHONPATH": src}
-                    out = subprocess.run(
-                        [sys.executable, "-c", TIME, here, args.trace, name, str(every),
-                         json.dumps(args.decode_from), json.dumps(args.layers)],
-                        check=True, capture_output=True, text=True, env=env,
-                        cwd=here,  # not the repository: `-c` puts the working directory first
-                    )
-                    result = json.loads(out.stdout.strip().splitlines()[-1])
-                    assert result["sim"].startswith(src), (result["sim"], src)
+                    result = child(TIME, here, args.trace, name, str(every),
+                                   json.dumps(args.decode_from), json.dumps(args.layers),
+                                   src=src, cwd=here)  # not the repository: see child()
                     for clock in ("wall_s", "cpu_s"):
                         times.setdefault((name, every, tree, clock), []).append(result[clock])
     print("one thread; median of the runs, each run [before, after] alternating; the CPU "
@@ -249,8 +243,7 @@ def timing(args: argparse.Namespace) -> None:
         for every in everies:
             cells = []
             for clock in ("wall_s", "cpu_s"):
-                b, a = (sorted(times[(name, every, t, clock)]) for t in trees)
-                mb, ma = b[len(b) // 2], a[len(a) // 2]
+                mb, ma = (median(times[(name, every, t, clock)]) for t in trees)
                 cells.append(f"{mb:{14 if clock == 'wall_s' else 13}.2f} {ma:8.2f} {mb / ma:6.2f}")
             print(f"{name:<18} {every:5d} " + " ".join(cells))
 
@@ -265,14 +258,7 @@ def main() -> None:
                         default=None, help="only these trace layers, e.g. 2,9 (default: all)")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS))
     parser.add_argument("--every", action="append", type=int, help="accuracy_every (1 and 8)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("dump").add_argument("out")
-    cmp = sub.add_parser("compare")
-    cmp.add_argument("before")
-    cmp.add_argument("after")
-    tim = sub.add_parser("time")
-    tim.add_argument("--base-src", required=True, help="source tree of the code before")
-    tim.add_argument("--repeat", type=int, default=3)
+    add_identity_commands(parser)
     args = parser.parse_args()
     {"dump": dump, "compare": compare, "time": timing}[args.command](args)
 

@@ -31,12 +31,13 @@ import hashlib
 import json
 import os
 import pickle
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from child_runs import add_identity_commands, child, code_trees, median
 
 DEFAULT_TRACE = "traces/cache/smollm2-135m_pydoc_p512_d1024_tf_f886caf6"
 ALL = {"stream_index": True, "overlap_transfer": True}
@@ -202,8 +203,7 @@ print(json.dumps({"ms_per_step": 1e3 * result.wall_s / steps, "sim": sim.__file_
 
 def timing(args: argparse.Namespace) -> None:
     here = str(Path(__file__).resolve().parent)
-    trees = {"before": str(Path(args.base_src).resolve()),
-             "after": str(Path(__file__).resolve().parents[1])}
+    trees = code_trees(args.base_src)
     names = args.config or ["dynakv_all", "static_clusters"]
     for name in names:  # make the passes once, outside the timed children
         load_pass(args.trace, name, args.pass_dir)
@@ -211,21 +211,14 @@ def timing(args: argparse.Namespace) -> None:
     for _ in range(args.repeat):
         for name in names:
             for tree, src in trees.items():
-                env = {**os.environ, "PYTHONPATH": src}
-                out = subprocess.run(
-                    [sys.executable, "-c", TIME, here, args.trace, name, str(args.pass_dir),
-                     str(args.steps or 0)],
-                    check=True, capture_output=True, text=True, env=env,
-                    cwd=here,  # not the repository: `-c` puts the working directory first
-                )
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                assert result["sim"].startswith(src), (result["sim"], src)
+                result = child(TIME, here, args.trace, name, str(args.pass_dir),
+                               str(args.steps or 0), src=src, cwd=here)  # see child()
                 times.setdefault((name, tree), []).append(result["ms_per_step"])
     print(f"{'config':<20} {'before ms/step':>15} {'after ms/step':>14} {'ratio':>7}"
           "   (fp8, no swap; median of the runs; each run: [before, after] alternating)")
     for name in names:
         b, a = (sorted(times[(name, t)]) for t in trees)
-        mb, ma = b[len(b) // 2], a[len(a) // 2]
+        mb, ma = median(b), median(a)
         print(f"{name:<20} {mb:15.2f} {ma:14.2f} {mb / ma:7.2f}   before {b} after {a}")
 
 
@@ -236,14 +229,7 @@ def main() -> None:
     parser.add_argument("--pass-dir", type=Path, default=Path("/tmp/kvsim-replay-identity"))
     parser.add_argument("--steps", type=int, default=None, help="decode steps replayed")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS))
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("dump").add_argument("out")
-    cmp = sub.add_parser("compare")
-    cmp.add_argument("before")
-    cmp.add_argument("after")
-    tim = sub.add_parser("time")
-    tim.add_argument("--base-src", required=True, help="source tree of the code before")
-    tim.add_argument("--repeat", type=int, default=3)
+    add_identity_commands(parser)
     args = parser.parse_args()
     {"dump": dump, "compare": compare, "time": timing}[args.command](args)
 
