@@ -9,7 +9,8 @@ layout, cluster-aligned replacement, pipelined index streaming and transfer over
 
 * the floor: numpy exact softmax attention of every decode step, layer and query head, in
   chunks of 32 steps (as the accuracy metrics compute it, so the floor needs no more memory
-  than they do and is a fair one);
+  than they do and is a fair one), over what the model attends: the whole causal context of a
+  global layer, the window of a sliding-window layer (Gemma 3's local layers);
 * the policy pass (selections + accuracy, ``--accuracy-every k`` scores steps 0, k, 2k, ...),
   single-threaded like the floor, and its ratio to the floor (the issue's goal: within 3x);
 * the SimPy replay's wall time per decode step;
@@ -35,6 +36,7 @@ FLOOR = r"""
 import json, sys, time, resource
 import numpy as np
 from threadpoolctl import threadpool_limits
+from sim.policy_pass import sliding_windows
 from sim.trace.format import open_trace
 from sim.trace.split import split_trace
 trace = split_trace(open_trace(sys.argv[1]), int(sys.argv[2]))
@@ -42,23 +44,28 @@ chunk = 32
 P, S = trace.prompt_len, trace.decode_steps
 model = trace.model
 g, d = model.queries_per_kv_head, model.head_dim
+windows = sliding_windows(trace)
 started = time.perf_counter()
 with threadpool_limits(1):  # as the policy pass runs each layer
     for layer in range(model.n_layers):
+        w = windows[layer]  # None: global; else the query at t attends (t - w, t]
         q = np.asarray(trace.decode_queries(layer), dtype=np.float32) * np.float32(d ** -0.5)
         k = np.asarray(trace.keys(layer), dtype=np.float32)
         v = np.asarray(trace.values(layer), dtype=np.float32)
         for start in range(0, S, chunk):
             stop = min(S, start + chunk)
-            width = P + stop
-            rows, cols = np.triu_indices(stop - start, 1)  # step s sees [0, P + s]
+            lo = 0 if w is None else max(0, P + start - w + 1)  # first key any row sees
+            hi = P + stop
+            t = P + np.arange(start, stop)[:, None]  # each row's own position
+            j = np.arange(lo, hi)[None, :]
+            hidden = j > t if w is None else (j > t) | (j <= t - w)
             for h in range(model.n_kv_heads):
-                logits = q[h * g:(h + 1) * g, start:stop] @ k[h, :width].T  # (g, C, width)
-                logits[:, rows, P + start + cols] = -np.inf
+                logits = q[h * g:(h + 1) * g, start:stop] @ k[h, lo:hi].T  # (g, C, hi - lo)
+                logits[:, hidden] = -np.inf
                 logits -= logits.max(axis=-1, keepdims=True)
                 np.exp(logits, out=logits)
                 logits /= logits.sum(axis=-1, keepdims=True)
-                out = logits @ v[h, :width]                                 # (g, C, d)
+                out = logits @ v[h, lo:hi]                                  # (g, C, d)
 wall = time.perf_counter() - started
 rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"wall_s": wall, "rss_mb": rss_mb}))
