@@ -383,22 +383,22 @@ class Issuer:
                     index, (write, offset, size) = taken
                     if size > self.max_io_bytes:
                         raise ValueError(f"command of {size} bytes > {self.max_io_bytes}")
-                    chunk = view[:size]
                     if write:
                         self._stamp += 1  # a race between threads only repeats a stamp
                         blocks[: size // 8 : words_per_block] = self._stamp << 20 | np.arange(
                             size // ALIGN, dtype=np.uint64
                         )
+                    # released however the call ends: the buffer closes only without views
+                    with view[:size] as chunk:
                         t0 = time.perf_counter_ns()
-                        n = os.pwritev(self.fd, [chunk], offset)
-                    else:
-                        t0 = time.perf_counter_ns()
-                        n = os.preadv(self.fd, [chunk], offset)
-                    t1 = time.perf_counter_ns()
+                        if write:
+                            n = os.pwritev(self.fd, [chunk], offset)
+                        else:
+                            n = os.preadv(self.fd, [chunk], offset)
+                        t1 = time.perf_counter_ns()
                     latencies.append(t1 - t0)
                     if marks is not None:
                         marks.append((index, t0, t1))
-                    chunk.release()
                     if n != size:
                         raise OSError(
                             errno.EIO, f"short {'write' if write else 'read'}: {n} of {size} "
