@@ -175,12 +175,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from sim.progress import progress
 
     run_dir = Path(args.run_dir)
-    steps = len(load_schedule(run_dir).steps)  # a bad run directory stops before the bar
-    bar = progress(steps, desc="replay", unit="step", enabled=not args.quiet)
+    schedule = load_schedule(run_dir)  # a bad run directory stops before the bar
+    bar = progress(len(schedule.steps), desc="replay", unit="step", enabled=not args.quiet)
     try:
         result = replay_run(
             run_dir, Path(args.path), out=Path(args.out) if args.out else None,
-            on_step=bar.update,
+            on_step=bar.update, schedule=schedule,
         )
     finally:
         bar.close()

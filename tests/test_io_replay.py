@@ -32,10 +32,8 @@ from sim.replay import SimSetup, simulate
 from sim.replay.io_record import SCHEMA, SCHEMA_VERSION, sampled_steps
 from sim.result_files import IO_BATCHES, IO_COMMANDS, IO_REPLAY_STEPS, IO_SCHEDULE
 
-from .conftest import HAND_DEVICE
 from .test_engine import (
     DENSE_PRE_US,
-    MODEL,
     READ_PAGE_US,
     SCORING_US,
     _pass,
@@ -383,6 +381,8 @@ def test_compare_by_hand() -> None:
     assert layer_step[["step", "layer"]].values.tolist() == [[0, 0], [0, 1], [2, 0]]
     assert layer_step["simulated_us"].tolist() == [15.0, 10.0, 4.0]
     assert layer_step["measured_us"].tolist() == [19.0, 20.0, 6.0]
+    assert layer_step["simulated_read_us"].tolist() == [10.0, 10.0, 4.0]
+    assert layer_step["measured_read_us"].tolist() == [11.0, 20.0, 6.0]
     step = result.by_step
     assert step["step"].tolist() == [0, 1, 2]
     assert step["simulated_us"].tolist() == [25.0, 0.0, 4.0]

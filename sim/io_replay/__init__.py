@@ -44,12 +44,14 @@ class Replayed:
 
 def replay_run(
     run_dir: Path, directory: Path, out: Path | None = None,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[], None] | None = None, schedule: Schedule | None = None,
 ) -> Replayed:
-    """Replay ``run_dir``'s schedule on a file under ``directory``; write the tables, the
-    summary and the figure into ``out`` (default: the run directory). Nothing is written
-    before the measurement has succeeded; the measurement file is always removed."""
-    schedule = load_schedule(run_dir)
+    """Replay ``run_dir``'s schedule (``schedule``, if the caller has loaded it) on a file
+    under ``directory``; write the tables, the summary and the figure into ``out`` (default:
+    the run directory). Nothing is written before the measurement has succeeded; the
+    measurement file is always removed."""
+    if schedule is None:
+        schedule = load_schedule(run_dir)
     out_dir = run_dir if out is None else out
     problem = unwritable(out_dir, margin=len(f"..tmp-0000000{IO_REPLAY_STEPS}"))
     if problem:

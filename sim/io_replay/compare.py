@@ -4,7 +4,8 @@ Both sides are measured alike, from each batch's interval (simulated: submission
 completion in the SimPy flash model; measured: first issue to last completion on the real
 file, see :mod:`sim.io_replay.execute`): a (step, layer)'s I/O time is the length of the union
 of its batches' intervals (the time the device was busy with that layer's commands; a layer's
-reads and writes that overlap count once), a step's the union of all its batches'. Totals are
+reads and writes that overlap count once), a step's the union of all its batches'; the
+``*_read_us`` columns the same over the read batches alone (what a step waits for). Totals are
 sums over the recorded steps; ``correlation`` is Pearson's r of the per-step times (NaN with
 fewer than two steps or no variation).
 """
@@ -48,9 +49,13 @@ def _sums(group: pd.DataFrame) -> dict[str, float]:
     reads = ~group["write"].to_numpy(dtype=bool)
     size = group["bytes"].to_numpy(dtype=np.int64)
     commands = group["commands"].to_numpy(dtype=np.int64)
+    issue, done = group["issue_us"].to_numpy(), group["done_us"].to_numpy()
+    start, end = group["start_us"].to_numpy(), group["end_us"].to_numpy()
     return {
-        "simulated_us": union_us(group["issue_us"].to_numpy(), group["done_us"].to_numpy()),
-        "measured_us": union_us(group["start_us"].to_numpy(), group["end_us"].to_numpy()),
+        "simulated_us": union_us(issue, done),
+        "measured_us": union_us(start, end),
+        "simulated_read_us": union_us(issue[reads], done[reads]),
+        "measured_read_us": union_us(start[reads], end[reads]),
         "read_bytes": int(size[reads].sum()),
         "read_commands": int(commands[reads].sum()),
         "write_bytes": int(size[~reads].sum()),
@@ -63,8 +68,9 @@ def compare(batches: pd.DataFrame, steps: list[int]) -> Comparison:
     ``end_us``) over the recorded ``steps``."""
     rows = [{"step": step, "layer": layer, **_sums(group)}
             for (step, layer), group in batches.groupby(["step", "layer"], sort=True)]
-    columns = ["step", "layer", "simulated_us", "measured_us", "read_bytes", "read_commands",
-               "write_bytes", "write_commands"]
+    columns = ["step", "layer", "simulated_us", "measured_us", "simulated_read_us",
+               "measured_read_us", "read_bytes", "read_commands", "write_bytes",
+               "write_commands"]
     by_layer_step = pd.DataFrame(rows, columns=columns)
     by_step_rows = []
     grouped = dict(tuple(batches.groupby("step")))

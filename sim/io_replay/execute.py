@@ -147,7 +147,9 @@ def execute(
                 source, index_of = _phase_commands(
                     members, issue_us, writes, order, bounds, aligned, issued
                 )
-                result = issuer.run(source, queue_depth=depth, timeline=True)
+                # no more threads than commands: idle ones would only contend for the source
+                commands = max(last for _, last in index_of.values())
+                result = issuer.run(source, queue_depth=min(depth, commands), timeline=True)
                 timeline = result.timeline_us
                 assert timeline is not None
                 shift = (result.start_ns - step_zero) / 1e3
