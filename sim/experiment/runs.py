@@ -90,8 +90,9 @@ def digest(payload: Any, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-# Paths under sim/ that never change a run's records: drawing, the CLI and scheduling.
-_PRESENTATION = ("figures/", "cli.py", "experiment/runner.py", "__main__.py")
+# Paths under sim/ that never change a run's records: drawing, the CLI, scheduling, and the
+# replay of a finished run's I/O on real storage (it reads records, never writes them).
+_PRESENTATION = ("figures/", "cli.py", "experiment/runner.py", "__main__.py", "io_replay/")
 
 
 def code_fingerprint() -> str:
