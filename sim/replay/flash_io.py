@@ -343,18 +343,18 @@ class FlashIO:
                         event: simpy.Event) -> None:
         """Hand an append's writes to the recorder, with the offsets in each KV head's region
         (the commands :meth:`append` submitted, in the same order)."""
-        run = self.run
+        run, recorder = self.run, self.recorder
+        assert recorder is not None
         areas, offsets, sizes = [], [], []
         for head, t in enumerate(run.trace_heads):
             at, size = plan_write_commands(
                 np.array(written[t], dtype=np.int64), run.entry_bytes, run.page_bytes,
                 run.max_io_bytes,
             )
-            areas += [("kv", layer, head)] * len(size)
+            areas += recorder.kv(layer, [head] * len(size))
             offsets += at.tolist()
             sizes += size.tolist()
-        assert self.recorder is not None
-        self.recorder.add(step, layer, "kv_write", event, areas, offsets, sizes)
+        recorder.add(step, layer, "kv_write", event, areas, offsets, sizes)
 
     def _write_commands(self, slots: list[int]) -> list[int]:
         """Sizes of the commands writing ``slots`` of one region (:func:`plan_writes`)."""

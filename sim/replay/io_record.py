@@ -35,6 +35,7 @@ Files (names in :mod:`sim.result_files`), read back by :mod:`sim.io_replay`:
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,11 +96,15 @@ class IoRecorder:
         self.queue_depth, self.flash, self.device = queue_depth, flash, device
         # per batch: step, layer, purpose, write, issue_us, done_us
         self._batches: list[list[Any]] = []
-        # per command: batch, area key, offset in the area, size
-        self._batch_of: list[int] = []
-        self._areas: list[tuple[str, int, int]] = []
-        self._offsets: list[int] = []
-        self._sizes: list[int] = []
+        # the areas by id: (kind, layer, head); head -1 for a layer's index and swap areas
+        self._area_keys: list[tuple[str, int, int]] = []
+        self._area_ids: dict[tuple[str, int, int], int] = {}
+        # per command (compact: a long run's schedule has millions): batch, area id, offset in
+        # the area, size
+        self._batch_of = array("q")
+        self._areas = array("q")
+        self._offsets = array("q")
+        self._sizes = array("q")
 
     def wants(self, step: int) -> bool:
         """Whether decode step ``step`` is recorded."""
@@ -107,10 +112,11 @@ class IoRecorder:
 
     def add(
         self, step: int, layer: int, purpose: str, event: simpy.Event,
-        areas: list[tuple[str, int, int]], offsets: list[int], sizes: list[int],
+        areas: list[int], offsets: list[int], sizes: list[int],
     ) -> None:
         """One batch submitted now, completing with ``event``: command ``i`` moves
-        ``sizes[i]`` bytes at ``offsets[i]`` of area ``areas[i]`` (``(kind, layer, head)``)."""
+        ``sizes[i]`` bytes at ``offsets[i]`` of area ``areas[i]`` (an id from :meth:`kv` or
+        :meth:`sequential`)."""
         if not sizes:
             return
         batch = len(self._batches)
@@ -121,44 +127,59 @@ class IoRecorder:
             row[5] = self.env.now
 
         event.callbacks.append(_done)
-        self._batch_of += [batch] * len(sizes)
-        self._areas += areas
-        self._offsets += offsets
-        self._sizes += sizes
+        self._batch_of.extend([batch] * len(sizes))
+        self._areas.extend(areas)
+        self._offsets.extend(offsets)
+        self._sizes.extend(sizes)
 
-    def kv(self, layer: int, heads: list[int] | np.ndarray) -> list[tuple[str, int, int]]:
-        """The area keys of KV heads ``heads`` of ``layer``."""
-        return [(_KV, layer, int(h)) for h in heads]
+    def _area(self, key: tuple[str, int, int]) -> int:
+        area = self._area_ids.get(key)
+        if area is None:
+            area = self._area_ids[key] = len(self._area_keys)
+            self._area_keys.append(key)
+        return area
 
-    def sequential(self, kind: str, layer: int, sizes: list[int]) -> tuple[list, list[int]]:
-        """Area keys and offsets of ``sizes`` read or written from the start of ``layer``'s
+    def kv(self, layer: int, heads: list[int]) -> list[int]:
+        """The area ids of KV heads ``heads`` of ``layer`` (each head's region)."""
+        return [self._area((_KV, layer, head)) for head in heads]
+
+    def sequential(self, kind: str, layer: int, sizes: list[int]) -> tuple[list[int], list[int]]:
+        """Area ids and offsets of ``sizes`` read or written from the start of ``layer``'s
         ``kind`` area (``"index"`` or ``"swap"``), one after another."""
-        offsets = np.concatenate(([0], np.cumsum(sizes[:-1]))).astype(np.int64).tolist()
-        return [(kind, layer, -1)] * len(sizes), offsets
+        offsets = [0] * len(sizes)
+        for i in range(1, len(sizes)):
+            offsets[i] = offsets[i - 1] + sizes[i - 1]
+        return [self._area((kind, layer, -1))] * len(sizes), offsets
 
     def schedule(self) -> IoSchedule:
         """The schedule recorded so far, laid out (see the module docstring)."""
         align = math.lcm(AREA_ALIGN, self.page_bytes)
-        offsets = np.asarray(self._offsets, dtype=np.int64)
-        sizes = np.asarray(self._sizes, dtype=np.int64)
-        ends: dict[tuple[str, int, int], int] = {}
-        for area, end in zip(self._areas, (offsets + sizes).tolist(), strict=True):
-            if end > ends.get(area, 0):
-                ends[area] = end
+        offsets = np.frombuffer(self._offsets, dtype=np.int64) if self._offsets else np.zeros(
+            0, dtype=np.int64)
+        sizes = np.frombuffer(self._sizes, dtype=np.int64) if self._sizes else np.zeros(
+            0, dtype=np.int64)
+        area_of = np.frombuffer(self._areas, dtype=np.int64) if self._areas else np.zeros(
+            0, dtype=np.int64)
+        ends = np.zeros(len(self._area_keys), dtype=np.int64)
+        np.maximum.at(ends, area_of, offsets + sizes)
         order = {_KV: 0, _INDEX: 1, _SWAP: 2}
-        base_of: dict[tuple[str, int, int], int] = {}
+        base_of = np.zeros(len(self._area_keys), dtype=np.int64)
         areas, cursor = [], 0
-        for area in sorted(ends, key=lambda a: (a[1], order[a[0]], a[2])):
-            span = ends[area]
-            if area[0] == _KV:
+        for area in sorted(range(len(self._area_keys)),
+                           key=lambda a: (self._area_keys[a][1], order[self._area_keys[a][0]],
+                                          self._area_keys[a][2])):
+            kind, layer, head = self._area_keys[area]
+            span = int(ends[area])
+            if kind == _KV:
                 span = max(span, self.region_bytes)
             span = -(-span // align) * align
             base_of[area] = cursor
-            areas.append({"kind": area[0], "layer": area[1], "head": area[2],
-                          "base": cursor, "bytes": span})
+            areas.append({"kind": kind, "layer": layer, "head": head, "base": cursor,
+                          "bytes": span})
             cursor += span
-        bases = np.array([base_of[a] for a in self._areas], dtype=np.int64)
-        batch_of = np.asarray(self._batch_of, dtype=np.int64)
+        bases = base_of[area_of]
+        batch_of = (np.frombuffer(self._batch_of, dtype=np.int64).copy() if self._batch_of
+                    else np.zeros(0, dtype=np.int64))
         rows = self._batches
         batches = pd.DataFrame({
             "batch": np.arange(len(rows), dtype=np.int64),
