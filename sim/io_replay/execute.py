@@ -110,12 +110,10 @@ class Execution:
 
 
 def execute(
-    schedule: Schedule, directory: Path, on_step: Callable[[], None] | None = None,
-    issued: list[Command] | None = None,
+    schedule: Schedule, directory: Path, on_step: Callable[[], None] | None = None
 ) -> Execution:
-    """Replay ``schedule`` on a file under ``directory`` (see the module docstring).
-    ``issued``: if given, every command issued after the fill is appended to it, in issue
-    order (what a test compares with the schedule)."""
+    """Replay ``schedule`` on a file under ``directory`` (see the module docstring);
+    ``on_step`` is called after each step."""
     size = file_bytes(schedule)
     check_directory(directory, size, command="replay",
                     smaller="record fewer steps or replay on a larger file system")
@@ -145,7 +143,7 @@ def execute(
             for phase in phases(issue_us[in_step], done_us[in_step]):
                 members = in_step[phase]
                 source, index_of = _phase_commands(
-                    members, issue_us, writes, order, bounds, aligned, issued
+                    members, issue_us, writes, order, bounds, aligned
                 )
                 # no more threads than commands: idle ones would only contend for the source
                 commands = max(last for _, last in index_of.values())
@@ -174,7 +172,7 @@ def _fill_commands(size: int) -> Iterator[Command]:
 
 def _phase_commands(
     members: np.ndarray, issue_us: np.ndarray, writes: np.ndarray, order: np.ndarray,
-    bounds: np.ndarray, aligned: Aligned, issued: list[Command] | None,
+    bounds: np.ndarray, aligned: Aligned,
 ) -> tuple[Iterator[Command], dict[int, tuple[int, int]]]:
     """The commands of one phase's batches as an Issuer source, each batch held back until its
     simulated offset from the phase's first submission has passed; and each batch's commands'
@@ -195,9 +193,6 @@ def _phase_commands(
                 time.sleep(wait)
             write = bool(writes[batch])
             for row in order[bounds[batch]:bounds[batch + 1]].tolist():
-                command = (write, int(aligned.offsets[row]), int(aligned.sizes[row]))
-                if issued is not None:
-                    issued.append(command)
-                yield command
+                yield (write, int(aligned.offsets[row]), int(aligned.sizes[row]))
 
     return source(), index_of
