@@ -568,6 +568,7 @@ def test_a_recorded_run_replays_and_the_figure_gathers_the_runs(
                  "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "I/O time: simulated" in printed and "per-step r" in printed
+    assert "ufs31-phone is not a kvsim calibrate preset" in printed
     steps = pd.read_csv(out / "runs" / run_ids[0] / IO_REPLAY_STEPS)
     assert steps["step"].tolist() == [0, 4, 8, 12]
     table = pd.read_csv(out / "figures" / "io_replay.csv")
@@ -596,3 +597,18 @@ def test_replayed_times_are_in_range(direct_dir: Path, tmp_path: Path,
         assert by_step["measured_us"].max() < 1e6
         batches = result.execution.batches
         assert (batches["end_us"] >= batches["start_us"]).all()
+
+
+def test_the_report_says_whether_the_device_was_calibrated(tmp_path: Path) -> None:
+    from sim.io_replay import device_note
+
+    run_dir = tmp_path / "runs" / "r"
+    _write_schedule(run_dir, HAND_BATCHES, HAND_COMMANDS, queue_depth=2)
+    settings_path = run_dir / "run.yaml"
+    described = "Calibrated by kvsim calibrate on box (x86_64, 2 CPUs): storage under /var/tmp"
+    settings_path.write_text(yaml.safe_dump({"run": "r", "device": {
+        "name": "box", "description": described}}))
+    assert device_note(load_schedule(run_dir)) == f"simulated device hand: {described}"
+    settings_path.write_text(yaml.safe_dump({"run": "r", "device": {
+        "name": "ufs40-flagship", "description": "OnePlus 12 class"}}))
+    assert "is not a kvsim calibrate preset" in device_note(load_schedule(run_dir))

@@ -90,6 +90,23 @@ def _pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:+.1f}%"
 
 
+#: how the description of a preset ``kvsim calibrate`` wrote begins (sim.calibrate)
+CALIBRATED = "Calibrated by kvsim calibrate"
+
+
+def device_note(schedule: Schedule) -> str:
+    """The simulated device's description, and a warning when it is not a calibrated preset
+    (the simulated times then model some other device than the one replayed on)."""
+    device = schedule.settings.get("device")
+    description = str(device.get("description", "")) if isinstance(device, dict) else ""
+    name = schedule.meta.get("device", "?")
+    if description.startswith(CALIBRATED):
+        return f"simulated device {name}: {description}"
+    return (f"simulated device {name} is not a kvsim calibrate preset: its times model another "
+            "device than the one replayed on (run the experiment with `device: PRESET.yaml` "
+            "from kvsim calibrate on this storage)")
+
+
 def _alignment_note(execution: Execution, schedule: Schedule) -> str:
     aligned = execution.aligned
     if not aligned.rounded:
@@ -117,6 +134,7 @@ def summary_markdown(
         f"{directory.resolve()}, written once first at {execution.fill_mb_s:,.0f} MB/s "
         f"({execution.fill_seconds:.1f} s); replay took {execution.seconds:.1f} s",
         f"- alignment: {_alignment_note(execution, schedule)}",
+        f"- {device_note(schedule)}",
         f"- total I/O time: simulated {_ms(totals['simulated_us'])}, measured "
         f"{_ms(totals['measured_us'])} (simulated - measured: {_pct(totals['error'])} of the "
         "measured)",
@@ -156,5 +174,6 @@ def report_text(
         f"{_ms(totals['measured_us'])} ({_pct(totals['error'])}); per-step r = "
         + ("n/a" if math.isnan(corr) else f"{corr:.3f}"),
         f"alignment: {_alignment_note(execution, schedule)}",
+        device_note(schedule),
         "wrote: " + ", ".join(str(p) for p in written),
     ])
