@@ -4,7 +4,8 @@ One O_DIRECT file under the given directory (:class:`sim.calibrate.storage.Direc
 removed) stands for the simulated flash: the schedule's areas at their recorded byte addresses
 (:mod:`sim.replay.io_record`), so a command reads or writes the same bytes of the file as it
 did of the simulated flash. The whole file is first written once (unwritten blocks would be
-read as zeros without reaching the device), then every recorded step is replayed in order.
+read as zeros without reaching the device) and flushed to the medium (``fsync``), then every
+recorded step is replayed in order.
 
 A step's batches are replayed as the simulation submitted them, in *phases*: a phase is a
 maximal set of the step's batches whose simulated intervals ``[issue, completion]`` overlap
@@ -30,6 +31,7 @@ first command enters the queue) to its last completion.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -99,7 +101,8 @@ def phases(issue_us: np.ndarray, done_us: np.ndarray) -> list[np.ndarray]:
 @dataclass(frozen=True)
 class Execution:
     """What :func:`execute` measured: per batch its measured ``start_us`` / ``end_us`` (from
-    its step's replay start) beside the schedule's, the fill, and the alignment."""
+    its step's replay start) beside the schedule's, the fill (with its ``fsync``, and the
+    file's creation), the alignment, and the replay's own time."""
 
     batches: pd.DataFrame
     aligned: Aligned
@@ -136,6 +139,8 @@ def execute(
     ) as issuer:
         fill = issuer.run(_fill_commands(size), queue_depth=min(FILL_QD, issuer.queue_depth))
         file.written_bytes = fill.bytes
+        os.fsync(file.fd)  # the fill on the medium (a device's write cache flushed) first
+        fill_seconds = time.perf_counter() - started
         by_step = batches.groupby("step").indices
         for step in schedule.steps:
             in_step = np.asarray(by_step.get(step, []), dtype=np.int64)
@@ -159,8 +164,8 @@ def execute(
     measured = batches.copy()
     measured["start_us"] = start
     measured["end_us"] = end
-    return Execution(measured, aligned, size, fill.seconds, fill.mb_s,
-                     time.perf_counter() - started)
+    return Execution(measured, aligned, size, fill_seconds, size / fill_seconds / 1e6,
+                     time.perf_counter() - started - fill_seconds)
 
 
 def _fill_commands(size: int) -> Iterator[Command]:
