@@ -612,3 +612,22 @@ def test_the_report_says_whether_the_device_was_calibrated(tmp_path: Path) -> No
     settings_path.write_text(yaml.safe_dump({"run": "r", "device": {
         "name": "ufs40-flagship", "description": "OnePlus 12 class"}}))
     assert "is not a kvsim calibrate preset" in device_note(load_schedule(run_dir))
+
+
+def test_the_issuers_timeline_follows_the_source(direct_dir: Path) -> None:
+    from sim.calibrate.storage import Issuer
+
+    commands = [(i % 3 == 0, 4096 * i, 4096) for i in range(12)]
+    with DirectFile(direct_dir, 1 << 20) as file, Issuer(file.fd, 4, 8192) as issuer:
+        one = issuer.run(iter(commands), queue_depth=1, timeline=True)
+        four = issuer.run(iter(commands), timeline=True)
+        plain = issuer.run(iter(commands))
+    assert plain.timeline_us is None
+    for result in (one, four):
+        timeline = result.timeline_us
+        assert timeline.shape == (12, 2) and (timeline[:, 1] >= timeline[:, 0]).all()
+        assert timeline.min() >= 0 and timeline.max() <= result.seconds * 1e6
+    # one in flight at a time, in the source's order: each starts after the previous ended
+    # (with four threads, a thread may reach its system call before one that took an earlier
+    # command)
+    assert (one.timeline_us[1:, 0] >= one.timeline_us[:-1, 1]).all()
