@@ -464,6 +464,10 @@ def test_bad_storage_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                         else real_access(p, mode))
     _one_line_error(capsys, ["replay", str(run_dir), "--path", str(disk)], "not writable")
     monkeypatch.setattr(os, "access", real_access)
+    deep = tmp_path / "runs" / "deep"
+    _write_schedule(deep, HAND_BATCHES, HAND_COMMANDS, queue_depth=4096)
+    _one_line_error(capsys, ["replay", str(deep), "--path", str(disk)],
+                    "queue depth is 4096; .* at most 256")
     huge = tmp_path / "runs" / "huge"
     _write_schedule(huge, HAND_BATCHES, HAND_COMMANDS, queue_depth=2, extent=2**50)
     _one_line_error(capsys, ["replay", str(huge), "--path", str(disk)], "GiB free")

@@ -47,12 +47,16 @@ from sim.calibrate.storage import (
     Issuer,
     check_directory,
 )
+from sim.errors import StorageError
 from sim.io_replay.schedule import Schedule
 
 #: the measurement file's name under the directory (one per process)
 FILE_PREFIX = ".kvsim-replay-"
 #: the fill's command size and queue depth (large sequential writes)
 FILL_IO_BYTES, FILL_QD = 512 * 1024, 8
+#: the deepest queue replayed: one thread and one buffer of up to 512 KiB per queue slot (UFS
+#: 2.x-4.0 has 32 slots, NVMe drives are driven at up to a few hundred in flight)
+MAX_QUEUE_DEPTH = 256
 
 
 @dataclass(frozen=True)
@@ -118,12 +122,17 @@ def execute(
     """Replay ``schedule`` on a file under ``directory`` (see the module docstring);
     ``on_step`` is called after each step."""
     size = file_bytes(schedule)
+    depth = schedule.queue_depth
+    if depth > MAX_QUEUE_DEPTH:
+        raise StorageError(
+            f"replay: the run's queue depth is {depth}; the replay keeps one thread per queue "
+            f"slot and replays at most {MAX_QUEUE_DEPTH}"
+        )
     check_directory(directory, size, command="replay",
                     smaller="record fewer steps or replay on a larger file system")
     aligned = aligned_commands(schedule)
     batches = schedule.batches
     max_io = max(FILL_IO_BYTES, int(aligned.sizes.max()) if aligned.sizes.size else ALIGN)
-    depth = schedule.queue_depth
     started = time.perf_counter()
     writes = batches["write"].to_numpy(dtype=bool)
     issue_us = batches["issue_us"].to_numpy(dtype=np.float64)
