@@ -15,7 +15,9 @@ flash schedule as much as the calibration's fixed patterns):
   its command completes, so at most ``queue_depth`` commands are in flight, the way fio's
   ``psync`` engine with ``numjobs`` threads (or ``libaio`` with ``iodepth``) keeps them.
   :meth:`Issuer.run` returns when the source is exhausted or a deadline has passed and every
-  command taken has completed, with every command's latency.
+  command taken has completed, with every command's latency (and, with ``timeline=True``,
+  each command's issue and completion time in the source's order: what ``kvsim replay``,
+  :mod:`sim.io_replay`, times a simulated schedule's batches with).
 * :func:`random_commands` / :func:`sequential_commands`: the command sources of the patterns.
 
 Why the file's size matters although ``O_DIRECT`` bypasses the page cache: the device and the
