@@ -1,9 +1,9 @@
 """Measured against simulated per-step I/O time (``kvsim replay``, :mod:`sim.io_replay`).
 
 Left: one point per replayed decode step, simulated I/O time (x) against the time the same
-commands took on real storage (y), one colour per run, the diagonal dashed (on it the model
-predicts the device exactly). Right: both over the replayed steps, simulated dashed, measured
-solid.
+commands took on real storage (y), log-log, one colour per run, the diagonal dashed (on it the
+model predicts the device exactly). Right: both over the replayed steps (log time), simulated
+dashed, measured solid. Steps without I/O are left out of both.
 
 The figure ``io_replay`` of an experiment's ``figures:`` draws every run of the results
 directory that ``kvsim replay`` has replayed (``runs/<id>/io_replay_steps.csv``), with a table
@@ -31,21 +31,28 @@ def plot_steps(series: dict[str, pd.DataFrame], stem: Path) -> list[Path]:
     apply_style()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(PAGE_IN, 2.6),
                                  gridspec_kw={"width_ratios": [1, 1.3]})
-    top = 0.0
+    values: list[float] = []
     for i, (label, frame) in enumerate(series.items()):
         colour, marker = OKABE_ITO[i % len(OKABE_ITO)], MARKERS[i % len(MARKERS)]
         simulated = frame["simulated_us"].to_numpy(dtype=float) / 1e3
         measured = frame["measured_us"].to_numpy(dtype=float) / 1e3
-        if simulated.size:
-            top = max(top, float(np.nanmax(simulated)), float(np.nanmax(measured)))
-        ax.scatter(simulated, measured, s=9, marker=marker, color=colour, label=label, lw=0)
+        both = (simulated > 0) & (measured > 0)  # log axes: steps without I/O are left out
+        values += simulated[both].tolist() + measured[both].tolist()
+        ax.scatter(simulated[both], measured[both], s=9, marker=marker, color=colour,
+                   label=label, lw=0)
         steps = frame["step"].to_numpy()
-        bx.plot(steps, simulated, ls="--", lw=0.8, color=colour)
-        bx.plot(steps, measured, ls="-", lw=0.8, color=colour, label=label)
-    top = top * 1.05 or 1.0
-    ax.plot([0, top], [0, top], ls="--", lw=0.6, color="#777777")
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
+        bx.plot(steps, np.where(simulated > 0, simulated, np.nan), ls="--", lw=0.8,
+                color=colour)
+        bx.plot(steps, np.where(measured > 0, measured, np.nan), ls="-", lw=0.8, color=colour,
+                label=label)
+    low, high = (min(values) / 1.5, max(values) * 1.5) if values else (0.01, 1.0)
+    ax.plot([low, high], [low, high], ls="--", lw=0.6, color="#777777")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    bx.set_yscale("log")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_aspect("equal")
     ax.set_xlabel("simulated I/O time per step (ms)")
     ax.set_ylabel("measured I/O time per step (ms)")
     ax.grid(alpha=0.3, lw=0.5)
