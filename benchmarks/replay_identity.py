@@ -134,8 +134,8 @@ def replay(pp: Any, name: str, dtype: str, swap: bool, steps: int | None) -> Any
     full = home.Replay
 
     class Limited(full):  # type: ignore[misc,valid-type]
-        def __init__(self, pp: Any, setup: Any) -> None:
-            super().__init__(pp, setup)
+        def __init__(self, pp: Any, setup: Any, *rest: Any) -> None:
+            super().__init__(pp, setup, *rest)  # rest: record_io, in trees that have it
             self.pp = replace(pp, decode_steps=steps)
 
     home.Replay = Limited

@@ -1,5 +1,5 @@
-"""``kvsim``: run experiments, capture traces, inspect traces, calibrate a device, redraw plots,
-list components.
+"""``kvsim``: run experiments, capture traces, inspect traces, calibrate a device, replay a
+run's flash I/O on real storage, redraw plots, list components.
 
 User errors (any :class:`sim.errors.KvsimError`) and file-system refusals (an ``OSError``: a
 full disk, a read-only directory) print one line and exit with code 2; Ctrl-C exits with 130,
@@ -170,6 +170,24 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from sim.io_replay import load_schedule, replay_run
+    from sim.progress import progress
+
+    run_dir = Path(args.run_dir)
+    schedule = load_schedule(run_dir)  # a bad run directory stops before the bar
+    bar = progress(len(schedule.steps), desc="replay", unit="step", enabled=not args.quiet)
+    try:
+        result = replay_run(
+            run_dir, Path(args.path), out=Path(args.out) if args.out else None,
+            on_step=bar.update, schedule=schedule,
+        )
+    finally:
+        bar.close()
+    print(result.report)
+    return 0
+
+
 def _cmd_list(_args: argparse.Namespace) -> int:
     from sim.config import model_names
     from sim.hardware import preset_names
@@ -273,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulated model whose kernel sizes the CPU is timed at")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(func=_cmd_calibrate)
+
+    rep = sub.add_parser(
+        "replay",
+        help="execute a run's recorded flash schedule on real storage; measured vs simulated",
+    )
+    rep.add_argument("run_dir", help="a run directory (results/NAME/runs/RUN_ID) that recorded "
+                     "its flash schedule (record_io: in the experiment)")
+    rep.add_argument("--path", required=True,
+                     help="a directory on the storage to replay on (a file is made and removed)")
+    rep.add_argument("--out", help="write the tables and figure here (default: the run "
+                     "directory)")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.set_defaults(func=_cmd_replay)
 
     plot = sub.add_parser("plot", help="redraw the plots of a results directory")
     plot.add_argument("results")

@@ -216,6 +216,21 @@ class RecordSpec(BaseModel):
         return value
 
 
+class RecordIoSpec(BaseModel):
+    """``record_io:``: record the run's flash schedule (every command the SimPy replay submits
+    to the flash, with its byte address, and each batch's simulated issue and completion time)
+    on sampled decode steps, for ``kvsim replay`` to execute on real storage
+    (:mod:`sim.replay.io_record` writes it, :mod:`sim.io_replay` replays it).
+
+    ``every``: record decode steps ``0, every, 2 * every, ...``; ``steps``: at most this many
+    of them (the first; ``null``: all). Recording changes no simulated number.
+    """
+
+    model_config = _STRICT
+    every: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1)
+
+
 class SweepSpec(BaseModel):
     """Axes over config keys by dotted path (see :mod:`sim.sweep`): ``grid`` axes combine as a
     product, ``zip`` axes (equal lengths) advance together."""
@@ -246,6 +261,8 @@ class ExperimentConfig(BaseModel):
     #: at most 256 entries (each is one run per sweep point; see sim.sweep.MAX_POINTS)
     policies: list[dict[str, Any]] = Field(min_length=1, max_length=256)
     record: RecordSpec = RecordSpec()
+    #: the run's flash schedule on sampled decode steps, for ``kvsim replay`` (off: null)
+    record_io: RecordIoSpec | None = None
     sweep: SweepSpec | None = None
     output: str | None = None
     plot: bool = True

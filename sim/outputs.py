@@ -8,6 +8,7 @@ the SimPy replay (:mod:`sim.replay`) that fill them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 
@@ -88,3 +89,6 @@ class SimResult:
     run_lengths: pd.DataFrame  # run_entries, runs (contiguous requested entries on flash)
     totals: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
+    #: the flash schedule of the sampled steps (an :class:`sim.replay.io_record.IoSchedule`)
+    #: when the run recorded one (``record_io:``), else None
+    io_schedule: Any = None

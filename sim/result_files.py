@@ -24,6 +24,20 @@ and, when the experiment's ``record:`` block asks for them (:class:`sim.config.R
     runs/<run_id>/coretrieval.npy         that head's prefill-cluster co-retrieval counts
     runs/<run_id>/cluster_record.json     what the figures need to read the three above
     runs/<run_id>/update_retrieval.csv    P(an updated cluster is retrieved within t steps)
+
+when it asks for the flash schedule (``record_io:``, :mod:`sim.replay.io_record`)::
+
+    runs/<run_id>/io_schedule.json        the schedule's version, sampled steps, device, areas
+    runs/<run_id>/io_batches.parquet      each submitted batch: step, layer, purpose, simulated
+                                          issue and completion time
+    runs/<run_id>/io_commands.parquet     each command: batch, step, layer, write, offset, size
+
+and once ``kvsim replay`` has executed that schedule on real storage (:mod:`sim.io_replay`)::
+
+    runs/<run_id>/io_replay.csv           measured against simulated I/O time per step and layer
+    runs/<run_id>/io_replay_steps.csv     the same per step
+    runs/<run_id>/io_replay.md            the summary: totals, per layer, correlation, limits
+    runs/<run_id>/io_replay.png / .pdf    measured against simulated I/O time per step
 """
 
 from __future__ import annotations
@@ -52,3 +66,10 @@ CLUSTER_KEYS = "cluster_keys.parquet"
 CORETRIEVAL = "coretrieval.npy"
 CLUSTER_RECORD = "cluster_record.json"
 UPDATE_RETRIEVAL = "update_retrieval.csv"
+
+# the flash schedule (``record_io:``) and its replay on real storage (``kvsim replay``)
+IO_SCHEDULE = "io_schedule.json"
+IO_BATCHES = "io_batches.parquet"
+IO_COMMANDS = "io_commands.parquet"
+IO_REPLAY = "io_replay"  # stem: .csv (per step and layer), .md, .png, .pdf
+IO_REPLAY_STEPS = "io_replay_steps.csv"

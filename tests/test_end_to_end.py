@@ -102,12 +102,31 @@ def test_io_records_add_up_and_budget_holds(fixture_trace):
 EXPERIMENTS = sorted((FIXTURE_TRACE.parents[2] / "experiments").glob("*.yaml"))
 
 
+def _with_generated_preset(path, tmp_path):
+    """``path``, or, if its ``device:`` is a preset file that is not there (a machine's own,
+    written by ``kvsim calibrate`` and never committed), a copy of it beside a generated preset
+    of that name (the built-in UFS 4.0 preset written as a file)."""
+    from sim.hardware.device import is_device_file
+
+    device = yaml.safe_load(path.read_text()).get("device")
+    repo = FIXTURE_TRACE.parents[2]
+    if not isinstance(device, str) or not is_device_file(device) or (repo / device).exists():
+        return path
+    copy = tmp_path / "experiments" / path.name
+    (copy.parent / device).parent.mkdir(parents=True)
+    preset = load_device("ufs40-flagship").model_dump(mode="json")
+    (copy.parent / device).write_text(yaml.safe_dump({**preset, "name": "generated"}))
+    copy.write_text(path.read_text())
+    return copy
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_file_plans(path, tmp_path):
     """Each experiments/*.yaml validates with every sweep point and figure (planning needs no
     trace, so this covers the long-decode files without their captures); nothing is written.
-    A long_* file states its run count in its header ("Size: N runs"), checked here."""
-    planned = plan(path, output=tmp_path / "out")
+    A long_* file states its run count in its header ("Size: N runs"), checked here. A file
+    whose device is this machine's calibrated preset plans with a generated one."""
+    planned = plan(_with_generated_preset(path, tmp_path), output=tmp_path / "out")
     runs = planned.unique_runs()
     assert runs and planned.groups(runs)
     assert not (tmp_path / "out").exists()

@@ -15,7 +15,9 @@ flash schedule as much as the calibration's fixed patterns):
   its command completes, so at most ``queue_depth`` commands are in flight, the way fio's
   ``psync`` engine with ``numjobs`` threads (or ``libaio`` with ``iodepth``) keeps them.
   :meth:`Issuer.run` returns when the source is exhausted or a deadline has passed and every
-  command taken has completed, with every command's latency.
+  command taken has completed, with every command's latency (and, with ``timeline=True``,
+  each command's issue and completion time in the source's order: what ``kvsim replay``,
+  :mod:`sim.io_replay`, times a simulated schedule's batches with).
 * :func:`random_commands` / :func:`sequential_commands`: the command sources of the patterns.
 
 Why the file's size matters although ``O_DIRECT`` bypasses the page cache: the device and the
@@ -82,31 +84,35 @@ def mount_of(directory: Path) -> tuple[str, str, str]:
     return best
 
 
-def check_directory(directory: Path, size_bytes: int) -> None:
+def check_directory(
+    directory: Path, size_bytes: int, command: str = "calibrate",
+    smaller: str = "use a smaller --size",
+) -> None:
     """Refuse (:class:`StorageError`, one line) a directory that does not exist, is not one,
     is on a file system kept in memory, cannot be written into, or has less free space than
-    ``size_bytes`` plus a margin."""
+    ``size_bytes`` plus a margin. ``command`` names the command in the message, ``smaller``
+    says how to need less space."""
     if not directory.exists():
-        raise StorageError(f"calibrate --path: {directory} does not exist")
+        raise StorageError(f"{command} --path: {directory} does not exist")
     if not directory.is_dir():
-        raise StorageError(f"calibrate --path: {directory} is not a directory")
+        raise StorageError(f"{command} --path: {directory} is not a directory")
     _, fs_type, _ = mount_of(directory)
     if fs_type in MEMORY_FILE_SYSTEMS:
         raise StorageError(
-            f"calibrate --path: {directory} is on {fs_type}, which keeps files in memory "
+            f"{command} --path: {directory} is on {fs_type}, which keeps files in memory "
             "(O_DIRECT reaches no storage there); measure a directory on the storage device"
         )
     if not os.access(directory, os.W_OK | os.X_OK):
         raise StorageError(
-            f"calibrate --path: {directory} is not writable (permissions or a read-only file "
+            f"{command} --path: {directory} is not writable (permissions or a read-only file "
             "system)"
         )
     free = shutil.disk_usage(directory).free
     if free < size_bytes + FREE_MARGIN_BYTES:
         raise StorageError(
-            f"calibrate --path: {directory} has {free / 2**30:.2f} GiB free; the measurement "
+            f"{command} --path: {directory} has {free / 2**30:.2f} GiB free; the measurement "
             f"file needs {size_bytes / 2**30:.2f} GiB plus {FREE_MARGIN_BYTES // 2**20} MiB "
-            "(use a smaller --size)"
+            f"({smaller})"
         )
 
 
@@ -132,15 +138,17 @@ class DirectFile:
     below it (the rest is unwritten, read as zeros without reaching the device).
     """
 
-    def __init__(self, directory: Path, size_bytes: int) -> None:
+    def __init__(self, directory: Path, size_bytes: int, command: str = "calibrate",
+                 prefix: str = FILE_PREFIX) -> None:
+        self.command = command
         if size_bytes < ALIGN or size_bytes % ALIGN:
             raise StorageError(
-                f"calibrate --size: must be a positive multiple of {ALIGN} bytes, got {size_bytes}"
+                f"{command} --size: must be a positive multiple of {ALIGN} bytes, got {size_bytes}"
             )
         if not hasattr(os, "O_DIRECT"):
-            raise StorageError("calibrate: this platform has no O_DIRECT (Linux and Android do)")
+            raise StorageError(f"{command}: this platform has no O_DIRECT (Linux and Android do)")
         self.directory = directory
-        self.path = directory / f"{FILE_PREFIX}{os.getpid()}.dat"
+        self.path = directory / f"{prefix}{os.getpid()}.dat"
         self.size_bytes = size_bytes
         self.written_bytes = 0
         self.fd = -1
@@ -162,7 +170,8 @@ class DirectFile:
 
     def _refused(self) -> StorageError:
         return StorageError(
-            f"calibrate --path: {self.directory} refuses O_DIRECT (tmpfs such as /dev/shm does);"
+            f"{self.command} --path: {self.directory} refuses O_DIRECT (tmpfs such as /dev/shm "
+            "does);"
             " measure a directory on the storage device itself"
         )
 
@@ -191,8 +200,9 @@ class DirectFile:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise StorageError(
-                    f"calibrate --path: no space for a {self.size_bytes / 2**30:.2f} GiB "
-                    f"measurement file in {self.directory} (use a smaller --size)"
+                    f"{self.command} --path: no space for a {self.size_bytes / 2**30:.2f} GiB "
+                    f"measurement file in {self.directory}"
+                    + (" (use a smaller --size)" if self.command == "calibrate" else "")
                 ) from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
@@ -220,6 +230,11 @@ class IoResult:
     bytes: int
     seconds: float
     latencies_us: np.ndarray
+    #: with ``Issuer.run(..., timeline=True)``: each command's (issue, completion) time in us
+    #: from the run's start, one row per command in the order the source gave them
+    timeline_us: np.ndarray | None = None
+    #: ``time.perf_counter_ns()`` at the run's start (the timeline's zero)
+    start_ns: int = 0
 
     @property
     def iops(self) -> float:
@@ -238,9 +253,13 @@ class IoResult:
 class _Job:
     """One :meth:`Issuer.run`: the shared command source and what the workers report back."""
 
-    def __init__(self, source: Iterator[Command], deadline: float | None, workers: int) -> None:
+    def __init__(self, source: Iterator[Command], deadline: float | None, workers: int,
+                 timeline: bool = False) -> None:
         self.source = source
         self.deadline = deadline
+        self.timeline = timeline
+        self.taken = 0  # commands taken from the source so far
+        self.marks: list[list[tuple[int, int, int]]] = []  # (index, issue ns, completion ns)
         self.lock = threading.Lock()
         self.stopped = False
         self.remaining = workers
@@ -250,7 +269,8 @@ class _Job:
         self.bytes = 0
         self.error: BaseException | None = None
 
-    def next(self) -> Command | None:
+    def next(self) -> tuple[int, Command] | None:
+        """The source's next command and its index, or ``None``: stop."""
         with self.lock:
             if self.stopped:
                 return None
@@ -260,11 +280,16 @@ class _Job:
             command = next(self.source, None)
             if command is None:
                 self.stopped = True
-            return command
+                return None
+            self.taken += 1
+            return self.taken - 1, command
 
-    def report(self, latencies: list[int], n_bytes: int, error: BaseException | None) -> None:
+    def report(self, latencies: list[int], n_bytes: int, error: BaseException | None,
+               marks: list[tuple[int, int, int]] | None = None) -> None:
         with self.lock:
             self.latencies.append(latencies)
+            if marks is not None:
+                self.marks.append(marks)
             self.commands += len(latencies)
             self.bytes += n_bytes
             if error is not None:
@@ -307,15 +332,21 @@ class Issuer:
 
     def run(
         self, source: Iterator[Command], deadline: float | None = None,
-        queue_depth: int | None = None,
+        queue_depth: int | None = None, timeline: bool = False,
     ) -> IoResult:
         """Issue the commands of ``source`` (until it ends or ``time.perf_counter()`` passes
-        ``deadline``) with at most ``queue_depth`` (default: all the workers) in flight."""
+        ``deadline``) with at most ``queue_depth`` (default: all the workers) in flight.
+
+        The source is read under a lock, one command at a time, by whichever worker is free:
+        commands start in the source's order (a source may block, say until a command's
+        release time, and holds the workers back meanwhile). ``timeline``: also return each
+        command's issue and completion time (:attr:`IoResult.timeline_us`)."""
         depth = self.queue_depth if queue_depth is None else queue_depth
         if not 1 <= depth <= self.queue_depth:
             raise ValueError(f"queue_depth must be in [1, {self.queue_depth}], got {depth}")
-        job = _Job(source, deadline, depth)
+        job = _Job(source, deadline, depth, timeline)
         self._job = job
+        start_ns = time.perf_counter_ns()
         start = time.perf_counter()
         for inbox in self._inboxes[:depth]:
             inbox.put(job)
@@ -326,7 +357,13 @@ class Issuer:
         latencies = np.concatenate(
             [np.asarray(part, dtype=np.float64) for part in job.latencies]
         ) / 1e3 if job.latencies else np.zeros(0)
-        return IoResult(job.commands, job.bytes, seconds, latencies)
+        timeline_us = None
+        if timeline:
+            timeline_us = np.zeros((job.taken, 2), dtype=np.float64)
+            for marks in job.marks:
+                for index, issued, completed in marks:
+                    timeline_us[index] = ((issued - start_ns) / 1e3, (completed - start_ns) / 1e3)
+        return IoResult(job.commands, job.bytes, seconds, latencies, timeline_us, start_ns)
 
     def _work(self, inbox: queue.SimpleQueue[_Job | None], buffer: mmap.mmap) -> None:
         view = memoryview(buffer)
@@ -340,26 +377,30 @@ class Issuer:
                 buffer.close()
                 return
             latencies: list[int] = []
+            marks: list[tuple[int, int, int]] | None = [] if job.timeline else None
             moved = 0
             error: BaseException | None = None
             try:
-                while (command := job.next()) is not None:
-                    write, offset, size = command
+                while (taken := job.next()) is not None:
+                    index, (write, offset, size) = taken
                     if size > self.max_io_bytes:
                         raise ValueError(f"command of {size} bytes > {self.max_io_bytes}")
-                    chunk = view[:size]
                     if write:
                         self._stamp += 1  # a race between threads only repeats a stamp
                         blocks[: size // 8 : words_per_block] = self._stamp << 20 | np.arange(
                             size // ALIGN, dtype=np.uint64
                         )
+                    # released however the call ends: the buffer closes only without views
+                    with view[:size] as chunk:
                         t0 = time.perf_counter_ns()
-                        n = os.pwritev(self.fd, [chunk], offset)
-                    else:
-                        t0 = time.perf_counter_ns()
-                        n = os.preadv(self.fd, [chunk], offset)
-                    latencies.append(time.perf_counter_ns() - t0)
-                    chunk.release()
+                        if write:
+                            n = os.pwritev(self.fd, [chunk], offset)
+                        else:
+                            n = os.preadv(self.fd, [chunk], offset)
+                        t1 = time.perf_counter_ns()
+                    latencies.append(t1 - t0)
+                    if marks is not None:
+                        marks.append((index, t0, t1))
                     if n != size:
                         raise OSError(
                             errno.EIO, f"short {'write' if write else 'read'}: {n} of {size} "
@@ -368,7 +409,7 @@ class Issuer:
                     moved += size
             except BaseException as exc:  # reported to run(), which raises it
                 error = exc
-            job.report(latencies, moved, error)
+            job.report(latencies, moved, error, marks)
 
     def close(self) -> None:
         """Stop the commands not yet taken, then stop and join the worker threads (safe to call

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sim.atomic import atomic_write
-from sim.config import PipelineSpec, kv_size_bytes
+from sim.config import PipelineSpec, RecordIoSpec, kv_size_bytes
 from sim.errors import KvsimError
 from sim.experiment.extra_records import extra_records
 from sim.experiment.group_progress import GroupProgress, ProgressFile
@@ -176,7 +176,8 @@ def run_group(
             )
         setup = replace(setup, cache_capacity_bytes=capacity)
         tracker.start(run.label, "replay", pp.decode_steps, "step")
-        sim = simulate(pp, setup, progress=False, on_step=tracker.advance)
+        record_io = RecordIoSpec(**run.record_io) if run.record_io else None
+        sim = simulate(pp, setup, progress=False, on_step=tracker.advance, record_io=record_io)
         row = {
             "run_id": run.run_id,
             **summarize(run.label, pp, sim, dram_target),
@@ -206,6 +207,7 @@ def run_group(
             "model": asdict(target),
             "kv_dtype": run.kv_dtype,
             "record": run.record,
+            **({"record_io": run.record_io} if run.record_io else {}),
             "device": run.device,
             "timing_s": {"policy_pass": round(pp.wall_s, 3), "simulate": round(sim.wall_s, 3)},
             "code": code,
@@ -213,7 +215,11 @@ def run_group(
         record_key = json.dumps(run.record, sort_keys=True)
         if record_key not in extras:
             extras[record_key] = extra_records(pp, run.record, trace)
-        write_run(Path(runs_dir) / run.run_id, pp, sim, settings, row, extras[record_key])
+        extra = extras[record_key]
+        if sim.io_schedule is not None:
+            sim.io_schedule.meta.update(run_id=run.run_id, code=code)
+            extra = {**extra, **sim.io_schedule.files()}
+        write_run(Path(runs_dir) / run.run_id, pp, sim, settings, row, extra)
         sim_s.append(sim.wall_s)
         rows.append(row)
     return {"pass_s": pp.wall_s, "pass_cached": cached, "sim_s": sim_s, "rows": rows}

@@ -452,6 +452,7 @@ def _plan_point(
             experiment=config.name,
             record=config.record.model_dump(exclude_defaults=True),
             accuracy_every=config.accuracy_every,
+            record_io={} if config.record_io is None else config.record_io.model_dump(),
         )
         run.run_id = digest(run.identity())
         runs.append(run)

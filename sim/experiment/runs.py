@@ -53,10 +53,12 @@ class RunPlan:
     experiment: str
     record: dict[str, Any] = field(default_factory=dict)  # extra records (RecordSpec)
     accuracy_every: int = 1  # accuracy on decode steps 0, k, 2k, ... (accuracy_every)
+    record_io: dict[str, Any] = field(default_factory=dict)  # flash schedule (RecordIoSpec)
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the run's results (what ``run_id`` hashes); the split
-        point and ``accuracy_every`` only when set, so other runs keep their ids."""
+        point, ``accuracy_every`` and ``record_io`` only when set, so other runs keep their
+        ids."""
         return {
             **self.trace.identity(),
             **({"accuracy_every": self.accuracy_every} if self.accuracy_every != 1 else {}),
@@ -69,6 +71,7 @@ class RunPlan:
             "pipeline": self.pipeline,
             "seed": self.seed,
             **({"record": self.record} if self.record else {}),
+            **({"record_io": self.record_io} if self.record_io else {}),
         }
 
 
@@ -87,8 +90,9 @@ def digest(payload: Any, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-# Paths under sim/ that never change a run's records: drawing, the CLI and scheduling.
-_PRESENTATION = ("figures/", "cli.py", "experiment/runner.py", "__main__.py")
+# Paths under sim/ that never change a run's records: drawing, the CLI, scheduling, and the
+# replay of a finished run's I/O on real storage (it reads records, never writes them).
+_PRESENTATION = ("figures/", "cli.py", "experiment/runner.py", "__main__.py", "io_replay/")
 
 
 def code_fingerprint() -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ReadPlan", "plan_reads", "plan_writes"]
+__all__ = ["ReadPlan", "plan_reads", "plan_write_commands", "plan_writes"]
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,19 @@ def plan_writes(
     slots, regions, _ = _sorted_unique(slots, regions)
     changes = None if regions is None else regions[1:] != regions[:-1]
     return _page_commands(slots, regions, entry_bytes, page_size, max_io_bytes, changes)[1]
+
+
+def plan_write_commands(
+    slots: np.ndarray, entry_bytes: int, page_size: int, max_io_bytes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The commands of :func:`plan_writes` for ``slots`` of one region with their byte offsets
+    in the region: (offsets, sizes), int64, in address order (what a recorded flash schedule
+    needs; :func:`plan_writes` gives the sizes alone, which is all the SimPy device takes)."""
+    slots, _ = _checked(slots, None)
+    _check_sizes(entry_bytes, page_size, max_io_bytes)
+    slots, _, _ = _sorted_unique(slots, None)
+    offsets, sizes, _ = _page_commands(slots, None, entry_bytes, page_size, max_io_bytes)
+    return offsets, sizes
 
 
 _REGION_SHIFT = 40  # slots below 2**40 entries; regions packed above them in one sort key

@@ -42,7 +42,10 @@ Where each phase lives:
 - :mod:`sim.replay.process`: :class:`Replay`, the decode process, layer by layer, ending each
   step's record with its latency and DRAM footprint;
 - :mod:`sim.replay.result`: :func:`simulate`, which runs a replay and assembles its records
-  into a :class:`sim.outputs.SimResult`.
+  into a :class:`sim.outputs.SimResult`;
+- :mod:`sim.replay.io_record`: with ``record_io``, the flash schedule of sampled steps (each
+  batch's commands with their byte addresses and simulated times), which ``kvsim replay``
+  (:mod:`sim.io_replay`, real storage and wall-clock time, unlike this package) executes.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ import numpy as np
 import simpy
 
 from sim.hardware import Flash
-from sim.kv.io_plan import plan_reads, plan_writes
+from sim.kv.io_plan import plan_reads, plan_write_commands, plan_writes
 from sim.replay.held import in_sorted
+from sim.replay.io_record import IoRecorder
 from sim.replay.setup import PreparedRun
 
 
@@ -58,6 +59,8 @@ class FlashIO:
         # a few per layer and step, below numpy's per-call cost)
         self._io_sizes = [0] * (max_pages + 1)
         self._run_lengths: dict[int, int] = {}
+        # the flash schedule's recorder (record_io; None: nothing is recorded)
+        self.recorder: IoRecorder | None = None
 
     @property
     def io_size_counts(self) -> np.ndarray:
@@ -154,6 +157,11 @@ class FlashIO:
         rec[col["selected_entries"]] += n_selected
         issued = self.env.now
         event = self.flash.read(command_bytes)
+        recorder = self.recorder
+        if recorder is not None and command_bytes and recorder.wants(step):
+            recorder.add(step, layer, "kv_read", event,
+                         recorder.kv(layer, plan.command_regions.tolist()),
+                         plan.command_offset_bytes.tolist(), command_bytes)
         if len(command_bytes):
 
             def _done(_event: simpy.Event, issued: float = issued) -> None:
@@ -213,11 +221,15 @@ class FlashIO:
         self.sequential[size] = commands, sum(commands)
         return commands, sum(commands)
 
-    def stream_index(self, vectors: int, rec: np.ndarray) -> simpy.Event:
-        """Read one layer's index (stored contiguously on flash) in maximum-size commands."""
+    def stream_index(self, step: int, layer: int, vectors: int, rec: np.ndarray) -> simpy.Event:
+        """Read ``layer``'s index (stored contiguously on flash) in maximum-size commands."""
         commands, total = self.sequential_commands(vectors * self.run.vector_bytes)
         rec[self.col["index_read_bytes"]] += total
-        return self.flash.read(commands)
+        event = self.flash.read(commands)
+        if self.recorder is not None and commands and self.recorder.wants(step):
+            self.recorder.add(step, layer, "index_read", event,
+                              *self.recorder.sequential("index", layer, commands), commands)
+        return event
 
     # -- per-layer cache swapping (PipelineSpec.swap_layers) -----------------------------------
 
@@ -230,10 +242,13 @@ class FlashIO:
         entries = cache.resident_entries
         commands, total = self.sequential_commands(entries * self.run.entry_bytes)
         self.records[step, self.col["swap_read_bytes"]] += total
-        self.swap_in_pending[layer] = self.flash.read(commands)
+        event = self.swap_in_pending[layer] = self.flash.read(commands)
+        if self.recorder is not None and commands and self.recorder.wants(step):
+            self.recorder.add(step, layer, "swap_read", event,
+                              *self.recorder.sequential("swap", layer, commands), commands)
         return entries
 
-    def swap_out(self, layer: int, before: np.ndarray, rec: np.ndarray) -> None:
+    def swap_out(self, step: int, layer: int, before: np.ndarray, rec: np.ndarray) -> None:
         """Write the entries that became resident during the layer to its swap area
         (``before``: the layer's resident entries before its reads, flat indices)."""
         resident = self.run.resident(layer)
@@ -243,7 +258,10 @@ class FlashIO:
         commands, total = self.sequential_commands(new * self.run.entry_bytes)
         if commands:
             rec[self.col["swap_write_bytes"]] += total
-            self.flash.write(commands)
+            event = self.flash.write(commands)
+            if self.recorder is not None and self.recorder.wants(step):
+                self.recorder.add(step, layer, "swap_write", event,
+                                  *self.recorder.sequential("swap", layer, commands), commands)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -317,7 +335,26 @@ class FlashIO:
             cache.insert([new[:0] if held else new for held in held_new], now)
         rec[self.col["write_bytes"]] += sum(command_bytes)
         rec[self.col["write_commands"]] += len(command_bytes)
-        self.flash.write(command_bytes)
+        submitted = self.flash.write(command_bytes)
+        if self.recorder is not None and command_bytes and self.recorder.wants(step):
+            self._record_appends(step, layer, written, submitted)
+
+    def _record_appends(self, step: int, layer: int, written: dict[int, list[int]],
+                        event: simpy.Event) -> None:
+        """Hand an append's writes to the recorder, with the offsets in each KV head's region
+        (the commands :meth:`append` submitted, in the same order)."""
+        run, recorder = self.run, self.recorder
+        assert recorder is not None
+        areas, offsets, sizes = [], [], []
+        for head, t in enumerate(run.trace_heads):
+            at, size = plan_write_commands(
+                np.array(written[t], dtype=np.int64), run.entry_bytes, run.page_bytes,
+                run.max_io_bytes,
+            )
+            areas += recorder.kv(layer, [head] * len(size))
+            offsets += at.tolist()
+            sizes += size.tolist()
+        recorder.add(step, layer, "kv_write", event, areas, offsets, sizes)
 
     def _write_commands(self, slots: list[int]) -> list[int]:
         """Sizes of the commands writing ``slots`` of one region (:func:`plan_writes`)."""

@@ -16,11 +16,13 @@ from collections.abc import Callable
 import numpy as np
 import simpy
 
+from sim.config import RecordIoSpec
 from sim.footprint import PART_COLUMNS
 from sim.hardware import Flash
 from sim.outputs import STEP_COLUMNS, PolicyPass
 from sim.replay.compute import ComputeTimes
 from sim.replay.flash_io import FlashIO, PendingReads
+from sim.replay.io_record import IoRecorder
 from sim.replay.setup import PreparedRun, ReadTiming, SimSetup
 
 
@@ -30,10 +32,13 @@ class Replay:
     ``env.process(decode(on_step))`` then ``env.run()`` fills ``records`` (a row per decode
     step, :data:`sim.outputs.STEP_COLUMNS`; ``col``: a column's index). ``run``: what the
     replay built before the decode (caches, layouts, sizes); ``io``: the flash traffic and its
-    histograms; ``flash``: the SimPy flash model.
+    histograms; ``flash``: the SimPy flash model. ``record_io``: record the flash schedule of
+    the sampled steps (``io.recorder``; simulated numbers are the same with or without).
     """
 
-    def __init__(self, pp: PolicyPass, setup: SimSetup) -> None:
+    def __init__(
+        self, pp: PolicyPass, setup: SimSetup, record_io: RecordIoSpec | None = None
+    ) -> None:
         self.pp = pp
         self.setup = setup
         self.env = simpy.Environment()
@@ -54,6 +59,15 @@ class Replay:
         self.records = np.zeros((pp.decode_steps, len(STEP_COLUMNS)), dtype=np.float64)
         self.col = {name: i for i, name in enumerate(STEP_COLUMNS)}
         self.io = FlashIO(self.env, self.flash, run, self.records, self.col)
+        if record_io is not None:  # the flash schedule of sampled steps (sim.replay.io_record)
+            flash = setup.device.flash
+            self.io.recorder = IoRecorder(
+                self.env, decode_steps=pp.decode_steps, every=record_io.every,
+                steps=record_io.steps, entry_bytes=run.entry_bytes,
+                region_bytes=run.n_positions * run.entry_bytes, page_bytes=run.page_bytes,
+                max_io_bytes=run.max_io_bytes, queue_depth=flash.queue_depth,
+                flash=flash.model_dump(mode="json"), device=setup.device.name,
+            )
 
     def decode(self, on_step: Callable[[], None] | None):
         """The decode process: every step's layers, then its LM head; the step's latency and
@@ -141,7 +155,7 @@ class Replay:
         for, ``None`` if it has none) and, for a lead policy, the next layer's."""
         if not self.setup.pipeline.stream_index:
             return None
-        index_ready = self.io.stream_index(int(vectors), rec) if vectors else None
+        index_ready = self.io.stream_index(step, layer, int(vectors), rec) if vectors else None
         if self.pp.policy.selection_lead_layers:
             self._stream_next_index(step, layer, rec)  # overlaps the QKV projection too
         return index_ready
@@ -198,7 +212,7 @@ class Replay:
             self.io.append(step, layer, rec)
             assert reads is not None  # a layer with a cache issues reads at every timing
             if reads.before is not None:
-                self.io.swap_out(layer, reads.before, rec)
+                self.io.swap_out(step, layer, reads.before, rec)
         if self.swap:
             current = 0 if cache is None else cache.resident_entries
             self.step_cache_peak = max(self.step_cache_peak, current + incoming)
@@ -238,7 +252,7 @@ class Replay:
         start of ``layer``, so it overlaps this layer's QKV projection as a layer's own does."""
         vectors = self._speculated_vectors(step, layer)
         if vectors:
-            self.lead_index[layer + 1] = self.io.stream_index(vectors, rec)
+            self.lead_index[layer + 1] = self.io.stream_index(step, layer + 1, vectors, rec)
 
     def _speculate(self, step: int, layer: int, rec: np.ndarray):
         """A lead policy's speculation point in ``layer`` (InfiniGen): score the next layer's

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from sim.config import RecordIoSpec
 from sim.outputs import STEP_COLUMNS, PolicyPass, SimResult
 from sim.progress import progress as progress_bar
 from sim.replay.process import Replay
@@ -24,11 +25,13 @@ def simulate(
     setup: SimSetup,
     progress: bool = False,
     on_step: Callable[[], None] | None = None,
+    record_io: RecordIoSpec | None = None,
 ) -> SimResult:
     """Replay ``pp``'s selections on the device of ``setup``; deterministic. ``on_step`` is
-    called after each decode step (progress reports)."""
+    called after each decode step (progress reports). ``record_io``: also record the flash
+    schedule of the sampled steps (:attr:`SimResult.io_schedule`)."""
     started = time.perf_counter()
-    replay = Replay(pp, setup)
+    replay = Replay(pp, setup, record_io)
     bar = progress_bar(pp.decode_steps, f"{pp.policy.name}: simulate", "step", enabled=progress)
     tick = on_step
     if progress:
@@ -63,4 +66,7 @@ def _result(replay: Replay, pp: PolicyPass, setup: SimSetup, started: float) -> 
         "peak_cache_bytes": peak_cache * run.entry_bytes,
         "simulated_time_us": replay.env.now,
     }
-    return SimResult(steps, io_sizes, run_lengths, totals, time.perf_counter() - started)
+    recorder = io.recorder
+    schedule = None if recorder is None else recorder.schedule()
+    return SimResult(steps, io_sizes, run_lengths, totals, time.perf_counter() - started,
+                     schedule)
