@@ -1,0 +1,450 @@
+"""The step-wise (online) form of a policy: one policy, two drivers.
+
+:meth:`RetrievalPolicy.select_layer` decides a whole trace layer at once from recorded keys
+and queries (the open-loop pass). A model that generates under a policy cannot hand it the
+future: it has the prompt, then one token at a time. :class:`OnlineLayer` is that protocol,
+for one layer and all its KV heads:
+
+1. :meth:`OnlineLayer.prefill` once, with the prompt's keys (and its queries, for policies
+   that need them);
+2. per decode step, :meth:`OnlineLayer.select` with the step's queries and the new token's
+   own keys (computed before attention, attended always, never listed; ``token_topk``'s
+   softmax normaliser includes it) returns, per KV head, the stored positions attended
+   (sorted, unique, int32, in ``[0, stored)``), or ``None`` for every stored position;
+3. :meth:`OnlineLayer.append` stores the new token's keys (the same ones).
+
+A policy builds its online layer with :meth:`RetrievalPolicy.online_layer` (``None``: the
+policy has no online form yet). The same layer's random stream is the open-loop pass's
+(``np.random.default_rng([seed, layer])``), so driving the online form from a trace
+(:func:`drive_layer`) gives exactly the open-loop selections (``tests/test_online.py``):
+every online form here is causal, and so are the vectorised paths they mirror.
+
+This module has the protocol, the shared state (stored keys, per-head groups) and the online
+forms of the policies whose vectorised code is a fill of per-step scores; DynaKV's, which is
+step-wise already, lives with its algorithm in :mod:`sim.policies.dynakv`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .base import GroupMembers, HeadSelections, LayerContext, decode_attention_weights
+
+if TYPE_CHECKING:
+    from .base import BudgetedPolicy, RetrievalPolicy
+    from .clusterkv import ClusterKV
+    from .static_clusters import StaticClusters
+    from .streaming_llm import StreamingLLM
+    from .token_topk import TokenTopK
+
+#: a step's selection: per KV head the attended stored positions, or None (all of them)
+Selection = list[np.ndarray] | None
+
+
+class OnlineLayer(ABC):
+    """One layer's policy state, driven one token at a time (see the module docstring).
+
+    ``n_kv_heads``: the layer's KV heads; ``capacity``: the most positions (prompt and decode
+    tokens) it will store; ``rng``: the layer's random stream.
+    """
+
+    def __init__(self, n_kv_heads: int, capacity: int, rng: np.random.Generator) -> None:
+        self.n_kv_heads = n_kv_heads
+        self.capacity = capacity
+        self.rng = rng
+        self.prompt_len = 0
+        self.stored = 0  # positions stored so far
+
+    def prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None = None) -> None:
+        """Take the prompt: ``keys`` (n_kv_heads, P, d), ``prompt_queries`` (n_q_heads, P, d)
+        or ``None`` (a policy that needs them raises ValueError)."""
+        if self.stored:
+            raise ValueError("prefill once, before any decode step")
+        keys = np.asarray(keys, dtype=np.float32)
+        if keys.ndim != 3 or keys.shape[0] != self.n_kv_heads or keys.shape[1] < 1:
+            raise ValueError(
+                f"prefill keys must be ({self.n_kv_heads}, P >= 1, d), got {keys.shape}"
+            )
+        if keys.shape[1] > self.capacity:
+            raise ValueError(f"a prompt of {keys.shape[1]} exceeds capacity {self.capacity}")
+        self.prompt_len = self.stored = keys.shape[1]
+        self._prefill(keys, prompt_queries)
+
+    def select(self, queries: np.ndarray, keys: np.ndarray) -> Selection:
+        """The positions the step's ``queries`` (n_q_heads, d) attend; ``keys``
+        (n_kv_heads, d): the new token's own keys (attended always, not listed)."""
+        if not self.stored:
+            raise ValueError("select before prefill")
+        return self._select(np.asarray(queries, np.float32), np.asarray(keys, np.float32))
+
+    def append(self, keys: np.ndarray) -> None:
+        """Store the new token's ``keys`` (n_kv_heads, d) at position :attr:`stored`."""
+        if self.stored >= self.capacity:
+            raise ValueError(f"capacity of {self.capacity} positions exhausted")
+        self._append(np.asarray(keys, np.float32))
+        self.stored += 1
+
+    @abstractmethod
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None: ...
+
+    @abstractmethod
+    def _select(self, queries: np.ndarray, keys: np.ndarray) -> Selection: ...
+
+    @abstractmethod
+    def _append(self, keys: np.ndarray) -> None: ...
+
+
+class FullOnline(OnlineLayer):
+    """Every stored position (full attention; a policy's dense layers)."""
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        pass
+
+    def _select(self, queries: np.ndarray, keys: np.ndarray) -> Selection:
+        return None
+
+    def _append(self, keys: np.ndarray) -> None:
+        pass
+
+
+class KeyStore:
+    """The stored keys of one layer, (n_kv_heads, capacity + 1, d) float32: row ``stored``
+    is scratch for the current token's keys (so a step's context and its own key are one
+    contiguous view)."""
+
+    def __init__(self, keys: np.ndarray, capacity: int) -> None:
+        n_kv, prompt, dim = keys.shape
+        self.keys = np.zeros((n_kv, capacity + 1, dim), np.float32)
+        self.keys[:, :prompt] = keys
+        self.n = prompt
+
+    def with_current(self, current: np.ndarray) -> np.ndarray:
+        """(n_kv, n + 1, d): the stored keys and ``current`` after them."""
+        self.keys[:, self.n] = current
+        return self.keys[:, : self.n + 1]
+
+    def append(self, keys: np.ndarray) -> None:
+        self.keys[:, self.n] = keys
+        self.n += 1
+
+
+def group_queries(queries: np.ndarray, n_kv: int) -> np.ndarray:
+    """Each KV head's mean query over its query group, (n_kv, d) float32, summed in the
+    order :meth:`ClusteredPolicy.clustering_inputs` sums a trace's."""
+    return queries.reshape(n_kv, queries.shape[0] // n_kv, queries.shape[1]).mean(axis=1)
+
+
+class BudgetedOnline(OnlineLayer):
+    """A :class:`~sim.policies.base.BudgetedPolicy`'s online form: the base's own fill of one
+    row, at the step's context length (budget, sinks and recent window as in the pass)."""
+
+    def __init__(
+        self, policy: BudgetedPolicy, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> None:
+        super().__init__(n_kv_heads, capacity, rng)
+        self.policy = policy
+
+    def budget_rows(self) -> tuple[list[np.ndarray], bool]:
+        """The step's selection where the budget decides it alone, and whether the scores
+        decide it (a plain row)."""
+        rows, _, _, plain = self.policy._budget_rows(self.stored, 0, 1)
+        return rows, bool(plain)
+
+
+class ScoredOnline(BudgetedOnline):
+    """Top-budget positions by per-position scores (``scores``: (n_kv, 1, width >= stored)
+    of the step, positions from ``stored`` on ignored), as :meth:`BudgetedPolicy._fill`."""
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        self.store = KeyStore(keys, self.capacity)
+
+    def _append(self, keys: np.ndarray) -> None:
+        self.store.append(keys)
+
+    def _select(self, queries: np.ndarray, keys: np.ndarray) -> Selection:
+        rows, plain = self.budget_rows()
+        if not plain:
+            return [rows[0]] * self.n_kv_heads
+        scores = self.scores(queries, keys)
+        budgeted = self.policy._budget_rows(self.stored, 0, 1)
+        return [self.policy._fill(scores[h], self.stored, 0, budgeted)[0]
+                for h in range(self.n_kv_heads)]
+
+    def scores(self, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TokenTopKOnline(ScoredOnline):
+    """token_topk's exact group-summed softmax over the stored keys and the current one."""
+
+    policy: TokenTopK
+
+    def scores(self, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        every = self.store.with_current(keys)
+        w, norm, _ = decode_attention_weights(queries[:, None, :], every, self.stored, 0, 1)
+        w /= norm[..., None]
+        return w.sum(axis=1)  # (n_kv, 1, stored + 1)
+
+
+class HeadGroups:
+    """One KV head's positions by group, for :meth:`BudgetedPolicy._fill_groups`: every
+    stored position's label (``labels``), each label's positions ascending, and how many of
+    them are sinks."""
+
+    def __init__(self, labels: np.ndarray, capacity: int, sinks: int) -> None:
+        self.labels = np.zeros(capacity + 1, np.int32)
+        self.labels[: len(labels)] = labels
+        self.n = len(labels)
+        self.sinks = sinks
+        self.positions: list[np.ndarray] = []
+        self.sizes: list[int] = []
+        n_labels = int(labels.max()) + 1 if len(labels) else 0
+        counts = np.bincount(labels, minlength=n_labels)
+        for members in np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1]):
+            self._new_label(members)
+
+    def _new_label(self, members: np.ndarray) -> None:
+        row = np.empty(max(8, 2 * len(members)), np.int64)
+        row[: len(members)] = members
+        self.positions.append(row)
+        self.sizes.append(len(members))
+
+    def add(self, position: int, label: int) -> None:
+        """``position`` (after every stored one) has ``label``."""
+        self.labels[position] = label
+        self.n = max(self.n, position + 1)
+        while label >= len(self.positions):
+            self._new_label(np.zeros(0, np.int64))
+        n, row = self.sizes[label], self.positions[label]
+        if n == len(row):
+            grown = np.empty(2 * n, np.int64)
+            grown[:n] = row
+            self.positions[label] = row = grown
+        row[n] = position
+        self.sizes[label] = n + 1
+
+    def relabel(self, positions: np.ndarray, old: int, label: int) -> None:
+        """``positions`` (ascending, all of ``old``'s newest members) move to ``label``."""
+        self.sizes[old] -= len(positions)
+        for p in positions.tolist():
+            self.add(p, label)
+
+    def members(self, width: int) -> GroupMembers:
+        """The groups of positions ``[0, width)`` (every stored position is below it)."""
+        lists = [row[:n] for row, n in zip(self.positions, self.sizes, strict=True)]
+        first = [int(np.searchsorted(m, self.sinks)) for m in lists]
+        return GroupMembers(self.labels[:width], lists, len(lists), first)
+
+
+class GroupedOnline(BudgetedOnline):
+    """Groups ranked whole (:class:`~sim.policies.base.GroupRanking`): the base's fill of
+    one row of groups. Subclasses keep ``heads`` (one :class:`HeadGroups` per KV head) and
+    give each step's group order (best first) and lead window start."""
+
+    heads: list[HeadGroups]
+
+    def _select(self, queries: np.ndarray, keys: np.ndarray) -> Selection:
+        rows, plain = self.budget_rows()
+        if not plain:
+            return [rows[0]] * self.n_kv_heads
+        orders = self.order(queries)
+        lead = self.lead()
+        out = []
+        for h, head in enumerate(self.heads):
+            out.append(self.policy._fill_groups(
+                head.members(self.stored), orders[h][None, :], self.stored, 0,
+                None if lead is None else np.array([lead]),
+            )[0])
+        return out
+
+    def order(self, queries: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def lead(self) -> int | None:
+        return None
+
+
+class StreamingLLMOnline(GroupedOnline):
+    """StreamingLLM: the sinks, then every stored position newest first (no groups)."""
+
+    policy: StreamingLLM
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        labels = np.zeros(self.prompt_len, np.int32)
+        self.heads = [HeadGroups(labels, self.capacity, self.policy.sink_tokens)
+                      for _ in range(self.n_kv_heads)]
+
+    def _append(self, keys: np.ndarray) -> None:
+        for head in self.heads:
+            head.add(self.stored, 0)
+
+    def order(self, queries: np.ndarray) -> list[np.ndarray]:
+        return [np.zeros(1, np.int64)] * self.n_kv_heads
+
+    def lead(self) -> int:
+        return self.policy.sink_tokens
+
+
+class StaticClustersOnline(GroupedOnline):
+    """static_clusters: the prompt's k-means clusters per KV head (the pass's code and seed
+    draws), each decode token joining the nearest centroid when appended; clusters ranked by
+    the group-mean query against the representatives (running means with
+    ``update_centroids``)."""
+
+    policy: StaticClusters
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        from .static_clusters import cluster_space
+
+        self.check_prompt()
+        self.clusters = [self.policy.prefill_clusters(keys[h], self.rng)
+                         for h in range(self.n_kv_heads)]
+        self.heads = [HeadGroups(c.labels, self.capacity, self.policy.sink_tokens)
+                      for c in self.clusters]
+        self.space = lambda k: cluster_space(k, self.policy.distance)
+
+    def check_prompt(self) -> None:
+        if self.prompt_len <= self.policy.sink_tokens:
+            raise ValueError(
+                f"prompt of {self.prompt_len} tokens leaves nothing to cluster past the sinks"
+            )
+
+    def order(self, queries: np.ndarray) -> list[np.ndarray]:
+        grouped = group_queries(queries, self.n_kv_heads)
+        return [np.argsort(-c.scores(grouped[h]), kind="stable")
+                for h, c in enumerate(self.clusters)]
+
+    def _append(self, keys: np.ndarray) -> None:
+        space = self.space(keys)
+        for h, (c, head) in enumerate(zip(self.clusters, self.heads, strict=True)):
+            head.add(self.stored, c.join(space[h], keys[h]))
+
+
+class ClusterKVOnline(GroupedOnline):
+    """ClusterKV: static_clusters' prompt clustering (cosine by default); decode tokens wait
+    in the unclustered window (the lead, newest first) until ``update_interval`` of them are
+    stored, then that window alone is clustered into ``window_clusters`` new clusters (the
+    pass's k-means and per-head window seeds). Labels: 0 the sinks, 1 the unclustered
+    window, ``2 + c`` cluster ``c`` in creation order (the pass's ranking ids)."""
+
+    policy: ClusterKV
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        from .static_clusters import cluster_space, sum_by_label
+
+        policy = self.policy
+        if self.prompt_len <= policy.sink_tokens:
+            raise ValueError(
+                f"prompt of {self.prompt_len} tokens leaves nothing to cluster past the sinks"
+            )
+        self.store = KeyStore(keys, self.capacity)
+        self.space = lambda k: cluster_space(k, policy.distance)
+        self.window_rngs, self.reps, self.heads = [], [], []
+        sinks = policy.sink_tokens
+        for h in range(self.n_kv_heads):
+            prefill, seed = policy.prefill_labels(keys[h], self.prompt_len, self.rng)
+            n = int(prefill.max()) + 1
+            self.window_rngs.append(np.random.default_rng([seed, 1]))
+            size = np.bincount(prefill, minlength=n)
+            self.reps.append(sum_by_label(keys[h, sinks:], prefill, n) / size[:, None])
+            labels = np.zeros(self.prompt_len, np.int32)
+            labels[sinks:] = prefill + 2
+            self.heads.append(HeadGroups(labels, self.capacity, sinks))
+
+    def lead(self) -> int:
+        m = self.policy.update_interval
+        return self.prompt_len + ((self.stored - self.prompt_len) // m) * m
+
+    def order(self, queries: np.ndarray) -> list[np.ndarray]:
+        grouped = group_queries(queries, self.n_kv_heads)
+        return [np.argsort(-(grouped[h] @ rep.T), kind="stable") + 2
+                for h, rep in enumerate(self.reps)]
+
+    def _append(self, keys: np.ndarray) -> None:
+        from .static_clusters import kmeans_labels, sum_by_label
+
+        policy = self.policy
+        self.store.append(keys)
+        for head in self.heads:
+            head.add(self.stored, 1)
+        m = policy.update_interval
+        steps = self.stored + 1 - self.prompt_len
+        if steps % m:
+            return
+        lo = self.stored + 1 - m  # the window [lo, lo + m) is complete: cluster it alone
+        window = self.store.keys[:, lo : lo + m]
+        space = self.space(window)
+        for h, head in enumerate(self.heads):
+            local = kmeans_labels(space[h], policy.window_clusters, policy.max_iter,
+                                  int(self.window_rngs[h].integers(2**31 - 1)))
+            k = int(local.max()) + 1
+            n = len(self.reps[h])
+            positions = np.arange(lo, lo + m)
+            head.sizes[1] -= m
+            for p, label in zip(positions.tolist(), (local + n + 2).tolist(), strict=True):
+                head.add(p, label)
+            size = np.bincount(local, minlength=k)
+            rep = sum_by_label(window[h], local, k) / size[:, None]
+            self.reps[h] = np.concatenate((self.reps[h], rep))
+
+
+def online_layer(
+    policy: RetrievalPolicy, layer: int, n_kv_heads: int, capacity: int,
+    rng: np.random.Generator,
+) -> OnlineLayer:
+    """``policy``'s online form of trace layer ``layer`` (:meth:`RetrievalPolicy.online_layer`).
+
+    Raises NotImplementedError if the policy has none yet."""
+    made = policy.online_layer(layer, n_kv_heads, capacity, rng)
+    if made is None:
+        raise NotImplementedError(f"policy {policy.name!r} has no online (step-wise) form yet")
+    return made
+
+
+def has_online_form(policy: RetrievalPolicy) -> bool:
+    """Whether ``policy`` can run step by step (closed loop)."""
+    from .base import RetrievalPolicy
+
+    return type(policy).online_layer is not RetrievalPolicy.online_layer
+
+
+def drive_layer(
+    policy: RetrievalPolicy, ctx: LayerContext,
+    on_step: Callable[[int, Selection], None] | None = None,
+) -> list[HeadSelections] | None:
+    """Drive ``policy``'s online form over a trace layer ``ctx`` as a model would: prefill
+    with the prompt's keys (and stored prompt queries, if any), then per decode step select
+    with the step's queries and the new token's keys, then append them.
+
+    Returns per KV head the selections (as :class:`LayerSelection.heads`; ``None`` if every
+    step attended everything), to compare with the pass's; ``on_step(s, selection)`` sees
+    each step's raw selection."""
+    keys = np.asarray(ctx.keys, dtype=np.float32)
+    queries = np.asarray(ctx.queries, dtype=np.float32)
+    prompt = ctx.prompt_len
+    layer = online_layer(policy, ctx.layer, ctx.n_kv_heads, keys.shape[1], ctx.rng)
+    prompt_queries = None
+    if ctx.stored_queries is not None and ctx.query_start == 0:
+        prompt_queries = ctx.prompt_queries(0)
+    layer.prefill(keys[:, :prompt], prompt_queries)
+    per_head: list[list[np.ndarray]] = [[] for _ in range(ctx.n_kv_heads)]
+    every = True
+    for s in range(ctx.decode_steps):
+        current = keys[:, prompt + s]
+        selection = layer.select(queries[:, s], current)
+        if on_step is not None:
+            on_step(s, selection)
+        if selection is None:
+            selection = [np.arange(prompt + s, dtype=np.int32)] * ctx.n_kv_heads
+        else:
+            every = False
+        for h, positions in enumerate(selection):
+            per_head[h].append(np.asarray(positions, dtype=np.int32))
+        layer.append(current)
+    if every:
+        return None
+    return [HeadSelections.from_lists(rows) for rows in per_head]
