@@ -1,0 +1,286 @@
+"""A policy inside the model's attention (sim/closed_loop): the hook changes nothing when the
+policy attends everything, masks exactly the positions selected otherwise, leaves
+sliding-window layers alone, and is deterministic for a seed.
+
+Small randomly initialised transformers models (Llama with grouped-query attention, Gemma 3
+with sliding-window layers) stand in for the real ones, so these run in seconds; one slow test
+runs SmolLM2-135M itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sim.policies import POLICIES
+from tests.test_online import EXPECTED_MISSING, ONLINE
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from sim.closed_loop.attention import (  # noqa: E402  (after the importorskips)
+    PolicyController,
+    model_sliding_windows,
+    policy_attention,
+    restricted_attention,
+)
+from sim.closed_loop.perplexity import (  # noqa: E402
+    compare_perplexity,
+    perplexity_table,
+    teacher_forced,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_llama(seed: int = 0):
+    """3 layers, 6 query heads on 2 KV heads (GQA), head_dim 8, random weights."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma3(seed: int = 0):
+    """Gemma 3 layout: sliding-window (16) layers around one global layer."""
+    torch.manual_seed(seed)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+        sliding_window=16, query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
+def text(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 97, n).tolist()
+
+
+def everything(name: str) -> dict:
+    """``name`` attending everything: a budget of the whole context, small clusters."""
+    spec: dict = {"type": name}
+    if name != "full":
+        spec["budget"] = 1.0
+    if name in ("static_clusters", "clusterkv", "dynakv"):
+        spec["tokens_per_cluster"] = 8
+    if name == "clusterkv":
+        spec["update_interval"] = 6  # local updates happen within the run
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# The restricted attention against a masked softmax written out by hand
+# --------------------------------------------------------------------------------------------
+
+
+def reference_attention(query, key, value, selection, scale):
+    """Per query head q (KV head q // G): softmax over the selected positions and the last
+    (current) one, in float64."""
+    q, k, v = (np.asarray(t[0], np.float64) for t in (query, key, value))
+    n_q, n_kv = q.shape[0], k.shape[0]
+    out = np.empty((n_q, v.shape[-1]))
+    for head in range(n_q):
+        h = head // (n_q // n_kv)
+        allowed = np.zeros(k.shape[1], bool)
+        allowed[selection[h]] = True
+        allowed[-1] = True
+        logits = np.where(allowed, k[h] @ q[head, 0] * scale, -np.inf)
+        weights = np.exp(logits - logits.max())
+        out[head] = (weights / weights.sum()) @ v[h]
+    return out
+
+
+class _Attn:
+    layer_idx = 0
+    num_key_value_groups = 3
+
+
+@pytest.mark.parametrize("selection", [
+    [np.array([0, 3, 4]), np.array([1, 2, 6])],  # equal sizes: gathered
+    [np.array([5]), np.array([0, 1, 2, 3, 4, 5, 6])],  # unequal: a boolean mask
+    [np.array([], np.int64), np.array([], np.int64)],  # the current token alone
+])
+def test_restricted_attention_attends_exactly_the_selection_and_the_current_token(selection):
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 6, 1, 4, generator=gen)
+    key = torch.randn(1, 2, 8, 4, generator=gen)  # 7 stored positions + the current one
+    value = torch.randn(1, 2, 8, 4, generator=gen)
+    out, weights = restricted_attention(_Attn(), query, key, value, selection, 0.5)
+    assert weights is None and out.shape == (1, 1, 6, 4)
+    np.testing.assert_allclose(out[0, 0].numpy(), reference_attention(query, key, value,
+                                                                        selection, 0.5),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_selected_position_changes_the_output_and_an_unselected_one_does_not():
+    gen = torch.Generator().manual_seed(2)
+    query = torch.randn(1, 2, 1, 4, generator=gen)
+    key = torch.randn(1, 1, 6, 4, generator=gen)
+    value = torch.randn(1, 1, 6, 4, generator=gen)
+    selection = [np.array([1, 3])]
+    base, _ = restricted_attention(_Attn(), query, key, value, selection, None)
+    for position, matters in [(0, False), (1, True), (2, False), (3, True), (5, True)]:
+        changed = value.clone()
+        changed[0, 0, position] += 10.0
+        out, _ = restricted_attention(_Attn(), query, key, changed, selection, None)
+        assert (not torch.equal(out, base)) == matters, position
+
+
+# --------------------------------------------------------------------------------------------
+# In a model: budget = everything changes nothing; sliding layers keep their window
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def llama_reference(llama):
+    return teacher_forced(llama, text(120), 80, 30, None, keep_logits=True)
+
+
+@pytest.mark.parametrize("name", sorted(ONLINE))
+def test_every_online_policy_attending_everything_reproduces_the_models_logits(
+    llama, llama_reference, name
+):
+    run = teacher_forced(llama, text(120), 80, 30, POLICIES.create(everything(name)),
+                         keep_logits=True, record=True)
+    np.testing.assert_allclose(run.logits, llama_reference.logits, rtol=0, atol=2e-5)
+    assert len(run.controller.selections) == 29  # every decode step, every layer selected
+    assert all(sorted(step) == [0, 1, 2] for step in run.controller.selections)
+
+
+def test_the_hook_without_a_policy_is_the_models_own_sdpa(llama, llama_reference):
+    ids = text(120)
+    with torch.inference_mode():
+        logits = llama(input_ids=torch.tensor([ids[:110]])).logits[0, 79:109].numpy()
+    # the stock model over the whole text at once: the same predictions, up to float error
+    np.testing.assert_allclose(llama_reference.logits, logits, rtol=0, atol=2e-5)
+
+
+def test_a_small_budget_changes_the_predictions_and_is_deterministic(llama, llama_reference):
+    spec = {"type": "dynakv", "budget": 0.1, "tokens_per_cluster": 8, "buffer_max": 2}
+    first = teacher_forced(llama, text(120), 80, 30, POLICIES.create(spec), seed=3,
+                           keep_logits=True)
+    again = teacher_forced(llama, text(120), 80, 30, POLICIES.create(spec), seed=3,
+                           keep_logits=True)
+    np.testing.assert_array_equal(first.logits, again.logits)
+    np.testing.assert_array_equal(first.nll, again.nll)
+    assert np.abs(first.logits - llama_reference.logits).max() > 1e-3
+    np.testing.assert_array_equal(first.logits[0], llama_reference.logits[0])  # the prefill's
+
+
+def test_the_selections_in_the_loop_hold_the_budget(llama):
+    policy = POLICIES.create({"type": "token_topk", "budget": 12, "sink_tokens": 2})
+    run = teacher_forced(llama, text(120), 80, 10, policy, record=True)
+    for step, layers in enumerate(run.controller.selections):
+        for selection in layers.values():
+            assert len(selection) == 2  # KV heads
+            for positions in selection:
+                assert len(positions) == 12 and positions[:2].tolist() == [0, 1]
+                assert positions.max() < 80 + step and np.all(np.diff(positions) > 0)
+
+
+def test_sliding_window_layers_keep_their_window():
+    model = tiny_gemma3()
+    assert model_sliding_windows(model) == [16, None, 16]
+    ids = text(90)
+    reference = teacher_forced(model, ids, 40, 30, None, keep_logits=True)
+    run = teacher_forced(model, ids, 40, 30, POLICIES.create(everything("dynakv")),
+                         keep_logits=True, record=True)
+    np.testing.assert_allclose(run.logits, reference.logits, rtol=0, atol=2e-5)
+    assert sorted(run.controller.layers) == [1]  # only the global layer has a policy
+    small = teacher_forced(model, ids, 40, 30, POLICIES.create({"type": "token_topk",
+                                                                 "budget": 0.2}),
+                           record=True)
+    assert all(list(step) == [1] for step in small.controller.selections)
+    assert not np.allclose(small.nll, reference.nll)
+
+
+# --------------------------------------------------------------------------------------------
+# Perplexity tables and bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_perplexity_table_buckets_by_position():
+    nll = np.array([1.0, 3.0, 2.0, 2.0, 0.5])
+    table = perplexity_table(nll, 100, 2)
+    assert table["bucket"].tolist() == ["100-101", "102-103", "104-104", "all"]
+    assert table["tokens"].tolist() == [2, 2, 1, 5]
+    np.testing.assert_allclose(table["mean_nll"], [2.0, 2.0, 0.5, 1.7])
+    np.testing.assert_allclose(table["perplexity"], np.exp([2.0, 2.0, 0.5, 1.7]))
+
+
+def test_compare_perplexity_states_each_policy_against_full_attention(llama):
+    policies = [POLICIES.create(everything("token_topk")),
+                POLICIES.create({"type": "streaming_llm", "budget": 8})]
+    table = compare_perplexity(llama, text(120), 80, 30, policies, bucket=10)
+    assert table["policy"].unique().tolist() == [
+        "full (model)", "token_topk(budget=1.0)", "streaming_llm(budget=8)"]
+    topk = table[table["policy"] == "token_topk(budget=1.0)"]
+    np.testing.assert_allclose(topk["delta_nll"], 0.0, atol=1e-5)
+    streaming = table[table["policy"] == "streaming_llm(budget=8)"]
+    assert streaming["bucket"].tolist() == ["80-89", "90-99", "100-109", "all"]
+    np.testing.assert_allclose(streaming["ppl_ratio"], np.exp(streaming["delta_nll"]))
+    assert streaming["delta_nll"].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("n_ids, prompt, tokens, message", [
+    (50, 40, 20, "the text has 50 tokens, fewer than the prompt and continuation"),
+    (400, 200, 100, "prompt \\+ continuation = 300 exceeds the model's 256 positions"),
+    (50, 1, 5, "need a prompt of >= 2 tokens"),
+])
+def test_lengths_that_do_not_fit_are_refused_before_any_forward_pass(
+    llama, n_ids, prompt, tokens, message
+):
+    with pytest.raises(ValueError, match=message):
+        teacher_forced(llama, text(n_ids), prompt, tokens, None)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_MISSING))
+def test_a_policy_without_an_online_form_is_refused(llama, name):
+    with pytest.raises(NotImplementedError, match="no online"):
+        teacher_forced(llama, text(60), 40, 5, POLICIES.create({"type": name}))
+
+
+def test_one_controller_at_a_time():
+    controller = PolicyController(POLICIES.create({"type": "full"}), [None], 10)
+    with policy_attention(controller), pytest.raises(RuntimeError, match="already active"):
+        with policy_attention(controller):
+            pass
+    with pytest.raises(ValueError, match="no global attention layer"):
+        with policy_attention(PolicyController(POLICIES.create({"type": "full"}), [4], 10)):
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# The real model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_with_every_cluster_policy_attending_everything_is_the_model():
+    from sim.trace.models import load_model
+
+    try:
+        loaded = load_model("smollm2-135m", progress=False)
+    except Exception as exc:  # noqa: BLE001 - the model package is optional
+        pytest.skip(f"SmolLM2-135M unavailable: {exc}")
+    ids = loaded.tokenizer("def main():\n    " * 40)["input_ids"]
+    reference = teacher_forced(loaded.model, ids, 96, 8, None, keep_logits=True)
+    for name in ("clusterkv", "dynakv", "static_clusters"):
+        spec = everything(name)
+        run = teacher_forced(loaded.model, ids, 96, 8, POLICIES.create(spec), keep_logits=True)
+        np.testing.assert_allclose(run.logits, reference.logits, rtol=0, atol=1e-3)
+        np.testing.assert_allclose(run.nll, reference.nll, rtol=0, atol=1e-4)
