@@ -62,13 +62,14 @@ def check_lengths(n_ids: int, prompt_len: int, n_tokens: int, max_positions: int
 def teacher_forced(
     model: Any, ids: Sequence[int], prompt_len: int, n_tokens: int,
     policy: RetrievalPolicy | None = None, seed: int = 0, keep_logits: bool = False,
-    record: bool = False,
+    record: bool = False, hook: bool = True,
 ) -> TeacherForced:
     """Run ``model`` (a transformers causal LM, batch 1, CPU) over ``ids[:prompt_len +
     n_tokens]``: one prefill, then ``n_tokens - 1`` decode steps, every global layer under
-    ``policy`` (``None``: the model's own attention through the same registered function).
-    Raises ValueError for lengths that do not fit, NotImplementedError for a policy without an
-    online form."""
+    ``policy`` (``None``: the model's own attention through the same registered function;
+    with ``hook=False`` as well, the model's own attention implementation, untouched: the
+    plain model a benchmark times the hook against). Raises ValueError for lengths that do not
+    fit, NotImplementedError for a policy without an online form."""
     import torch
 
     from sim.trace.recording import make_cache
@@ -76,9 +77,12 @@ def teacher_forced(
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
     check_lengths(len(ids), prompt_len, n_tokens, int(text_config.max_position_embeddings))
+    if policy is not None and not hook:
+        raise ValueError("a policy runs through the hook (hook=True)")
     register_policy_attention()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if hook:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
     total = prompt_len + n_tokens
     controller = None
     if policy is not None:
