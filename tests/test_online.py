@@ -20,11 +20,13 @@ from sim.policies.online import drive_layer, has_online_form, online_layer
 
 #: Policies with an online form; the registry test fails if one of them loses it.
 ONLINE = {"full", "token_topk", "oracle", "static_clusters", "clusterkv", "dynakv",
-          "streaming_llm"}
-#: Registered policies without one yet (the next session shrinks this list): quest's pages,
-#: h2o's accumulated attention (needs prompt queries), pqcache's codebooks, infinigen's
-#: speculation from the previous layer (needs the layer's input, not only its q/k).
-EXPECTED_MISSING = {"quest", "h2o", "pqcache", "infinigen"}
+          "streaming_llm", "h2o"}
+#: Registered policies without one yet (the next session shrinks this list): quest's page
+#: bounds (its pass scores a page by a matrix product or an einsum depending on where the
+#: 32-step chunk starts, so a one-step form rounds differently: equal up to near-ties only),
+#: pqcache's codebooks, infinigen's speculation from the previous layer's input (the hook sees
+#: a layer's q/k/v only).
+EXPECTED_MISSING = {"quest", "pqcache", "infinigen"}
 
 
 def test_every_registered_policy_is_listed_with_or_without_an_online_form():
@@ -97,7 +99,9 @@ def test_online_form_equals_the_layer_pass_on_the_sample_trace(fixture_trace, sp
 
 
 def test_the_spec_list_covers_every_online_policy():
-    assert {spec["type"] for spec in TRACE_SPECS} == ONLINE
+    # h2o needs the prompt's queries, which the sample trace does not store (queries: decode):
+    # the generated layers below test it
+    assert {spec["type"] for spec in TRACE_SPECS} == ONLINE - {"h2o"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,10 +120,11 @@ def drifting_layer(seed: int, prompt: int, steps: int, n_kv: int, group: int, d:
     drift = rng.random((n_kv, steps)) < 0.5
     keys[:, prompt:][drift] = new[drift]
     keys = (keys + 0.5 * rng.standard_normal((n_kv, total, d))).astype(np.float32)
-    queries = np.empty((n_kv * group, steps, d), np.float32)
+    queries = np.empty((n_kv * group, total, d), np.float32)  # every position's
     for q in range(n_kv * group):
-        targets = rng.integers(0, prompt + np.arange(steps)[:, None], size=(steps, 2))
+        targets = rng.integers(0, np.arange(1, total + 1)[:, None], size=(total, 2))
         queries[q] = 0.5 * keys[q // group, targets].sum(axis=1)
+    queries += 0.1 * rng.standard_normal(queries.shape).astype(np.float32)
     return queries, keys
 
 
@@ -141,6 +146,8 @@ def policy_spec(draw, name: str) -> dict:
         spec["update_interval"] = draw(st.integers(1, 9))
         spec["window_clusters"] = draw(st.integers(1, 3))
         spec["full_layers"] = draw(st.integers(0, 1))
+    if name == "h2o":
+        spec["recent_ratio"] = draw(st.sampled_from([0.0, 0.25, 0.5, 1.0]))
     if name == "dynakv":
         spec["adaptation"] = draw(st.booleans())
         spec["tau_quantile"] = draw(st.sampled_from([0.0, 0.3, 0.9]))
@@ -166,10 +173,12 @@ def test_online_form_equals_the_layer_pass_on_generated_layers(case):
     spec, shape, layer = case
     policy = POLICIES.create(spec)
     queries, keys = drifting_layer(**shape)
+    prompt = shape["prompt"]
 
     def ctx():
-        return LayerContext(layer=layer, keys=keys, queries=queries,
-                            prompt_len=shape["prompt"], rng=np.random.default_rng([7, layer]))
+        return LayerContext(layer=layer, keys=keys, queries=queries[:, prompt:],
+                            prompt_len=prompt, rng=np.random.default_rng([7, layer]),
+                            stored_queries=queries.astype(np.float16), query_start=0)
 
     assert_same(policy, ctx)
 

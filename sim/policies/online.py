@@ -26,6 +26,7 @@ step-wise already, lives with its algorithm in :mod:`sim.policies.dynakv`.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from .base import GroupMembers, HeadSelections, LayerContext, decode_attention_w
 if TYPE_CHECKING:
     from .base import BudgetedPolicy, RetrievalPolicy
     from .clusterkv import ClusterKV
+    from .h2o import H2O
     from .static_clusters import StaticClusters
     from .streaming_llm import StreamingLLM
     from .token_topk import TokenTopK
@@ -390,6 +392,56 @@ class ClusterKVOnline(GroupedOnline):
             size = np.bincount(local, minlength=k)
             rep = sum_by_label(window[h], local, k) / size[:, None]
             self.reps[h] = np.concatenate((self.reps[h], rep))
+
+
+class H2OOnline(OnlineLayer):
+    """H2O: the prompt's accumulated attention from its own queries (the pass's
+    :meth:`H2O.prompt_scores`), the cache cut to the budget; per step the kept set is the
+    selection, the softmax restricted to it and the current token adds to the accumulators,
+    and the cache is cut for the next context (:meth:`H2O.kept_sets`' step, same arithmetic).
+    The step's query only updates the scores: the selection was decided before it."""
+
+    def __init__(
+        self, policy: H2O, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> None:
+        super().__init__(n_kv_heads, capacity, rng)
+        self.policy = policy
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        policy, prompt, n_kv = self.policy, self.prompt_len, self.n_kv_heads
+        if prompt_queries is None:
+            raise ValueError("H2O accumulates attention from every prompt query, but none "
+                             "were given")
+        queries = np.asarray(prompt_queries, np.float32)
+        ctx = LayerContext(layer=0, keys=keys, queries=queries[:, :0], prompt_len=prompt,
+                           rng=self.rng, stored_queries=queries, query_start=0)
+        self.store = KeyStore(keys, self.capacity)
+        self.acc = np.zeros((n_kv, self.capacity + 1), np.float64)
+        self.acc[:, :prompt] = policy.prompt_scores(ctx)
+        every = np.broadcast_to(np.arange(prompt, dtype=np.int64), (n_kv, prompt))
+        self.kept = policy._trim(every, self.acc, prompt)
+        self.heads = np.arange(n_kv)[:, None]
+
+    def _select(self, queries: np.ndarray, keys: np.ndarray) -> Selection:
+        kept, n_kv = self.kept, self.n_kv_heads
+        selection = [np.sort(kept[h]).astype(np.int32) for h in range(n_kv)]
+        every = self.store.with_current(keys)
+        head_dim = every.shape[2]
+        q = queries * np.float32(1.0 / math.sqrt(head_dim))
+        q = q.reshape(n_kv, queries.shape[0] // n_kv, head_dim)
+        current = np.full((n_kv, 1), self.stored, np.int64)
+        cols = np.concatenate([kept, current], axis=1)  # (H_kv, n + 1)
+        logits = q @ every[self.heads, cols].transpose(0, 2, 1)  # (H_kv, G, n + 1)
+        logits -= logits.max(axis=-1, keepdims=True)
+        np.maximum(logits, np.float32(-80.0), out=logits)  # no float32 subnormals
+        w = np.exp(logits)
+        w /= w.sum(axis=-1, keepdims=True)
+        self.acc[self.heads, cols] += w.sum(axis=1)
+        self.kept = self.policy._trim(cols, self.acc, self.stored + 1)
+        return selection
+
+    def _append(self, keys: np.ndarray) -> None:
+        self.store.append(keys)
 
 
 def online_layer(
