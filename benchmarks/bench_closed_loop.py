@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     from sim.trace.sources import load_text
 
     torch, _ = import_capture_deps()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     loaded = load_model(args.model, progress=True)
+    if args.threads:  # after loading: kvsim's loader sets one thread per core
+        torch.set_num_threads(args.threads)
     model = loaded.model
     model.set_attn_implementation("sdpa")
     total = args.prompt_len + args.tokens

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .base import BudgetedPolicy, RetrievalPolicy
     from .clusterkv import ClusterKV
     from .h2o import H2O
+    from .pqcache import PQCache
     from .static_clusters import StaticClusters
     from .streaming_llm import StreamingLLM
     from .token_topk import TokenTopK
@@ -190,6 +191,68 @@ class TokenTopKOnline(ScoredOnline):
         w, norm, _ = decode_attention_weights(queries[:, None, :], every, self.stored, 0, 1)
         w /= norm[..., None]
         return w.sum(axis=1)  # (n_kv, 1, stored + 1)
+
+
+class PQCacheOnline(ScoredOnline):
+    """PQCache: per KV head, product-quantisation codebooks trained on the prompt's keys past
+    the sinks (the pass's k-means and seed draws), every key coded when stored; each step
+    ranks the stored tokens by the codes' approximate scores (the pass's lookup tables and
+    group aggregation, the current token's own logit exact)."""
+
+    policy: PQCache
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        from .pqcache import pq_train_encode
+
+        policy, prompt = self.policy, self.prompt_len
+        if prompt <= policy.sink_tokens:
+            raise ValueError(f"prompt of {prompt} tokens leaves nothing to quantise past the sinks")
+        head_dim = keys.shape[2]
+        if head_dim % policy.n_subvectors:
+            raise ValueError(f"n_subvectors (={policy.n_subvectors}) must divide the head "
+                             f"dimension (={head_dim})")
+        super()._prefill(keys, prompt_queries)
+        self.books = []
+        self.codes = np.zeros((self.n_kv_heads, self.capacity + 1, policy.n_subvectors),
+                              np.int32)
+        for h in range(self.n_kv_heads):
+            book, code = pq_train_encode(keys[h], policy.sink_tokens, prompt,
+                                         policy.n_subvectors, policy.bits, policy.max_iter,
+                                         self.rng)
+            self.books.append(book)
+            self.codes[h, :prompt] = code
+        self.scale = np.float32(1.0 / math.sqrt(head_dim))
+
+    def _append(self, keys: np.ndarray) -> None:
+        from .static_clusters import nearest_centroid
+
+        super()._append(keys)
+        for h, book in enumerate(self.books):
+            parts = np.split(keys[h][None, :], len(book), axis=1)
+            for m, (x, centroids) in enumerate(zip(parts, book, strict=True)):
+                self.codes[h, self.stored, m] = nearest_centroid(x, centroids)[0]
+
+    def scores(self, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        from .pqcache import lut_scores
+
+        n_kv, width = self.n_kv_heads, self.stored + 1
+        group = queries.shape[0] // n_kv
+        out = np.empty((n_kv, 1, width), np.float32)
+        for h in range(n_kv):
+            q = queries[h * group : (h + 1) * group, None, :]  # (G, 1, d)
+            codes = self.codes[h, :width]
+            if self.policy.group_score == "sum":
+                out[h] = lut_scores(q.sum(axis=0), self.books[h], codes)
+                continue
+            logits = lut_scores(q, self.books[h], codes) * self.scale  # (G, 1, width)
+            # the step's own key is in DRAM: its logit is exact
+            logits[:, 0, -1] = np.einsum("gsd,sd->gs", q, keys[h][None, :])[:, 0] * self.scale
+            logits -= logits.max(axis=-1, keepdims=True)
+            np.maximum(logits, np.float32(-80.0), out=logits)
+            np.exp(logits, out=logits)
+            logits /= logits.sum(axis=-1, keepdims=True)
+            out[h] = logits.sum(axis=0)
+        return out
 
 
 class HeadGroups:
