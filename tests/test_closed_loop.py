@@ -284,3 +284,54 @@ def test_smollm2_with_every_cluster_policy_attending_everything_is_the_model():
         run = teacher_forced(loaded.model, ids, 96, 8, POLICIES.create(spec), keep_logits=True)
         np.testing.assert_allclose(run.logits, reference.logits, rtol=0, atol=1e-3)
         np.testing.assert_allclose(run.nll, reference.nll, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation agreement
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reference, tokens, first, share", [
+    ([1, 2, 3, 4], [1, 2, 5, 4], 2, 0.75),
+    ([1, 2, 3, 4], [1, 2, 3, 4], 4, 1.0),
+    ([1, 2, 3, 4], [9, 2, 3, 9], 0, 0.5),
+])
+def test_agreement_counts_tokens_before_the_first_divergence_and_matching_positions(
+    reference, tokens, first, share
+):
+    from sim.closed_loop.agreement import agreement
+
+    assert agreement(np.array(reference), np.array(tokens)) == (first, share)
+
+
+def test_agreement_refuses_sequences_of_different_lengths():
+    from sim.closed_loop.agreement import agreement
+
+    with pytest.raises(ValueError, match="one length"):
+        agreement(np.array([1, 2]), np.array([1]))
+
+
+def test_greedy_decode_without_a_policy_is_transformers_greedy_generation(llama):
+    from sim.closed_loop.driver import decode
+
+    prompt = text(60)
+    run = decode(llama, prompt, 12)
+    with torch.inference_mode():
+        generated = llama.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                   min_new_tokens=12)
+    np.testing.assert_array_equal(run.tokens, generated[0, 60:].numpy())
+
+
+def test_generation_agreement_of_full_budget_and_small_budget_policies(llama):
+    from sim.closed_loop.agreement import compare_generation
+
+    policies = [POLICIES.create(everything("clusterkv")),
+                POLICIES.create({"type": "streaming_llm", "budget": 4, "sink_tokens": 1})]
+    table = compare_generation(llama, text(80), 20, policies)
+    assert table["policy"].tolist() == ["full (model)", "clusterkv(budget=1.0)",
+                                        "streaming_llm(budget=4)"]
+    assert table["first_divergence"].tolist()[:2] == [20, 20]
+    assert table["match_share"].tolist()[:2] == [1.0, 1.0]
+    again = compare_generation(llama, text(80), 20, policies[1:])
+    assert again.iloc[1].to_dict() == table.iloc[2].to_dict()  # deterministic
+    assert table.iloc[2]["first_divergence"] < 20  # 4 tokens of 80+ change the greedy text

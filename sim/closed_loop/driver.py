@@ -1,0 +1,134 @@
+"""The closed-loop decode: a prompt prefilled once, then one token per forward pass with every
+global attention layer under a policy (:mod:`sim.closed_loop.attention`), the tokens fed either
+given (teacher forcing: the perplexity task) or the model's own greedy choices (generation
+agreement).
+
+``tokens[i]`` is the token at position ``P + i``: given (``teacher``), or the argmax of the
+logits predicting it. Position ``P``'s prediction comes from the prefill (full attention for
+every policy); positions ``P + 1 ..`` from decode steps under the policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sim.closed_loop.attention import (
+    ATTN_IMPLEMENTATION,
+    PolicyController,
+    model_sliding_windows,
+    policy_attention,
+    register_policy_attention,
+)
+from sim.policies.base import RetrievalPolicy
+
+
+@dataclass
+class DecodeRun:
+    """One closed-loop decode: ``tokens`` (T,) int64 the tokens at positions ``P ..``;
+    ``nll`` (T,) float64 their negative log-likelihoods under the run's own predictions;
+    ``logits`` (T, vocab) float32 if kept; ``prefill_s`` / ``decode_s`` wall times of the
+    prefill and of the decode steps; ``hook_s`` the time inside the policy (0 without one);
+    ``controller`` the policy's state (``None`` without one)."""
+
+    tokens: np.ndarray
+    nll: np.ndarray
+    logits: np.ndarray | None
+    prefill_s: float
+    decode_s: float
+    hook_s: float
+    controller: PolicyController | None
+
+
+def check_lengths(prompt_len: int, n_tokens: int, max_positions: int) -> None:
+    """Raises ValueError naming the problem unless prompt and continuation fit the model."""
+    if prompt_len < 2 or n_tokens < 1:
+        raise ValueError(f"need a prompt of >= 2 tokens and >= 1 continuation token, got "
+                         f"{prompt_len} + {n_tokens}")
+    if prompt_len + n_tokens > max_positions:
+        raise ValueError(f"prompt + continuation = {prompt_len + n_tokens} exceeds the model's "
+                         f"{max_positions} positions")
+
+
+def decode(
+    model: Any, prompt: Sequence[int], n_tokens: int, policy: RetrievalPolicy | None = None,
+    seed: int = 0, teacher: Sequence[int] | None = None, keep_logits: bool = False,
+    record: bool = False, hook: bool = True,
+) -> DecodeRun:
+    """Decode ``n_tokens`` after ``prompt`` with ``model`` (a transformers causal LM, batch 1,
+    CPU): the tokens ``teacher`` if given, else greedy. Every global layer attends under
+    ``policy`` (``None``: the model's own attention through the registered function; with
+    ``hook=False`` the model's own attention implementation untouched, the plain model a
+    benchmark times the hook against). Raises ValueError for lengths that do not fit,
+    NotImplementedError for a policy without an online form, before any forward pass."""
+    import torch
+
+    from sim.trace.recording import make_cache
+
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    prompt_len = len(prompt)
+    check_lengths(prompt_len, n_tokens, int(text_config.max_position_embeddings))
+    if teacher is not None and len(teacher) < n_tokens:
+        raise ValueError(f"{len(teacher)} teacher tokens for {n_tokens} decode positions")
+    if policy is not None and not hook:
+        raise ValueError("a policy runs through the hook (hook=True)")
+    total = prompt_len + n_tokens
+    controller = None
+    if policy is not None:
+        controller = PolicyController(policy, model_sliding_windows(model), total, seed, record)
+        # fail before any forward pass if the policy has no online form
+        from sim.policies.online import online_layer
+
+        online_layer(policy, controller.first_global(), 1, total, np.random.default_rng(0))
+    register_policy_attention()
+    previous = config._attn_implementation
+    if hook:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    tokens = np.empty(n_tokens, np.int64)
+    nll = np.empty(n_tokens)
+    logits_kept: list[np.ndarray] | None = [] if keep_logits else None
+
+    def take(i: int, logits: Any) -> int:
+        row = logits[0, -1].float()
+        token = int(teacher[i]) if teacher is not None else int(torch.argmax(row))
+        tokens[i] = token
+        nll[i] = float(-torch.log_softmax(row, dim=-1)[token])
+        if logits_kept is not None:
+            logits_kept.append(row.numpy().copy())
+        return token
+
+    try:
+        with torch.inference_mode(), _active(controller):
+            cache = make_cache(config, total)
+            start = time.perf_counter()
+            out = model(input_ids=torch.tensor([list(prompt)], dtype=torch.long),
+                        cache=cache, use_cache=True, logits_to_keep=1)
+            token = take(0, out.logits)
+            prefill_s = time.perf_counter() - start
+            start = time.perf_counter()
+            for i in range(1, n_tokens):
+                out = model(input_ids=torch.tensor([[token]], dtype=torch.long),
+                            cache=cache, use_cache=True, logits_to_keep=1)
+                token = take(i, out.logits)
+            decode_s = time.perf_counter() - start
+    finally:
+        model.set_attn_implementation(previous)
+    return DecodeRun(
+        tokens, nll, None if logits_kept is None else np.stack(logits_kept), prefill_s,
+        decode_s, 0.0 if controller is None else controller.hook_s, controller,
+    )
+
+
+@contextmanager
+def _active(controller: PolicyController | None) -> Iterator[None]:
+    if controller is None:
+        yield
+        return
+    with policy_attention(controller):
+        yield
