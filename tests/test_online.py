@@ -20,13 +20,10 @@ from sim.policies.online import drive_layer, has_online_form, online_layer
 
 #: Policies with an online form; the registry test fails if one of them loses it.
 ONLINE = {"full", "token_topk", "oracle", "static_clusters", "clusterkv", "dynakv",
-          "streaming_llm", "h2o", "pqcache"}
-#: Registered policies without one yet (the next session shrinks this list): quest's page
-#: bounds (its pass scores a page by a matrix product or an einsum depending on where the
-#: 32-step chunk starts, so a one-step form rounds differently: equal up to near-ties only)
-#: and infinigen's speculation from the previous layer's input (the hook sees a layer's
-#: q/k/v only).
-EXPECTED_MISSING = {"quest", "infinigen"}
+          "streaming_llm", "h2o", "pqcache", "quest"}
+#: Registered policies without one yet (the next session shrinks this list): infinigen, whose
+#: speculation needs the previous layer's attention input (the hook sees a layer's q/k/v).
+EXPECTED_MISSING = {"infinigen"}
 
 
 def test_every_registered_policy_is_listed_with_or_without_an_online_form():
@@ -114,6 +111,9 @@ TRACE_SPECS = [
     {"type": "dynakv", "budget": 0.25, "tokens_per_cluster": 12, "distance": "cosine",
      "tau_quantile": 0.3, "buffer_max": 3},
     {"type": "streaming_llm", "budget": 0.1},
+    {"type": "quest", "budget": 0.2},
+    {"type": "quest", "budget": 40, "page_tokens": 8, "sink_tokens": 2, "group_reduce": "max",
+     "full_layers": 0},
     {"type": "pqcache", "budget": 0.2, "bits": 4},
     {"type": "pqcache", "budget": 24, "sink_tokens": 4, "recent_tokens": 4, "n_subvectors": 4,
      "group_score": "sum"},
@@ -186,6 +186,10 @@ def policy_spec(draw, name: str) -> dict:
         spec["n_subvectors"] = draw(st.sampled_from([1, 2, 4]))
         spec["bits"] = draw(st.integers(1, 4))
         spec["group_score"] = draw(st.sampled_from(["softmax", "sum"]))
+    if name == "quest":
+        spec["page_tokens"] = draw(st.integers(1, 9))
+        spec["group_reduce"] = draw(st.sampled_from(["sum", "max"]))
+        spec["full_layers"] = draw(st.integers(0, 1))
     if name == "h2o":
         spec["recent_ratio"] = draw(st.sampled_from([0.0, 0.25, 0.5, 1.0]))
     if name == "dynakv":
@@ -257,3 +261,23 @@ def test_token_topk_online_picks_the_most_attended_stored_positions():
     chosen = layer.select(np.array([[1.0, 0.0]]), np.array([[0.0, 0.0]]))
     assert chosen is not None
     np.testing.assert_array_equal(chosen[0], [1, 4])  # ... and outranks position 3
+
+
+@pytest.mark.parametrize("spec", [
+    {"type": "quest", "budget": 0.2, "page_tokens": 4, "full_layers": 0},
+    {"type": "quest", "budget": 20, "page_tokens": 5, "group_reduce": "max", "full_layers": 0,
+     "recent_tokens": 4},
+    {"type": "token_topk", "budget": 0.1, "sink_tokens": 2},
+    {"type": "static_clusters", "budget": 0.2, "tokens_per_cluster": 6},
+    {"type": "clusterkv", "budget": 0.2, "tokens_per_cluster": 6, "update_interval": 20,
+     "full_layers": 0},
+])
+def test_online_form_equals_the_layer_pass_across_the_pass_s_step_chunks(spec):
+    """70 decode steps: the pass scores 32 steps at a time; the online form one."""
+    queries, keys = drifting_layer(seed=5, prompt=50, steps=70, n_kv=2, group=3, d=8)
+
+    def ctx():
+        return LayerContext(layer=3, keys=keys, queries=queries[:, 50:], prompt_len=50,
+                            rng=np.random.default_rng([1, 3]))
+
+    assert_same(POLICIES.create(spec), ctx)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .clusterkv import ClusterKV
     from .h2o import H2O
     from .pqcache import PQCache
+    from .quest import Quest
     from .static_clusters import StaticClusters
     from .streaming_llm import StreamingLLM
     from .token_topk import TokenTopK
@@ -387,6 +388,68 @@ class StaticClustersOnline(GroupedOnline):
         space = self.space(keys)
         for h, (c, head) in enumerate(zip(self.clusters, self.heads, strict=True)):
             head.add(self.stored, c.join(space[h], keys[h]))
+
+
+class QuestOnline(GroupedOnline):
+    """Quest: per KV head, each page's per-channel key min/max, widened as tokens are stored;
+    pages ranked by the upper bound of the query group's ``q . k`` (the pass's
+    :meth:`PageIndex.page_scores`: a page complete before the step's 32-step chunk of the pass
+    began is scored by a matrix product, a page still growing then by an einsum, so the
+    online form splits them the same way and rounds the same), the last page truncated to its
+    earliest positions."""
+
+    policy: Quest
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        from .quest import PageIndex
+
+        t = self.policy.page_tokens
+        n_kv, prompt, dim = keys.shape
+        n_pages = -(-(self.capacity + 1) // t)
+        self.page_min = np.zeros((n_kv, n_pages, dim), np.float32)
+        self.page_max = np.zeros((n_kv, n_pages, dim), np.float32)
+        low, high = PageIndex(keys, t).bounds_at(prompt)
+        self.page_min[:, : low.shape[1]] = low
+        self.page_max[:, : high.shape[1]] = high
+        labels = (np.arange(prompt) // t).astype(np.int32)
+        self.heads = [HeadGroups(labels, self.capacity, self.policy.sink_tokens)
+                      for _ in range(n_kv)]
+
+    def _append(self, keys: np.ndarray) -> None:
+        t, position = self.policy.page_tokens, self.stored
+        page = position // t
+        if position % t:
+            np.minimum(self.page_min[:, page], keys, out=self.page_min[:, page])
+            np.maximum(self.page_max[:, page], keys, out=self.page_max[:, page])
+        else:  # a new page
+            self.page_min[:, page] = keys
+            self.page_max[:, page] = keys
+        for head in self.heads:
+            head.add(position, page)
+
+    def order(self, queries: np.ndarray) -> list[np.ndarray]:
+        policy, n_kv, context = self.policy, self.n_kv_heads, self.stored
+        t = policy.page_tokens
+        grouped = queries.reshape(n_kv, queries.shape[0] // n_kv, 1, queries.shape[1])
+        q_pos, q_neg = np.maximum(grouped, 0.0), np.minimum(grouped, 0.0)
+        step = context - self.prompt_len
+        chunk_start = self.prompt_len + (step // policy.score_chunk_steps) * \
+            policy.score_chunk_steps
+        n_total = -(-context // t)
+        n_fixed = chunk_start // t
+        out = np.full((n_kv, grouped.shape[1], 1, n_total), -np.inf, np.float32)
+        if n_fixed:
+            lo = self.page_min[:, :n_fixed].transpose(0, 2, 1)[:, None]
+            hi = self.page_max[:, :n_fixed].transpose(0, 2, 1)[:, None]
+            out[..., :n_fixed] = q_pos @ hi + q_neg @ lo
+        if n_total > n_fixed:
+            lo = self.page_min[:, None, n_fixed:n_total]  # (H, 1, pages, d)
+            hi = self.page_max[:, None, n_fixed:n_total]
+            out[..., n_fixed:] = np.einsum("hgsd,hspd->hgsp", q_pos, hi) + np.einsum(
+                "hgsd,hspd->hgsp", q_neg, lo
+            )
+        scores = out.sum(axis=1) if policy.group_reduce == "sum" else out.max(axis=1)
+        return [np.argsort(-scores[h, 0], kind="stable") for h in range(n_kv)]
 
 
 class ClusterKVOnline(GroupedOnline):
