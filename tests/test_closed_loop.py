@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sim.policies import POLICIES
-from tests.test_online import EXPECTED_MISSING, ONLINE
+from tests.test_online import ONLINE, NoOnlineForm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -248,10 +248,9 @@ def test_lengths_that_do_not_fit_are_refused_before_any_forward_pass(
         teacher_forced(llama, text(n_ids), prompt, tokens, None)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_MISSING))
-def test_a_policy_without_an_online_form_is_refused(llama, name):
+def test_a_policy_without_an_online_form_is_refused(llama):
     with pytest.raises(NotImplementedError, match="no online"):
-        teacher_forced(llama, text(60), 40, 5, POLICIES.create({"type": name}))
+        teacher_forced(llama, text(60), 40, 5, NoOnlineForm())
 
 
 def test_one_controller_at_a_time():
@@ -335,3 +334,23 @@ def test_generation_agreement_of_full_budget_and_small_budget_policies(llama):
     again = compare_generation(llama, text(80), 20, policies[1:])
     assert again.iloc[1].to_dict() == table.iloc[2].to_dict()  # deterministic
     assert table.iloc[2]["first_divergence"] < 20  # 4 tokens of 80+ change the greedy text
+
+
+def test_infinigen_in_the_loop_selects_from_queries_speculated_from_the_previous_layer(llama):
+    """alpha = 0 fetches about one token per step: each global layer >= 1 needs its
+    speculated query (the hook projects the previous layer's input), layer 0 its own."""
+    policy = POLICIES.create({"type": "infinigen", "budget": 1.0, "alpha": 0.0,
+                              "partial_ratio": 0.5})
+    run = teacher_forced(llama, text(120), 80, 12, policy, record=True)
+    for step, layers in enumerate(run.controller.selections):
+        assert sorted(layers) == [0, 1, 2]
+        for selection in layers.values():
+            assert all(1 <= len(p) < 80 + step for p in selection)
+    assert run.controller.speculative == {}  # every speculated query was used
+
+    from sim.policies.online import online_layer
+
+    layer = online_layer(policy, 1, 2, 20, np.random.default_rng(0))
+    layer.prefill(np.ones((2, 4, 8), np.float32), np.ones((6, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="speculative queries"):
+        layer.select(np.ones((6, 8)), np.ones((2, 8)))

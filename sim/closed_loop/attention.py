@@ -61,6 +61,10 @@ class PolicyController:
     selections: list[dict[int, Selection]] = field(default_factory=list)
     hook_s: float = 0.0
     decode_steps: int = 0
+    #: per layer, the step's queries speculated from the previous layer's attention input
+    #: (:func:`speculation_hooks`, for policies that need them)
+    speculative: dict[int, np.ndarray] = field(default_factory=dict)
+    previous_input: Any = None
 
     def is_global(self, layer: int) -> bool:
         return self.sliding[layer] is None
@@ -84,7 +88,7 @@ class PolicyController:
         if online is None:
             raise ValueError(f"layer {layer} decodes before any prefill")
         start = time.perf_counter()
-        selection = online.select(queries, key)
+        selection = online.select(queries, key, self.speculative.pop(layer, None))
         online.append(key)
         self.hook_s += time.perf_counter() - start
         if self.record:
@@ -190,6 +194,33 @@ def restricted_attention(
         )
     out = out.reshape(1, n_q, 1, value.shape[3]).transpose(1, 2).contiguous()
     return out, None
+
+
+@contextmanager
+def speculation_hooks(controller: PolicyController, layers: Any) -> Iterator[None]:
+    """For policies that select from speculated queries (InfiniGen,
+    ``needs_speculative_queries``): a forward pre-hook on each decoder layer's attention
+    projects the previous layer's attention input through this layer's query path and RoPE
+    (:func:`sim.trace.recording.project_query`, as a capture records them) at every decode
+    step, for the controller to hand to the layer's policy. Removed on exit."""
+    from sim.trace.recording import project_query
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        layer = module.layer_idx
+        if hidden.shape[1] == 1 and layer >= 1 and controller.previous_input is not None:
+            query = project_query(module, controller.previous_input,
+                                  kwargs["position_embeddings"])
+            controller.speculative[layer] = query[0, :, 0].float().numpy()
+        controller.previous_input = hidden
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+               for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def register_policy_attention() -> None:

@@ -24,6 +24,7 @@ from sim.closed_loop.attention import (
     model_sliding_windows,
     policy_attention,
     register_policy_attention,
+    speculation_hooks,
 )
 from sim.policies.base import RetrievalPolicy
 
@@ -104,7 +105,7 @@ def decode(
         return token
 
     try:
-        with torch.inference_mode(), _active(controller):
+        with torch.inference_mode(), _active(controller, model):
             cache = make_cache(config, total)
             start = time.perf_counter()
             out = model(input_ids=torch.tensor([list(prompt)], dtype=torch.long),
@@ -126,9 +127,13 @@ def decode(
 
 
 @contextmanager
-def _active(controller: PolicyController | None) -> Iterator[None]:
+def _active(controller: PolicyController | None, model: Any) -> Iterator[None]:
     if controller is None:
         yield
         return
     with policy_attention(controller):
-        yield
+        if not getattr(controller.policy, "needs_speculative_queries", False):
+            yield
+            return
+        with speculation_hooks(controller, model.model.layers):
+            yield

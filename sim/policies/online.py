@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .base import BudgetedPolicy, RetrievalPolicy
     from .clusterkv import ClusterKV
     from .h2o import H2O
+    from .infinigen import InfiniGen
     from .pqcache import PQCache
     from .quest import Quest
     from .static_clusters import StaticClusters
@@ -62,6 +63,7 @@ class OnlineLayer(ABC):
         self.rng = rng
         self.prompt_len = 0
         self.stored = 0  # positions stored so far
+        self.speculative: np.ndarray | None = None  # the step's, see select
 
     def prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None = None) -> None:
         """Take the prompt: ``keys`` (n_kv_heads, P, d), ``prompt_queries`` (n_q_heads, P, d)
@@ -78,11 +80,17 @@ class OnlineLayer(ABC):
         self.prompt_len = self.stored = keys.shape[1]
         self._prefill(keys, prompt_queries)
 
-    def select(self, queries: np.ndarray, keys: np.ndarray) -> Selection:
+    def select(
+        self, queries: np.ndarray, keys: np.ndarray, speculative: np.ndarray | None = None
+    ) -> Selection:
         """The positions the step's ``queries`` (n_q_heads, d) attend; ``keys``
-        (n_kv_heads, d): the new token's own keys (attended always, not listed)."""
+        (n_kv_heads, d): the new token's own keys (attended always, not listed).
+        ``speculative`` (n_q_heads, d): the layer's queries speculated from the previous
+        layer's attention input, for policies that select from them (InfiniGen); others ignore
+        it."""
         if not self.stored:
             raise ValueError("select before prefill")
+        self.speculative = None if speculative is None else np.asarray(speculative, np.float32)
         return self._select(np.asarray(queries, np.float32), np.asarray(keys, np.float32))
 
     def append(self, keys: np.ndarray) -> None:
@@ -520,6 +528,50 @@ class ClusterKVOnline(GroupedOnline):
             self.reps[h] = np.concatenate((self.reps[h], rep))
 
 
+class InfiniGenOnline(OnlineLayer):
+    """InfiniGen: the partial channels chosen from the prompt's queries and keys, then per
+    step the speculative query's partial logits over the stored keys and the current one, the
+    fetch count and the group ranking of the pass (:meth:`InfiniGen.select_layer`'s step,
+    same arithmetic). Layer 0 has no previous layer: it is scored with its own query, as in
+    the pass; other layers need :meth:`select`'s ``speculative``."""
+
+    def __init__(
+        self, policy: InfiniGen, layer: int, n_kv_heads: int, capacity: int,
+        rng: np.random.Generator,
+    ) -> None:
+        super().__init__(n_kv_heads, capacity, rng)
+        self.policy = policy
+        self.layer_index = layer
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        from .infinigen import partial_channels
+
+        if prompt_queries is None:
+            raise ValueError("infinigen chooses its partial channels from the prompt's "
+                             "queries; none were given")
+        self.store = KeyStore(keys, self.capacity)
+        m = self.policy.n_channels(keys.shape[2])
+        self.channels = partial_channels(np.asarray(prompt_queries, np.float32), keys, m)
+
+    def _select(self, queries: np.ndarray, keys: np.ndarray) -> Selection:
+        policy, context = self.policy, self.stored
+        if self.layer_index != 0:
+            if self.speculative is None:
+                raise ValueError("infinigen selects from speculative queries; none were given")
+            queries = self.speculative
+        every = self.store.with_current(keys)
+        logits = policy._partial_logits(queries[:, None, :], every, self.channels, context, 0,
+                                        1)
+        counts = policy.fetch_counts(logits)
+        ranking = policy._kv_head_ranking(logits, self.n_kv_heads,
+                                          queries.shape[0] // self.n_kv_heads)
+        return [policy._pick(ranking[h, 0], context, int(counts[0]))
+                for h in range(self.n_kv_heads)]
+
+    def _append(self, keys: np.ndarray) -> None:
+        self.store.append(keys)
+
+
 class H2OOnline(OnlineLayer):
     """H2O: the prompt's accumulated attention from its own queries (the pass's
     :meth:`H2O.prompt_scores`), the cache cut to the budget; per step the kept set is the
@@ -609,11 +661,14 @@ def drive_layer(
     if ctx.stored_queries is not None and ctx.query_start == 0:
         prompt_queries = ctx.prompt_queries(0)
     layer.prefill(keys[:, :prompt], prompt_queries)
+    speculative = (None if ctx.speculative_queries is None
+                   else np.asarray(ctx.speculative_queries, np.float32))
     per_head: list[list[np.ndarray]] = [[] for _ in range(ctx.n_kv_heads)]
     every = True
     for s in range(ctx.decode_steps):
         current = keys[:, prompt + s]
-        selection = layer.select(queries[:, s], current)
+        selection = layer.select(queries[:, s], current,
+                                 None if speculative is None else speculative[:, s])
         if on_step is not None:
             on_step(s, selection)
         if selection is None:
