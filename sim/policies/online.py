@@ -16,12 +16,18 @@ for one layer and all its KV heads:
 A policy builds its online layer with :meth:`RetrievalPolicy.online_layer` (``None``: the
 policy has no online form yet). The same layer's random stream is the open-loop pass's
 (``np.random.default_rng([seed, layer])``), so driving the online form from a trace
-(:func:`drive_layer`) gives exactly the open-loop selections (``tests/test_online.py``):
-every online form here is causal, and so are the vectorised paths they mirror.
+(:func:`drive_layer`) gives exactly the open-loop selections (``tests/test_online.py``;
+pqcache: the same scores, its exactly tied tokens picked in any order). None of the
+vectorised paths uses a future key or query for a step's selection (the online forms, which
+cannot, select the same), so every policy is causal as it stands: ClusterKV clusters a window
+once all its tokens are stored, DynaKV's and static_clusters' batched decode joins only
+compute ahead what the step loop computes token by token, H2O's selection is decided before
+its step's query. What the step's selection may use is the step's own query and key (and
+InfiniGen's query speculated from the previous layer), as in the model.
 
 This module has the protocol, the shared state (stored keys, per-head groups) and the online
-forms of the policies whose vectorised code is a fill of per-step scores; DynaKV's, which is
-step-wise already, lives with its algorithm in :mod:`sim.policies.dynakv`.
+forms of the policies whose vectorised code is a fill of per-step scores, and H2O's and
+InfiniGen's; DynaKV's step loop is shared with its pass in :mod:`sim.policies.dynakv`.
 """
 
 from __future__ import annotations
@@ -301,12 +307,6 @@ class HeadGroups:
         row[n] = position
         self.sizes[label] = n + 1
 
-    def relabel(self, positions: np.ndarray, old: int, label: int) -> None:
-        """``positions`` (ascending, all of ``old``'s newest members) move to ``label``."""
-        self.sizes[old] -= len(positions)
-        for p in positions.tolist():
-            self.add(p, label)
-
     def members(self, width: int) -> GroupMembers:
         """The groups of positions ``[0, width)`` (every stored position is below it)."""
         lists = [row[:n] for row, n in zip(self.positions, self.sizes, strict=True)]
@@ -520,7 +520,7 @@ class ClusterKVOnline(GroupedOnline):
             k = int(local.max()) + 1
             n = len(self.reps[h])
             positions = np.arange(lo, lo + m)
-            head.sizes[1] -= m
+            head.sizes[1] -= m  # the unclustered window's label held exactly these
             for p, label in zip(positions.tolist(), (local + n + 2).tolist(), strict=True):
                 head.add(p, label)
             size = np.bincount(local, minlength=k)
