@@ -354,3 +354,30 @@ def test_infinigen_in_the_loop_selects_from_queries_speculated_from_the_previous
     layer.prefill(np.ones((2, 4, 8), np.float32), np.ones((6, 4, 8), np.float32))
     with pytest.raises(ValueError, match="speculative queries"):
         layer.select(np.ones((6, 8)), np.ones((2, 8)))
+
+
+@pytest.mark.parametrize("spec", [
+    {"type": "dynakv", "budget": 0.15, "tokens_per_cluster": 8, "buffer_max": 2,
+     "tau_quantile": 0.3},
+    {"type": "clusterkv", "budget": 0.2, "tokens_per_cluster": 8, "update_interval": 5,
+     "full_layers": 1},
+    {"type": "token_topk", "budget": 0.1},
+    {"type": "h2o", "budget": 0.2},
+    {"type": "quest", "budget": 0.2, "page_tokens": 4, "full_layers": 0},
+])
+def test_the_open_loop_pass_over_the_loop_s_own_trace_makes_the_loop_s_selections(llama, spec):
+    """One policy, two drivers: the keys and queries the model produced under the policy,
+    handed to the vectorised pass as a trace layer, give the selections made in the loop."""
+    policy = POLICIES.create(spec)
+    run = teacher_forced(llama, text(120), 80, 25, policy, seed=4, record=True)
+    controller = run.controller
+    for layer in sorted(controller.layers):
+        ctx = controller.layer_context(layer)
+        assert ctx.keys.shape[1] == 80 + 24 and ctx.decode_steps == 24
+        want = policy.select_layer(ctx)
+        for step, layers in enumerate(controller.selections):
+            if want.heads is None:
+                assert layers[layer] is None
+                continue
+            for h, positions in enumerate(layers[layer]):
+                np.testing.assert_array_equal(positions, want.heads[h].at(step))

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.policies.base import RetrievalPolicy
+from sim.policies.base import LayerContext, RetrievalPolicy
 from sim.policies.online import OnlineLayer, Selection, online_layer
 
 #: the name the policy attention is registered under (``attn_implementation=``)
@@ -48,8 +48,9 @@ class PolicyController:
     sliding window, ``None`` for a global layer (the policy's); ``capacity``: the most
     positions of the run (prompt + decode steps); ``seed``: layer ``l``'s random stream is
     ``default_rng([seed, l])``, the open-loop pass's. ``record``: keep every decode step's
-    selections (``selections[step][layer]``) for inspection. ``hook_s`` accumulates the time
-    spent in the policy (select and append), for the overhead benchmark.
+    selections (``selections[step][layer]``) and every global layer's keys and queries (the
+    run's own trace: :meth:`layer_context` hands a layer to the open-loop pass). ``hook_s``
+    accumulates the time spent in the policy (select and append), for the overhead benchmark.
     """
 
     policy: RetrievalPolicy
@@ -65,6 +66,9 @@ class PolicyController:
     #: (:func:`speculation_hooks`, for policies that need them)
     speculative: dict[int, np.ndarray] = field(default_factory=dict)
     previous_input: Any = None
+    #: with ``record``: per global layer the prompt's and then each step's keys and queries
+    recorded_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    recorded_queries: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
     def is_global(self, layer: int) -> bool:
         return self.sliding[layer] is None
@@ -81,6 +85,9 @@ class PolicyController:
                               np.random.default_rng([self.seed, layer]))
         online.prefill(keys, queries)
         self.layers[layer] = online
+        if self.record:
+            self.recorded_keys[layer] = [keys.copy()]
+            self.recorded_queries[layer] = [queries.copy()]
 
     def select(self, layer: int, queries: np.ndarray, key: np.ndarray) -> Selection:
         """The step's selection at ``layer`` (queries (H_q, d), the new key (H_kv, d))."""
@@ -95,9 +102,22 @@ class PolicyController:
             if layer == self.first_global():
                 self.selections.append({})
             self.selections[-1][layer] = selection
+            self.recorded_keys[layer].append(key[:, None].copy())
+            self.recorded_queries[layer].append(queries[:, None].copy())
         if layer == self.first_global():
             self.decode_steps += 1
         return selection
+
+    def layer_context(self, layer: int) -> LayerContext:
+        """Global ``layer`` of the run as a trace layer (needs ``record``): its keys
+        (H_kv, P + S, d), decode queries (H_q, S, d), every position's queries as stored
+        queries, the layer's random stream; what the open-loop pass takes."""
+        keys = np.concatenate(self.recorded_keys[layer], axis=1)
+        queries = np.concatenate(self.recorded_queries[layer], axis=1)
+        prompt = self.recorded_keys[layer][0].shape[1]
+        return LayerContext(layer=layer, keys=keys, queries=queries[:, prompt:],
+                            prompt_len=prompt, rng=np.random.default_rng([self.seed, layer]),
+                            stored_queries=queries, query_start=0)
 
     def first_global(self) -> int:
         return self.sliding.index(None)
