@@ -282,6 +282,7 @@ class HeadGroups:
         self.sinks = sinks
         self.positions: list[np.ndarray] = []
         self.sizes: list[int] = []
+        self.first: list[int] = []  # per label, its positions below the sinks
         n_labels = int(labels.max()) + 1 if len(labels) else 0
         counts = np.bincount(labels, minlength=n_labels)
         for members in np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1]):
@@ -292,6 +293,7 @@ class HeadGroups:
         row[: len(members)] = members
         self.positions.append(row)
         self.sizes.append(len(members))
+        self.first.append(int(np.searchsorted(members, self.sinks)))
 
     def add(self, position: int, label: int) -> None:
         """``position`` (after every stored one) has ``label``."""
@@ -306,12 +308,13 @@ class HeadGroups:
             self.positions[label] = row = grown
         row[n] = position
         self.sizes[label] = n + 1
+        if position < self.sinks:  # positions arrive ascending: the sinks come first
+            self.first[label] += 1
 
     def members(self, width: int) -> GroupMembers:
         """The groups of positions ``[0, width)`` (every stored position is below it)."""
         lists = [row[:n] for row, n in zip(self.positions, self.sizes, strict=True)]
-        first = [int(np.searchsorted(m, self.sinks)) for m in lists]
-        return GroupMembers(self.labels[:width], lists, len(lists), first)
+        return GroupMembers(self.labels[:width], lists, len(lists), self.first)
 
 
 class GroupedOnline(BudgetedOnline):
