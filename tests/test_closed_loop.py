@@ -381,3 +381,23 @@ def test_the_open_loop_pass_over_the_loop_s_own_trace_makes_the_loop_s_selection
                 continue
             for h, positions in enumerate(layers[layer]):
                 np.testing.assert_array_equal(positions, want.heads[h].at(step))
+
+
+@pytest.mark.slow
+def test_gemma3_with_policies_attending_everything_is_the_model_and_sliding_layers_stay():
+    from sim.trace.models import load_model
+
+    try:
+        loaded = load_model("gemma3-270m", progress=False)
+    except Exception as exc:  # noqa: BLE001 - the gemma extra is optional
+        pytest.skip(f"Gemma 3 270M unavailable: {exc}")
+    windows = model_sliding_windows(loaded.model)
+    assert windows.count(None) == 3 and len(windows) == 18  # 5 local : 1 global
+    ids = loaded.tokenizer("import os\nprint(os.getcwd())\n" * 80)["input_ids"]
+    prompt = windows[0] + 40  # past the 512-token window: the local layers slide
+    reference = teacher_forced(loaded.model, ids, prompt, 6, None, keep_logits=True)
+    for name in ("dynakv", "token_topk"):
+        run = teacher_forced(loaded.model, ids, prompt, 6, POLICIES.create(everything(name)),
+                             keep_logits=True, record=True)
+        np.testing.assert_allclose(run.logits, reference.logits, rtol=0, atol=1e-3)
+        assert sorted(run.controller.layers) == [i for i, w in enumerate(windows) if w is None]
