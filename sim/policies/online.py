@@ -39,7 +39,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import GroupMembers, HeadSelections, LayerContext, decode_attention_weights
+from .base import (
+    BudgetRows,
+    GroupMembers,
+    HeadSelections,
+    LayerContext,
+    decode_attention_weights,
+)
 
 if TYPE_CHECKING:
     from .base import BudgetedPolicy, RetrievalPolicy
@@ -166,11 +172,10 @@ class BudgetedOnline(OnlineLayer):
         super().__init__(n_kv_heads, capacity, rng)
         self.policy = policy
 
-    def budget_rows(self) -> tuple[list[np.ndarray], bool]:
-        """The step's selection where the budget decides it alone, and whether the scores
-        decide it (a plain row)."""
-        rows, _, _, plain = self.policy._budget_rows(self.stored, 0, 1)
-        return rows, bool(plain)
+    def budget_rows(self) -> BudgetRows:
+        """The step's :meth:`BudgetedPolicy._budget_rows` (one row: the selection where the
+        budget decides it alone; ``plain`` non-empty where the scores decide it)."""
+        return self.policy._budget_rows(self.stored, 0, 1)
 
 
 class ScoredOnline(BudgetedOnline):
@@ -184,11 +189,10 @@ class ScoredOnline(BudgetedOnline):
         self.store.append(keys)
 
     def _select(self, queries: np.ndarray, keys: np.ndarray) -> Selection:
-        rows, plain = self.budget_rows()
-        if not plain:
-            return [rows[0]] * self.n_kv_heads
+        budgeted = self.budget_rows()
+        if not budgeted[3]:
+            return [budgeted[0][0]] * self.n_kv_heads
         scores = self.scores(queries, keys)
-        budgeted = self.policy._budget_rows(self.stored, 0, 1)
         return [self.policy._fill(scores[h], self.stored, 0, budgeted)[0]
                 for h in range(self.n_kv_heads)]
 
@@ -325,18 +329,15 @@ class GroupedOnline(BudgetedOnline):
     heads: list[HeadGroups]
 
     def _select(self, queries: np.ndarray, keys: np.ndarray) -> Selection:
-        rows, plain = self.budget_rows()
-        if not plain:
-            return [rows[0]] * self.n_kv_heads
+        budgeted = self.budget_rows()
+        if not budgeted[3]:
+            return [budgeted[0][0]] * self.n_kv_heads
         orders = self.order(queries)
         lead = self.lead()
-        out = []
-        for h, head in enumerate(self.heads):
-            out.append(self.policy._fill_groups(
-                head.members(self.stored), orders[h][None, :], self.stored, 0,
-                None if lead is None else np.array([lead]),
-            )[0])
-        return out
+        leads = None if lead is None else np.array([lead])
+        return [self.policy._fill_groups(head.members(self.stored), orders[h][None, :],
+                                         self.stored, 0, leads, budgeted)[0]
+                for h, head in enumerate(self.heads)]
 
     def order(self, queries: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
