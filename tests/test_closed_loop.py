@@ -401,3 +401,41 @@ def test_gemma3_with_policies_attending_everything_is_the_model_and_sliding_laye
                              keep_logits=True, record=True)
         np.testing.assert_allclose(run.logits, reference.logits, rtol=0, atol=1e-3)
         assert sorted(run.controller.layers) == [i for i, w in enumerate(windows) if w is None]
+
+
+# --------------------------------------------------------------------------------------------
+# One prefill, reused by every policy
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [
+    None,
+    {"type": "dynakv", "budget": 0.15, "tokens_per_cluster": 8, "buffer_max": 2},
+    {"type": "clusterkv", "budget": 0.2, "tokens_per_cluster": 8, "update_interval": 5},
+    {"type": "h2o", "budget": 0.2},
+    {"type": "infinigen", "budget": 0.5, "alpha": 1.0},
+])
+def test_a_reused_prefill_decodes_exactly_as_a_fresh_one(llama, spec):
+    from sim.closed_loop.driver import decode, prefill
+
+    ids = text(120)
+    prefilled = prefill(llama, ids[:80], 110)
+    for teacher in (ids[80:100], None):  # teacher-forced, then greedy
+        fresh = decode(llama, ids[:80], 20, spec and POLICIES.create(spec), seed=2,
+                       teacher=teacher, keep_logits=True)
+        for _ in range(2):  # the prefill is left as it was: reusable
+            reused = decode(llama, ids[:80], 20, spec and POLICIES.create(spec), seed=2,
+                            teacher=teacher, keep_logits=True, prefilled=prefilled)
+            np.testing.assert_array_equal(reused.logits, fresh.logits)
+            np.testing.assert_array_equal(reused.tokens, fresh.tokens)
+
+
+def test_a_prefill_is_refused_for_another_prompt_or_a_longer_decode(llama):
+    from sim.closed_loop.driver import decode, prefill
+
+    ids = text(120)
+    prefilled = prefill(llama, ids[:80], 100)
+    with pytest.raises(ValueError, match="another prompt"):
+        decode(llama, ids[1:81], 10, prefilled=prefilled)
+    with pytest.raises(ValueError, match="capacity of 100 positions"):
+        decode(llama, ids[:80], 21, prefilled=prefilled)

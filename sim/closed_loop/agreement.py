@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sim.closed_loop.driver import decode
+from sim.closed_loop.driver import decode, prefill
 from sim.closed_loop.perplexity import describe
 from sim.policies.base import RetrievalPolicy
 
@@ -38,10 +38,11 @@ def compare_generation(
     """Greedy decoding of ``n_tokens`` after ``prompt`` under full attention and under each of
     ``policies``: per policy the tokens before the first divergence and the share of matching
     positions (full attention's own row: ``n_tokens`` and 1)."""
-    reference = decode(model, prompt, n_tokens, None, seed).tokens
+    shared = prefill(model, prompt, len(prompt) + n_tokens)  # once, for every run
+    reference = decode(model, prompt, n_tokens, None, seed, prefilled=shared).tokens
     rows = [{"policy": "full (model)", "first_divergence": n_tokens, "match_share": 1.0}]
     for policy in policies:
-        tokens = decode(model, prompt, n_tokens, policy, seed).tokens
+        tokens = decode(model, prompt, n_tokens, policy, seed, prefilled=shared).tokens
         first, share = agreement(reference, tokens)
         rows.append({"policy": describe(policy), "first_divergence": first,
                      "match_share": share})

@@ -10,6 +10,7 @@ every policy); positions ``P + 1 ..`` from decode steps under the policy.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,17 +57,66 @@ def check_lengths(prompt_len: int, n_tokens: int, max_positions: int) -> None:
                          f"{max_positions} positions")
 
 
+@dataclass
+class Prefilled:
+    """A prompt's prefill, computed once and reused by every policy and budget (the model's
+    own attention: no policy acts at prefill). ``cache``: the KV cache after the prompt, for
+    ``capacity`` positions in all; ``logits``: the prompt's last position's (its prediction
+    of position ``P``); ``keys`` / ``queries``: each global layer's post-RoPE prompt keys
+    (H_kv, P, d) and queries (H_q, P, d), what each policy prefills from."""
+
+    prompt: tuple[int, ...]
+    capacity: int
+    cache: Any
+    logits: Any
+    keys: dict[int, np.ndarray]
+    queries: dict[int, np.ndarray]
+
+
+def prefill(model: Any, prompt: Sequence[int], capacity: int) -> Prefilled:
+    """Run the prompt once (see :class:`Prefilled`); ``capacity``: the most positions a
+    decode from it will reach."""
+    import torch
+
+    from sim.policies.full import FullAttention
+    from sim.trace.recording import make_cache
+
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    check_lengths(len(prompt), capacity - len(prompt), int(text_config.max_position_embeddings))
+    controller = PolicyController(FullAttention(), model_sliding_windows(model), capacity,
+                                  record=True)
+    register_policy_attention()
+    previous = config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        with torch.inference_mode(), policy_attention(controller):
+            cache = make_cache(config, capacity)
+            out = model(input_ids=torch.tensor([list(prompt)], dtype=torch.long),
+                        cache=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(previous)
+    return Prefilled(
+        tuple(int(t) for t in prompt), capacity, cache, out.logits,
+        {layer: keys[0] for layer, keys in controller.recorded_keys.items()},
+        {layer: queries[0] for layer, queries in controller.recorded_queries.items()},
+    )
+
+
 def decode(
     model: Any, prompt: Sequence[int], n_tokens: int, policy: RetrievalPolicy | None = None,
     seed: int = 0, teacher: Sequence[int] | None = None, keep_logits: bool = False,
-    record: bool = False, hook: bool = True,
+    record: bool = False, hook: bool = True, prefilled: Prefilled | None = None,
 ) -> DecodeRun:
     """Decode ``n_tokens`` after ``prompt`` with ``model`` (a transformers causal LM, batch 1,
     CPU): the tokens ``teacher`` if given, else greedy. Every global layer attends under
     ``policy`` (``None``: the model's own attention through the registered function; with
     ``hook=False`` the model's own attention implementation untouched, the plain model a
-    benchmark times the hook against). Raises ValueError for lengths that do not fit,
-    NotImplementedError for a policy without an online form, before any forward pass."""
+    benchmark times the hook against). ``prefilled``: the prompt's :func:`prefill`, reused
+    (its cache copied, each global layer's policy prefilled from its recorded keys and
+    queries) instead of running the prompt again. Raises ValueError for lengths that do not
+    fit or a prefill of another prompt, NotImplementedError for a policy without an online
+    form, before any forward pass."""
     import torch
 
     from sim.trace.recording import make_cache
@@ -79,6 +129,12 @@ def decode(
         raise ValueError(f"{len(teacher)} teacher tokens for {n_tokens} decode positions")
     if policy is not None and not hook:
         raise ValueError("a policy runs through the hook (hook=True)")
+    if prefilled is not None:
+        if prefilled.prompt != tuple(int(t) for t in prompt):
+            raise ValueError("the prefill given is of another prompt")
+        if prompt_len + n_tokens > prefilled.capacity:
+            raise ValueError(f"prompt + continuation = {prompt_len + n_tokens} exceeds the "
+                             f"prefill's capacity of {prefilled.capacity} positions")
     total = prompt_len + n_tokens
     controller = None
     if policy is not None:
@@ -106,11 +162,18 @@ def decode(
 
     try:
         with torch.inference_mode(), _active(controller, model):
-            cache = make_cache(config, total)
             start = time.perf_counter()
-            out = model(input_ids=torch.tensor([list(prompt)], dtype=torch.long),
-                        cache=cache, use_cache=True, logits_to_keep=1)
-            token = take(0, out.logits)
+            if prefilled is None:
+                cache = make_cache(config, total)
+                out = model(input_ids=torch.tensor([list(prompt)], dtype=torch.long),
+                            cache=cache, use_cache=True, logits_to_keep=1)
+                token = take(0, out.logits)
+            else:
+                cache = copy.deepcopy(prefilled.cache)
+                if controller is not None:
+                    for layer, keys in sorted(prefilled.keys.items()):
+                        controller.prefill(layer, keys, prefilled.queries[layer])
+                token = take(0, prefilled.logits)
             prefill_s = time.perf_counter() - start
             start = time.perf_counter()
             for i in range(1, n_tokens):

@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sim.closed_loop.driver import DecodeRun, decode
+from sim.closed_loop.driver import DecodeRun, Prefilled, decode, prefill
 from sim.policies.base import RetrievalPolicy
 
 
 def teacher_forced(
     model: Any, ids: Sequence[int], prompt_len: int, n_tokens: int,
     policy: RetrievalPolicy | None = None, seed: int = 0, keep_logits: bool = False,
-    record: bool = False, hook: bool = True,
+    record: bool = False, hook: bool = True, prefilled: Prefilled | None = None,
 ) -> DecodeRun:
     """Run ``model`` over ``ids[:prompt_len + n_tokens]`` teacher-forced
     (:func:`sim.closed_loop.driver.decode` with the continuation as the tokens fed): one
@@ -36,7 +36,7 @@ def teacher_forced(
                          f"continuation ({prompt_len} + {n_tokens})")
     return decode(model, ids[:prompt_len], n_tokens, policy, seed,
                   teacher=ids[prompt_len : prompt_len + n_tokens], keep_logits=keep_logits,
-                  record=record, hook=hook)
+                  record=record, hook=hook, prefilled=prefilled)
 
 
 def perplexity_table(nll: np.ndarray, prompt_len: int, bucket: int) -> pd.DataFrame:
@@ -63,11 +63,13 @@ def compare_perplexity(
     """Per-bucket mean NLL and perplexity of full attention (``policy`` = "full (model)") and
     of each of ``policies`` on the same text, with each policy's NLL difference to full
     attention (``delta_nll``) and ``ppl_ratio`` = its perplexity over full attention's."""
-    reference = teacher_forced(model, ids, prompt_len, n_tokens, None, seed)
+    prompt = ids[:prompt_len]
+    shared = prefill(model, prompt, prompt_len + n_tokens)  # once, for every run
+    reference = teacher_forced(model, ids, prompt_len, n_tokens, None, seed, prefilled=shared)
     base = perplexity_table(reference.nll, prompt_len, bucket)
     frames = [base.assign(policy="full (model)", delta_nll=0.0, ppl_ratio=1.0)]
     for policy in policies:
-        run = teacher_forced(model, ids, prompt_len, n_tokens, policy, seed)
+        run = teacher_forced(model, ids, prompt_len, n_tokens, policy, seed, prefilled=shared)
         table = perplexity_table(run.nll, prompt_len, bucket)
         table["policy"] = describe(policy)
         table["delta_nll"] = table["mean_nll"] - base["mean_nll"]
