@@ -439,3 +439,55 @@ def test_a_prefill_is_refused_for_another_prompt_or_a_longer_decode(llama):
         decode(llama, ids[1:81], 10, prefilled=prefilled)
     with pytest.raises(ValueError, match="capacity of 100 positions"):
         decode(llama, ids[:80], 21, prefilled=prefilled)
+
+
+# --------------------------------------------------------------------------------------------
+# Needle retrieval
+# --------------------------------------------------------------------------------------------
+
+
+def test_needles_sit_at_the_requested_token_depth():
+    from sim.closed_loop.needle import place_needles
+
+    filler = list(range(1000, 1200))
+    facts = [[1, 2, 3], [7, 8], [5]]
+    context, starts = place_needles(filler, facts, [0.5, 0.0, 1.0], 100)
+    assert len(context) == 100
+    assert starts == [round(0.5 * 97), 0, 99]  # depth x (context - fact length)
+    for fact, start in zip(facts, starts, strict=True):
+        assert context[start : start + len(fact)] == fact
+    rest = [t for t in context if t >= 1000]
+    assert rest == filler[: 100 - 6]  # the filler, in order, around the facts
+
+
+@pytest.mark.parametrize("depths, context_len, message", [
+    ([1.5, 0.0], 100, "depth must be in \\[0, 1\\], got 1.5"),
+    ([-0.1, 0.0], 100, "depth must be in \\[0, 1\\]"),
+    ([0.5, 0.51], 100, "overlap"),
+    ([0.1, 0.9], 300, "the filler has 200 tokens; 295 are needed"),
+])
+def test_needle_placement_refuses_what_cannot_be_placed(depths, context_len, message):
+    from sim.closed_loop.needle import place_needles
+
+    with pytest.raises(ValueError, match=message):
+        place_needles(list(range(1000, 1200)), [[1, 2, 3], [7, 8]], depths, context_len)
+
+
+def test_needle_accuracy_scores_the_greedy_answer_after_the_question(llama):
+    """The tiny random model's own greedy continuation is taken as the expected answer of
+    one needle (so full attention answers it) and a wrong one as the other's."""
+    from sim.closed_loop.driver import decode
+    from sim.closed_loop.needle import Needle, needle_accuracy, place_needles
+
+    context, _ = place_needles(text(200), [[5, 6, 7], [9, 9]], [0.2, 0.7], 120)
+    question = (11, 12, 13)
+    greedy = decode(llama, context, 6, teacher=question).tokens[3:]
+    right = Needle((5, 6, 7), question, tuple(int(t) for t in greedy))
+    wrong = Needle((9, 9), question, tuple((int(t) + 1) % 97 for t in greedy))
+    policies = [None, POLICIES.create(everything("dynakv")),
+                POLICIES.create({"type": "streaming_llm", "budget": 4, "sink_tokens": 1})]
+    table = needle_accuracy(llama, context, [right, wrong], policies)
+    assert table["policy"].tolist() == ["full (model)"] * 2 + ["dynakv(budget=1.0)"] * 2 + [
+        "streaming_llm(budget=4)"] * 2
+    assert table["correct"].tolist()[:4] == [True, False, True, False]
+    assert table["answer_ids"].iloc[0] == list(greedy)

@@ -3,7 +3,7 @@ global attention layer under a policy (:mod:`sim.closed_loop.attention`), the to
 given (teacher forcing: the perplexity task) or the model's own greedy choices (generation
 agreement).
 
-``tokens[i]`` is the token at position ``P + i``: given (``teacher``), or the argmax of the
+``tokens[i]`` is the token at position ``P + i``: given (``teacher[i]``), or the argmax of the
 logits predicting it. Position ``P``'s prediction comes from the prefill (full attention for
 every policy); positions ``P + 1 ..`` from decode steps under the policy.
 """
@@ -109,7 +109,8 @@ def decode(
     record: bool = False, hook: bool = True, prefilled: Prefilled | None = None,
 ) -> DecodeRun:
     """Decode ``n_tokens`` after ``prompt`` with ``model`` (a transformers causal LM, batch 1,
-    CPU): the tokens ``teacher`` if given, else greedy. Every global layer attends under
+    CPU): the tokens ``teacher`` as far as given, then greedy (a question fed, its answer
+    generated). Every global layer attends under
     ``policy`` (``None``: the model's own attention through the registered function; with
     ``hook=False`` the model's own attention implementation untouched, the plain model a
     benchmark times the hook against). ``prefilled``: the prompt's :func:`prefill`, reused
@@ -125,8 +126,6 @@ def decode(
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     prompt_len = len(prompt)
     check_lengths(prompt_len, n_tokens, int(text_config.max_position_embeddings))
-    if teacher is not None and len(teacher) < n_tokens:
-        raise ValueError(f"{len(teacher)} teacher tokens for {n_tokens} decode positions")
     if policy is not None and not hook:
         raise ValueError("a policy runs through the hook (hook=True)")
     if prefilled is not None:
@@ -153,7 +152,10 @@ def decode(
 
     def take(i: int, logits: Any) -> int:
         row = logits[0, -1].float()
-        token = int(teacher[i]) if teacher is not None else int(torch.argmax(row))
+        if teacher is not None and i < len(teacher):
+            token = int(teacher[i])
+        else:
+            token = int(torch.argmax(row))
         tokens[i] = token
         nll[i] = float(-torch.log_softmax(row, dim=-1)[token])
         if logits_kept is not None:
