@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 if TYPE_CHECKING:
+    from sim.policies.online import OnlineLayer
     from sim.trace.format import Trace
 
 
@@ -273,6 +274,15 @@ class RetrievalPolicy(ABC):
     @abstractmethod
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
         """Selections of every decode step and KV head of one layer."""
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer | None:
+        """The policy's step-wise form of trace layer ``layer`` (:mod:`sim.policies.online`):
+        ``n_kv_heads`` KV heads, at most ``capacity`` stored positions, ``rng`` the layer's
+        random stream (the pass's ``default_rng([seed, layer])``). ``None``: no online form
+        yet (the closed-loop driver refuses the policy)."""
+        return None
 
     def min_context(self) -> int:
         """The smallest context length the policy's settings make sense for (config check)."""

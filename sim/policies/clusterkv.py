@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from .static_clusters import (
     kmeans_labels,
     sum_by_label,
 )
+
+if TYPE_CHECKING:
+    from .online import OnlineLayer
 
 
 @POLICIES.register("clusterkv")
@@ -177,10 +180,7 @@ class ClusterKV(FullLayersMixin, ClusteredPolicy):
         """
         m = self.update_interval
         space = cluster_space(keys, self.distance)
-        clustered = space[self.sink_tokens : prompt]
-        wanted = max(1, round(len(clustered) / self.tokens_per_cluster))
-        seed = int(rng.integers(2**31 - 1))  # the same draw as static_clusters
-        prefill = kmeans_labels(clustered, wanted, self.max_iter, seed)
+        prefill, seed = self._prefill_labels(space, prompt, rng)
         n_prefill = int(prefill.max()) + 1
         window_rng = np.random.default_rng([seed, 1])
         parts, born = [prefill], [np.zeros(n_prefill, np.int64)]
@@ -201,3 +201,29 @@ class ClusterKV(FullLayersMixin, ClusteredPolicy):
         tail = np.concatenate(parts)
         labels[self.sink_tokens : self.sink_tokens + len(tail)] = tail
         return labels, np.concatenate(born), n_prefill
+
+    def _prefill_labels(
+        self, space: np.ndarray, prompt: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, int]:
+        """One KV head's prompt k-means labels of ``[sink_tokens, prompt)`` (``space``: its
+        keys in the clustering space) and the seed drawn for it from ``rng``."""
+        clustered = space[self.sink_tokens : prompt]
+        wanted = max(1, round(len(clustered) / self.tokens_per_cluster))
+        seed = int(rng.integers(2**31 - 1))  # the same draw as static_clusters
+        return kmeans_labels(clustered, wanted, self.max_iter, seed), seed
+
+    def prefill_labels(
+        self, keys: np.ndarray, prompt: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, int]:
+        """:meth:`_prefill_labels` of one KV head's raw prompt keys (P, d), for the online
+        form."""
+        return self._prefill_labels(cluster_space(keys, self.distance), prompt, rng)
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        from .online import ClusterKVOnline, FullOnline
+
+        if self.is_dense_layer(layer):
+            return FullOnline(n_kv_heads, capacity, rng)
+        return ClusterKVOnline(self, n_kv_heads, capacity, rng)

@@ -15,6 +15,7 @@ from .base import (
     LayerSelection,
     Relabel,
 )
+from .online import OnlineLayer, group_queries
 from .static_clusters import (
     ClusteredPolicy,
     cluster_space,
@@ -158,96 +159,24 @@ class DynaKV(ClusteredPolicy):
     def _run_head(
         self, keys: np.ndarray, group_query: np.ndarray, prompt: int, rng: np.random.Generator
     ) -> _HeadRun:
-        """Algorithm 1 over every decode step of one KV head."""
-        sinks, n_steps = self.sink_tokens, len(group_query)
+        """Algorithm 1 over every decode step of one KV head (:class:`_DynaHead`, the same
+        step loop as the online form; static update precomputed for the whole trace)."""
+        n_steps = len(group_query)
         space = cluster_space(keys, self.distance)
-        clustered = space[sinks:prompt]
-        # static_clusters' prefill clustering, same rng draw: adaptation=False reproduces it.
-        wanted = self.n_clusters or max(1, round(len(clustered) / self.tokens_per_cluster))
-        seed = int(rng.integers(2**31 - 1))
-        prefill_lab = kmeans_labels(clustered, wanted, self.max_iter, seed)
-        n0 = int(prefill_lab.max()) + 1
-        state = _Clusters(space, keys, capacity=n0 + 1 + 2 * n_steps + 2, sink_id=n0)
-        space64 = space.astype(np.float64)  # what the statistics are computed in
-        state.init_prefill(prefill_lab, sinks, prompt, space64)
-        tau = float(np.quantile(state.m2[:n0] / state.n[:n0], self.tau_quantile))
-        prefill_groups = state.labels[:prompt].copy()
+        head = _DynaHead(self, keys, space, space.astype(np.float64), prompt, n_steps, rng,
+                         decode_known=True)
         if not self.adaptation:
-            # Static update as static_clusters computes it (fixed centroids and
-            # representatives), batched: nothing depends on the order of the joins.
-            size = state.n[:n0]
-            centroids = state.csum[:n0] / size[:, None]
-            state.labels[prompt:] = nearest_centroid(space[prompt:], centroids)
-            static_scores = group_query @ (state.rsum[:n0] / size[:, None]).T
-            # sink_id = n0 = the last: ranked below every cluster (forced by the base anyway)
-            static_scores = np.concatenate(
-                (static_scores, np.full((n_steps, 1), -np.inf)), axis=1
-            )
-        run = _HeadRun(prefill_groups, state.labels[prompt:].copy())
-        append_groups = run.append_groups
-        buffers = state.buffers
-        selected_steps, n_clusters, extra_steps = run.selected, run.n_clusters, run.extra
-        state.init_members(prompt, prompt - self.recent_tokens, self.recent_tokens)
-
+            head.static_batch(group_query)
         for s in range(n_steps):
-            width = prompt + s
-            state.advance_span(width - self.recent_tokens)
-            # (1) rank the clusters, fill the budget; the active set is what is in DRAM.
-            if self.adaptation:
-                scores = state.representatives() @ group_query[s]
-                scores[state.sink_id] = -np.inf  # the sinks' group: forced by the base anyway
-            else:
-                scores = static_scores[s]
-            buffered = state.buffered_positions() if buffers else _NO_POSITIONS
-            if s:
-                run.buffered.append(buffered)  # the buffers at the end of step s - 1
-            selected = self._select(scores, state, prompt, s, buffered)
-            selected_steps.append(selected)
-            n_clusters.append(state.count - 1)
-            extra_steps.append(_NO_READS)
-            new = width
-            if not self.adaptation:
-                state.add_member(int(state.labels[new]), new)
-                continue
+            head.select(group_query[s])
+            head.place()
+        head.finish()
+        return head.run
 
-            # (2) place the new token. Its cluster and variance depend on neither the labels
-            # nor the sizes, so the active set (of the state before the placement) is only
-            # computed when a split may need it.
-            j = state.nearest(space64[new])
-            deviation, variance = state.append_variance(j, new)
-            active = None
-            if variance > tau or buffers:  # the clusters a split may concern: j, the buffered
-                active = state.active({j, *buffers}, selected, buffered)
-            state.labels[new] = append_groups[s] = j
-            state.size[j] += 1
-            state.add_member(j, new)
-            if variance <= tau:
-                state.append(j, new, deviation)
-            else:
-                assert active is not None  # computed above: variance > tau
-                if active[j]:
-                    self._split(state, run, j, s, new)
-                else:
-                    state.buffer(j, new)
-            if not buffers:
-                continue
-            # buffers were non-empty before the placement or variance > tau: computed above
-            assert active is not None
-            # (3) delayed splits of the loaded clusters.
-            for c in sorted(buffers):
-                if active[c]:
-                    self._split(state, run, c, s, new)
-            # (4) buffers full: force-load the cluster with the largest buffer and split it.
-            extra = []
-            while sum(len(b) for b in buffers.values()) >= self.buffer_max:
-                c = max(sorted(buffers), key=lambda k: len(buffers[k]))
-                members = state.members(c, width)
-                extra.append(members[~state.held(members, selected, buffered)])
-                self._split(state, run, c, s, new)
-            if extra:
-                extra_steps[-1] = np.unique(np.concatenate(extra)).astype(np.int32)
-        run.buffered.append(state.buffered_positions() if buffers else _NO_POSITIONS)
-        return run
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        return DynaKVOnline(self, n_kv_heads, capacity, rng)
 
     def _select(
         self, scores: np.ndarray, state: _Clusters, prompt: int, s: int, buffered: np.ndarray
@@ -316,6 +245,180 @@ class DynaKV(ClusteredPolicy):
         state.recompute(new_id, moved)
         state.move_members(j, kept, new_id, members[move])
         run.relabels.append(Relabel(step, moved, new_id))
+
+
+class _DynaHead:
+    """Algorithm 1 of one KV head, one decode step at a time: :meth:`select` with the step's
+    group-mean query, then :meth:`place` of the step's new token (its key already in
+    ``keys`` / ``space`` / ``space64`` at position ``prompt + step``). The pass drives it over
+    a trace (``decode_known``: the arrays hold every position); the online form over arrays
+    it fills as tokens arrive. Outputs go to :attr:`run` (a :class:`_HeadRun`)."""
+
+    def __init__(
+        self, policy: DynaKV, keys: np.ndarray, space: np.ndarray, space64: np.ndarray,
+        prompt: int, n_steps: int, rng: np.random.Generator, decode_known: bool,
+    ) -> None:
+        self.policy, self.prompt, self.space64 = policy, prompt, space64
+        sinks = policy.sink_tokens
+        clustered = space[sinks:prompt]
+        # static_clusters' prefill clustering, same rng draw: adaptation=False reproduces it.
+        wanted = policy.n_clusters or max(1, round(len(clustered) / policy.tokens_per_cluster))
+        seed = int(rng.integers(2**31 - 1))
+        prefill_lab = kmeans_labels(clustered, wanted, policy.max_iter, seed)
+        n0 = int(prefill_lab.max()) + 1
+        state = _Clusters(space, keys, capacity=n0 + 1 + 2 * n_steps + 2, sink_id=n0)
+        state.init_prefill(prefill_lab, sinks, prompt, space64)
+        self.tau = float(np.quantile(state.m2[:n0] / state.n[:n0], policy.tau_quantile))
+        self.state, self.n0 = state, n0
+        prefill_groups = state.labels[:prompt].copy()
+        self.static_scores: np.ndarray | None = None
+        if not policy.adaptation:
+            size = state.n[:n0]
+            self.static_centroids = state.csum[:n0] / size[:, None]
+            self.static_reps = state.rsum[:n0] / size[:, None]
+        self.run = _HeadRun(prefill_groups, state.labels[prompt:].copy())
+        state.init_members(prompt, prompt - policy.recent_tokens, policy.recent_tokens)
+        self.s = 0
+        self.decode_known = decode_known
+
+    def static_batch(self, group_query: np.ndarray) -> None:
+        """Static update over a whole trace at once (nothing depends on the order of the
+        joins): every decode token's nearest prefill centroid and every step's scores."""
+        state, prompt = self.state, self.prompt
+        state.labels[prompt:] = nearest_centroid(state.space[prompt:], self.static_centroids)
+        self.run.append_groups[:] = state.labels[prompt:]
+        scores = group_query @ self.static_reps.T
+        # sink_id = n0 = the last: ranked below every cluster (forced by the base anyway)
+        self.static_scores = np.concatenate((scores, np.full((len(scores), 1), -np.inf)), axis=1)
+
+    def select(self, group_query: np.ndarray) -> np.ndarray:
+        """Step (1): the step's selection (sorted int32)."""
+        policy, state, run, s = self.policy, self.state, self.run, self.s
+        width = self.prompt + s
+        state.advance_span(width - policy.recent_tokens)
+        # (1) rank the clusters, fill the budget; the active set is what is in DRAM.
+        if policy.adaptation:
+            scores = state.representatives() @ group_query
+            scores[state.sink_id] = -np.inf  # the sinks' group: forced by the base anyway
+        elif self.static_scores is not None:
+            scores = self.static_scores[s]
+        else:
+            scores = np.concatenate((group_query @ self.static_reps.T, [-np.inf]))
+        buffered = state.buffered_positions() if state.buffers else _NO_POSITIONS
+        if s:
+            run.buffered.append(buffered)  # the buffers at the end of step s - 1
+        selected = policy._select(scores, state, self.prompt, s, buffered)
+        run.selected.append(selected)
+        run.n_clusters.append(state.count - 1)
+        run.extra.append(_NO_READS)
+        self.selected, self.buffered = selected, buffered
+        return selected
+
+    def place(self) -> None:
+        """Steps (2)-(4): place the step's new token, split, force-load; next step."""
+        policy, state, run, s = self.policy, self.state, self.run, self.s
+        selected, buffered = self.selected, self.buffered
+        self.s += 1
+        width = self.prompt + s
+        new = width
+        buffers = state.buffers
+        if not policy.adaptation:
+            if not self.decode_known:
+                point = state.space[new : new + 1]
+                state.labels[new] = nearest_centroid(point, self.static_centroids)[0]
+                run.append_groups[s] = state.labels[new]
+            state.add_member(int(state.labels[new]), new)
+            return
+
+        # (2) place the new token. Its cluster and variance depend on neither the labels
+        # nor the sizes, so the active set (of the state before the placement) is only
+        # computed when a split may need it.
+        j = state.nearest(self.space64[new])
+        deviation, variance = state.append_variance(j, new)
+        active = None
+        if variance > self.tau or buffers:  # the clusters a split may concern: j, the buffered
+            active = state.active({j, *buffers}, selected, buffered)
+        state.labels[new] = run.append_groups[s] = j
+        state.size[j] += 1
+        state.add_member(j, new)
+        if variance <= self.tau:
+            state.append(j, new, deviation)
+        else:
+            assert active is not None  # computed above: variance > tau
+            if active[j]:
+                policy._split(state, run, j, s, new)
+            else:
+                state.buffer(j, new)
+        if not buffers:
+            return
+        # buffers were non-empty before the placement or variance > tau: computed above
+        assert active is not None
+        # (3) delayed splits of the loaded clusters.
+        for c in sorted(buffers):
+            if active[c]:
+                policy._split(state, run, c, s, new)
+        # (4) buffers full: force-load the cluster with the largest buffer and split it.
+        extra = []
+        while sum(len(b) for b in buffers.values()) >= policy.buffer_max:
+            c = max(sorted(buffers), key=lambda k: len(buffers[k]))
+            members = state.members(c, width)
+            extra.append(members[~state.held(members, selected, buffered)])
+            policy._split(state, run, c, s, new)
+        if extra:
+            run.extra[-1] = np.unique(np.concatenate(extra)).astype(np.int32)
+
+    def finish(self) -> None:
+        """The buffers at the end of the last step."""
+        state = self.state
+        self.run.buffered.append(state.buffered_positions() if state.buffers else _NO_POSITIONS)
+
+
+class DynaKVOnline(OnlineLayer):
+    """DynaKV's online form: per KV head a :class:`_DynaHead` over arrays filled as tokens
+    arrive (the pass's step loop and seed draws; static update one join at a time)."""
+
+    def __init__(
+        self, policy: DynaKV, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> None:
+        super().__init__(n_kv_heads, capacity, rng)
+        self.policy = policy
+
+    def _prefill(self, keys: np.ndarray, prompt_queries: np.ndarray | None) -> None:
+        policy, prompt = self.policy, self.prompt_len
+        if prompt <= policy.sink_tokens:
+            raise ValueError(
+                f"prompt of {prompt} tokens leaves nothing to cluster past the sinks"
+            )
+        n_kv, _, dim = keys.shape
+        self.keys = np.zeros((n_kv, self.capacity, dim), np.float32)
+        self.keys[:, :prompt] = keys
+        if policy.distance == "euclidean":
+            self.space = self.keys  # cluster_space returns the keys themselves
+        else:
+            self.space = np.zeros_like(self.keys)
+            self.space[:, :prompt] = cluster_space(keys, policy.distance)
+        self.space64 = self.space.astype(np.float64)
+        steps = self.capacity - prompt
+        self.heads = []
+        for h in range(n_kv):
+            keys_h = self.keys[h]
+            # one object when the clustering space is the raw keys, as in the pass
+            space_h = keys_h if self.space is self.keys else self.space[h]
+            self.heads.append(_DynaHead(policy, keys_h, space_h, self.space64[h], prompt, steps,
+                                        self.rng, decode_known=False))
+
+    def _select(self, queries: np.ndarray, keys: np.ndarray) -> list[np.ndarray]:
+        grouped = group_queries(queries, self.n_kv_heads)
+        return [head.select(grouped[h]) for h, head in enumerate(self.heads)]
+
+    def _append(self, keys: np.ndarray) -> None:
+        new = self.stored
+        self.keys[:, new] = keys
+        if self.space is not self.keys:
+            self.space[:, new] = cluster_space(keys, self.policy.distance)
+        self.space64[:, new] = self.space[:, new]
+        for head in self.heads:
+            head.place()
 
 
 def split_in_two(points: np.ndarray, iters: int) -> np.ndarray:

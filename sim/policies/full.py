@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from . import POLICIES
 from .base import LayerContext, LayerSelection, RetrievalPolicy
+
+if TYPE_CHECKING:
+    from .online import OnlineLayer
 
 
 @POLICIES.register("full")
@@ -25,3 +31,10 @@ class FullAttention(RetrievalPolicy):
 
     def select_layer(self, ctx: LayerContext) -> LayerSelection:
         return LayerSelection.full(ctx)
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        from .online import FullOnline
+
+        return FullOnline(n_kv_heads, capacity, rng)

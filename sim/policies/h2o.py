@@ -21,6 +21,8 @@ from .base import (
 if TYPE_CHECKING:
     from sim.trace.format import Trace
 
+    from .online import OnlineLayer
+
 #: Eviction-key offsets of the protected tiers (accumulated scores stay far below them and
 #: every key is an exact float64 integer-or-score below 2^53).
 _RECENT_TIER = 2e15
@@ -190,6 +192,13 @@ class H2O(BudgetedPolicy):
             inv = (1.0 / norm).astype(np.float32).reshape(n_kv, 1, -1)  # (H_kv, 1, G * rows)
             acc[:, :stop] += (inv @ w.reshape(n_kv, -1, stop))[:, 0]
         return acc
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        from .online import H2OOnline
+
+        return H2OOnline(self, n_kv_heads, capacity, rng)
 
     def _trim(self, cols: np.ndarray, acc: np.ndarray, context_len: int) -> np.ndarray:
         """Keep ``budget_at(context_len)`` of each row of ``cols`` (H_kv, n): sinks (earliest

@@ -14,6 +14,8 @@ from .base import BudgetedPolicy, FullLayersMixin, HeadSelections, LayerContext,
 if TYPE_CHECKING:
     from sim.trace.format import Trace
 
+    from .online import OnlineLayer
+
 RECAPTURE_HINT = (
     "the trace has no speculative queries (captured before kvsim stored them, trace format 1); "
     "recapture it: `kvsim capture ...` with the same settings, or run the experiment again, "
@@ -148,6 +150,15 @@ class InfiniGen(FullLayersMixin, BudgetedPolicy):
 
     def index_floor(self, prompt_len: int, step: int, head_dim: int) -> int:
         return int(self.partial_vectors(np.array([prompt_len + step]), head_dim)[0])
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        from .online import FullOnline, InfiniGenOnline
+
+        if self.is_dense_layer(layer):
+            return FullOnline(n_kv_heads, capacity, rng)
+        return InfiniGenOnline(self, layer, n_kv_heads, capacity, rng)
 
     def index_layer(self, ctx: LayerContext):  # pragma: no cover - select_layer is overridden
         raise NotImplementedError("InfiniGen selects through select_layer")

@@ -15,6 +15,8 @@ from .static_clusters import kmeans_labels, nearest_centroid, sum_by_label
 if TYPE_CHECKING:
     from sim.trace.format import Trace
 
+    from .online import OnlineLayer
+
 GROUP_SCORES = ("softmax", "sum")
 MAX_BITS = 16
 
@@ -150,6 +152,13 @@ class PQCache(BudgetedPolicy):
             return out
 
         return LayerIndex(score_steps, self.index_vectors(prompt, n_steps, n_kv, head_dim))
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        from .online import PQCacheOnline
+
+        return PQCacheOnline(self, n_kv_heads, capacity, rng)
 
     def index_floor(self, prompt_len: int, step: int, head_dim: int) -> int:
         return int(self.index_vectors(prompt_len + step, 1, 1, head_dim)[0, 0])

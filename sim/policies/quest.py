@@ -20,6 +20,8 @@ from .base import (
 if TYPE_CHECKING:
     from sim.trace.format import Trace
 
+    from .online import OnlineLayer
+
 GROUP_REDUCTIONS = ("sum", "max")
 
 
@@ -165,6 +167,15 @@ class Quest(FullLayersMixin, BudgetedPolicy):
                 "positions"
             )
         return None
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        from .online import FullOnline, QuestOnline
+
+        if self.is_dense_layer(layer):
+            return FullOnline(n_kv_heads, capacity, rng)
+        return QuestOnline(self, n_kv_heads, capacity, rng)
 
     def page_vectors(self, context: np.ndarray) -> np.ndarray:
         """Index vectors at stored context lengths ``context``: a min and a max per page."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from scipy import sparse
@@ -20,6 +20,9 @@ from .base import (
     LayerSelection,
     check_count,
 )
+
+if TYPE_CHECKING:
+    from .online import OnlineLayer
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -163,19 +166,8 @@ class StaticClusters(ClusteredPolicy):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Labels of every position (sinks = n_clusters) and cluster scores (S, n_clusters)."""
         space = cluster_space(keys, self.distance)
-        clustered = space[self.sink_tokens : prompt]
-        wanted = self.n_clusters or max(1, round(len(clustered) / self.tokens_per_cluster))
-        seed = int(rng.integers(2**31 - 1))
-        prefill_lab = kmeans_labels(clustered, wanted, self.max_iter, seed)
-        n = int(prefill_lab.max()) + 1
-        size = np.bincount(prefill_lab, minlength=n).astype(np.float64)
-        # Centroid = mean of members (not sklearn's last centres), so a decode key equal to a
-        # cluster's mean provably joins that cluster.
-        centroid_sum = sum_by_label(clustered, prefill_lab, n)
-        if space is keys:  # euclidean: the clustering space is the raw keys
-            rep_sum = centroid_sum.copy()
-        else:
-            rep_sum = sum_by_label(keys[self.sink_tokens : prompt], prefill_lab, n)
+        prefill_lab, size, centroid_sum, rep_sum = self._prefill_sums(space, keys, prompt, rng)
+        n = len(size)
         decode = space[prompt:]
         labels = np.full(len(keys), n, np.int32)
         labels[self.sink_tokens : prompt] = prefill_lab
@@ -194,6 +186,77 @@ class StaticClusters(ClusteredPolicy):
             centroid_sum[j] += decode[s]
             rep_sum[j] += keys[prompt + s]
         return labels, scores
+
+    def _prefill_sums(
+        self, space: np.ndarray, keys: np.ndarray, prompt: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One KV head's prompt clustering (``space``: its keys in the clustering space, at
+        least the prompt's rows; one seed drawn from ``rng``): the labels of
+        ``[sink_tokens, prompt)``, the clusters' sizes (float64), clustering-space sums and
+        raw-key sums."""
+        clustered = space[self.sink_tokens : prompt]
+        wanted = self.n_clusters or max(1, round(len(clustered) / self.tokens_per_cluster))
+        seed = int(rng.integers(2**31 - 1))
+        prefill_lab = kmeans_labels(clustered, wanted, self.max_iter, seed)
+        n = int(prefill_lab.max()) + 1
+        size = np.bincount(prefill_lab, minlength=n).astype(np.float64)
+        # Centroid = mean of members (not sklearn's last centres), so a decode key equal to a
+        # cluster's mean provably joins that cluster.
+        centroid_sum = sum_by_label(clustered, prefill_lab, n)
+        if space is keys:  # euclidean: the clustering space is the raw keys
+            rep_sum = centroid_sum.copy()
+        else:
+            rep_sum = sum_by_label(keys[self.sink_tokens : prompt], prefill_lab, n)
+        return prefill_lab, size, centroid_sum, rep_sum
+
+    def prefill_clusters(self, keys: np.ndarray, rng: np.random.Generator) -> PromptClusters:
+        """One KV head's clusters of the prompt ``keys`` (P, d) float32, for the online form:
+        the same k-means, seed draw and sums as :meth:`index_layer`."""
+        space = cluster_space(keys, self.distance)
+        prefill_lab, size, centroid_sum, rep_sum = self._prefill_sums(
+            space, keys, len(keys), rng
+        )
+        labels = np.full(len(keys), len(size), np.int32)
+        labels[self.sink_tokens :] = prefill_lab
+        return PromptClusters(labels, size, centroid_sum, rep_sum, self.update_centroids)
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        from .online import StaticClustersOnline
+
+        return StaticClustersOnline(self, n_kv_heads, capacity, rng)
+
+
+class PromptClusters:
+    """One KV head's static-update clusters, one decode token at a time (the online form of
+    :meth:`StaticClusters._cluster_head`, the same arithmetic): ``labels`` of the prompt (the
+    sinks ``n``), the clusters' sizes and sums; fixed centroids and representatives, or
+    running means with ``update``."""
+
+    def __init__(self, labels: np.ndarray, size: np.ndarray, centroid_sum: np.ndarray,
+                 rep_sum: np.ndarray, update: bool) -> None:
+        self.labels, self.size, self.update = labels, size, update
+        self.centroid_sum, self.rep_sum = centroid_sum, rep_sum
+        if not update:
+            self.centroids = centroid_sum / size[:, None]
+            self.reps = rep_sum / size[:, None]
+
+    def scores(self, group_query: np.ndarray) -> np.ndarray:
+        """Each cluster's score for a KV head's mean query (d,)."""
+        if not self.update:
+            return group_query @ self.reps.T
+        return (self.rep_sum / self.size[:, None]) @ group_query
+
+    def join(self, point: np.ndarray, key: np.ndarray) -> int:
+        """The cluster a new token (``point``: its key in the clustering space) joins."""
+        if not self.update:
+            return int(nearest_centroid(point[None, :], self.centroids)[0])
+        j = int(nearest_centroid(point[None, :], self.centroid_sum / self.size[:, None])[0])
+        self.size[j] += 1
+        self.centroid_sum[j] += point
+        self.rep_sum[j] += key
+        return j
 
 
 # --------------------------------------------------------------------------------------------

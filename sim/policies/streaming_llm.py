@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import POLICIES
 from .base import BudgetedPolicy, GroupRanking, LayerContext, LayerIndex
+
+if TYPE_CHECKING:
+    from .online import OnlineLayer
 
 
 @POLICIES.register("streaming_llm")
@@ -69,3 +73,10 @@ class StreamingLLM(BudgetedPolicy):
             index_vectors=np.zeros((n_kv, n_steps), np.int64),
             groups=GroupRanking(every_position, no_groups, from_the_sinks),
         )
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        from .online import StreamingLLMOnline
+
+        return StreamingLLMOnline(self, n_kv_heads, capacity, rng)

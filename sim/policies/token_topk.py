@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import POLICIES
 from .base import BudgetedPolicy, LayerContext, LayerIndex, decode_attention_weights
+
+if TYPE_CHECKING:
+    from .online import OnlineLayer
 
 
 @POLICIES.register("token_topk")
@@ -44,3 +48,10 @@ class TokenTopK(BudgetedPolicy):
         context = ctx.prompt_len + np.arange(ctx.decode_steps, dtype=np.int64)
         index_vectors = np.broadcast_to(context, (ctx.n_kv_heads, ctx.decode_steps)).copy()
         return LayerIndex(score_steps, index_vectors)
+
+    def online_layer(
+        self, layer: int, n_kv_heads: int, capacity: int, rng: np.random.Generator
+    ) -> OnlineLayer:
+        from .online import TokenTopKOnline
+
+        return TokenTopKOnline(self, n_kv_heads, capacity, rng)

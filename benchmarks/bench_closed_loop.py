@@ -1,0 +1,128 @@
+"""A policy inside the real model (issue 9): the hook's cost per decode step and the
+long-text perplexity it leads to.
+
+One process loads the model once, tokenises a held text (``--text``, a kvsim text source) and
+runs teacher-forced decoding over ``--prompt-len`` prompt tokens and ``--tokens`` continuation
+tokens (:func:`sim.closed_loop.perplexity.teacher_forced`):
+
+* ``plain``: the model's own sdpa attention, no hook (the reference step time and NLL);
+* each policy of ``--policies`` at each budget of ``--budgets`` (a fraction of the context),
+  its other parameters at their defaults unless ``--param`` sets them, every global layer
+  attending only its selection plus the current token. Note the cluster policies' defaults
+  force 16 sinks and 32 recent tokens: a budget below 48 tokens (5% of 768) holds only sinks
+  and the newest tokens.
+
+Printed per run: ms per decode step, the ratio to the plain step (the issue's goal: within
+1.5x for the cluster policies), the share of the step spent inside the policy (select and
+append, measured in the hook), and the mean NLL / perplexity of the continuation overall and
+per bucket of ``--bucket`` positions, with the perplexity ratio to full attention.
+
+    python benchmarks/bench_closed_loop.py                    # SmolLM2, 512 + 256, 5/10/20 %
+    python benchmarks/bench_closed_loop.py --prompt-len 128 --tokens 32 --budgets 0.1  # smoke
+
+Timings depend on the machine's load: run alone for figures (the ratio still needs a quiet
+machine: the policy's Python and the model's kernels compete differently for a busy core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_POLICIES = ("token_topk", "static_clusters", "clusterkv", "dynakv", "streaming_llm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--text", default="pydoc")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
+    parser.add_argument("--bucket", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a policy parameter (YAML value) for every policy that has it, "
+                             "e.g. --param sink_tokens=4 --param recent_tokens=8")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: kvsim's capture setting)")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import yaml
+
+    from sim.closed_loop.perplexity import describe, perplexity_table, teacher_forced
+    from sim.policies import POLICIES
+    from sim.trace.capture import _tokenize_prefix
+    from sim.trace.models import import_capture_deps, load_model
+    from sim.trace.sources import load_text
+
+    overrides = {}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--param takes NAME=VALUE, got {item!r}")
+        overrides[name] = yaml.safe_load(value)
+    torch, _ = import_capture_deps()
+    loaded = load_model(args.model, progress=True)
+    if args.threads:  # after loading: kvsim's loader sets one thread per core
+        torch.set_num_threads(args.threads)
+    model = loaded.model
+    model.set_attn_implementation("sdpa")
+    total = args.prompt_len + args.tokens
+    ids, _ = _tokenize_prefix(loaded.tokenizer, load_text(args.text), total)
+    print(f"{args.model}, text {args.text}: prompt {args.prompt_len} + {args.tokens} "
+          f"teacher-forced tokens, torch threads {torch.get_num_threads()}, seed {args.seed}")
+
+    def step_ms(run) -> float:
+        return 1e3 * run.decode_s / max(1, args.tokens - 1)
+
+    started = time.perf_counter()
+    plain = teacher_forced(model, ids, args.prompt_len, args.tokens, None, hook=False)
+    plain_ms = step_ms(plain)
+    base = perplexity_table(plain.nll, args.prompt_len, args.bucket)
+    buckets = base["bucket"].tolist()
+    header = ["run", "ms/step", "x plain", "in policy %", "mean NLL", "ppl", "ppl ratio",
+              *(f"ratio {b}" for b in buckets[:-1])]
+    rows = [["plain (full attention, no hook)", f"{plain_ms:.1f}", "1.00", "-",
+             f"{base['mean_nll'].iloc[-1]:.4f}", f"{base['perplexity'].iloc[-1]:.3f}", "1.000",
+             *("1.000" for _ in buckets[:-1])]]
+    hooked = teacher_forced(model, ids, args.prompt_len, args.tokens, None)
+    rows.append(["hook, no policy", f"{step_ms(hooked):.1f}",
+                 f"{step_ms(hooked) / plain_ms:.2f}", "-",
+                 f"{hooked.nll.mean():.4f}", f"{np.exp(hooked.nll.mean()):.3f}",
+                 f"{np.exp(hooked.nll.mean() - plain.nll.mean()):.3f}",
+                 *("" for _ in buckets[:-1])])
+    for name in args.policies:
+        for budget in args.budgets:
+            known = POLICIES.parameters(name)
+            extra = {k: v for k, v in overrides.items() if k in known}
+            policy = POLICIES.create({"type": name, "budget": budget, **extra})
+            run = teacher_forced(model, ids, args.prompt_len, args.tokens, policy,
+                                 seed=args.seed)
+            table = perplexity_table(run.nll, args.prompt_len, args.bucket)
+            ratio = np.exp(table["mean_nll"] - base["mean_nll"])
+            rows.append([describe(policy), f"{step_ms(run):.1f}",
+                         f"{step_ms(run) / plain_ms:.2f}",
+                         f"{100 * run.hook_s / run.decode_s:.0f}",
+                         f"{table['mean_nll'].iloc[-1]:.4f}",
+                         f"{table['perplexity'].iloc[-1]:.3f}", f"{ratio.iloc[-1]:.3f}",
+                         *(f"{r:.3f}" for r in ratio.iloc[:-1])])
+            print(f"  {rows[-1][0]}: {rows[-1][1]} ms/step, ppl {rows[-1][5]}", flush=True)
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\nwall time {time.perf_counter() - started:.0f} s (after loading the model)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

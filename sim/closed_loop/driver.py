@@ -1,0 +1,204 @@
+"""The closed-loop decode: a prompt prefilled once, then one token per forward pass with every
+global attention layer under a policy (:mod:`sim.closed_loop.attention`), the tokens fed either
+given (teacher forcing: the perplexity task) or the model's own greedy choices (generation
+agreement).
+
+``tokens[i]`` is the token at position ``P + i``: given (``teacher[i]``), or the argmax of the
+logits predicting it. Position ``P``'s prediction comes from the prefill (full attention for
+every policy); positions ``P + 1 ..`` from decode steps under the policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sim.closed_loop.attention import (
+    ATTN_IMPLEMENTATION,
+    PolicyController,
+    model_sliding_windows,
+    policy_attention,
+    register_policy_attention,
+    speculation_hooks,
+)
+from sim.policies.base import RetrievalPolicy
+
+
+@dataclass
+class DecodeRun:
+    """One closed-loop decode: ``tokens`` (T,) int64 the tokens at positions ``P ..``;
+    ``nll`` (T,) float64 their negative log-likelihoods under the run's own predictions;
+    ``logits`` (T, vocab) float32 if kept; ``prefill_s`` / ``decode_s`` wall times of the
+    prefill and of the decode steps; ``hook_s`` the time inside the policy (0 without one);
+    ``controller`` the policy's state (``None`` without one)."""
+
+    tokens: np.ndarray
+    nll: np.ndarray
+    logits: np.ndarray | None
+    prefill_s: float
+    decode_s: float
+    hook_s: float
+    controller: PolicyController | None
+
+
+def check_lengths(prompt_len: int, n_tokens: int, max_positions: int) -> None:
+    """Raises ValueError naming the problem unless prompt and continuation fit the model."""
+    if prompt_len < 2 or n_tokens < 1:
+        raise ValueError(f"need a prompt of >= 2 tokens and >= 1 continuation token, got "
+                         f"{prompt_len} + {n_tokens}")
+    if prompt_len + n_tokens > max_positions:
+        raise ValueError(f"prompt + continuation = {prompt_len + n_tokens} exceeds the model's "
+                         f"{max_positions} positions")
+
+
+@dataclass
+class Prefilled:
+    """A prompt's prefill, computed once and reused by every policy and budget (the model's
+    own attention: no policy acts at prefill). ``cache``: the KV cache after the prompt, for
+    ``capacity`` positions in all; ``logits``: the prompt's last position's (its prediction
+    of position ``P``); ``keys`` / ``queries``: each global layer's post-RoPE prompt keys
+    (H_kv, P, d) and queries (H_q, P, d), what each policy prefills from."""
+
+    prompt: tuple[int, ...]
+    capacity: int
+    cache: Any
+    logits: Any
+    keys: dict[int, np.ndarray]
+    queries: dict[int, np.ndarray]
+
+
+def prefill(model: Any, prompt: Sequence[int], capacity: int) -> Prefilled:
+    """Run the prompt once (see :class:`Prefilled`); ``capacity``: the most positions a
+    decode from it will reach."""
+    import torch
+
+    from sim.policies.full import FullAttention
+    from sim.trace.recording import make_cache
+
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    check_lengths(len(prompt), capacity - len(prompt), int(text_config.max_position_embeddings))
+    controller = PolicyController(FullAttention(), model_sliding_windows(model), capacity,
+                                  record=True)
+    register_policy_attention()
+    previous = config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        with torch.inference_mode(), policy_attention(controller):
+            cache = make_cache(config, capacity)
+            out = model(input_ids=torch.tensor([list(prompt)], dtype=torch.long),
+                        cache=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(previous)
+    return Prefilled(
+        tuple(int(t) for t in prompt), capacity, cache, out.logits,
+        {layer: keys[0] for layer, keys in controller.recorded_keys.items()},
+        {layer: queries[0] for layer, queries in controller.recorded_queries.items()},
+    )
+
+
+def decode(
+    model: Any, prompt: Sequence[int], n_tokens: int, policy: RetrievalPolicy | None = None,
+    seed: int = 0, teacher: Sequence[int] | None = None, keep_logits: bool = False,
+    record: bool = False, hook: bool = True, prefilled: Prefilled | None = None,
+) -> DecodeRun:
+    """Decode ``n_tokens`` after ``prompt`` with ``model`` (a transformers causal LM, batch 1,
+    CPU): the tokens ``teacher`` as far as given, then greedy (a question fed, its answer
+    generated). Every global layer attends under
+    ``policy`` (``None``: the model's own attention through the registered function; with
+    ``hook=False`` the model's own attention implementation untouched, the plain model a
+    benchmark times the hook against). ``prefilled``: the prompt's :func:`prefill`, reused
+    (its cache copied, each global layer's policy prefilled from its recorded keys and
+    queries) instead of running the prompt again. Raises ValueError for lengths that do not
+    fit or a prefill of another prompt, NotImplementedError for a policy without an online
+    form, before any forward pass."""
+    import torch
+
+    from sim.trace.recording import make_cache
+
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    prompt_len = len(prompt)
+    check_lengths(prompt_len, n_tokens, int(text_config.max_position_embeddings))
+    if policy is not None and not hook:
+        raise ValueError("a policy runs through the hook (hook=True)")
+    if prefilled is not None:
+        if prefilled.prompt != tuple(int(t) for t in prompt):
+            raise ValueError("the prefill given is of another prompt")
+        if prompt_len + n_tokens > prefilled.capacity:
+            raise ValueError(f"prompt + continuation = {prompt_len + n_tokens} exceeds the "
+                             f"prefill's capacity of {prefilled.capacity} positions")
+    total = prompt_len + n_tokens
+    controller = None
+    if policy is not None:
+        controller = PolicyController(policy, model_sliding_windows(model), total, seed, record)
+        # fail before any forward pass if the policy has no online form
+        from sim.policies.online import online_layer
+
+        online_layer(policy, controller.first_global(), 1, total, np.random.default_rng(0))
+    register_policy_attention()
+    previous = config._attn_implementation
+    if hook:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    tokens = np.empty(n_tokens, np.int64)
+    nll = np.empty(n_tokens)
+    logits_kept: list[np.ndarray] | None = [] if keep_logits else None
+
+    def take(i: int, logits: Any) -> int:
+        row = logits[0, -1].float()
+        if teacher is not None and i < len(teacher):
+            token = int(teacher[i])
+        else:
+            token = int(torch.argmax(row))
+        tokens[i] = token
+        nll[i] = float(-torch.log_softmax(row, dim=-1)[token])
+        if logits_kept is not None:
+            logits_kept.append(row.numpy().copy())
+        return token
+
+    try:
+        with torch.inference_mode(), _active(controller, model):
+            start = time.perf_counter()
+            if prefilled is None:
+                cache = make_cache(config, total)
+                out = model(input_ids=torch.tensor([list(prompt)], dtype=torch.long),
+                            cache=cache, use_cache=True, logits_to_keep=1)
+                token = take(0, out.logits)
+            else:
+                cache = copy.deepcopy(prefilled.cache)
+                if controller is not None:
+                    for layer, keys in sorted(prefilled.keys.items()):
+                        controller.prefill(layer, keys, prefilled.queries[layer])
+                token = take(0, prefilled.logits)
+            prefill_s = time.perf_counter() - start
+            start = time.perf_counter()
+            for i in range(1, n_tokens):
+                out = model(input_ids=torch.tensor([[token]], dtype=torch.long),
+                            cache=cache, use_cache=True, logits_to_keep=1)
+                token = take(i, out.logits)
+            decode_s = time.perf_counter() - start
+    finally:
+        model.set_attn_implementation(previous)
+    return DecodeRun(
+        tokens, nll, None if logits_kept is None else np.stack(logits_kept), prefill_s,
+        decode_s, 0.0 if controller is None else controller.hook_s, controller,
+    )
+
+
+@contextmanager
+def _active(controller: PolicyController | None, model: Any) -> Iterator[None]:
+    if controller is None:
+        yield
+        return
+    with policy_attention(controller):
+        if not getattr(controller.policy, "needs_speculative_queries", False):
+            yield
+            return
+        with speculation_hooks(controller, model.model.layers):
+            yield
