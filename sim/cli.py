@@ -180,7 +180,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     try:
         result = replay_run(
             run_dir, Path(args.path), out=Path(args.out) if args.out else None,
-            on_step=bar.update, schedule=schedule,
+            on_step=bar.update, schedule=schedule, issuer=args.issuer,
         )
     finally:
         bar.close()
@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a directory on the storage to replay on (a file is made and removed)")
     rep.add_argument("--out", help="write the tables and figure here (default: the run "
                      "directory)")
+    rep.add_argument("--issuer", choices=["auto", "threads", "io_uring"], default="auto",
+                     help="issue the commands through io_uring (one thread; the liburing "
+                     "package, the fidelity extra) or by threads blocking in preadv/pwritev; "
+                     "auto: io_uring where it works")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
     rep.set_defaults(func=_cmd_replay)
 

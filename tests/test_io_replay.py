@@ -314,7 +314,7 @@ def test_the_replayer_issues_exactly_the_recorded_commands(
     size = file_bytes(schedule)
     assert size == 94208  # 90112 + 512 bytes in whole 4 KiB blocks
     calls = _spy_io(monkeypatch)
-    result = replay_run(run_dir, direct_dir)
+    result = replay_run(run_dir, direct_dir, issuer="threads")  # its system calls are watched
     # queue depth 1: one thread, the commands in submission order
     assert _after_fill(calls, size) == HAND_ISSUED
     aligned = result.execution.aligned
@@ -340,7 +340,7 @@ def test_a_deeper_queue_issues_the_same_commands(
     _write_schedule(run_dir, HAND_BATCHES, HAND_COMMANDS, queue_depth=4, page=512)
     calls = _spy_io(monkeypatch)
     out = tmp_path / "elsewhere"
-    result = replay_run(run_dir, direct_dir, out=out)
+    result = replay_run(run_dir, direct_dir, out=out, issuer="threads")
     issued = _after_fill(calls, file_bytes(result.schedule))
     assert sorted(issued) == sorted(HAND_ISSUED)
     # phases in order: {0}, {1, 2}, {3}, {4}: a phase's commands start after the previous
@@ -523,7 +523,8 @@ def test_refused_o_direct_and_a_failing_command_leave_nothing(
         return real_read(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", failing_read)
-    _one_line_error(capsys, ["replay", str(run_dir), "--path", str(disk)], "Input/output error")
+    _one_line_error(capsys, ["replay", str(run_dir), "--path", str(disk), "--issuer", "threads"],
+                    "Input/output error")
     _nothing_left(run_dir, disk)
 
 

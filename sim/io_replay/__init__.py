@@ -45,18 +45,20 @@ class Replayed:
 def replay_run(
     run_dir: Path, directory: Path, out: Path | None = None,
     on_step: Callable[[], None] | None = None, schedule: Schedule | None = None,
+    issuer: str = "auto",
 ) -> Replayed:
     """Replay ``run_dir``'s schedule (``schedule``, if the caller has loaded it) on a file
     under ``directory``; write the tables, the summary and the figure into ``out`` (default:
-    the run directory). Nothing is written before the measurement has succeeded; the
-    measurement file is always removed."""
+    the run directory). ``issuer``: ``threads``, ``io_uring`` or ``auto`` (io_uring where it
+    works). Nothing is written before the measurement has succeeded; the measurement file is
+    always removed."""
     if schedule is None:
         schedule = load_schedule(run_dir)
     out_dir = run_dir if out is None else out
     problem = unwritable(out_dir, margin=len(f"..tmp-0000000{IO_REPLAY_STEPS}"))
     if problem:
         raise OutputError(f"replay --out: {problem}")
-    execution = execute(schedule, directory, on_step=on_step)
+    execution = execute(schedule, directory, on_step=on_step, issuer=issuer)
     comparison = compare(execution.batches, schedule.steps)
     text = summary_markdown(schedule, execution, comparison, directory)
     written = _write(out_dir, comparison, text, schedule.label)
@@ -132,7 +134,8 @@ def summary_markdown(
         f"{meta['kvsim_version']}, code {meta.get('code', '?')}",
         f"- storage: a {execution.file_bytes / 2**20:,.1f} MiB O_DIRECT file under "
         f"{directory.resolve()}, written once first at {execution.fill_mb_s:,.0f} MB/s "
-        f"({execution.fill_seconds:.1f} s); replay took {execution.seconds:.1f} s",
+        f"({execution.fill_seconds:.1f} s); replay took {execution.seconds:.1f} s, commands "
+        f"issued by {execution.issuer}",
         f"- alignment: {_alignment_note(execution, schedule)}",
         f"- {device_note(schedule)}",
         f"- total I/O time: simulated {_ms(totals['simulated_us'])}, measured "
@@ -150,8 +153,10 @@ def summary_markdown(
         "",
         "A step's (or layer's) I/O time is the union of its batches' intervals: simulated from "
         "a batch's submission to its last completion in the flash model, measured from its "
-        "first command's issue to its last completion on the file. Commands are issued by "
-        "threads blocking in preadv/pwritev (at most the queue depth in flight), not by the "
+        "first command's issue to its last completion on the file. Commands were issued "
+        + ("through io_uring from one thread, completions reaped by polling"
+           if execution.issuer == "io_uring" else "by threads blocking in preadv/pwritev")
+        + " (at most the queue depth in flight), not by the "
         "device's command queue; compute between phases is not replayed; the page cache is "
         "bypassed (O_DIRECT) but the device's own caches (DRAM, SLC write cache) are not. "
         f"Per step and layer: {IO_REPLAY}.csv; per step: {IO_REPLAY_STEPS}.",
@@ -169,7 +174,7 @@ def report_text(
     return "\n".join([
         f"run {schedule.label}: {totals['steps']} steps, {len(schedule.commands):,} commands "
         f"(queue depth {schedule.queue_depth}) on a {execution.file_bytes / 2**20:,.1f} MiB "
-        "O_DIRECT file",
+        f"O_DIRECT file, issued by {execution.issuer}",
         f"I/O time: simulated {_ms(totals['simulated_us'])}, measured "
         f"{_ms(totals['measured_us'])} ({_pct(totals['error'])}); per-step r = "
         + ("n/a" if math.isnan(corr) else f"{corr:.3f}"),

@@ -47,8 +47,12 @@ from sim.calibrate.storage import (
     Issuer,
     check_directory,
 )
+from sim.calibrate.uring import UringIssuer, uring_available
 from sim.errors import StorageError
 from sim.io_replay.schedule import Schedule
+
+#: the ways of issuing commands (``auto``: io_uring where it works, else threads)
+ISSUERS = ("auto", "threads", "io_uring")
 
 #: the measurement file's name under the directory (one per process)
 FILE_PREFIX = ".kvsim-replay-"
@@ -114,13 +118,19 @@ class Execution:
     fill_seconds: float
     fill_mb_s: float
     seconds: float
+    #: how the commands were issued: ``threads`` or ``io_uring``
+    issuer: str = "threads"
 
 
 def execute(
-    schedule: Schedule, directory: Path, on_step: Callable[[], None] | None = None
+    schedule: Schedule, directory: Path, on_step: Callable[[], None] | None = None,
+    issuer: str = "auto",
 ) -> Execution:
     """Replay ``schedule`` on a file under ``directory`` (see the module docstring);
-    ``on_step`` is called after each step."""
+    ``on_step`` is called after each step. ``issuer``: ``threads``
+    (:class:`sim.calibrate.storage.Issuer`), ``io_uring``
+    (:class:`sim.calibrate.uring.UringIssuer`) or ``auto`` (io_uring where it works)."""
+    use_uring = choose_issuer(issuer, "replay") == "io_uring"
     size = file_bytes(schedule)
     depth = schedule.queue_depth
     if depth > MAX_QUEUE_DEPTH:
@@ -143,10 +153,11 @@ def execute(
     bounds = np.concatenate(([0], np.cumsum(np.bincount(batch_of, minlength=len(batches)))))
     start = np.full(len(batches), np.nan)
     end = np.full(len(batches), np.nan)
-    with DirectFile(directory, size, command="replay", prefix=FILE_PREFIX) as file, Issuer(
+    make = UringIssuer if use_uring else Issuer
+    with DirectFile(directory, size, command="replay", prefix=FILE_PREFIX) as file, make(
         file.fd, max(depth, FILL_QD), max_io
-    ) as issuer:
-        fill = issuer.run(_fill_commands(size), queue_depth=min(FILL_QD, issuer.queue_depth))
+    ) as io:
+        fill = io.run(_fill_commands(size), queue_depth=min(FILL_QD, io.queue_depth))
         file.written_bytes = fill.bytes
         os.fsync(file.fd)  # the fill on the medium (a device's write cache flushed) first
         fill_seconds = time.perf_counter() - started
@@ -156,12 +167,16 @@ def execute(
             step_zero = time.perf_counter_ns()
             for phase in phases(issue_us[in_step], done_us[in_step]):
                 members = in_step[phase]
-                source, index_of = _phase_commands(
-                    members, issue_us, writes, order, bounds, aligned
+                source, index_of, releases = _phase_commands(
+                    members, issue_us, writes, order, bounds, aligned, hold=not use_uring
                 )
                 # no more threads than commands: idle ones would only contend for the source
                 commands = max(last for _, last in index_of.values())
-                result = issuer.run(source, queue_depth=min(depth, commands), timeline=True)
+                if isinstance(io, UringIssuer):  # holds batches back itself, reaping
+                    result = io.run(source, queue_depth=min(depth, commands),
+                                    timeline=True, releases_s=releases)
+                else:
+                    result = io.run(source, queue_depth=min(depth, commands), timeline=True)
                 timeline = result.timeline_us
                 assert timeline is not None
                 shift = (result.start_ns - step_zero) / 1e3
@@ -174,7 +189,8 @@ def execute(
     measured["start_us"] = start
     measured["end_us"] = end
     return Execution(measured, aligned, size, fill_seconds, size / fill_seconds / 1e6,
-                     time.perf_counter() - started - fill_seconds)
+                     time.perf_counter() - started - fill_seconds,
+                     "io_uring" if use_uring else "threads")
 
 
 def _fill_commands(size: int) -> Iterator[Command]:
@@ -186,11 +202,13 @@ def _fill_commands(size: int) -> Iterator[Command]:
 
 def _phase_commands(
     members: np.ndarray, issue_us: np.ndarray, writes: np.ndarray, order: np.ndarray,
-    bounds: np.ndarray, aligned: Aligned,
-) -> tuple[Iterator[Command], dict[int, tuple[int, int]]]:
-    """The commands of one phase's batches as an Issuer source, each batch held back until its
-    simulated offset from the phase's first submission has passed; and each batch's commands'
-    range in the source's order."""
+    bounds: np.ndarray, aligned: Aligned, hold: bool = True,
+) -> tuple[Iterator[Command], dict[int, tuple[int, int]], np.ndarray]:
+    """The commands of one phase's batches as an Issuer source; each batch's commands' range
+    in the source's order; and each command's release (s from the phase's start: its batch's
+    simulated offset from the phase's first submission). ``hold``: the source itself holds
+    each batch back until its release (for the thread issuer; io_uring's issuer takes the
+    releases instead and keeps reaping while it waits)."""
     index_of: dict[int, tuple[int, int]] = {}
     at = 0
     for batch in members.tolist():
@@ -198,15 +216,33 @@ def _phase_commands(
         index_of[batch] = (at, at + count)
         at += count
     first_issue = float(issue_us[members[0]])
+    releases = np.zeros(at)
+    for batch, (first, last) in index_of.items():
+        releases[first:last] = (float(issue_us[batch]) - first_issue) / 1e6
 
     def source() -> Iterator[Command]:
         zero = time.perf_counter()
         for batch in members.tolist():
             wait = zero + (float(issue_us[batch]) - first_issue) / 1e6 - time.perf_counter()
-            if wait > 0:
+            if hold and wait > 0:
                 time.sleep(wait)
             write = bool(writes[batch])
             for row in order[bounds[batch]:bounds[batch + 1]].tolist():
                 yield (write, int(aligned.offsets[row]), int(aligned.sizes[row]))
 
-    return source(), index_of
+    return source(), index_of, releases
+
+
+def choose_issuer(issuer: str, command: str) -> str:
+    """``threads`` or ``io_uring`` for ``issuer`` (``auto``: io_uring where it works); a
+    requested io_uring that cannot work here is a one-line :class:`StorageError`."""
+    if issuer not in ISSUERS:
+        raise StorageError(f"{command} --issuer: one of {', '.join(ISSUERS)}, got {issuer!r}")
+    if issuer == "threads":
+        return issuer
+    problem = uring_available()
+    if problem is None:
+        return "io_uring"
+    if issuer == "io_uring":
+        raise StorageError(f"{command} --issuer io_uring: {problem}")
+    return "threads"
