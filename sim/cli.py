@@ -165,6 +165,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate(
         Path(args.path), Path(args.out), seconds=args.seconds, size_bytes=size,
         measurer=args.measurer, model=args.model, show_progress=not args.quiet,
+        issuer=args.issuer,
     )
     print(result.report)
     return 0
@@ -284,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seconds", type=float, default=180.0,
                      help="time budget of the whole measurement (default 180, at least 5)")
     cal.add_argument("--size", help="measurement file size, e.g. 8GiB (the default)")
+    cal.add_argument("--issuer", choices=["auto", "threads", "io_uring"], default="auto",
+                     help="how the built-in measurer issues commands: io_uring from one thread "
+                     "(the liburing package) or threads blocking in preadv/pwritev; auto: "
+                     "io_uring where it works (kvsim replay chooses the same way)")
     cal.add_argument("--measurer", default="auto", choices=["auto", "builtin", "fio", "both"],
                      help="storage measurer: fio when installed (auto), the built-in one, or "
                      "both, alternating, compared in the report")

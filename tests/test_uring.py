@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from sim.calibrate.storage import ALIGN, DirectFile
-from sim.calibrate.uring import UringIssuer, uring_available
+from sim.calibrate.uring import UringIssuer, choose_issuer, uring_available
 from sim.errors import StorageError
-from sim.io_replay.execute import choose_issuer
 
 pytestmark = pytest.mark.skipif(uring_available() is not None,
                                 reason=f"io_uring unusable here: {uring_available()}")
@@ -96,13 +95,11 @@ def test_choose_issuer() -> None:
 
 
 def test_no_io_uring_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    execute = importlib.import_module("sim.io_replay.execute")  # the package exports a function
-    # of the same name
-
-    monkeypatch.setattr(execute, "uring_available", lambda: "io_uring is refused here")
-    assert execute.choose_issuer("auto", "replay") == "threads"
+    uring = importlib.import_module("sim.calibrate.uring")
+    monkeypatch.setattr(uring, "uring_available", lambda: "io_uring is refused here")
+    assert uring.choose_issuer("auto", "replay") == "threads"
     with pytest.raises(StorageError, match="replay --issuer io_uring: io_uring is refused"):
-        execute.choose_issuer("io_uring", "replay")
+        uring.choose_issuer("io_uring", "replay")
 
 
 def test_fd_is_left_open(direct_file: DirectFile) -> None:

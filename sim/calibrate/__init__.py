@@ -45,6 +45,7 @@ from sim.calibrate.storage import (
     mount_of,
     sequential_commands,
 )
+from sim.calibrate.uring import UringIssuer, choose_issuer
 from sim.errors import ConfigError, StorageError
 from sim.hardware.device import DeviceParams
 from sim.progress import progress
@@ -130,12 +131,16 @@ def calibrate(
     model: str = "llama-3.2-1b",
     show_progress: bool = True,
     stream: IO[str] | None = None,
+    issuer: str = "auto",
 ) -> Calibration:
-    """Measure, fit, write the preset to ``out`` (see the module docstring)."""
+    """Measure, fit, write the preset to ``out`` (see the module docstring). ``issuer``: how
+    the built-in measurer issues its commands, ``threads``, ``io_uring`` or ``auto`` (io_uring
+    where it works, as ``kvsim replay`` does: calibrate and replay alike)."""
     from sim.config import load_model_geometry
 
     started = time.perf_counter()
     check_arguments(directory, out, seconds, size_bytes, measurer)
+    make_issuer = UringIssuer if choose_issuer(issuer, "calibrate") == "io_uring" else Issuer
     size_bytes = size_bytes // MAX_IO_BYTES * MAX_IO_BYTES  # whole largest commands
     geometry = load_model_geometry(model, "calibrate --model")
     if measurer == "auto":
@@ -152,12 +157,12 @@ def calibrate(
         bar.set_postfix_str(label)
 
     try:
-        with DirectFile(directory, size_bytes) as file, Issuer(
+        with DirectFile(directory, size_bytes) as file, make_issuer(
             file.fd, MAX_QUEUE_DEPTH, MAX_IO_BYTES
-        ) as issuer:
+        ) as io:
             tick("writing the measurement file")
             fill_deadline = started + FILL_SHARE * seconds
-            fill = issuer.run(
+            fill = io.run(
                 sequential_commands(size_bytes, MAX_IO_BYTES, write=True, wrap=False),
                 deadline=fill_deadline, queue_depth=SEQUENTIAL_QD,
             )
@@ -172,7 +177,7 @@ def calibrate(
             if measurer in ("fio", "both"):
                 measurers.append(FioMeasurer(file))
             if measurer in ("builtin", "both"):
-                measurers.insert(0, BuiltinMeasurer(file, issuer))
+                measurers.insert(0, BuiltinMeasurer(file, io))
             measurements = _measure_storage(
                 measurers, started + (1 - CPU_SHARE) * seconds, tick
             )
@@ -193,7 +198,9 @@ def calibrate(
             description=(
                 f"Calibrated by kvsim calibrate on {socket.gethostname()} "
                 f"({platform.machine()}, {os.cpu_count()} CPUs) at {now}: storage under "
-                f"{directory.resolve()} ({_describe_storage(directory)})."
+                f"{directory.resolve()} ({_describe_storage(directory)}); the built-in "
+                f"measurer's commands issued "
+                + ("through io_uring." if isinstance(io, UringIssuer) else "by threads.")
             ),
             directory=directory.resolve(), file_bytes=file.written_bytes,
             fill_mb_s=fill.mb_s, fill_seconds=fill.seconds, measurer=primary,

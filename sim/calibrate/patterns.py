@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sim.calibrate.storage import DirectFile, Issuer, random_commands, sequential_commands
+from sim.calibrate.uring import UringIssuer
 from sim.errors import StorageError
 
 KIB = 1024
@@ -61,11 +62,12 @@ class Measurer(Protocol):
 
 
 class BuiltinMeasurer:
-    """Threads issuing O_DIRECT commands from page-aligned buffers (:class:`Issuer`)."""
+    """O_DIRECT commands from page-aligned buffers, through io_uring
+    (:class:`sim.calibrate.uring.UringIssuer`) or threads (:class:`Issuer`)."""
 
     name = "builtin"
 
-    def __init__(self, file: DirectFile, issuer: Issuer) -> None:
+    def __init__(self, file: DirectFile, issuer: Issuer | UringIssuer) -> None:
         self.file = file
         self.issuer = issuer
 

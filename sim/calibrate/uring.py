@@ -50,6 +50,25 @@ def uring_available() -> str | None:
     return None
 
 
+#: the ways of issuing commands (``auto``: io_uring where it works, else threads)
+ISSUERS = ("auto", "threads", "io_uring")
+
+
+def choose_issuer(issuer: str, command: str) -> str:
+    """``threads`` or ``io_uring`` for ``issuer`` (``auto``: io_uring where it works); a
+    requested io_uring that cannot work here is a one-line :class:`StorageError`."""
+    if issuer not in ISSUERS:
+        raise StorageError(f"{command} --issuer: one of {', '.join(ISSUERS)}, got {issuer!r}")
+    if issuer == "threads":
+        return issuer
+    problem = uring_available()
+    if problem is None:
+        return "io_uring"
+    if issuer == "io_uring":
+        raise StorageError(f"{command} --issuer io_uring: {problem}")
+    return "threads"
+
+
 class UringIssuer:
     """Issue commands on an O_DIRECT descriptor through io_uring with at most
     ``queue_depth`` in flight (a context manager; see the module docstring)."""

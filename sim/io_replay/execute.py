@@ -47,12 +47,9 @@ from sim.calibrate.storage import (
     Issuer,
     check_directory,
 )
-from sim.calibrate.uring import UringIssuer, uring_available
+from sim.calibrate.uring import UringIssuer, choose_issuer
 from sim.errors import StorageError
 from sim.io_replay.schedule import Schedule
-
-#: the ways of issuing commands (``auto``: io_uring where it works, else threads)
-ISSUERS = ("auto", "threads", "io_uring")
 
 #: the measurement file's name under the directory (one per process)
 FILE_PREFIX = ".kvsim-replay-"
@@ -231,18 +228,3 @@ def _phase_commands(
                 yield (write, int(aligned.offsets[row]), int(aligned.sizes[row]))
 
     return source(), index_of, releases
-
-
-def choose_issuer(issuer: str, command: str) -> str:
-    """``threads`` or ``io_uring`` for ``issuer`` (``auto``: io_uring where it works); a
-    requested io_uring that cannot work here is a one-line :class:`StorageError`."""
-    if issuer not in ISSUERS:
-        raise StorageError(f"{command} --issuer: one of {', '.join(ISSUERS)}, got {issuer!r}")
-    if issuer == "threads":
-        return issuer
-    problem = uring_available()
-    if problem is None:
-        return "io_uring"
-    if issuer == "io_uring":
-        raise StorageError(f"{command} --issuer io_uring: {problem}")
-    return "threads"
