@@ -162,6 +162,13 @@ def execute(
     started = time.perf_counter()
     runs = plan.unique_runs()
     report = Report(planned=len(runs))
+    if plan.config.closed_loop is not None:
+        from sim.experiment.closed_loop import check_texts
+
+        # the model loads and the text is long enough: found before anything is written (for
+        # the runs still to do: a finished experiment reruns without loading the model)
+        check_texts([run for run in runs if force or not plan.is_complete(run)],
+                    str(plan.source))
     traces = obtain_traces(plan, progress, log)
     # the traces captured just now are known only here: checked before anything is written
     paths = {key: path for key, (path, _) in traces.items()}
@@ -251,11 +258,17 @@ def _run_groups(
 
     def args(group: PassGroup) -> tuple[list[RunPlan], str, str, int, str | None]:
         runs_dir = str(plan.runs_dir)
-        return (group.runs, traces[group.runs[0].trace.key][0], runs_dir, threads,
-                None if cache is None else str(cache))
+        return (group.runs, traces.get(group.runs[0].trace.key, ("", {}))[0], runs_dir,
+                threads, None if cache is None else str(cache))
 
-    def verified(group: PassGroup) -> dict[str, Any]:
-        return traces[group.runs[0].trace.key][1]
+    def verified(group: PassGroup) -> dict[str, Any] | None:
+        return traces[group.runs[0].trace.key][1] if group.runs[0].trace.key in traces else None
+
+    work: Callable[..., dict[str, Any]] = run_group
+    if plan.config.closed_loop is not None:  # a closed-loop run: no trace, no policy pass
+        from sim.experiment.closed_loop import run_closed_loop_group
+
+        work = run_closed_loop_group
 
     def failed(group: PassGroup, exc: BaseException) -> None:
         if os.environ.get("KVSIM_DEBUG"):
@@ -271,7 +284,7 @@ def _run_groups(
 
         for group in groups:
             try:
-                account(group, run_group(*args(group), on_progress=show if progress else None,
+                account(group, work(*args(group), on_progress=show if progress else None,
                                          verified=verified(group)))
             except Exception as exc:  # the group's completed runs are already saved
                 failed(group, exc)
@@ -289,7 +302,7 @@ def _run_groups(
         return str(progress_dir / f"{group.pass_id}.json")
 
     futures = {
-        executor.submit(run_group, *args(group), progress_file(group) if progress else None,
+        executor.submit(work, *args(group), progress_file(group) if progress else None,
                         verified=verified(group)):
         group for group in groups
     }
