@@ -33,6 +33,9 @@ from sim.experiment.runs import RunPlan, code_fingerprint
 from sim.experiment.store import summary_cell, write_closed_loop_run
 from sim.result_files import CLOSED_LOOP_TABLE, CLOSED_LOOP_TOKENS
 
+#: torch threads of a closed-loop run (its numbers then depend on neither -j nor the cores)
+THREADS = 1
+
 
 def load(name: str) -> tuple[Any, Any]:
     """(model, tokenizer) of a model kvsim loads (kept in-process by
@@ -181,8 +184,9 @@ def run_closed_loop_group(
 ) -> dict[str, Any]:
     """Run and write each of ``runs`` (closed-loop runs); the signature of
     :func:`sim.experiment.pass_group.run_group`, whose trace, pass cache and verification
-    arguments a closed-loop run has no use for. Returns ``{"pass_s", "pass_cached", "sim_s",
-    "rows"}`` (``pass_s``: the decodes' wall time)."""
+    arguments a closed-loop run has no use for (``threads`` too: see :data:`THREADS`).
+    Returns ``{"pass_s", "pass_cached", "sim_s", "rows"}`` (``pass_s``: the decodes' wall
+    time)."""
     import torch
 
     from sim.experiment.group_progress import GroupProgress, ProgressFile
@@ -196,7 +200,10 @@ def run_closed_loop_group(
         task = run.closed_loop
         tracker.start(run.label, "closed loop", 1, "run")
         model, _tokenizer = load(task["model"])
-        torch.set_num_threads(max(1, threads))
+        # one intra-op thread whatever the worker count: torch's reductions differ in the last
+        # bits with the thread count, and a run's numbers must not depend on -j (measured:
+        # perplexity differed by ~1e-7 relative between one and two threads)
+        torch.set_num_threads(THREADS)
         ids = text_ids(task)
         start = time.perf_counter()
         shared = _prefilled(model, task, ids)
