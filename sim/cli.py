@@ -52,7 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         print(format_table(summary, planned.axes))
         print(f"\nresults: {planned.output_dir}/summary.csv")
-        if not args.no_plot and planned.config.closed_loop is None:
+        if not args.no_plot:
             from sim.figures.plots import plot_results
 
             paths = plot_results(planned.output_dir)

@@ -135,6 +135,7 @@ def test_perplexity_runs_match_the_library_and_full_attention(tiny, tmp_path):
     assert {"mean_nll", "perplexity", "mean_nll_full", "perplexity_full",
             "ppl_ratio"} <= set(summary.columns)
     assert "latency_ms_mean" not in summary  # no replay columns in a closed-loop summary
+    assert not list(out.glob("*.png"))  # no latency or recall to draw
 
 
 def test_a_finished_run_is_not_recomputed(tiny, tmp_path, monkeypatch):

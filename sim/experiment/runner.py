@@ -77,13 +77,19 @@ class Report:
     wall_s: float = 0.0
     workers: int = 1
     backend: str = "local"
+    closed_loop: bool = False  # runs inside the model: decodes, not policy passes
 
     def lines(self) -> list[str]:
         out = [
             f"{self.completed} of {self.planned} runs done in {self.wall_s:.1f} s "
             f"({self.skipped} already complete) on {self.workers} {self.backend} worker(s)"
         ]
-        if self.passes or self.cached_passes:
+        if self.closed_loop and self.passes:
+            out.append(
+                f"closed-loop decodes: {self.passes} runs in {self.pass_s:.1f} s (each worker "
+                "prefills a prompt and decodes full attention's reference once)"
+            )
+        elif self.passes or self.cached_passes:
             out.append(
                 f"policy passes: {self.passes} computed ({self.pass_s:.1f} s), "
                 f"{self.cached_passes} from the pass cache, for {self.completed} runs; reuse "
@@ -161,7 +167,7 @@ def execute(
     """Run what the plan still needs; returns the summary of all its completed runs."""
     started = time.perf_counter()
     runs = plan.unique_runs()
-    report = Report(planned=len(runs))
+    report = Report(planned=len(runs), closed_loop=plan.config.closed_loop is not None)
     if plan.config.closed_loop is not None:
         from sim.experiment.closed_loop import check_texts
 
@@ -217,11 +223,17 @@ def _execute_locked(
     jobs = max(1, jobs or os.cpu_count() or 1)
     workers = 1 if scheduler is None and (jobs == 1 or len(groups) <= 1) else jobs
     report.workers, report.backend = workers, "dask" if scheduler else "local"
-    log(
-        f"{plan.config.name}: {len(runs)} runs in {len(plan.groups(runs))} policy "
-        f"passes over {len(plan.traces)} trace(s); {report.skipped} complete, "
-        f"{len(pending)} to run"
-    )
+    if plan.config.closed_loop is not None:
+        log(
+            f"{plan.config.name}: {len(runs)} closed-loop runs ({plan.config.closed_loop.task}"
+            f"); {report.skipped} complete, {len(pending)} to run"
+        )
+    else:
+        log(
+            f"{plan.config.name}: {len(runs)} runs in {len(plan.groups(runs))} policy "
+            f"passes over {len(plan.traces)} trace(s); {report.skipped} complete, "
+            f"{len(pending)} to run"
+        )
     if pending:
         _run_groups(plan, groups, traces, workers, scheduler, progress, report)
     summary = read_summary(plan)
