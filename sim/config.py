@@ -231,6 +231,35 @@ class RecordIoSpec(BaseModel):
     steps: int | None = Field(None, ge=1)
 
 
+class ClosedLoopSpec(BaseModel):
+    """``closed_loop:``: run each policy inside a real model (:mod:`sim.closed_loop`) instead of
+    replaying a trace. Every global attention layer attends only the policy's selection plus
+    the current token (sliding-window layers keep their window); full attention is run on the
+    same input as the reference.
+
+    ``task``: ``perplexity`` (teacher-forced: the text's first ``prompt_len`` tokens are the
+    prompt, the next ``tokens`` are fed one per step and scored; mean NLL per ``bucket``
+    positions) or ``agreement`` (greedy decoding of ``tokens`` after the prompt: tokens before
+    the first divergence from full attention, share of matching positions).
+    ``model``: a model kvsim loads (:data:`sim.trace.models.MODELS`); ``text``: a kvsim text
+    source (:mod:`sim.trace.sources`). ``prompt_len + tokens`` must fit the model's context
+    and, for ``perplexity``, the tokenised text.
+    """
+
+    model_config = _STRICT
+    task: Literal["perplexity", "agreement"]
+    model: str = "smollm2-135m"
+    text: str = "pydoc"
+    prompt_len: int = Field(512, ge=2)
+    tokens: int = Field(256, ge=1)
+    #: positions per perplexity bucket (``perplexity`` only; default 64)
+    bucket: int | None = Field(None, ge=1)
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.bucket is not None and self.task != "perplexity":
+            raise ValueError("bucket applies only to task perplexity")
+
+
 class SweepSpec(BaseModel):
     """Axes over config keys by dotted path (see :mod:`sim.sweep`): ``grid`` axes combine as a
     product, ``zip`` axes (equal lengths) advance together."""
@@ -249,7 +278,10 @@ class ExperimentConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     seed: int = Field(0, ge=0)
-    trace: TraceSpec
+    #: the trace the policies are replayed on; an experiment gives this or ``closed_loop``
+    trace: TraceSpec | None = None
+    #: run each policy inside the real model instead (:class:`ClosedLoopSpec`)
+    closed_loop: ClosedLoopSpec | None = None
     #: accuracy (exact attention, the costly part of long decodes) on decode steps 0, k, 2k, ...
     #: only; selections and the replay still cover every step. See sim.metrics.accuracy.
     accuracy_every: int = Field(1, ge=1)
@@ -267,6 +299,22 @@ class ExperimentConfig(BaseModel):
     output: str | None = None
     plot: bool = True
     figures: list[str | dict[str, Any]] = Field(default_factory=list)
+
+    def layout_problem(self) -> str | None:
+        """Why the experiment's top-level blocks do not fit together (one line naming the key),
+        or ``None``: exactly one of ``trace`` and ``closed_loop``; the trace replay's own
+        settings not beside ``closed_loop``."""
+        if self.trace is None and self.closed_loop is None:
+            return "trace: missing (give a trace: to replay, or a closed_loop: block)"
+        if self.trace is not None and self.closed_loop is not None:
+            return "closed_loop: give either trace: or closed_loop:, not both"
+        if self.closed_loop is not None:
+            for key in ("record_io", "figures", "model", "cache", "pipeline", "record",
+                        "accuracy_every", "device"):
+                if key in self.model_fields_set:
+                    hint = " (the model is closed_loop.model)" if key == "model" else ""
+                    return f"{key}: applies to trace replays, not to closed_loop{hint}"
+        return None
 
 
 MODELS_DIR = CONFIGS_DIR / "models"

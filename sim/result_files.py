@@ -32,6 +32,16 @@ when it asks for the flash schedule (``record_io:``, :mod:`sim.replay.io_record`
                                           issue and completion time
     runs/<run_id>/io_commands.parquet     each command: batch, step, layer, write, offset, size
 
+a closed-loop run (``closed_loop:``, :mod:`sim.experiment.closed_loop`) has run.yaml,
+summary.json and instead of the replay's records::
+
+    runs/<run_id>/closed_loop.csv         perplexity: per position bucket and over all, mean
+                                          NLL and perplexity under the policy and under full
+                                          attention, and their ratio
+    runs/<run_id>/tokens.parquet          per continuation position: the token and its NLL
+                                          under both (perplexity), or both greedy tokens
+                                          (agreement)
+
 and once ``kvsim replay`` has executed that schedule on real storage (:mod:`sim.io_replay`)::
 
     runs/<run_id>/io_replay.csv           measured against simulated I/O time per step and layer
@@ -58,6 +68,14 @@ ACCURACY = "accuracy.parquet"
 CLUSTERS = "clusters.parquet"
 STEPS = "steps.parquet"
 IO_SIZES = "io_sizes.csv"
+CLOSED_LOOP_TABLE = "closed_loop.csv"
+CLOSED_LOOP_TOKENS = "tokens.parquet"
+#: a closed-loop summary's metric columns, per task
+CLOSED_LOOP_COLUMNS = {
+    "perplexity": ["task", "tokens", "mean_nll", "perplexity", "mean_nll_full",
+                   "perplexity_full", "ppl_ratio", "decode_s", "hook_s"],
+    "agreement": ["task", "tokens", "first_divergence", "match_share", "decode_s", "hook_s"],
+}
 RUN_LENGTHS = "run_lengths.csv"
 
 # optional records (``record:``)

@@ -8,6 +8,7 @@ users get one line naming the first problem's dotted key and the offending value
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -20,6 +21,12 @@ _MAX_SHOWN_CHARS = 60
 STRICT_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def _unwrap_optional(annotation: Any) -> Any:
+    """``X`` of ``X | None`` (an optional block), else the annotation as it is."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return args[0] if len(args) == 1 and typing.get_args(annotation) else annotation
+
+
 def _valid_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str] | None:
     """Field names of the (nested) model that owns the key at ``loc`` (the key itself excluded)."""
     current: Any = model
@@ -29,7 +36,8 @@ def _valid_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str
         field = current.model_fields.get(str(part))
         if field is None:
             return None
-        current = field.annotation
+        current = _unwrap_optional(field.annotation)
+    current = _unwrap_optional(current)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return None

@@ -58,7 +58,7 @@ from sim.result_files import RUN_SETTINGS, RUN_SUMMARY, RUNS_DIR
 from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
 from sim.trace.capture import CaptureSettings
 from sim.trace.format import Trace, open_trace
-from sim.trace.sources import load_text
+from sim.trace.sources import load_text, source_name
 from sim.trace.split import check_decode_from, split_trace
 from sim.validation import pydantic_error_line
 from sim.yaml_input import read_yaml
@@ -136,9 +136,13 @@ def load_raw(path: Path) -> dict[str, Any]:
 
 def validate_config(data: dict[str, Any], where: str) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(data)
+        config = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {pydantic_error_line(exc, '', ExperimentConfig)}") from None
+    problem = config.layout_problem()
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
+    return config
 
 
 def plan(path: str | Path, output: str | Path | None = None) -> Plan:
@@ -156,7 +160,9 @@ def plan(path: str | Path, output: str | Path | None = None) -> Plan:
         config = validate_config(apply_point(raw, point, str(source)), where)
         validate_figure_specs(config.figures, where, config.record)
         in_point: dict[str, str] = {}
-        for run in _plan_point(config, point, where, traces, source.parent):
+        planned = (_plan_closed_loop(config, point, where) if config.closed_loop is not None
+                   else _plan_point(config, point, where, traces, source.parent))
+        for run in planned:
             if run.run_id in in_point:
                 raise ConfigError(
                     f"{where}: runs {in_point[run.run_id]!r} and {run.label!r} have identical "
@@ -301,6 +307,7 @@ def _as_spec(value: str | dict[str, Any]) -> dict[str, Any]:
 def _trace_source(config: ExperimentConfig, where: str) -> TraceSource:
     """The trace a point replays, its split (``trace.decode_from``) checked against the
     trace's positions and stored queries (from its manifest, or its capture settings)."""
+    assert config.trace is not None  # a closed-loop config is planned by _plan_closed_loop
     decode_from = config.trace.decode_from
     if config.trace.path is not None:
         path = Path(config.trace.path)
@@ -457,6 +464,80 @@ def _plan_point(
         run.run_id = digest(run.identity())
         runs.append(run)
     return runs
+
+
+def _plan_closed_loop(
+    config: ExperimentConfig, point: dict[str, Any], where: str
+) -> list[RunPlan]:
+    """The runs of one point of a closed-loop experiment: one per policy entry, each checked
+    against the model's context and its own length (the text's length is checked once its
+    tokenizer is loaded, :func:`sim.experiment.closed_loop.check_texts`)."""
+    from sim.trace.models import MODELS
+
+    spec = config.closed_loop
+    assert spec is not None  # called for closed-loop configs only
+    known = MODELS.get(spec.model)
+    if known is None:
+        raise ConfigError(f"{where}: closed_loop.model: unknown model {spec.model!r}; valid: "
+                          f"{', '.join(MODELS)}")
+    total = spec.prompt_len + spec.tokens
+    if total > known.max_positions:
+        raise ConfigError(
+            f"{where}: closed_loop.tokens: prompt_len + tokens = {total} exceeds "
+            f"{spec.model}'s {known.max_positions} positions"
+        )
+    try:
+        source_name(spec.text)
+        if spec.text.startswith("file:"):
+            load_text(spec.text)
+    except CaptureError as exc:
+        raise ConfigError(f"{where}: closed_loop.text: {exc}") from None
+    task = spec.model_dump()
+    if spec.task == "perplexity" and task["bucket"] is None:
+        task["bucket"] = DEFAULT_BUCKET
+    trace = TraceSource(
+        key="closed_loop:" + digest({k: task[k] for k in ("model", "text", "prompt_len")}),
+        name=f"{spec.model}/{spec.text}/{spec.prompt_len}+{spec.tokens} ({spec.task})",
+        prompt_len=spec.prompt_len,
+    )
+    runs: list[RunPlan] = []
+    labels: set[str] = set()
+    for index, entry in enumerate(config.policies):
+        at = f"{where}: policies[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: expected a mapping with a 'type' key, got {entry!r}")
+        open_loop = [key for key in ("layout", "cache", "pipeline") if key in entry]
+        if open_loop:
+            raise ConfigError(f"{at}.{open_loop[0]}: applies to trace replays, not to "
+                              "closed_loop")
+        given = {k: v for k, v in entry.items() if k not in RUN_KEYS}
+        policy = POLICIES.create(given, where=at)
+        policy_spec = {"type": given["type"], **_parameters(policy)}
+        label = str(entry.get("label", given["type"]))
+        if label in labels:
+            raise ConfigError(f"{at}: duplicate run label {label!r}; give each a distinct 'label'")
+        labels.add(label)
+        if policy.min_context() > spec.prompt_len:
+            raise ConfigError(
+                f"{at}.budget: {policy.min_context()} tokens exceeds the prompt "
+                f"({spec.prompt_len} tokens)"
+            )
+        run = RunPlan(
+            run_id="", pass_id="", label=label, point=_applicable(point, policy_spec),
+            trace=trace, policy=policy_spec, layout=None, device={}, model=None,
+            kv_dtype=config.kv_dtype, cache={}, pipeline={}, seed=config.seed,
+            experiment=config.name, closed_loop=task,
+        )
+        # each run is its own unit of work (spread over workers); a worker reuses the model,
+        # the prompt's prefill and full attention's reference across the runs it is given
+        run.run_id = digest(run.identity())
+        run.pass_id = run.run_id
+        runs.append(run)
+    return runs
+
+
+#: positions per perplexity bucket when closed_loop.bucket is not given
+DEFAULT_BUCKET = 64
 
 
 def _cache_settings(cache: CacheSpec) -> dict[str, Any]:

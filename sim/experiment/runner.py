@@ -77,13 +77,19 @@ class Report:
     wall_s: float = 0.0
     workers: int = 1
     backend: str = "local"
+    closed_loop: bool = False  # runs inside the model: decodes, not policy passes
 
     def lines(self) -> list[str]:
         out = [
             f"{self.completed} of {self.planned} runs done in {self.wall_s:.1f} s "
             f"({self.skipped} already complete) on {self.workers} {self.backend} worker(s)"
         ]
-        if self.passes or self.cached_passes:
+        if self.closed_loop and self.passes:
+            out.append(
+                f"closed-loop decodes: {self.passes} runs in {self.pass_s:.1f} s (each worker "
+                "prefills a prompt and decodes full attention's reference once)"
+            )
+        elif self.passes or self.cached_passes:
             out.append(
                 f"policy passes: {self.passes} computed ({self.pass_s:.1f} s), "
                 f"{self.cached_passes} from the pass cache, for {self.completed} runs; reuse "
@@ -161,7 +167,14 @@ def execute(
     """Run what the plan still needs; returns the summary of all its completed runs."""
     started = time.perf_counter()
     runs = plan.unique_runs()
-    report = Report(planned=len(runs))
+    report = Report(planned=len(runs), closed_loop=plan.config.closed_loop is not None)
+    if plan.config.closed_loop is not None:
+        from sim.experiment.closed_loop import check_texts
+
+        # the model loads and the text is long enough: found before anything is written (for
+        # the runs still to do: a finished experiment reruns without loading the model)
+        check_texts([run for run in runs if force or not plan.is_complete(run)],
+                    str(plan.source))
     traces = obtain_traces(plan, progress, log)
     # the traces captured just now are known only here: checked before anything is written
     paths = {key: path for key, (path, _) in traces.items()}
@@ -210,11 +223,17 @@ def _execute_locked(
     jobs = max(1, jobs or os.cpu_count() or 1)
     workers = 1 if scheduler is None and (jobs == 1 or len(groups) <= 1) else jobs
     report.workers, report.backend = workers, "dask" if scheduler else "local"
-    log(
-        f"{plan.config.name}: {len(runs)} runs in {len(plan.groups(runs))} policy "
-        f"passes over {len(plan.traces)} trace(s); {report.skipped} complete, "
-        f"{len(pending)} to run"
-    )
+    if plan.config.closed_loop is not None:
+        log(
+            f"{plan.config.name}: {len(runs)} closed-loop runs ({plan.config.closed_loop.task}"
+            f"); {report.skipped} complete, {len(pending)} to run"
+        )
+    else:
+        log(
+            f"{plan.config.name}: {len(runs)} runs in {len(plan.groups(runs))} policy "
+            f"passes over {len(plan.traces)} trace(s); {report.skipped} complete, "
+            f"{len(pending)} to run"
+        )
     if pending:
         _run_groups(plan, groups, traces, workers, scheduler, progress, report)
     summary = read_summary(plan)
@@ -251,11 +270,17 @@ def _run_groups(
 
     def args(group: PassGroup) -> tuple[list[RunPlan], str, str, int, str | None]:
         runs_dir = str(plan.runs_dir)
-        return (group.runs, traces[group.runs[0].trace.key][0], runs_dir, threads,
-                None if cache is None else str(cache))
+        return (group.runs, traces.get(group.runs[0].trace.key, ("", {}))[0], runs_dir,
+                threads, None if cache is None else str(cache))
 
-    def verified(group: PassGroup) -> dict[str, Any]:
-        return traces[group.runs[0].trace.key][1]
+    def verified(group: PassGroup) -> dict[str, Any] | None:
+        return traces[group.runs[0].trace.key][1] if group.runs[0].trace.key in traces else None
+
+    work: Callable[..., dict[str, Any]] = run_group
+    if plan.config.closed_loop is not None:  # a closed-loop run: no trace, no policy pass
+        from sim.experiment.closed_loop import run_closed_loop_group
+
+        work = run_closed_loop_group
 
     def failed(group: PassGroup, exc: BaseException) -> None:
         if os.environ.get("KVSIM_DEBUG"):
@@ -271,7 +296,7 @@ def _run_groups(
 
         for group in groups:
             try:
-                account(group, run_group(*args(group), on_progress=show if progress else None,
+                account(group, work(*args(group), on_progress=show if progress else None,
                                          verified=verified(group)))
             except Exception as exc:  # the group's completed runs are already saved
                 failed(group, exc)
@@ -289,7 +314,7 @@ def _run_groups(
         return str(progress_dir / f"{group.pass_id}.json")
 
     futures = {
-        executor.submit(run_group, *args(group), progress_file(group) if progress else None,
+        executor.submit(work, *args(group), progress_file(group) if progress else None,
                         verified=verified(group)):
         group for group in groups
     }

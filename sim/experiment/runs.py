@@ -54,11 +54,15 @@ class RunPlan:
     record: dict[str, Any] = field(default_factory=dict)  # extra records (RecordSpec)
     accuracy_every: int = 1  # accuracy on decode steps 0, k, 2k, ... (accuracy_every)
     record_io: dict[str, Any] = field(default_factory=dict)  # flash schedule (RecordIoSpec)
+    #: the closed-loop task (ClosedLoopSpec, defaults filled in); empty: a trace replay
+    closed_loop: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the run's results (what ``run_id`` hashes); the split
         point, ``accuracy_every`` and ``record_io`` only when set, so other runs keep their
-        ids."""
+        ids. A closed-loop run: its task, policy and seed (no device, cache or layout)."""
+        if self.closed_loop:
+            return {"closed_loop": self.closed_loop, "policy": self.policy, "seed": self.seed}
         return {
             **self.trace.identity(),
             **({"accuracy_every": self.accuracy_every} if self.accuracy_every != 1 else {}),

@@ -36,6 +36,7 @@ from sim.atomic import TEMPORARY_GLOB, atomic_write, atomic_write_text
 from sim.errors import KvsimError
 from sim.result_files import (
     ACCURACY,
+    CLOSED_LOOP_COLUMNS,
     CLUSTERS,
     EXPERIMENT,
     IO_SIZES,
@@ -106,6 +107,19 @@ def write_run(
         sim.steps.to_parquet(tmp / STEPS, index=False)
         sim.io_sizes.to_csv(tmp / IO_SIZES, index=False)
         sim.run_lengths.to_csv(tmp / RUN_LENGTHS, index=False)
+        (tmp / RUN_SETTINGS).write_text(yaml.safe_dump(settings, sort_keys=False))
+        (tmp / RUN_SUMMARY).write_text(json.dumps(_json_safe(row), indent=1))
+
+
+def write_closed_loop_run(
+    run_dir: Path, settings: dict[str, Any], row: dict[str, Any], records: dict[str, Any]
+) -> None:
+    """All files of one closed-loop run, or none (as :func:`write_run`): ``records``: file
+    name -> table (:mod:`sim.experiment.closed_loop`)."""
+    with atomic_write(run_dir) as tmp:
+        tmp.mkdir()
+        for name, data in records.items():
+            _write_record(tmp / name, data)
         (tmp / RUN_SETTINGS).write_text(yaml.safe_dump(settings, sort_keys=False))
         (tmp / RUN_SUMMARY).write_text(json.dumps(_json_safe(row), indent=1))
 
@@ -181,8 +195,14 @@ def read_summary(plan: Plan) -> pd.DataFrame:
         if path.exists():
             row = {k: v for k, v in json.loads(path.read_text()).items() if k not in plan.axes}
             rows.append({**row, **{key: summary_cell(value) for key, value in run.point.items()}})
-    leading = list(dict.fromkeys(["run_id", "run", *plan.axes, "trace", "device", "model"]))
-    columns = leading + [c for c in SUMMARY_COLUMNS if c not in leading]
+    closed_loop = plan.config.closed_loop
+    if closed_loop is not None:  # no device; the task's metrics
+        leading = list(dict.fromkeys(["run_id", "run", *plan.axes, "trace", "model"]))
+        metrics = CLOSED_LOOP_COLUMNS[closed_loop.task]
+    else:
+        leading = list(dict.fromkeys(["run_id", "run", *plan.axes, "trace", "device", "model"]))
+        metrics = list(SUMMARY_COLUMNS)
+    columns = leading + [c for c in metrics if c not in leading]
     frame = pd.DataFrame(rows)
     for column in columns:
         if column not in frame:

@@ -158,9 +158,19 @@ DISPLAY_COLUMNS = {
 }
 
 
+#: the printed table of a closed-loop run (sim.experiment.closed_loop): summary column -> header
+CLOSED_LOOP_DISPLAY = {
+    "task": "task", "tokens": "tokens", "perplexity": "ppl", "perplexity_full": "ppl_full",
+    "ppl_ratio": "ppl_ratio", "first_divergence": "first_divergence",
+    "match_share": "match_share", "decode_s": "decode_s",
+}
+
+
 def format_table(summary: pd.DataFrame, axes: list[str] | tuple[str, ...] = ()) -> str:
     """The results table printed after a run (a subset of the summary, rounded); ``axes``: the
     sweep's columns, shown after the run label."""
-    columns = {"run": "run", **{a: a for a in axes}, **DISPLAY_COLUMNS}
+    metrics = DISPLAY_COLUMNS if "task" not in summary else CLOSED_LOOP_DISPLAY
+    columns = {"run": "run", **{a: a for a in axes}, **metrics}
+    columns = {key: name for key, name in columns.items() if key in summary}
     shown = summary[list(columns)].rename(columns=columns)
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")

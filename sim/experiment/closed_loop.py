@@ -1,0 +1,243 @@
+"""Closed-loop runs of ``kvsim run`` (an experiment's ``closed_loop:`` block,
+:class:`sim.config.ClosedLoopSpec`): each run is one policy inside the real model
+(:mod:`sim.closed_loop`), scored against full attention on the same input.
+
+* :func:`check_texts` (coordinator, before anything is written): the model loads (else the
+  one-line install hint of the ``capture`` extra) and the text holds the prompt and, for
+  ``perplexity``, the continuation.
+* :func:`run_closed_loop_group` (worker): the runs it is given, one after another; the model,
+  the prompt's prefill (:func:`sim.closed_loop.driver.prefill`) and full attention's reference
+  decode are computed once per worker process and reused by every run on the same (model,
+  text, prompt), whichever policy or budget it has. Each run's files are written as it
+  completes (:func:`sim.experiment.store.write_closed_loop_run`).
+
+Records per run (:mod:`sim.result_files`): ``closed_loop.csv`` (perplexity: per position
+bucket and over all, the policy's and full attention's mean NLL and perplexity and their
+ratio) and ``tokens.parquet`` (per continuation position: the token, and its NLL under the
+policy and under full attention; agreement: the policy's and full attention's greedy tokens).
+torch and transformers are imported only when a run starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sim.errors import CaptureError, ConfigError
+from sim.experiment.runs import RunPlan, code_fingerprint
+from sim.experiment.store import summary_cell, write_closed_loop_run
+from sim.result_files import CLOSED_LOOP_TABLE, CLOSED_LOOP_TOKENS
+
+#: torch threads of a closed-loop run (its numbers then depend on neither -j nor the cores)
+THREADS = 1
+
+
+def load(name: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a model kvsim loads (kept in-process by
+    :func:`sim.trace.models.load_model`); CaptureError with the install hint without the
+    ``capture`` extra."""
+    from sim.trace.models import load_model
+
+    try:
+        loaded = load_model(name, progress=False)
+    except CaptureError as exc:  # the install hint speaks of capture: say what needs it
+        raise CaptureError(f"closed_loop.model: {exc}".replace(
+            "trace capture needs", "closed-loop runs need")) from None
+    return loaded.model, loaded.tokenizer
+
+
+def needed_tokens(task: dict[str, Any]) -> int:
+    """Tokens of the text a task reads: the prompt, and the continuation if teacher-forced."""
+    return task["prompt_len"] + (task["tokens"] if task["task"] == "perplexity" else 0)
+
+
+_IDS: dict[tuple[str, str, int], list[int]] = {}
+
+
+def text_ids(task: dict[str, Any]) -> list[int]:
+    """The text's first :func:`needed_tokens` token ids (kept per process); CaptureError if the
+    model cannot load, ConfigError naming ``closed_loop.text`` if the text is too short."""
+    from sim.trace.capture import _tokenize_prefix
+    from sim.trace.sources import load_text
+
+    n = needed_tokens(task)
+    key = (task["model"], task["text"], n)
+    if key not in _IDS:
+        _model, tokenizer = load(task["model"])
+        try:
+            ids, _bos = _tokenize_prefix(tokenizer, load_text(task["text"]), n)
+        except CaptureError:
+            what = ("prompt_len + tokens" if task["task"] == "perplexity" else "prompt_len")
+            raise ConfigError(
+                f"closed_loop.text: {task['text']!r} has fewer than {what} = {n} tokens of "
+                f"{task['model']}; use a longer text or fewer tokens"
+            ) from None
+        _IDS[key] = ids
+    return _IDS[key]
+
+
+def check_texts(runs: list[RunPlan], where: str) -> None:
+    """Every distinct task's text, tokenised: raises one-line ConfigError / CaptureError before
+    anything is written (the model is loaded here, and kept for an in-process run)."""
+    seen: set[str] = set()
+    for run in runs:
+        key = repr(sorted(run.closed_loop.items()))
+        if key not in seen:
+            seen.add(key)
+            try:
+                text_ids(run.closed_loop)
+            except (ConfigError, CaptureError) as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+
+
+# the worker's reuse: one prefill and the full-attention references made from it
+_PREFILLED: dict[tuple[Any, ...], Any] = {}
+_REFERENCES: dict[tuple[Any, ...], Any] = {}
+
+
+def _prefilled(model: Any, task: dict[str, Any], ids: list[int]) -> Any:
+    from sim.closed_loop.driver import prefill
+
+    key = (task["model"], task["text"], task["prompt_len"], task["prompt_len"] + task["tokens"])
+    if key not in _PREFILLED:
+        _PREFILLED.clear()
+        _REFERENCES.clear()
+        _PREFILLED[key] = prefill(model, ids[: task["prompt_len"]], key[-1])
+    return _PREFILLED[key]
+
+
+def _decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, seed: int,
+            shared: Any) -> Any:
+    from sim.closed_loop.driver import decode
+    from sim.closed_loop.perplexity import teacher_forced
+
+    if task["task"] == "perplexity":
+        return teacher_forced(model, ids, task["prompt_len"], task["tokens"], policy, seed,
+                              prefilled=shared)
+    return decode(model, ids[: task["prompt_len"]], task["tokens"], policy, seed,
+                  prefilled=shared)
+
+
+def _reference(model: Any, task: dict[str, Any], ids: list[int], seed: int, shared: Any) -> Any:
+    key = (task["task"], task["tokens"], seed)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _decode(model, task, ids, None, seed, shared)
+    return _REFERENCES[key]
+
+
+def perplexity_records(
+    nll: np.ndarray, nll_full: np.ndarray, prompt_len: int, bucket: int
+) -> pd.DataFrame:
+    """Per bucket of ``bucket`` positions and over all (``bucket`` "all"): the policy's and
+    full attention's mean NLL and perplexity, and ``ppl_ratio`` = exp(mean NLL difference)."""
+    from sim.closed_loop.perplexity import perplexity_table
+
+    table = perplexity_table(nll, prompt_len, bucket)
+    full = perplexity_table(nll_full, prompt_len, bucket)
+    table["mean_nll_full"] = full["mean_nll"]
+    table["perplexity_full"] = full["perplexity"]
+    table["ppl_ratio"] = np.exp(table["mean_nll"] - table["mean_nll_full"])
+    return table
+
+
+def _task_results(task: dict[str, Any], run: Any, reference: Any) -> tuple[
+        dict[str, Any], dict[str, Any]]:
+    """(summary metrics, record files) of one decode against full attention's."""
+    from sim.closed_loop.agreement import agreement
+
+    positions = task["prompt_len"] + np.arange(task["tokens"])
+    if task["task"] == "perplexity":
+        table = perplexity_records(run.nll, reference.nll, task["prompt_len"], task["bucket"])
+        total = table.iloc[-1]
+        metrics = {
+            "mean_nll": float(total["mean_nll"]),
+            "perplexity": float(total["perplexity"]),
+            "mean_nll_full": float(total["mean_nll_full"]),
+            "perplexity_full": float(total["perplexity_full"]),
+            "ppl_ratio": float(total["ppl_ratio"]),
+        }
+        tokens = pd.DataFrame({"position": positions, "token": run.tokens, "nll": run.nll,
+                               "nll_full": reference.nll})
+        return metrics, {CLOSED_LOOP_TABLE: table, CLOSED_LOOP_TOKENS: tokens}
+    first, share = agreement(reference.tokens, run.tokens)
+    metrics = {"first_divergence": first, "match_share": share}
+    tokens = pd.DataFrame({"position": positions, "token": run.tokens,
+                           "token_full": reference.tokens,
+                           "match": run.tokens == reference.tokens})
+    return metrics, {CLOSED_LOOP_TOKENS: tokens}
+
+
+def run_closed_loop_group(
+    runs: list[RunPlan],
+    trace_path: str,
+    runs_dir: str,
+    threads: int = 1,
+    pass_cache: str | None = None,
+    progress_file: str | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    verified: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run and write each of ``runs`` (closed-loop runs); the signature of
+    :func:`sim.experiment.pass_group.run_group`, whose trace, pass cache and verification
+    arguments a closed-loop run has no use for (``threads`` too: see :data:`THREADS`).
+    Returns ``{"pass_s", "pass_cached", "sim_s", "rows"}`` (``pass_s``: the decodes' wall
+    time)."""
+    import torch
+
+    from sim.experiment.group_progress import GroupProgress, ProgressFile
+    from sim.policies import POLICIES
+
+    sink = on_progress or (ProgressFile(progress_file) if progress_file else None)
+    tracker = GroupProgress(sink)
+    code = code_fingerprint()
+    rows, decode_s = [], 0.0
+    for run in runs:
+        task = run.closed_loop
+        tracker.start(run.label, "closed loop", 1, "run")
+        model, _tokenizer = load(task["model"])
+        # one intra-op thread whatever the worker count: torch's reductions differ in the last
+        # bits with the thread count, and a run's numbers must not depend on -j (measured:
+        # perplexity differed by ~1e-7 relative between one and two threads)
+        torch.set_num_threads(THREADS)
+        ids = text_ids(task)
+        start = time.perf_counter()
+        shared = _prefilled(model, task, ids)
+        reference = _reference(model, task, ids, run.seed, shared)
+        policy = POLICIES.create(run.policy, where=f"run {run.label}")
+        result = _decode(model, task, ids, policy, run.seed, shared)
+        wall_s = time.perf_counter() - start
+        decode_s += wall_s
+        metrics, records = _task_results(task, result, reference)
+        row = {
+            "run_id": run.run_id,
+            "run": run.label,
+            "trace": run.trace.name,
+            "model": task["model"],
+            "task": task["task"],
+            "tokens": task["tokens"],
+            **metrics,
+            "decode_s": round(result.decode_s, 3),
+            "hook_s": round(result.hook_s, 3),
+            **{key: summary_cell(value) for key, value in run.point.items()},
+        }
+        settings = {
+            "experiment": run.experiment,
+            "run": run.label,
+            "run_id": run.run_id,
+            "point": run.point,
+            "closed_loop": task,
+            "seed": run.seed,
+            "policy": run.policy,
+            "timing_s": {"run": round(wall_s, 3), "decode": round(result.decode_s, 3),
+                         "hook": round(result.hook_s, 3)},
+            "code": code,
+        }
+        write_closed_loop_run(Path(runs_dir) / run.run_id, settings, row, records)
+        tracker.advance()
+        rows.append(row)
+    return {"pass_s": decode_s, "pass_cached": False, "sim_s": [], "rows": rows}
