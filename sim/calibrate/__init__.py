@@ -7,7 +7,8 @@ measurement file (the sequential-write figure of the fill), 15% times the CPU ke
 rest is split evenly over the storage patterns (:data:`PATTERNS`), so the whole takes about
 ``seconds`` whatever the device (the fill stops at its share: a slow device measures a smaller
 file, which the preset's header says). Modules: :mod:`~sim.calibrate.storage` (the O_DIRECT
-file and the threads that issue commands on it), :mod:`~sim.calibrate.patterns` (the patterns
+file and the threads that issue commands on it), :mod:`~sim.calibrate.uring` (issuing them
+through io_uring from one thread instead), :mod:`~sim.calibrate.patterns` (the patterns
 and the built-in and fio measurers), :mod:`~sim.calibrate.fit` (the flash model's parameters),
 :mod:`~sim.calibrate.cpu` (numpy kernels and the roofline), :mod:`~sim.calibrate.preset` (the
 YAML).
