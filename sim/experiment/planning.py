@@ -54,6 +54,7 @@ from sim.kv.replacement import REPLACEMENTS
 from sim.model import ModelGeometry
 from sim.paths import REPO_ROOT, trace_cache_dir
 from sim.policies import POLICIES
+from sim.policies.base import RetrievalPolicy
 from sim.result_files import RUN_SETTINGS, RUN_SUMMARY, RUNS_DIR
 from sim.sweep import RUN_KEYS, apply_point, describe_point, expand
 from sim.trace.capture import CaptureSettings
@@ -425,20 +426,9 @@ def _plan_point(
         pipeline = _override(PipelineSpec, config.pipeline, entry.get("pipeline"),
                              f"{at}.pipeline")
         REPLACEMENTS.create(cache.replacement, where=f"{at}.cache.replacement")
-        policy = POLICIES.create(given, where=at)
-        # every parameter, defaults filled in: {dynakv} and {dynakv, buffer_max: <default>} are
-        # the same run and share one policy pass
-        policy_spec = {"type": given["type"], **_parameters(policy)}
-        label = str(entry.get("label", given["type"]))
-        if label in labels:
-            raise ConfigError(f"{at}: duplicate run label {label!r}; give each a distinct 'label'")
-        labels.add(label)
+        policy, policy_spec, label = _entry_policy(entry, given, at, labels)
         _check_speculative(policy, trace, at)
-        if policy.min_context() > trace.prompt_len:
-            raise ConfigError(
-                f"{at}.budget: {policy.min_context()} tokens exceeds the prompt "
-                f"({trace.prompt_len} tokens)"
-            )
+        _check_budget(policy, trace.prompt_len, at)
         pass_key = {**trace.identity(), "policy": policy_spec, "seed": config.seed}
         if config.accuracy_every != 1:
             pass_key["accuracy_every"] = config.accuracy_every
@@ -511,17 +501,8 @@ def _plan_closed_loop(
             raise ConfigError(f"{at}.{open_loop[0]}: applies to trace replays, not to "
                               "closed_loop")
         given = {k: v for k, v in entry.items() if k not in RUN_KEYS}
-        policy = POLICIES.create(given, where=at)
-        policy_spec = {"type": given["type"], **_parameters(policy)}
-        label = str(entry.get("label", given["type"]))
-        if label in labels:
-            raise ConfigError(f"{at}: duplicate run label {label!r}; give each a distinct 'label'")
-        labels.add(label)
-        if policy.min_context() > spec.prompt_len:
-            raise ConfigError(
-                f"{at}.budget: {policy.min_context()} tokens exceeds the prompt "
-                f"({spec.prompt_len} tokens)"
-            )
+        policy, policy_spec, label = _entry_policy(entry, given, at, labels)
+        _check_budget(policy, spec.prompt_len, at)
         run = RunPlan(
             run_id="", pass_id="", label=label, point=_applicable(point, policy_spec),
             trace=trace, policy=policy_spec, layout=None, device={}, model=None,
@@ -534,6 +515,30 @@ def _plan_closed_loop(
         run.pass_id = run.run_id
         runs.append(run)
     return runs
+
+
+def _entry_policy(
+    entry: dict[str, Any], given: dict[str, Any], at: str, labels: set[str]
+) -> tuple[RetrievalPolicy, dict[str, Any], str]:
+    """One ``policies:`` entry's policy (``given``: its policy keys), its spec with every
+    parameter, defaults filled in ({dynakv} and {dynakv, buffer_max: <default>} are the same
+    run and share one policy pass), and its run label, unique among ``labels`` (added)."""
+    policy = POLICIES.create(given, where=at)
+    policy_spec = {"type": given["type"], **_parameters(policy)}
+    label = str(entry.get("label", given["type"]))
+    if label in labels:
+        raise ConfigError(f"{at}: duplicate run label {label!r}; give each a distinct 'label'")
+    labels.add(label)
+    return policy, policy_spec, label
+
+
+def _check_budget(policy: RetrievalPolicy, prompt_len: int, at: str) -> None:
+    """The policy's smallest context (its budget, sinks and window) must fit in the prompt."""
+    if policy.min_context() > prompt_len:
+        raise ConfigError(
+            f"{at}.budget: {policy.min_context()} tokens exceeds the prompt "
+            f"({prompt_len} tokens)"
+        )
 
 
 #: positions per perplexity bucket when closed_loop.bucket is not given
