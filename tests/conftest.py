@@ -8,6 +8,7 @@ import pytest
 
 from sim.hardware import ComputeParams, DeviceParams, DramParams, FlashParams
 from sim.policies.base import RetrievalPolicy
+from tests.direct_io import direct_io_problem
 
 FIXTURE_TRACE = Path(__file__).resolve().parent.parent / "traces" / "sample" / (
     "smollm2-135m_pydoc_p160_d24"
@@ -61,3 +62,14 @@ class HandPolicy(RetrievalPolicy):
 
     def select_layer(self, ctx):  # pragma: no cover - the tests build PolicyPass directly
         raise NotImplementedError
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Path:
+    """An empty directory where O_DIRECT works (skips the test where it does not)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    problem = direct_io_problem(disk)
+    if problem:
+        pytest.skip(f"O_DIRECT unusable on the test directory: {problem}")
+    return disk

@@ -39,23 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TRACE = REPO / "traces" / "sample" / "smollm2-135m_pydoc_p160_d24"
 
 
-def _direct_io_problem(directory: Path) -> str | None:
-    """Why O_DIRECT cannot be used under ``directory`` (None: it can)."""
-    try:
-        with DirectFile(directory, 1 << 20):
-            return None
-    except StorageError as exc:
-        return str(exc)
-
-
-@pytest.fixture
-def direct_dir(tmp_path: Path) -> Path:
-    problem = _direct_io_problem(tmp_path)
-    if problem:
-        pytest.skip(f"O_DIRECT unusable on the test directory: {problem}")
-    return tmp_path
-
-
 def _synthetic(params: FlashParams) -> list[Observation]:
     """The calibration's read and write patterns, measured on the SimPy flash model."""
     return [

@@ -22,7 +22,6 @@ from sim import __version__
 from sim.calibrate.storage import ALIGN, DirectFile
 from sim.cli import main
 from sim.config import PipelineSpec, RecordIoSpec
-from sim.errors import StorageError
 from sim.io_replay import load_schedule, replay_run
 from sim.io_replay.compare import compare, correlation, union_us
 from sim.io_replay.execute import FILE_PREFIX, FILL_IO_BYTES, file_bytes, phases
@@ -31,6 +30,7 @@ from sim.model import ModelGeometry
 from sim.replay import SimSetup, simulate
 from sim.replay.io_record import SCHEMA, SCHEMA_VERSION, sampled_steps
 from sim.result_files import IO_BATCHES, IO_COMMANDS, IO_REPLAY_STEPS, IO_SCHEDULE
+from tests.direct_io import direct_io_problem
 
 from .test_engine import (
     DENSE_PRE_US,
@@ -46,22 +46,6 @@ SAMPLE_TRACE = REPO / "traces" / "sample" / "smollm2-135m_pydoc_p160_d24"
 WRITE_PAGE_US = 100 + 4096 / 2048  # HAND_DEVICE: unit time + one page over the link
 
 
-def _direct_io_problem(directory: Path) -> str | None:
-    try:
-        with DirectFile(directory, 1 << 20):
-            return None
-    except StorageError as exc:
-        return str(exc)
-
-
-@pytest.fixture
-def direct_dir(tmp_path: Path) -> Path:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    problem = _direct_io_problem(disk)
-    if problem:
-        pytest.skip(f"O_DIRECT unusable on the test directory: {problem}")
-    return disk
 
 
 # --- recording ---------------------------------------------------------------------------
@@ -511,7 +495,7 @@ def test_refused_o_direct_and_a_failing_command_leave_nothing(
                     "replay --path: .* refuses O_DIRECT")
     monkeypatch.setattr(os, "open", real_open)
     _nothing_left(run_dir, disk)
-    if _direct_io_problem(disk):
+    if direct_io_problem(disk):
         return
     real_read = os.preadv
     reads = [0]
