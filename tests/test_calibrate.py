@@ -258,6 +258,18 @@ def test_fio_command_runs_the_builtin_issuing_model(direct_dir: Path) -> None:
         measured = fio.measure(Pattern(4096, 2), 0.3, seed=1)
         assert measured.iops > 0 and measured.mb_s == pytest.approx(
             measured.iops * 4096 / 1e6, rel=0.02)
+        if not FioMeasurer(file).has_engine("io_uring"):
+            return
+        # the io_uring issuer's model: one job, one stream, QD deep, whatever the pattern
+        uring = FioMeasurer(file, "io_uring")
+        for pattern in (Pattern(4096, 8), Pattern(512 * KIB, 8, random=False, write=True)):
+            args = uring.command(pattern, 0.5, seed=3)
+            assert "--ioengine=io_uring" in args and "--iodepth=8" in args
+            assert not any(a.startswith(("--numjobs", "--offset_increment")) for a in args)
+            assert f"--size={8 << 20}" in args
+        measured = uring.measure(Pattern(4096, 4), 0.3, seed=1)
+        assert measured.iops > 0 and measured.mb_s == pytest.approx(
+            measured.iops * 4096 / 1e6, rel=0.02)
 
 
 # --- the command: bad input --------------------------------------------------------------

@@ -176,7 +176,8 @@ def calibrate(
             tick("storage patterns")
             measurers: list[Measurer] = []
             if measurer in ("fio", "both"):
-                measurers.append(FioMeasurer(file))
+                measurers.append(FioMeasurer(
+                    file, "io_uring" if isinstance(io, UringIssuer) else "psync"))
             if measurer in ("builtin", "both"):
                 measurers.insert(0, BuiltinMeasurer(file, io))
             measurements = _measure_storage(

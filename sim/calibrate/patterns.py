@@ -1,9 +1,10 @@
 """The storage patterns kvsim calibrate measures, and two measurers that run them on a
-:class:`~sim.calibrate.storage.DirectFile`: the built-in one (:class:`BuiltinMeasurer`, threads
-issuing ``os.preadv``/``os.pwritev``) and fio (:class:`FioMeasurer`, its ``psync`` engine with
-one thread per command in flight, the built-in's issuing model, so that the two measure the
-same thing; the Debian and Termux package ``fio``), whose ``--output-format=json`` report is
-parsed.
+:class:`~sim.calibrate.storage.DirectFile`: the built-in one (:class:`BuiltinMeasurer`,
+io_uring from one thread, or threads issuing ``os.preadv``/``os.pwritev``) and fio
+(:class:`FioMeasurer`, the Debian and Termux package ``fio``, whose ``--output-format=json``
+report is parsed), run with the engine that issues as the built-in measurer does (its
+``io_uring`` engine with ``iodepth`` = the queue depth, or ``psync`` with one thread per
+command in flight), so that the two measure the same thing.
 """
 
 from __future__ import annotations
@@ -93,33 +94,49 @@ def fio_available() -> bool:
 
 
 class FioMeasurer:
-    """fio on the same file, ``--direct=1``, time based, the built-in measurer's issuing model:
-    random patterns with ``--ioengine=psync --thread --numjobs=QD`` (QD threads, each issuing
-    one synchronous command at a time); sequential ones as one stream kept QD deep,
-    ``--ioengine=libaio --iodepth=QD`` (the built-in's threads take consecutive commands from
-    one source), or, where fio has no libaio (Termux), QD threads each reading its own stream
-    ``region / QD`` apart."""
+    """fio on the same file, ``--direct=1``, time based, issuing as the built-in measurer does:
+
+    * ``engine="io_uring"`` (the built-in's :class:`~sim.calibrate.uring.UringIssuer`): one job,
+      ``--ioengine=io_uring --iodepth=QD``, every pattern one stream of commands kept QD deep;
+    * ``engine="psync"`` (the built-in's threads): random patterns with ``--ioengine=psync
+      --thread --numjobs=QD`` (QD threads, each issuing one synchronous command at a time);
+      sequential ones as one stream kept QD deep, ``--ioengine=libaio --iodepth=QD`` (the
+      built-in's threads take consecutive commands from one source), or, where fio has no
+      libaio (Termux), QD threads each reading its own stream ``region / QD`` apart.
+    """
 
     name = "fio"
 
-    def __init__(self, file: DirectFile) -> None:
+    def __init__(self, file: DirectFile, engine: str = "psync") -> None:
         if not fio_available():
             raise StorageError("calibrate --measurer fio: the fio program is not installed")
+        if engine not in ("io_uring", "psync"):
+            raise ValueError(f"engine must be io_uring or psync, got {engine!r}")
         self.file = file
-        self._libaio: bool | None = None
+        self.engine = engine
+        self._engines: dict[str, bool] = {}
+        if engine == "io_uring" and not self.has_engine("io_uring"):
+            raise StorageError(
+                "calibrate: this fio cannot use io_uring here (the built-in measurer does);"
+                " use --issuer threads to measure both with threads"
+            )
         self.has_libaio()  # now, not in the first measurement's time
 
-    def has_libaio(self) -> bool:
-        """Whether this fio can use libaio (tried once, on one 4 KiB read)."""
-        if self._libaio is None:
+    def has_engine(self, engine: str) -> bool:
+        """Whether this fio can use ``engine`` on the file (tried once, on one 4 KiB read)."""
+        if engine not in self._engines:
             done = subprocess.run(
                 ["fio", "--name=probe", f"--filename={self.file.path}", "--direct=1",
-                 "--ioengine=libaio", "--rw=read", "--bs=4096", "--size=4096",
+                 f"--ioengine={engine}", "--rw=read", "--bs=4096", "--size=4096",
                  "--allow_file_create=0", "--output-format=json"],
                 capture_output=True, text=True, timeout=60, check=False,
             )
-            self._libaio = done.returncode == 0
-        return self._libaio
+            self._engines[engine] = done.returncode == 0
+        return self._engines[engine]
+
+    def has_libaio(self) -> bool:
+        """Whether this fio can use libaio (tried once)."""
+        return self.has_engine("libaio")
 
     def command(self, pattern: Pattern, seconds: float, seed: int) -> list[str]:
         """The fio command line for one pattern."""
@@ -131,11 +148,14 @@ class FioMeasurer:
             f"--runtime={max(1, round(seconds * 1000))}ms", "--norandommap",
             f"--randseed={seed}", "--output-format=json", "--allow_file_create=0",
         ]
-        if pattern.random or not self.has_libaio():
+        one_stream = self.engine == "io_uring" or (not pattern.random and self.has_libaio())
+        if self.engine == "io_uring":
+            args += ["--ioengine=io_uring", f"--iodepth={depth}"]
+        elif pattern.random or not self.has_libaio():
             args += ["--ioengine=psync", "--thread", f"--numjobs={depth}", "--group_reporting"]
         else:
             args += ["--ioengine=libaio", f"--iodepth={depth}"]
-        if pattern.random or self.has_libaio():
+        if pattern.random or one_stream:
             args.append(f"--size={region // pattern.io_bytes * pattern.io_bytes}")
         else:
             stream = region // depth // pattern.io_bytes * pattern.io_bytes
