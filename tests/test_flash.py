@@ -320,7 +320,8 @@ def test_fast_model_matches_resource_reference(seed: int, unit_choice: str) -> N
         env.run()
         return finished
 
-    assert simulate(Flash) == pytest.approx(simulate(ResourceFlash), rel=1e-12)
+    # whole-microsecond latencies and transfers: the two ways of adding times agree to the bit
+    assert simulate(Flash) == simulate(ResourceFlash)
 
 
 @settings(max_examples=150, deadline=None)

@@ -92,8 +92,8 @@ from sim.validation import STRICT_CONFIG
 #: most command-queue slots and NAND units a device may have (see FlashParams)
 MAX_SLOTS = 4096
 #: how a command gets its unit (FlashParams.unit_choice; see the module docstring)
-UNIT_CHOICES = ("earliest_free", "random")
 UnitChoice = Literal["earliest_free", "random"]
+UNIT_CHOICES: tuple[UnitChoice, ...] = ("earliest_free", "random")
 
 
 class FlashParams(BaseModel):
@@ -109,9 +109,9 @@ class FlashParams(BaseModel):
       for (module docstring); ``unit_seed`` (>= 0, default 0): the seed of the ``random``
       units' draws (no effect with ``earliest_free``).
 
-    Every number is > 0 and finite (``unit_seed`` >= 0). ``parallel_units / read_command_latency_us * 1e6`` is the
-    small-I/O read IOPS ceiling, ``read_bandwidth_mb_s * read_command_latency_us /
-    parallel_units`` the knee size.
+    Every number is > 0 and finite (``unit_seed`` >= 0). ``parallel_units /
+    read_command_latency_us * 1e6`` is the small-I/O read IOPS ceiling, ``read_bandwidth_mb_s
+    * read_command_latency_us / parallel_units`` the knee size.
 
     Upper bounds, far above any UFS device but below what exhausts memory or overflows:
     ``queue_depth`` and ``parallel_units`` <= 4096 (UFS 2.x-4.0's single command queue has 32
