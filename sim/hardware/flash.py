@@ -34,21 +34,26 @@ Throughput is linear in the commands in flight up to ``parallel_units`` and flat
 **Random units.** With ``n`` small commands in flight, a command finds its unit busy with
 probability about ``(n - 1) / parallel_units`` at low ``n`` and then waits about half a
 command latency (the residual of a deterministic service), so its latency grows by about
-``latency / (2 parallel_units)`` per extra command at first (QD 1: ``latency + b / bw``, as
-above; QD 2: about ``latency (1 + 1 / (2 parallel_units))``); once the units are mostly busy,
+``latency / (2 parallel_units)`` per extra command at first; once the units are mostly busy,
 every extra command adds about ``latency / parallel_units`` (Little's law at the IOPS
-ceiling). Throughput is therefore sublinear in the queue depth and only approaches the same
-ceilings, ``parallel_units / latency`` and ``bw / b``, as the queue deepens: with exponential
-service the busy fraction of the units would be ``n / (n + parallel_units - 1)`` exactly
-(a product-form closed network); with deterministic service :mod:`sim.calibrate.fit`
-approximates it by mean-value analysis. ``parallel_units = 1`` is the same model as
-``earliest_free``. The unit is drawn, not derived from the command's address: the device
-model is given sizes only (the engine's writes, streamed indexes and swaps are planned
-without offsets, and reads' offsets are relative to a (layer, head) region whose placement on
-the device is a kvsim convention), and a logical address says nothing certain about the die
-anyway, which the FTL chose when it wrote the page; for the uniformly random addresses that
-calibration measures, any address-to-die hash is this model. One command holds one unit
-whatever its size (a large command striped over several dies is not modelled).
+ceiling). QD 1 gives ``latency + b / bw`` as above. QD 2 with an instant link is exact:
+completions fall on multiples of ``L = latency``, and after each the new command lands on the
+other's unit with probability ``1 / P`` whatever came before, so each period ``L`` ends one
+command with probability ``1 / P`` and two otherwise: ``(2 - 1/P) / L`` commands per us, a
+mean latency of ``L (1 + 1 / (2P - 1))`` (``earliest_free``: ``2 / L`` and ``L``). Throughput is
+therefore sublinear in the queue depth and only approaches the same ceilings,
+``parallel_units / latency`` and ``bw / b``, as the queue deepens (with exponential service
+the busy fraction of the units would be ``n / (n + P - 1)``, a product-form closed network;
+with deterministic service there is no closed form, and :mod:`sim.calibrate.fit`
+approximates it by mean-value analysis before fitting on this model itself).
+``parallel_units = 1`` is the same model as ``earliest_free``. The unit is drawn, not derived
+from the command's address: the device model is given sizes only (the engine's writes,
+streamed indexes and swaps are planned without offsets, and reads' offsets are relative to a
+(layer, head) region whose placement on the device is a kvsim convention), and a logical
+address says nothing certain about the die anyway, which the FTL chose when it wrote the
+page; for the uniformly random addresses that calibration measures, any address-to-die hash
+is this model. One command holds one unit whatever its size (a large command striped over
+several dies is not modelled).
 
 Three implementations of the same model:
 
