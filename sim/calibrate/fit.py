@@ -356,6 +356,8 @@ def _fit_one(observations: Sequence[Observation], unit_choice: UnitChoice) -> Fl
     depth, units, read_bw, read_lat = _refine_search(
         reads, sorted({o.queue_depth for o in reads}), depth, units, bandwidth0, latency0
     )
+    write_bw, write_lat, _, _ = _fit_continuous(writes, units, depth, write_bw0, write_lat0,
+                                                "random")
     write_bw, write_lat, _ = _refine(writes, units, depth, write_bw, write_lat,
                                      (read_bw, read_lat))
     device = _simulated_device(observations, units, depth, read_bw, read_lat, write_bw,
