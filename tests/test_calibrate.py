@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 
 from sim.calibrate import PATTERNS, calibrate
 from sim.calibrate.cpu import KernelTiming, block_shapes, fit_roofline, roofline_time_us
-from sim.calibrate.fit import Observation, fit_flash, model_mb_s, simulated_mb_s
+from sim.calibrate.fit import (
+    MVA_TOLERANCE,
+    Observation,
+    fit_flash,
+    model_mb_s,
+    random_units_per_us,
+    simulated_mb_s,
+    steady_mb_s,
+)
 from sim.calibrate.patterns import FioMeasurer, Pattern, fio_available, parse_fio_json
 from sim.calibrate.storage import (
     FILE_PREFIX,
@@ -68,6 +76,9 @@ def test_fit_recovers_the_parameters_of_a_curve_made_by_the_flash_model(
     params: FlashParams,
 ) -> None:
     fit = fit_flash(_synthetic(params))
+    assert fit.unit_choice == "earliest_free"  # its own curve: the random units fit worse
+    assert [other.unit_choice for other in fit.others] == ["random"]
+    assert fit.others[0].rms_log_error > fit.rms_log_error
     assert fit.parallel_units == params.parallel_units
     assert fit.queue_depth == params.queue_depth
     assert fit.read_bandwidth_mb_s == pytest.approx(params.read_bandwidth_mb_s, rel=0.01)
@@ -83,7 +94,7 @@ def test_a_queue_the_units_never_fill_is_fitted_as_the_deepest_measured() -> Non
     params = load_device("ufs40-flagship").flash.model_copy(
         update={"parallel_units": 3, "queue_depth": 16}
     )
-    fit = fit_flash(_synthetic(params))
+    fit = fit_flash(_synthetic(params), unit_choices=("earliest_free",))
     assert (fit.parallel_units, fit.queue_depth) == (3, 32)
     for r in fit.residuals:
         assert abs(r.error) < 0.01, r.observation.label
@@ -94,10 +105,80 @@ def test_more_units_than_slots_fit_as_the_same_model_with_units_equal_to_slots()
     params = load_device("ufs40-flagship").flash.model_copy(
         update={"parallel_units": 16, "queue_depth": 8}
     )
-    fit = fit_flash(_synthetic(params))
+    fit = fit_flash(_synthetic(params), unit_choices=("earliest_free",))
     assert (fit.parallel_units, fit.queue_depth) == (8, 8)
     for r in fit.residuals:
         assert abs(r.error) < 0.01, r.observation.label
+
+
+def _steady_synthetic(params: FlashParams) -> list[Observation]:
+    """The calibration's patterns measured on the SimPy model in steady state (random units:
+    the very simulation the fit refines on, same draws)."""
+    return [
+        Observation(p.write, p.io_bytes, p.queue_depth,
+                    steady_mb_s(params, p.io_bytes, p.queue_depth, p.write), p.label)
+        for p in PATTERNS
+    ]
+
+
+@pytest.mark.parametrize(
+    ("units", "depth"), [(6, 32), (3, 8), (40, 32)], ids=["6-units", "depth-8", "40-units"]
+)
+def test_fit_recovers_random_units_from_a_curve_made_by_the_flash_model(
+    units: int, depth: int
+) -> None:
+    """A device with random units (this machine's order of magnitude; a queue shallower than
+    the deepest measured; more units than slots, which random units can use) measured on the
+    SimPy model: the fit keeps random units and finds every parameter again."""
+    params = FlashParams(
+        read_bandwidth_mb_s=1200, write_bandwidth_mb_s=2800, queue_depth=depth,
+        parallel_units=units, read_command_latency_us=55, write_command_latency_us=65,
+        page_size_bytes=4096, max_io_bytes=524288, unit_choice="random",
+    )
+    fit = fit_flash(_steady_synthetic(params))
+    assert fit.unit_choice == "random"
+    assert (fit.parallel_units, fit.queue_depth) == (units, depth)
+    assert fit.read_bandwidth_mb_s == pytest.approx(1200, rel=0.01)
+    assert fit.read_command_latency_us == pytest.approx(55, rel=0.01)
+    assert fit.write_bandwidth_mb_s == pytest.approx(2800, rel=0.01)
+    assert fit.write_command_latency_us == pytest.approx(65, rel=0.01)
+    assert fit.rms_log_error < 0.005
+    assert fit.others[0].unit_choice == "earliest_free"
+    assert fit.others[0].rms_log_error > 5 * fit.rms_log_error
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    units=st.integers(1, 16), depth=st.integers(1, 32), pages=st.integers(1, 128),
+    bandwidth=st.floats(200, 8000),
+)
+def test_random_units_approximation_is_within_its_tolerance_of_the_simpy_model(
+    units: int, depth: int, pages: int, bandwidth: float
+) -> None:
+    """The mean-value approximation that seeds the random-unit fit, against the SimPy model's
+    steady state (4,000 commands: sampling error about 1%)."""
+    params = FlashParams(
+        read_bandwidth_mb_s=bandwidth, write_bandwidth_mb_s=bandwidth, queue_depth=depth,
+        parallel_units=units, read_command_latency_us=50, write_command_latency_us=50,
+        page_size_bytes=4096, max_io_bytes=524288, unit_choice="random",
+    )
+    size = pages * 4096
+    simulated = steady_mb_s(params, size, depth, n_commands=4000)
+    approximated = model_mb_s(size, depth, bandwidth, 50, units, depth, "random")
+    assert approximated == pytest.approx(simulated, rel=MVA_TOLERANCE)
+
+
+@pytest.mark.parametrize("units", [1, 2, 4, 8])
+def test_random_units_approximation_two_in_flight(units: int) -> None:
+    """Two commands in flight, a near-instant link: the SimPy model's exact rate is
+    (2 - 1/P) / L (tests/test_flash.py). The approximation gives 4P / ((2P + 1) L), which
+    is 4P^2 / (4P^2 - 1) times that (+6.7% with 2 units, +1.6% with 4), and the unit ceiling
+    1 / L, exact, with one unit."""
+    sizes, two = np.array([4096.0]), np.array([2])
+    rate = random_units_per_us(sizes, two, 4.096e9, 10.0, units)[0]
+    exact = (2 - 1 / units) / 10.0
+    expected = exact if units == 1 else exact * 4 * units**2 / (4 * units**2 - 1)
+    assert rate == pytest.approx(expected, rel=1e-5)
 
 
 def test_fit_needs_reads_and_writes() -> None:
@@ -355,8 +436,11 @@ def _numbers_have_sources(text: str) -> None:
     lines = text.splitlines()
     numbers = [i for i, line in enumerate(lines)
                if re.fullmatch(r"  [a-z_]+: [0-9.e+-]+", line)]
-    assert len(numbers) == 8 + 3 + 4
-    for i in numbers:
+    assert len(numbers) == 9 + 3 + 4
+    choice = [i for i, line in enumerate(lines)
+              if re.fullmatch(r"  unit_choice: (earliest_free|random)", line)]
+    assert len(choice) == 1
+    for i in numbers + choice:
         assert lines[i - 1].lstrip().startswith("#"), lines[i]
 
 
@@ -370,13 +454,16 @@ def test_calibrate_writes_a_preset_that_kvsim_run_accepts(
             "--size", "32MiB", "--measurer", "builtin", "--model", "smollm2-135m", "--quiet"]
     assert main(argv) == 0
     report = capsys.readouterr().out
-    assert "flash fit (builtin)" in report and f"preset: {out}" in report
+    assert "flash fit (builtin, kept)" in report and "flash fit (builtin, not kept)" in report
+    assert f"preset: {out}" in report
     assert not [p for p in direct_dir.iterdir() if p.name.startswith(FILE_PREFIX)]
     text = out.read_text()
     _numbers_have_sources(text)
     device = load_device(out)
     assert device.name == "this-machine"
-    assert 1 <= device.flash.parallel_units <= device.flash.queue_depth <= 32
+    assert 1 <= device.flash.parallel_units and device.flash.queue_depth <= 32
+    if device.flash.unit_choice == "earliest_free":  # more units than slots: never busy
+        assert device.flash.parallel_units <= device.flash.queue_depth
     assert device.flash.max_io_bytes == 512 * KIB
     # relative to the experiment's directory, as kvsim calibrate users will write it
     experiment = _experiment(tmp_path, "presets/this-machine.yaml")

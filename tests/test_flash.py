@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sim.hardware.flash import (
+    UNIT_CHOICES,
     EventFlash,
     Flash,
     FlashParams,
@@ -24,7 +25,7 @@ from sim.hardware.flash import (
 KIB = 1024
 
 
-def make_params(**changes: float) -> FlashParams:
+def make_params(**changes: float | str) -> FlashParams:
     base = dict(
         read_bandwidth_mb_s=4200.0,
         write_bandwidth_mb_s=2800.0,
@@ -279,11 +280,15 @@ def test_counters_and_completion_bounds(read_pages: list[int], write_pages: list
     assert flash.busy_link_us == pytest.approx(reads.sum() / 4200.0 + writes.sum() / 2800.0)
 
 
+@pytest.mark.parametrize("unit_choice", UNIT_CHOICES)
 @pytest.mark.parametrize("seed", range(8))
-def test_fast_model_matches_resource_reference(seed: int) -> None:
-    """Differential test: batches of mixed reads and writes submitted over time, with ties."""
+def test_fast_model_matches_resource_reference(seed: int, unit_choice: str) -> None:
+    """Differential test: batches of mixed reads and writes submitted over time, with ties;
+    with random units, the same draws give every command the same unit."""
     rng = np.random.default_rng(seed)
     params = make_params(
+        unit_choice=unit_choice,
+        unit_seed=seed,
         queue_depth=int(rng.integers(1, 9)),
         parallel_units=int(rng.integers(1, 5)),
         read_command_latency_us=40.0,
@@ -315,7 +320,8 @@ def test_fast_model_matches_resource_reference(seed: int) -> None:
         env.run()
         return finished
 
-    assert simulate(Flash) == pytest.approx(simulate(ResourceFlash), rel=1e-12)
+    # whole-microsecond latencies and transfers: the two ways of adding times agree to the bit
+    assert simulate(Flash) == simulate(ResourceFlash)
 
 
 @settings(max_examples=150, deadline=None)
@@ -324,9 +330,10 @@ def test_fast_model_matches_resource_reference(seed: int) -> None:
     round_times=st.booleans(),
     queue_depth=st.integers(1, 8),
     units=st.integers(1, 4),
+    unit_choice=st.sampled_from(UNIT_CHOICES),
 )
 def test_fast_model_matches_event_model_exactly(
-    seed: int, round_times: bool, queue_depth: int, units: int
+    seed: int, round_times: bool, queue_depth: int, units: int, unit_choice: str
 ) -> None:
     """Flash processes its stage ends ahead of SimPy's clock; EventFlash has a Timeout per stage.
     Same completion and resumption times, in the same order, to the last bit: batches from
@@ -334,6 +341,8 @@ def test_fast_model_matches_event_model_exactly(
     ties between stage ends, submissions and other processes' timeouts) or arbitrary ones."""
     rng = np.random.default_rng(seed)
     params = make_params(
+        unit_choice=unit_choice,
+        unit_seed=seed,
         queue_depth=queue_depth,
         parallel_units=units,
         read_command_latency_us=40.0 if round_times else 46.0,
@@ -372,3 +381,104 @@ def test_fast_model_matches_event_model_exactly(
         return log, env.now, flash.busy_link_us
 
     assert simulate(Flash) == simulate(EventFlash)
+
+
+# --- random units (unit_choice: random) --------------------------------------------------------
+
+
+def test_params_unit_choice_default_and_validation() -> None:
+    assert make_params().unit_choice == "earliest_free"
+    assert make_params().unit_seed == 0
+    with pytest.raises(ValidationError, match="unit_choice"):
+        make_params(unit_choice="by_address")
+    with pytest.raises(ValidationError, match="unit_seed"):
+        make_params(unit_seed=-1)
+
+
+def _draws(seed: int, units: int, n: int) -> list[int]:
+    """The units of a device's first ``n`` commands (the documented draw: floor(P * u_k))."""
+    import random
+
+    rng = random.Random(seed)
+    return [int(rng.random() * units) for _ in range(n)]
+
+
+@pytest.mark.parametrize("cls", [Flash, EventFlash, ResourceFlash])
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**40), units=st.integers(1, 8), n=st.integers(1, 40))
+def test_random_units_one_batch_takes_the_busiest_units_load(
+    cls: type, seed: int, units: int, n: int
+) -> None:
+    """Every command admitted at once (queue_depth >= n) with a near-instant link: the batch
+    ends when the unit that drew the most commands has served them one after another, that
+    is ``L * max load``, plus at most every transfer (the link serialises them)."""
+    transfer = 4096 / 4.096e9  # 1e-6 us
+    params = make_params(
+        unit_choice="random", unit_seed=seed, parallel_units=units, queue_depth=64,
+        read_command_latency_us=10.0, read_bandwidth_mb_s=4.096e9,
+    )
+    draws = _draws(seed, units, n)
+    busiest = max(draws.count(u) for u in range(units))
+    took = run_reads(params, [4096] * n, cls)
+    assert 10.0 * busiest + transfer - 1e-9 <= took <= 10.0 * busiest + n * transfer + 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), queue_depth=st.integers(1, 8))
+def test_random_units_with_one_unit_is_earliest_free(seed: int, queue_depth: int) -> None:
+    """With one unit there is nothing to choose: a single FIFO server either way, the same
+    times to the last bit."""
+    rng = np.random.default_rng(seed)
+    plan = [(float(rng.integers(0, 300)), "read" if rng.random() < 0.7 else "write",
+             rng.integers(1, 129, size=int(rng.integers(1, 20))) * 4096) for _ in range(10)]
+
+    def simulate(unit_choice: str) -> list[float]:
+        params = make_params(unit_choice=unit_choice, unit_seed=seed, parallel_units=1,
+                             queue_depth=queue_depth)
+        env = simpy.Environment()
+        flash = Flash(env, params)
+        finished = [0.0] * len(plan)
+
+        def submit(index: int, at: float, kind: str, sizes: np.ndarray):
+            yield env.timeout(at)
+            yield getattr(flash, kind)(sizes)
+            finished[index] = env.now
+
+        for index, (at, kind, sizes) in enumerate(plan):
+            env.process(submit(index, at, kind, sizes))
+        env.run()
+        return finished
+
+    assert simulate("random") == simulate("earliest_free")
+
+
+@pytest.mark.parametrize("cls", [Flash, EventFlash, ResourceFlash])
+def test_random_units_queue_depth_one_is_latency_plus_transfer(cls: type) -> None:
+    """At QD 1 a command never meets another: L + b / bw each, whatever unit it draws."""
+    params = make_params(unit_choice="random", unit_seed=7, queue_depth=1, parallel_units=4,
+                         read_bandwidth_mb_s=1024.0, read_command_latency_us=10.0)
+    assert run_reads(params, [4096] * 50, cls) == pytest.approx(50 * 14.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("units", [1, 2, 3, 4, 8])
+def test_random_units_two_in_flight_throughput(units: int) -> None:
+    """Two commands in flight, deterministic latency L, an instant link: completions happen at
+    multiples of L. After each, the new command lands on the other command's unit with
+    probability 1/P, whatever happened before, so each period of L ends one command (a
+    collision) with probability 1/P and two otherwise: (2 - 1/P) / L commands per us, i.e.
+    a mean latency of L (1 + 1 / (2P - 1)); ``earliest_free`` would give 2 / L. About 8,000
+    periods: the binomial standard error is under 0.3%."""
+    n = 15_000
+    params = make_params(unit_choice="random", unit_seed=units, parallel_units=units,
+                         queue_depth=2, read_command_latency_us=10.0,
+                         read_bandwidth_mb_s=4.096e9)
+    took = run_reads(params, [4096] * n, Flash)
+    assert n / took == pytest.approx((2 - 1 / units) / 10.0, rel=0.015)
+
+
+def test_random_units_seed_decides_and_repeats() -> None:
+    params = make_params(unit_choice="random", unit_seed=1, queue_depth=8, parallel_units=4)
+    first = run_reads(params, [4096] * 200)
+    assert run_reads(params, [4096] * 200) == first
+    other = params.model_copy(update={"unit_seed": 2})
+    assert run_reads(other, [4096] * 200) != first

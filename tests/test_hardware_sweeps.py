@@ -33,6 +33,8 @@ CASES = [
     ("cache.capacity", (0.02, 0.2), "hit_rate", "up"),
     ("kv_dtype", ("fp8", "fp16"), "read_mb_per_token", "up"),
     ("device", ("ufs31-phone", "ufs40-flagship"), "latency_ms_mean", "down"),
+    # a command waiting at its drawn unit while others idle is never the faster on the whole
+    ("device.flash.unit_choice", ("earliest_free", "random"), "latency_ms_mean", "up"),
 ]
 
 
@@ -46,3 +48,24 @@ def test_hardware_axis(tmp_path, key, values, metric, direction):
     low, high = summary[metric].tolist()
     assert (high > low) if direction == "up" else (high < low), (key, low, high)
     assert summary["attention_recall_mean"].nunique() == 1  # the policy pass is shared
+
+
+def test_random_units_with_one_unit_replay_as_earliest_free(tmp_path):
+    """With one unit there is nothing to choose: the same latency to the last bit, under a
+    run id of its own; an earliest_free run's id does not depend on the unit keys (runs made
+    before the choice existed keep their ids) but a random one's does."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({
+        **BASE, "output": str(tmp_path / "out"),
+        "device": {"preset": "ufs40-flagship", "flash": {"parallel_units": 1}},
+        "sweep": {"grid": {"device.flash.unit_choice": ["earliest_free", "random"]}},
+    }))
+    experiment = plan(path)
+    runs = experiment.runs
+    assert "unit_choice" not in runs[0].device["flash"]  # what run_id hashes (identity())
+    assert "unit_seed" not in runs[0].device["flash"]
+    assert runs[1].device["flash"]["unit_choice"] == "random"
+    assert runs[1].device["flash"]["unit_seed"] == 0
+    assert runs[0].run_id != runs[1].run_id
+    summary, _ = execute(experiment, jobs=1, progress=False, log=lambda _m: None)
+    assert summary["latency_ms_mean"].tolist()[0] == summary["latency_ms_mean"].tolist()[1]

@@ -283,14 +283,10 @@ def _report(
         if len(row) == 2:
             text += f"{100 * (row[1].mb_s / row[0].mb_s - 1):>+13.1f}%"
         lines.append(text)
-    lines.append(
-        f"flash fit ({context.measurer}): read {flash.read_bandwidth_mb_s:,.0f} MB/s, "
-        f"{flash.read_command_latency_us:.1f} us/command; write "
-        f"{flash.write_bandwidth_mb_s:,.0f} MB/s, {flash.write_command_latency_us:.1f} "
-        f"us/command; {flash.parallel_units} units, queue depth {flash.queue_depth}; "
-        f"residuals (rms log error {flash.rms_log_error:.3f}):"
-    )
-    lines += ["  " + line for line in flash.residual_lines()]
+    for fit in (flash, *flash.others):
+        kept = "kept" if fit is flash else "not kept"
+        lines.append(f"flash fit ({context.measurer}, {kept}): {fit.summary()}; residuals:")
+        lines += ["  " + line for line in fit.residual_lines()]
     lines.append(
         f"compute ({cpu.threads} BLAS thread(s), {context.model} sizes): "
         f"{roofline.cpu_gflops:.2f} GFLOP/s, weight stream {roofline.bandwidth_mb_s:,.0f} MB/s,"

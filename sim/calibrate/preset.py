@@ -117,7 +117,7 @@ def preset_text(
     out.append("description: " + yaml.safe_dump(
         context.description, default_flow_style=True, width=10**6).splitlines()[0])
     out.append("flash:")
-    flash_fields: list[tuple[str, float | int, str]] = [
+    flash_fields: list[tuple[str, float | int | str, str]] = [
         ("read_bandwidth_mb_s", _sig(flash.read_bandwidth_mb_s),
          f"Link bandwidth {fit_note} to the read measurements ({', '.join(read_labels)}); "
          f"measured {measured(f'read {largest // 1024} KiB QD 8')}."),
@@ -130,7 +130,10 @@ def preset_text(
          f"gives that one); {measured(f'randread 4 KiB QD {flash.queue_depth}')}."),
         ("parallel_units", flash.parallel_units,
          f"Units working at once {fit_note}: they cap small reads at parallel_units / "
-         f"read_command_latency_us = {iops_cap:,.0f} IOPS; {measured('randread 4 KiB QD 32')}."),
+         f"read_command_latency_us = {iops_cap:,.0f} IOPS"
+         + (" (random units approach it only as the queue deepens)"
+            if flash.unit_choice == "random" else "")
+         + f"; {measured('randread 4 KiB QD 32')}."),
         ("read_command_latency_us", _sig(flash.read_command_latency_us),
          f"Per-command read time {fit_note}; {measured('randread 4 KiB QD 1')} (QD 1: "
          "latency + 4096 / read_bandwidth_mb_s per command)."),
@@ -140,6 +143,11 @@ def preset_text(
          "The alignment and smallest size of every measured command (O_DIRECT; 4 KiB is "
          "UFS's logical block)."),
         ("max_io_bytes", largest, "The largest command size measured."),
+        ("unit_choice", flash.unit_choice, _unit_choice_note(flash)),
+        ("unit_seed", 0,
+         "Not a measurement: the seed of the random units' draws (sim/hardware/flash.py); a "
+         "run is deterministic for it" + ("." if flash.unit_choice == "random"
+                                          else ", and unused with earliest_free units.")),
     ]
     for key, value, source in flash_fields:
         out += _comment(source, 2)
@@ -178,6 +186,20 @@ def preset_text(
         f"{call.time_us:.2f} us): numpy's cost per kernel.", 2)
     out.append(f"  kernel_overhead_us: {_sig(roofline.kernel_overhead_us)}")
     return "\n".join(out) + "\n"
+
+
+def _unit_choice_note(flash: FlashFit) -> str:
+    """The source comment of ``unit_choice``: both choices' fits, and which was kept."""
+    others = "; ".join(
+        f"{other.unit_choice} ({other.parallel_units} units, queue depth "
+        f"{other.queue_depth}): rms log error {other.rms_log_error:.3f}"
+        for other in flash.others
+    )
+    return (
+        "How a command gets its unit (sim/hardware/flash.py): each choice fitted to the "
+        f"measurements (sim/calibrate/fit.py), the better kept: {flash.unit_choice}: rms log "
+        f"error {flash.rms_log_error:.3f}" + (f"; against {others}." if others else ".")
+    )
 
 
 def write_preset(path: Path, text: str) -> DeviceParams:

@@ -48,7 +48,7 @@ from sim.errors import CaptureError, ConfigError
 from sim.experiment.runs import PassGroup, RunPlan, TraceSource, digest
 from sim.figures.base import validate_figure_specs
 from sim.hardware import load_device
-from sim.hardware.device import is_device_file
+from sim.hardware.device import DeviceParams, is_device_file
 from sim.kv.layouts import LAYOUTS
 from sim.kv.replacement import REPLACEMENTS
 from sim.model import ModelGeometry
@@ -440,7 +440,7 @@ def _plan_point(
             trace=trace,
             policy=policy_spec,
             layout=_layout_spec(entry.get("layout"), at),
-            device=device.model_dump(mode="json"),
+            device=_device_settings(device),
             model=None if target is None else asdict(target),
             kv_dtype=config.kv_dtype,
             cache=_cache_settings(cache),
@@ -543,6 +543,16 @@ def _check_budget(policy: RetrievalPolicy, prompt_len: int, at: str) -> None:
 
 #: positions per perplexity bucket when closed_loop.bucket is not given
 DEFAULT_BUCKET = 64
+
+
+def _device_settings(device: DeviceParams) -> dict[str, Any]:
+    """A run's device: every parameter, but the flash's ``unit_choice`` and ``unit_seed`` only
+    with ``random`` units (the seed does nothing otherwise), so runs with the default
+    ``earliest_free`` units keep the ids they had before the choice existed."""
+    settings = device.model_dump(mode="json")
+    if device.flash.unit_choice == "earliest_free":
+        del settings["flash"]["unit_choice"], settings["flash"]["unit_seed"]
+    return settings
 
 
 def _cache_settings(cache: CacheSpec) -> dict[str, Any]:

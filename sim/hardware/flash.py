@@ -4,17 +4,56 @@ One command of ``b`` bytes (reads and writes alike, sharing every resource):
 
 1. takes one of ``queue_depth`` command-queue slots, FIFO in submission order, and holds it until
    it completes (UFS: a task-management slot; the host stack keeps at most QD commands in flight);
-2. waits for one of ``parallel_units`` internal units (channel x die able to work at once), FIFO,
-   and holds it for the command latency (``read_command_latency_us``: NAND tR plus controller and
-   firmware time; ``write_command_latency_us`` for writes);
+2. gets one of ``parallel_units`` internal units (channel x die able to work at once), waiting
+   FIFO, and holds it for the command latency (``read_command_latency_us``: NAND tR plus
+   controller and firmware time; ``write_command_latency_us`` for writes). ``unit_choice``
+   says which unit:
+
+   - ``earliest_free`` (the default, every built-in preset): the first unit to become free,
+     as if the controller could send any command to any idle die;
+   - ``random``: one unit drawn uniformly at random when the command gets its slot, where it
+     waits FIFO behind the commands already sent there, even while other units are idle. A
+     real SSD or UFS device reads a page from the die its FTL wrote it to, so the die is
+     fixed by the data, not chosen free; random addresses (what calibration measures) land on
+     random dies. Command ``k`` of the device (in submission order, reads and writes
+     counted together) goes to unit ``floor(parallel_units * u_k)``, ``u_k`` the ``k``-th
+     ``random.Random(unit_seed).random()`` of the device's own generator, so a run is
+     deterministic for ``unit_seed``;
+
 3. releases the unit and moves ``ceil(b / page_size_bytes) * page_size_bytes`` bytes over the single
    shared link, FIFO, at ``read_bandwidth_mb_s`` (or ``write_bandwidth_mb_s``);
 4. completes and frees its slot.
 
-This is a closed tandem queue with deterministic service. In steady state, with every slot busy,
-commands/s = min(queue_depth / (latency + b/bw), parallel_units / latency, bw / b): IOPS-bound for
-small I/O, bandwidth-bound for large I/O, with the knee at ``b = bw * latency / parallel_units``
-(DynaKV, arXiv 2511.07427, Fig. 3b: about 24 KB on UFS 4.0).
+**Earliest free.** A closed tandem queue with deterministic service. In steady state, with
+every slot busy, commands/s = min(queue_depth / (latency + b/bw), parallel_units / latency,
+bw / b): IOPS-bound for small I/O, bandwidth-bound for large I/O, with the knee at ``b = bw *
+latency / parallel_units`` (DynaKV, arXiv 2511.07427, Fig. 3b: about 24 KB on UFS 4.0).
+Throughput is linear in the commands in flight up to ``parallel_units`` and flat beyond
+(piecewise linear); a command's latency does not grow until the units are all busy.
+
+**Random units.** With ``n`` small commands in flight, a command finds its unit busy with
+probability about ``(n - 1) / parallel_units`` at low ``n`` and then waits about half a
+command latency (the residual of a deterministic service), so its latency grows by about
+``latency / (2 parallel_units)`` per extra command at first; once the units are mostly busy,
+every extra command adds about ``latency / parallel_units`` (Little's law at the IOPS
+ceiling). QD 1 gives ``latency + b / bw`` as above. QD 2 with an instant link is exact:
+completions fall on multiples of ``L = latency``, and after each the new command lands on the
+other's unit with probability ``1 / P`` whatever came before, so each period ``L`` ends one
+command with probability ``1 / P`` and two otherwise: ``(2 - 1/P) / L`` commands per us, a
+mean latency of ``L (1 + 1 / (2P - 1))`` (``earliest_free``: ``2 / L`` and ``L``). Throughput is
+therefore sublinear in the queue depth and only approaches the same ceilings,
+``parallel_units / latency`` and ``bw / b``, as the queue deepens (with exponential service
+the busy fraction of the units would be ``n / (n + P - 1)``, a product-form closed network;
+with deterministic service there is no closed form, and :mod:`sim.calibrate.fit`
+approximates it by mean-value analysis before fitting on this model itself).
+``parallel_units = 1`` is the same model as ``earliest_free``. The unit is drawn, not derived
+from the command's address: the device model is given sizes only (the engine's writes,
+streamed indexes and swaps are planned without offsets, and reads' offsets are relative to a
+(layer, head) region whose placement on the device is a kvsim convention), and a logical
+address says nothing certain about the die anyway, which the FTL chose when it wrote the
+page; for the uniformly random addresses that calibration measures, any address-to-die hash
+is this model. One command holds one unit whatever its size (a large command striped over
+several dies is not modelled).
 
 Three implementations of the same model:
 
@@ -29,10 +68,11 @@ Three implementations of the same model:
   instead of ``simpy.Resource`` request/release events — the technique SimPy itself uses when
   it inlines hot paths "for performance reasons". Because SimPy delivers arrivals at each stage
   in time order, this is exactly a FIFO multi-server queue (Kiefer-Wolfowitz recursion)
-  followed by a FIFO single server. Kept as :class:`Flash`'s exact reference.
+  followed by a FIFO single server; with ``random`` units, a free time per unit instead of
+  the heap (FIFO single servers). Kept as :class:`Flash`'s exact reference.
 * :class:`ResourceFlash` — the textbook version: one process per command and three
-  ``simpy.Resource`` objects. Slow (about 8 events per command), kept as the differential-test
-  reference and as readable documentation of the model.
+  ``simpy.Resource`` objects (with ``random`` units one per unit). Slow (about 8 events per
+  command), kept as the differential-test reference and as readable documentation of the model.
 
 Units: simulated time in microseconds; ``1 MB/s = 1e6 bytes/s = 1 byte/us``, so a transfer of
 ``b`` bytes at ``bw`` MB/s takes ``b / bw`` microseconds.
@@ -41,9 +81,10 @@ Units: simulated time in microseconds; ``1 MB/s = 1e6 bytes/s = 1 byte/us``, so 
 from __future__ import annotations
 
 import heapq
+import random
 from collections import deque
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import simpy
@@ -55,6 +96,9 @@ from sim.validation import STRICT_CONFIG
 
 #: most command-queue slots and NAND units a device may have (see FlashParams)
 MAX_SLOTS = 4096
+#: how a command gets its unit (FlashParams.unit_choice; see the module docstring)
+UnitChoice = Literal["earliest_free", "random"]
+UNIT_CHOICES: tuple[UnitChoice, ...] = ("earliest_free", "random")
 
 
 class FlashParams(BaseModel):
@@ -66,10 +110,13 @@ class FlashParams(BaseModel):
     - ``read_command_latency_us`` / ``write_command_latency_us``: time one command holds a unit.
     - ``page_size_bytes``: logical page / mapping unit; every command covers whole pages.
     - ``max_io_bytes``: largest command; a multiple of ``page_size_bytes``.
+    - ``unit_choice``: ``earliest_free`` (default) or ``random``: which unit a command waits
+      for (module docstring); ``unit_seed`` (>= 0, default 0): the seed of the ``random``
+      units' draws (no effect with ``earliest_free``).
 
-    Every field is > 0 and finite. ``parallel_units / read_command_latency_us * 1e6`` is the
-    small-I/O read IOPS ceiling, ``read_bandwidth_mb_s * read_command_latency_us /
-    parallel_units`` the knee size.
+    Every number is > 0 and finite (``unit_seed`` >= 0). ``parallel_units /
+    read_command_latency_us * 1e6`` is the small-I/O read IOPS ceiling, ``read_bandwidth_mb_s
+    * read_command_latency_us / parallel_units`` the knee size.
 
     Upper bounds, far above any UFS device but below what exhausts memory or overflows:
     ``queue_depth`` and ``parallel_units`` <= 4096 (UFS 2.x-4.0's single command queue has 32
@@ -88,6 +135,8 @@ class FlashParams(BaseModel):
     write_command_latency_us: float = Field(gt=0)
     page_size_bytes: int = Field(gt=0, le=2**20)
     max_io_bytes: int = Field(gt=0, le=2**30)
+    unit_choice: UnitChoice = "earliest_free"
+    unit_seed: int = Field(default=0, ge=0, lt=2**63)
 
     @field_validator("max_io_bytes")
     @classmethod
@@ -99,7 +148,8 @@ class FlashParams(BaseModel):
 
     @property
     def read_iops_limit(self) -> float:
-        """Small-read IOPS ceiling set by the units: ``parallel_units / read latency``."""
+        """Small-read IOPS ceiling set by the units: ``parallel_units / read latency`` (with
+        ``random`` units approached only as the queue deepens)."""
         return self.parallel_units / self.read_command_latency_us * 1e6
 
     @property
@@ -209,9 +259,13 @@ class _CommandQueueFlash(_FlashBase):
         # Commands waiting for a queue slot: (latency_us, transfer_us, batch), FIFO.
         self._pending: deque[tuple[float, float, _Batch]] = deque()
         self._free_slots = params.queue_depth
-        # Times at which each unit becomes free (min-heap) and the link becomes free.
+        # Times at which each unit becomes free (earliest_free: a min-heap; random: by unit)
+        # and the link becomes free.
         self._unit_free_us = [0.0] * params.parallel_units
         self._link_free_us = 0.0
+        # random units: the device's own generator (see the module docstring)
+        self._draw = random.Random(params.unit_seed).random
+        self._n_units = params.parallel_units
 
 
 class Flash(_CommandQueueFlash):
@@ -250,6 +304,8 @@ class Flash(_CommandQueueFlash):
         # The wake-up event in SimPy's queue and its time (None, inf: none).
         self._wake_event: simpy.Event | None = None
         self._wake_at = float("inf")
+        if params.unit_choice == "random":
+            self._start = self._start_random  # type: ignore[method-assign]
 
     def _submit(
         self, moved_bytes: list[int], latency_us: float, bandwidth_mb_s: float
@@ -291,6 +347,20 @@ class Flash(_CommandQueueFlash):
             start = now
         unit_done = start + command[0]
         heapq.heapreplace(unit_free, unit_done)
+        self._created += 1
+        heapq.heappush(self._stages, (now + (unit_done - now), self._created, 0, command))
+
+    def _start_random(self, command: tuple[float, float, _Batch], now: float) -> None:
+        """:meth:`_start` with ``random`` units: the next draw's unit, FIFO behind the
+        commands already sent there (slots are granted in submission order, so command ``k``
+        takes draw ``k`` whichever way ties are processed)."""
+        unit_free = self._unit_free_us
+        unit = int(self._draw() * self._n_units)
+        start = unit_free[unit]
+        if start < now:
+            start = now
+        unit_done = start + command[0]
+        unit_free[unit] = unit_done
         self._created += 1
         heapq.heappush(self._stages, (now + (unit_done - now), self._created, 0, command))
 
@@ -368,6 +438,10 @@ class EventFlash(_CommandQueueFlash):
     processes that must be woken per batch.
     """
 
+    def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
+        super().__init__(env, params)
+        if params.unit_choice == "random":
+            self._start = self._start_random  # type: ignore[method-assign]
 
     def _submit(
         self, moved_bytes: list[int], latency_us: float, bandwidth_mb_s: float
@@ -401,6 +475,19 @@ class EventFlash(_CommandQueueFlash):
         heapq.heapreplace(unit_free, unit_done)
         Timeout(env, unit_done - now, command).callbacks.append(self._unit_done)
 
+    def _start_random(self, command: tuple[float, float, _Batch]) -> None:
+        """:meth:`_start` with ``random`` units: the next draw's unit, FIFO there."""
+        env = self.env
+        now = env._now
+        unit_free = self._unit_free_us
+        unit = int(self._draw() * self._n_units)
+        start = unit_free[unit]
+        if start < now:
+            start = now
+        unit_done = start + command[0]
+        unit_free[unit] = unit_done
+        Timeout(env, unit_done - now, command).callbacks.append(self._unit_done)
+
     def _unit_done(self, event: simpy.Event) -> None:
         """Unit released; the link serves commands FIFO in order of unit completion."""
         command = event._value
@@ -430,7 +517,9 @@ class ResourceFlash(_FlashBase):
     """Reference UFS model with ``simpy.Resource`` for slots, units and the link.
 
     Same contract and the same timings as :class:`Flash` (a differential test checks this), about
-    ten times slower: one process and three request/release pairs per command.
+    ten times slower: one process and three request/release pairs per command. With ``random``
+    units each unit is a ``simpy.Resource`` of its own and a command's unit is drawn when it is
+    submitted (the order in which slots, FIFO, are granted).
     """
 
     def __init__(self, env: simpy.Environment, params: FlashParams) -> None:
@@ -438,6 +527,11 @@ class ResourceFlash(_FlashBase):
         self.slots = simpy.Resource(env, capacity=params.queue_depth)
         self.units = simpy.Resource(env, capacity=params.parallel_units)
         self.link = simpy.Resource(env, capacity=1)
+        self.unit_list: list[simpy.Resource] | None = None
+        if params.unit_choice == "random":
+            self.unit_list = [simpy.Resource(env, capacity=1)
+                              for _ in range(params.parallel_units)]
+        self._draw = random.Random(params.unit_seed).random
 
     def _submit(
         self, moved_bytes: list[int], latency_us: float, bandwidth_mb_s: float
@@ -454,13 +548,17 @@ class ResourceFlash(_FlashBase):
     def _command(self, latency_us: float, transfer_us: float, batch: _Batch) -> None:
         # Request the slot now (not in the process's first step) so slots go in submission order.
         slot = self.slots.request()
-        self.env.process(self._run(slot, latency_us, transfer_us, batch))
+        units = self.units
+        if self.unit_list is not None:
+            units = self.unit_list[int(self._draw() * len(self.unit_list))]
+        self.env.process(self._run(slot, units, latency_us, transfer_us, batch))
 
     def _run(
-        self, slot: Request, latency_us: float, transfer_us: float, batch: _Batch
+        self, slot: Request, units: simpy.Resource, latency_us: float, transfer_us: float,
+        batch: _Batch,
     ) -> Generator[simpy.Event, Any, None]:
         yield slot
-        with self.units.request() as unit:
+        with units.request() as unit:
             yield unit
             yield self.env.timeout(latency_us)
         with self.link.request() as link:
