@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import tokenize
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,8 @@ TOKENS_NAME = "tokens.npy"
 _KV_DTYPE = np.dtype("<f2")
 _TOKEN_DTYPE = np.dtype("<i4")
 _HASH_CHUNK_BYTES = 1 << 20
+#: serialises .npy header parsing (ast.literal_eval) across threads (see :meth:`Trace._load`)
+_NPY_HEADER_LOCK = threading.Lock()
 # what numpy's .npy header parser raises on a corrupt header (it tokenizes the header's dict)
 _HEADER_ERRORS = (OSError, ValueError, SyntaxError, tokenize.TokenError)
 
@@ -149,7 +152,7 @@ def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
 
     Raises ValueError/OSError on a malformed header; the caller turns them into TraceError.
     """
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, _NPY_HEADER_LOCK:
         version = npy_format.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = npy_format.read_array_header_1_0(f)
@@ -194,7 +197,12 @@ class Trace:
 
     def _load(self, name: str) -> np.ndarray:
         try:
-            return np.load(self.path / name, mmap_mode="r", allow_pickle=False)
+            # one header parse at a time: numpy parses .npy headers with ast.literal_eval,
+            # which CPython 3.11 up to 3.11.7 can fail from several threads at once
+            # ("SystemError: AST constructor recursion depth mismatch", cpython gh-106905);
+            # the policy pass reads layers from a thread pool. mmap: only the header is read.
+            with _NPY_HEADER_LOCK:
+                return np.load(self.path / name, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise self._error(f"{name} cannot be read ({_one_line(exc)})") from None
 
