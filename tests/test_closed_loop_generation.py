@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 
 import numpy as np
 import pandas as pd
@@ -29,15 +28,14 @@ from sim.closed_loop.generation import (  # noqa: E402  (after the importorskips
 )
 from sim.closed_loop.recall import accuracy_frame, step_accuracy  # noqa: E402
 from sim.experiment import closed_loop  # noqa: E402
-from tests.test_closed_loop import everything, text, tiny_gemma3, tiny_llama  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tests.test_closed_loop import (  # noqa: E402, F401  (_one_thread: an autouse fixture)
+    _one_thread,
+    everything,
+    text,
+    tiny_gemma3,
+    tiny_llama,
+)
+from tests.test_closed_loop_run import tiny  # noqa: E402, F401  (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +139,19 @@ def test_only_global_layers_are_scored_in_a_model_with_sliding_windows():
     assert set(frame["layer"]) == {1}
     assert sorted(frame["step"].unique()) == [0, 3, 6]
     assert set(frame["q_head"]) == {0, 1, 2, 3}
+
+
+def test_scoring_the_recall_changes_nothing_the_loop_computes(llama):
+    from sim.closed_loop.driver import decode
+
+    spec = {"type": "clusterkv", "budget": 12, "sink_tokens": 2, "tokens_per_cluster": 8,
+            "update_interval": 6}
+    plain = decode(llama, text(60), 20, POLICIES.create(spec), keep_logits=True)
+    scored = decode(llama, text(60), 20, POLICIES.create(spec), keep_logits=True,
+                    recall_every=1)
+    np.testing.assert_array_equal(plain.logits, scored.logits)
+    assert plain.controller.accuracy == [] and len(scored.controller.accuracy) == 19 * 3
+    assert min(float(r[2]["attention_recall"].min()) for r in scored.controller.accuracy) < 1
 
 
 def test_generation_is_deterministic(llama):
@@ -263,51 +274,37 @@ GENERATION = """\
     """
 
 
-@pytest.fixture
-def tiny(monkeypatch):
-    from tests.test_closed_loop_run import CharTokenizer
-
-    model = tiny_llama()
-    monkeypatch.setattr(closed_loop, "load", lambda name: (model, CharTokenizer()))
-    for cache in (closed_loop._IDS, closed_loop._PREFILLED, closed_loop._REFERENCES):
-        cache.clear()
-    yield model
-    for cache in (closed_loop._IDS, closed_loop._PREFILLED, closed_loop._REFERENCES):
-        cache.clear()
-
-
 def _kvsim_run(tmp_path, text_, *extra):
-    from sim.cli import main
+    """``kvsim run`` of ``text_`` into ``tmp_path/out`` (``-j 1`` unless ``extra`` says)."""
+    from tests.test_closed_loop_run import _run
 
     tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(text_))
-    out = tmp_path / "out"
-    assert main(["run", str(path), "--output", str(out), "--quiet", *extra]) == 0
-    return out
+    return _run(tmp_path, text_, *extra)
 
 
-def test_the_generation_task_writes_per_bucket_records_equal_to_the_library(tiny, tmp_path):
+@pytest.mark.usefixtures("tiny")
+def test_the_generation_task_writes_per_bucket_records_equal_to_the_library(tmp_path):
     from sim.closed_loop.agreement import agreement
     from sim.result_files import CLOSED_LOOP_TABLE, CLOSED_LOOP_TOKENS, LOOP_ACCURACY
     from tests.test_closed_loop_run import _runs, _text_ids
 
     out = _kvsim_run(tmp_path, GENERATION, "-j", "1")
+    model = closed_loop.load("smollm2-135m")[0]  # the tiny model in its place
     runs = _runs(out)
     assert set(runs) == {"full@None", "token_topk@8", "token_topk@12", "streaming_llm@8",
                          "streaming_llm@12"}
     prompt = _text_ids(40)
-    reference = generate(tiny, prompt, 20, None)
-    nll_full = full_attention_nll(tiny, prompt, reference.tokens)
+    reference = generate(model, prompt, 20, None)
+    nll_full = full_attention_nll(model, prompt, reference.tokens)
     for key, run in runs.items():
         row = run["row"]
         policy = POLICIES.create(run["settings"]["policy"])
-        fresh = generate(tiny, prompt, 20, policy, recall_every=3)  # no reuse, fresh prefill
+        fresh = generate(model, prompt, 20, policy, recall_every=3)  # no reuse, fresh prefill
         tokens = pd.read_parquet(run["dir"] / CLOSED_LOOP_TOKENS)
         assert tokens["token"].tolist() == fresh.tokens.tolist(), key
         assert tokens["token_full"].tolist() == reference.tokens.tolist()
         np.testing.assert_allclose(tokens["nll_full"], nll_full, rtol=1e-5)
-        np.testing.assert_allclose(tokens["nll"], full_attention_nll(tiny, prompt,
+        np.testing.assert_allclose(tokens["nll"], full_attention_nll(model, prompt,
                                                                      fresh.tokens), rtol=1e-5)
         assert (row["first_divergence"], row["match_share"]) == agreement(reference.tokens,
                                                                            fresh.tokens)
@@ -333,7 +330,8 @@ def test_the_generation_task_writes_per_bucket_records_equal_to_the_library(tiny
             "loop_recall", "loop_recall_last", "loop_topk_recall", "recall_s"} <= set(summary)
 
 
-def test_the_generation_summary_is_byte_identical_with_one_or_two_workers(tiny, tmp_path):
+@pytest.mark.usefixtures("tiny")
+def test_the_generation_summary_is_byte_identical_with_one_or_two_workers(tmp_path):
     one = _kvsim_run(tmp_path / "a", GENERATION, "-j", "1")
     for cache in (closed_loop._PREFILLED, closed_loop._REFERENCES):  # the workers recompute
         cache.clear()
@@ -348,7 +346,8 @@ def test_the_generation_summary_is_byte_identical_with_one_or_two_workers(tiny, 
                                                      / name).read_bytes(), name
 
 
-def test_a_finished_generation_run_is_resumed_not_recomputed(tiny, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("tiny")
+def test_a_finished_generation_run_is_resumed_not_recomputed(tmp_path, monkeypatch):
     out = _kvsim_run(tmp_path, GENERATION, "-j", "1")
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
     first = json.loads(next(iter(before)).read_text())
@@ -369,7 +368,8 @@ def test_a_finished_generation_run_is_resumed_not_recomputed(tiny, tmp_path, mon
     ("{task: generation, prompt_len: 40, tokens: 8, bucket: 0}",
      "closed_loop.bucket: Input should be greater than or equal to 1"),
 ])
-def test_bad_generation_blocks_fail_in_one_line(tiny, tmp_path, capsys, block, expected):
+@pytest.mark.usefixtures("tiny")
+def test_bad_generation_blocks_fail_in_one_line(tmp_path, capsys, block, expected):
     from tests.test_closed_loop_run import _bad
 
     line = _bad(tmp_path, capsys, f"name: gen\nclosed_loop: {block}\n"

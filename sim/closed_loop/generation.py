@@ -54,7 +54,7 @@ def generate(
 
 
 def full_attention_nll(
-    model: Any, prompt: Sequence[int], tokens: Sequence[int],
+    model: Any, prompt: Sequence[int], tokens: Sequence[int] | np.ndarray,
     prefilled: Prefilled | None = None, chunk: int = CHUNK,
 ) -> np.ndarray:
     """``-log p(tokens[i] | prompt, tokens[:i])`` under the model's own (full) attention, (T,)
@@ -64,27 +64,27 @@ def full_attention_nll(
 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 positions, got {chunk}")
-    tokens = [int(t) for t in tokens]
-    if not tokens:
+    ids = [int(t) for t in tokens]
+    if not ids:
         raise ValueError("no tokens to score")
     if prefilled is None:
-        prefilled = prefill(model, prompt, len(prompt) + len(tokens))
+        prefilled = prefill(model, prompt, len(prompt) + len(ids))
     elif prefilled.prompt != tuple(int(t) for t in prompt):
         raise ValueError("the prefill given is of another prompt")
-    if len(prompt) + len(tokens) > prefilled.capacity:
-        raise ValueError(f"prompt + tokens = {len(prompt) + len(tokens)} exceeds the "
+    if len(prompt) + len(ids) > prefilled.capacity:
+        raise ValueError(f"prompt + tokens = {len(prompt) + len(ids)} exceeds the "
                          f"prefill's capacity of {prefilled.capacity} positions")
-    nll = np.empty(len(tokens))
+    nll = np.empty(len(ids))
     with torch.inference_mode():
         first = torch.log_softmax(prefilled.logits[0, -1].float(), dim=-1)
-        nll[0] = float(-first[tokens[0]])
+        nll[0] = float(-first[ids[0]])
         cache = copy.deepcopy(prefilled.cache)
-        for lo in range(0, len(tokens) - 1, chunk):
-            hi = min(len(tokens) - 1, lo + chunk)
-            out = model(input_ids=torch.tensor([tokens[lo:hi]], dtype=torch.long),
+        for lo in range(0, len(ids) - 1, chunk):
+            hi = min(len(ids) - 1, lo + chunk)
+            out = model(input_ids=torch.tensor([ids[lo:hi]], dtype=torch.long),
                         cache=cache, use_cache=True)
             logp = torch.log_softmax(out.logits[0].float(), dim=-1)
-            target = torch.tensor(tokens[lo + 1 : hi + 1], dtype=torch.long)
+            target = torch.tensor(ids[lo + 1 : hi + 1], dtype=torch.long)
             nll[lo + 1 : hi + 1] = (-logp[torch.arange(hi - lo), target]).double().numpy()
     return nll
 
