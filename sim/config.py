@@ -240,24 +240,32 @@ class ClosedLoopSpec(BaseModel):
     ``task``: ``perplexity`` (teacher-forced: the text's first ``prompt_len`` tokens are the
     prompt, the next ``tokens`` are fed one per step and scored; mean NLL per ``bucket``
     positions) or ``agreement`` (greedy decoding of ``tokens`` after the prompt: tokens before
-    the first divergence from full attention, share of matching positions).
+    the first divergence from full attention, share of matching positions) or ``generation``
+    (agreement over a long greedy decode, per ``bucket`` positions, with the policy's attention
+    recall in the loop on decode steps ``0, k, 2k, ...`` for ``k`` = ``recall_every`` and the
+    full-attention model's NLL of both generated texts; :mod:`sim.closed_loop.generation`).
     ``model``: a model kvsim loads (:data:`sim.trace.models.MODELS`); ``text``: a kvsim text
     source (:mod:`sim.trace.sources`). ``prompt_len + tokens`` must fit the model's context
     and, for ``perplexity``, the tokenised text.
     """
 
     model_config = _STRICT
-    task: Literal["perplexity", "agreement"]
+    task: Literal["perplexity", "agreement", "generation"]
     model: str = "smollm2-135m"
     text: str = "pydoc"
     prompt_len: int = Field(512, ge=2)
     tokens: int = Field(256, ge=1)
-    #: positions per perplexity bucket (``perplexity`` only; default 64)
+    #: positions per bucket (``perplexity`` and ``generation`` only; default 64)
     bucket: int | None = Field(None, ge=1)
+    #: score the selection in the loop on every k-th decode step (``generation`` only;
+    #: default 8, as the long-decoding experiments' ``accuracy_every``)
+    recall_every: int | None = Field(None, ge=1)
 
     def model_post_init(self, _context: Any) -> None:
-        if self.bucket is not None and self.task != "perplexity":
-            raise ValueError("bucket applies only to task perplexity")
+        if self.bucket is not None and self.task not in ("perplexity", "generation"):
+            raise ValueError("bucket applies only to tasks perplexity and generation")
+        if self.recall_every is not None and self.task != "generation":
+            raise ValueError("recall_every applies only to task generation")
 
 
 class SweepSpec(BaseModel):

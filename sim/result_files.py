@@ -40,7 +40,13 @@ summary.json and instead of the replay's records::
                                           attention, and their ratio
     runs/<run_id>/tokens.parquet          per continuation position: the token and its NLL
                                           under both (perplexity), or both greedy tokens
-                                          (agreement)
+                                          (agreement; generation: with the full-attention
+                                          model's NLL of each, and the loop's own)
+    runs/<run_id>/closed_loop.csv         generation: per position bucket and over all,
+                                          agreement, both texts' mean NLL under full
+                                          attention and attention recall in the loop
+    runs/<run_id>/loop_accuracy.parquet   generation: (step, layer, q_head) accuracy of the
+                                          selection in the loop, on the scored steps
 
 and once ``kvsim replay`` has executed that schedule on real storage (:mod:`sim.io_replay`)::
 
@@ -70,11 +76,15 @@ STEPS = "steps.parquet"
 IO_SIZES = "io_sizes.csv"
 CLOSED_LOOP_TABLE = "closed_loop.csv"
 CLOSED_LOOP_TOKENS = "tokens.parquet"
+LOOP_ACCURACY = "loop_accuracy.parquet"
 #: a closed-loop summary's metric columns, per task
 CLOSED_LOOP_COLUMNS = {
     "perplexity": ["task", "tokens", "mean_nll", "perplexity", "mean_nll_full",
                    "perplexity_full", "ppl_ratio", "decode_s", "hook_s"],
     "agreement": ["task", "tokens", "first_divergence", "match_share", "decode_s", "hook_s"],
+    "generation": ["task", "tokens", "first_divergence", "match_share", "mean_nll",
+                   "mean_nll_full", "ppl_ratio", "loop_recall", "loop_recall_last",
+                   "loop_topk_recall", "recall_every", "decode_s", "hook_s", "recall_s"],
 }
 RUN_LENGTHS = "run_lengths.csv"
 

@@ -200,7 +200,7 @@ def _bad(tmp_path: Path, capsys, text: str) -> str:
     ("{task: perplexity, model: gpt-9}", "[{type: full}]", "closed_loop.model: unknown model"),
     ("{task: agreement, text: nowhere}", "[{type: full}]", "closed_loop.text: unknown text"),
     ("{task: agreement, bucket: 8}", "[{type: full}]",
-     "closed_loop: bucket applies only to task perplexity"),
+     "closed_loop: bucket applies only to tasks perplexity and generation"),
     ("{task: perplexity, prompt_len: 40, tokens: 8}", "[{type: token_topk, budget: 41}]",
      "policies[0].budget: 41 tokens exceeds the prompt (40 tokens)"),
     ("{task: perplexity, prompt_len: 40, tokens: 8}", "[{type: full, layout: sequence}]",

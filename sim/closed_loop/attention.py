@@ -69,6 +69,13 @@ class PolicyController:
     #: with ``record``: per global layer the prompt's and then each step's keys and queries
     recorded_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
     recorded_queries: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    #: score the selection against full attention in the loop (:mod:`sim.closed_loop.recall`)
+    #: on decode steps ``0, k, 2k, ...`` (``k`` = ``recall_every``; 0: never): ``accuracy``
+    #: holds the (step, layer, metrics) records, ``recall_s`` the time scoring took (not in
+    #: ``hook_s``)
+    recall_every: int = 0
+    accuracy: list[tuple[int, int, dict[str, np.ndarray]]] = field(default_factory=list)
+    recall_s: float = 0.0
 
     def is_global(self, layer: int) -> bool:
         return self.sliding[layer] is None
@@ -122,6 +129,23 @@ class PolicyController:
     def first_global(self) -> int:
         return self.sliding.index(None)
 
+    def scores_step(self) -> bool:
+        """Whether the current decode step (after its first global layer's select) is one
+        :meth:`score` records."""
+        return bool(self.recall_every) and (self.decode_steps - 1) % self.recall_every == 0
+
+    def score(self, layer: int, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
+              selection: Selection) -> None:
+        """Record the current step's accuracy at ``layer``
+        (:func:`sim.closed_loop.recall.step_accuracy`: queries (H_q, d), the layer's keys and
+        values (H_kv, N, d) with the current token last)."""
+        from sim.closed_loop.recall import step_accuracy
+
+        start = time.perf_counter()
+        self.accuracy.append((self.decode_steps - 1, layer,
+                              step_accuracy(queries, keys, values, selection)))
+        self.recall_s += time.perf_counter() - start
+
 
 _ACTIVE: PolicyController | None = None
 
@@ -169,8 +193,11 @@ def policy_attention_forward(
         controller.prefill(layer, key[0].float().numpy(), query[0].float().numpy())
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     stored = key.shape[2] - 1
-    selection = controller.select(layer, query[0, :, 0].float().numpy(),
-                                  key[0, :, stored].float().numpy())
+    queries = query[0, :, 0].float().numpy()
+    selection = controller.select(layer, queries, key[0, :, stored].float().numpy())
+    if controller.scores_step():
+        controller.score(layer, queries, key[0].float().numpy(), value[0].float().numpy(),
+                         selection)
     if selection is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return restricted_attention(module, query, key, value, selection, kwargs.get("scaling"))

@@ -107,6 +107,7 @@ def decode(
     model: Any, prompt: Sequence[int], n_tokens: int, policy: RetrievalPolicy | None = None,
     seed: int = 0, teacher: Sequence[int] | None = None, keep_logits: bool = False,
     record: bool = False, hook: bool = True, prefilled: Prefilled | None = None,
+    recall_every: int = 0,
 ) -> DecodeRun:
     """Decode ``n_tokens`` after ``prompt`` with ``model`` (a transformers causal LM, batch 1,
     CPU): the tokens ``teacher`` as far as given, then greedy (a question fed, its answer
@@ -115,7 +116,9 @@ def decode(
     ``hook=False`` the model's own attention implementation untouched, the plain model a
     benchmark times the hook against). ``prefilled``: the prompt's :func:`prefill`, reused
     (its cache copied, each global layer's policy prefilled from its recorded keys and
-    queries) instead of running the prompt again. Raises ValueError for lengths that do not
+    queries) instead of running the prompt again. ``recall_every``: with a policy, score its
+    selection against full attention in the loop on decode steps ``0, k, 2k, ...``
+    (:meth:`PolicyController.score`; 0: never). Raises ValueError for lengths that do not
     fit or a prefill of another prompt, NotImplementedError for a policy without an online
     form, before any forward pass."""
     import torch
@@ -137,7 +140,8 @@ def decode(
     total = prompt_len + n_tokens
     controller = None
     if policy is not None:
-        controller = PolicyController(policy, model_sliding_windows(model), total, seed, record)
+        controller = PolicyController(policy, model_sliding_windows(model), total, seed, record,
+                                      recall_every=recall_every)
         # fail before any forward pass if the policy has no online form
         from sim.policies.online import online_layer
 

@@ -15,6 +15,10 @@ Records per run (:mod:`sim.result_files`): ``closed_loop.csv`` (perplexity: per 
 bucket and over all, the policy's and full attention's mean NLL and perplexity and their
 ratio) and ``tokens.parquet`` (per continuation position: the token, and its NLL under the
 policy and under full attention; agreement: the policy's and full attention's greedy tokens).
+A ``generation`` run (:mod:`sim.closed_loop.generation`) writes ``closed_loop.csv`` per bucket
+(agreement, the full-attention model's NLL of both generated texts, attention recall in the
+loop), ``tokens.parquet`` (both greedy tokens and their NLLs) and ``loop_accuracy.parquet`` (per
+scored step, global layer and query head); full attention's text is scored once per worker.
 torch and transformers are imported only when a run starts.
 """
 
@@ -31,7 +35,7 @@ import pandas as pd
 from sim.errors import CaptureError, ConfigError
 from sim.experiment.runs import RunPlan, code_fingerprint
 from sim.experiment.store import summary_cell, write_closed_loop_run
-from sim.result_files import CLOSED_LOOP_TABLE, CLOSED_LOOP_TOKENS
+from sim.result_files import CLOSED_LOOP_TABLE, CLOSED_LOOP_TOKENS, LOOP_ACCURACY
 
 #: torch threads of a closed-loop run (its numbers then depend on neither -j nor the cores)
 THREADS = 1
@@ -119,6 +123,11 @@ def _decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, seed:
     if task["task"] == "perplexity":
         return teacher_forced(model, ids, task["prompt_len"], task["tokens"], policy, seed,
                               prefilled=shared)
+    if task["task"] == "generation":
+        from sim.closed_loop.generation import generate
+
+        return generate(model, ids[: task["prompt_len"]], task["tokens"], policy, seed,
+                        task["recall_every"], shared)
     return decode(model, ids[: task["prompt_len"]], task["tokens"], policy, seed,
                   prefilled=shared)
 
@@ -128,6 +137,26 @@ def _reference(model: Any, task: dict[str, Any], ids: list[int], seed: int, shar
     if key not in _REFERENCES:
         _REFERENCES[key] = _decode(model, task, ids, None, seed, shared)
     return _REFERENCES[key]
+
+
+def _generation_results(
+    model: Any, task: dict[str, Any], ids: list[int], seed: int, shared: Any, run: Any,
+    reference: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(summary metrics, record files) of a long generation against full attention's, both
+    texts scored by the full-attention model (full attention's once per worker)."""
+    from sim.closed_loop.generation import full_attention_nll, generation_results
+
+    prompt = ids[: task["prompt_len"]]
+    key = ("nll", task["tokens"], seed)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = full_attention_nll(model, prompt, reference.tokens, shared)
+    nll = full_attention_nll(model, prompt, run.tokens, shared)
+    metrics, table, tokens, accuracy = generation_results(
+        run, reference, nll, _REFERENCES[key], task["prompt_len"], task["bucket"])
+    metrics["recall_every"] = task["recall_every"]
+    return metrics, {CLOSED_LOOP_TABLE: table, CLOSED_LOOP_TOKENS: tokens,
+                     LOOP_ACCURACY: accuracy}
 
 
 def perplexity_records(
@@ -212,7 +241,9 @@ def run_closed_loop_group(
         result = _decode(model, task, ids, policy, run.seed, shared)
         wall_s = time.perf_counter() - start
         decode_s += wall_s
-        metrics, records = _task_results(task, result, reference)
+        metrics, records = (
+            _generation_results(model, task, ids, run.seed, shared, result, reference)
+            if task["task"] == "generation" else _task_results(task, result, reference))
         row = {
             "run_id": run.run_id,
             "run": run.label,

@@ -483,8 +483,12 @@ def _plan_closed_loop(
     except CaptureError as exc:
         raise ConfigError(f"{where}: closed_loop.text: {exc}") from None
     task = spec.model_dump()
-    if spec.task == "perplexity" and task["bucket"] is None:
+    if spec.task in ("perplexity", "generation") and task["bucket"] is None:
         task["bucket"] = DEFAULT_BUCKET
+    if spec.task == "generation":
+        task["recall_every"] = task["recall_every"] or DEFAULT_RECALL_EVERY
+    else:  # not a setting of the other tasks: their run ids stay as they were
+        del task["recall_every"]
     trace = TraceSource(
         key="closed_loop:" + digest({k: task[k] for k in ("model", "text", "prompt_len")}),
         name=f"{spec.model}/{spec.text}/{spec.prompt_len}+{spec.tokens} ({spec.task})",
@@ -541,8 +545,11 @@ def _check_budget(policy: RetrievalPolicy, prompt_len: int, at: str) -> None:
         )
 
 
-#: positions per perplexity bucket when closed_loop.bucket is not given
+#: positions per perplexity or generation bucket when closed_loop.bucket is not given
 DEFAULT_BUCKET = 64
+#: closed_loop.recall_every of a generation run when not given (the long-decoding
+#: experiments' accuracy_every)
+DEFAULT_RECALL_EVERY = 8
 
 
 def _device_settings(device: DeviceParams) -> dict[str, Any]:

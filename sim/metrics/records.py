@@ -162,7 +162,8 @@ DISPLAY_COLUMNS = {
 CLOSED_LOOP_DISPLAY = {
     "task": "task", "tokens": "tokens", "perplexity": "ppl", "perplexity_full": "ppl_full",
     "ppl_ratio": "ppl_ratio", "first_divergence": "first_divergence",
-    "match_share": "match_share", "decode_s": "decode_s",
+    "match_share": "match_share", "loop_recall": "loop_recall",
+    "loop_recall_last": "loop_recall_last", "decode_s": "decode_s",
 }
 
 
