@@ -485,6 +485,7 @@ def _plan_closed_loop(
     task = spec.model_dump()
     if spec.task == "perplexity" and task["bucket"] is None:
         task["bucket"] = DEFAULT_BUCKET
+    task = _save_trace_setting(task, where)
     trace = TraceSource(
         key="closed_loop:" + digest({k: task[k] for k in ("model", "text", "prompt_len")}),
         name=f"{spec.model}/{spec.text}/{spec.prompt_len}+{spec.tokens} ({spec.task})",
@@ -515,6 +516,24 @@ def _plan_closed_loop(
         run.pass_id = run.run_id
         runs.append(run)
     return runs
+
+
+def _save_trace_setting(task: dict[str, Any], where: str) -> dict[str, Any]:
+    """``task`` with ``closed_loop.save_trace`` checked: left out when off (runs keep the ids
+    they had before the option), ``True``, or a directory (made absolute, as ``output:`` is
+    relative to the working directory) that can be made and written into."""
+    save = task.pop("save_trace", False)
+    if save is False:
+        return task
+    if isinstance(save, str):
+        if not save.strip():
+            raise ConfigError(f"{where}: closed_loop.save_trace: give true or a directory")
+        path = Path(save).expanduser().absolute()
+        problem = unwritable(path, margin=len(".partial-") + 10)
+        if problem is not None:
+            raise ConfigError(f"{where}: closed_loop.save_trace: cannot write {path}: {problem}")
+        save = str(path)
+    return {**task, "save_trace": save}
 
 
 def _entry_policy(
