@@ -180,6 +180,110 @@ def test_agreement_counts_the_first_divergence(tiny, tmp_path):
     assert list(tokens["token"]) == fresh.tokens.tolist()
 
 
+SAVED = """\
+    name: cl
+    closed_loop: {task: perplexity, prompt_len: 40, tokens: 12, bucket: 6, save_trace: true}
+    policies:
+      - {type: full}
+      - {type: token_topk, budget: 8}
+      - {type: dynakv, budget: 12, tokens_per_cluster: 4, sink_tokens: 2, recent_tokens: 2,
+         buffer_max: 2}
+      - {type: streaming_llm, budget: 8, sink_tokens: 2}
+    """
+
+
+def _replay(tmp_path: Path, trace: Path, policies: list[dict], name: str) -> pd.DataFrame:
+    """``kvsim run`` of ``policies`` on ``trace`` (a trace replay through the SimPy engine)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "trace": {"path": str(trace)},
+                                    "policies": policies, "plot": False}))
+    out = tmp_path / name
+    assert main(["run", str(path), "--output", str(out), "--quiet", "-j", "1"]) == 0
+    return pd.read_csv(out / "summary.csv")
+
+
+def test_a_saved_trace_replays_with_kvsim_run_and_the_pass_makes_the_loop_s_selections(
+    tiny, tmp_path
+):
+    """save_trace: each run's own decode as a trace (float32, the prompt and the 11 tokens fed)
+    and its selections; the trace replay's pass over the trace makes exactly the selections
+    the loop made (every step, layer, KV head), and ``kvsim run`` replays it through the
+    engine with that very pass (its accuracy records are the pass's)."""
+    from sim.policies import POLICIES
+    from sim.policy_pass import run_policy_pass
+    from sim.result_files import CLOSED_LOOP_SELECTIONS, CLOSED_LOOP_TRACE
+    from sim.trace.format import open_trace
+
+    out = _run(tmp_path, SAVED)
+    ids = _text_ids(52)
+    for key, run in _runs(out).items():
+        assert run["settings"]["closed_loop"]["save_trace"] is True
+        trace = open_trace(run["dir"] / CLOSED_LOOP_TRACE, verify=True)
+        assert trace.manifest["dtype"] == "float32"
+        assert (trace.prompt_len, trace.decode_steps) == (40, 11)
+        assert trace.tokens().tolist() == ids[:51], key
+        assert trace.manifest["capture"]["policy"] == run["settings"]["policy"]
+        chosen = pd.read_parquet(run["dir"] / CLOSED_LOOP_SELECTIONS)
+        assert len(chosen) == 11 * 3 * 2  # steps x global layers x KV heads
+        passed = run_policy_pass(trace, POLICIES.create(run["settings"]["policy"]), 0)
+        for row in chosen.itertuples():
+            heads = passed.selections[row.layer].heads
+            if heads is None:  # the policy attends everything
+                assert row.positions is None, key
+            else:
+                np.testing.assert_array_equal(row.positions, heads[row.kv_head].at(row.step))
+        if key.startswith("dynakv"):  # the replay of the run's own decode, same policy
+            replayed = _replay(tmp_path, run["dir"] / CLOSED_LOOP_TRACE,
+                               [run["settings"]["policy"]], "replay")
+            assert np.isfinite(replayed.loc[0, "latency_ms_mean"])
+            accuracy = pd.read_parquet(next((tmp_path / "replay" / "runs").iterdir())
+                                       / "accuracy.parquet")
+            pd.testing.assert_frame_equal(accuracy, passed.accuracy, check_dtype=False)
+    assert not [p for p in (out / "runs").iterdir() if p.name.startswith(".")]
+
+
+def test_open_loop_recall_is_the_trace_replay_s_recall_on_the_reference(tiny, tmp_path):
+    """Both views: each perplexity run's recall_open_loop equals the retrieval recall ``kvsim
+    run`` reports replaying the same policy on full attention's decode of the same tokens
+    (full's saved trace: the reference, bit for bit); quality = full / policy perplexity."""
+    out = _run(tmp_path, SAVED)
+    runs = _runs(out)
+    full_trace = runs["full@None"]["dir"] / "trace"
+    policies = [run["settings"]["policy"] for run in runs.values()]
+    labels = [run["row"]["run"] for run in runs.values()]
+    replayed = _replay(tmp_path, full_trace, [{**p, "label": label} for p, label in
+                                              zip(policies, labels, strict=True)], "both")
+    replayed = replayed.set_index("run")
+    for run in runs.values():
+        row = run["row"]
+        assert row["recall_open_loop"] == pytest.approx(
+            replayed.loc[row["run"], "retrieval_recall_mean"], rel=1e-12, abs=0)
+        assert row["topk_recall_open_loop"] == pytest.approx(
+            replayed.loc[row["run"], "topk_recall_mean"], rel=1e-12, abs=0)
+        assert row["quality"] == pytest.approx(row["perplexity_full"] / row["perplexity"])
+    assert runs["full@None"]["row"]["recall_open_loop"] == 1.0
+    assert runs["streaming_llm@8"]["row"]["recall_open_loop"] < 1.0
+
+
+def test_save_trace_into_a_directory(tiny, tmp_path):
+    """A directory: each run's trace at <dir>/<run_id>, its selections in its run directory;
+    without save_trace a run's settings (and id) are as before the option."""
+    from sim.result_files import CLOSED_LOOP_SELECTIONS
+    from sim.trace.format import open_trace
+
+    keep = tmp_path / "traces"
+    out = _run(tmp_path, SAVED.replace("save_trace: true", f"save_trace: {keep}"))
+    for run in _runs(out).values():
+        run_id = run["row"]["run_id"]
+        assert open_trace(keep / run_id).decode_steps == 11
+        assert (run["dir"] / CLOSED_LOOP_SELECTIONS).exists()
+        assert not (run["dir"] / "trace").exists()
+    (tmp_path / "plain").mkdir()
+    for run in _runs(_run(tmp_path / "plain", PERPLEXITY)).values():
+        assert "save_trace" not in run["settings"]["closed_loop"]
+        assert not (run["dir"] / CLOSED_LOOP_SELECTIONS).exists()
+
+
 def _bad(tmp_path: Path, capsys, text: str) -> str:
     out = tmp_path / "out"
     code = main(["run", str(_write(tmp_path, text)), "--output", str(out), "--quiet"])
@@ -211,6 +315,24 @@ def test_bad_closed_loop_blocks_fail_in_one_line(tiny, tmp_path, capsys, block, 
                                                  expected):
     line = _bad(tmp_path, capsys, f"name: cl\nclosed_loop: {block}\npolicies: {policies}\n")
     assert expected in line
+
+
+def test_an_unwritable_save_trace_fails_in_one_line(tiny, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    line = _bad(tmp_path, capsys, f"""\
+        name: cl
+        closed_loop: {{task: perplexity, prompt_len: 40, tokens: 8,
+                      save_trace: "{tmp_path / 'afile' / 'traces'}"}}
+        policies: [{{type: full}}]
+        """)
+    assert "closed_loop.save_trace: cannot write" in line and "is a file" in line
+    line = _bad(tmp_path, capsys, """\
+        name: cl
+        closed_loop: {task: perplexity, prompt_len: 40, tokens: 8, save_trace: " "}
+        policies: [{type: full}]
+        """)
+    assert "closed_loop.save_trace: give true or a directory" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exp.yaml"]
 
 
 def test_a_sweep_point_over_the_context_fails_before_any_run(tiny, tmp_path, capsys):
