@@ -437,3 +437,80 @@ def test_smoke_smollm2_perplexity(tmp_path):
                                                                           "perplexity_full"])
     assert np.isfinite(summary.loc["dynakv", "perplexity"])
     assert (summary["perplexity_full"] == summary["perplexity_full"].iloc[0]).all()
+
+
+# -- both views: the figure and the rank-correlation table -------------------------------------
+
+
+def test_spearman_table_by_hand():
+    """Ranks without ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1)); budget 0.1: d = 0, -1, 1, 0
+    -> 0.8; budget 0.2: d = 1, -1, 0 -> 0.5; all seven: sum d^2 = 16 -> 5/7; a budget of two
+    runs and full attention's run (no budget) get no rho."""
+    from scipy.stats import t
+
+    from sim.figures.closed_loop import spearman_table
+
+    points = pd.DataFrame({
+        "budget": [0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.3, 0.3, float("nan")],
+        "recall_open_loop": [0.5, 0.6, 0.7, 0.8, 0.9, 0.85, 0.95, 0.4, 0.45, 1.0],
+        "quality": [0.7, 0.9, 0.8, 1.0, 0.95, 0.97, 0.99, 0.5, 0.4, 1.0],
+    })
+    table = spearman_table(points[points["budget"] != 0.3]).set_index("scope")
+    assert table["n"].to_dict() == {"all": 7, "budget=0.1": 4, "budget=0.2": 3}
+    assert table.loc["budget=0.1", "spearman_rho"] == pytest.approx(0.8)
+    assert table.loc["budget=0.2", "spearman_rho"] == pytest.approx(0.5)
+    rho = table.loc["all", "spearman_rho"]
+    assert rho == pytest.approx(5 / 7)
+    t_stat = rho * math.sqrt(5 / (1 - rho**2))  # the t approximation with n - 2 = 5
+    assert table.loc["all", "p_value"] == pytest.approx(2 * t.sf(t_stat, 5))
+    two = spearman_table(points).set_index("scope").loc["budget=0.3"]
+    assert two["n"] == 2 and math.isnan(two["spearman_rho"]) and math.isnan(two["p_value"])
+
+
+def test_closed_vs_open_figure_from_a_perplexity_sweep(tiny, tmp_path):
+    """The figure and its two tables from a run: one point per run with the run's budget, its
+    summary recall and quality; the correlation over the budgeted runs recomputed from the
+    ranks by hand (no ties among four runs)."""
+    out = _run(tmp_path, PERPLEXITY.rstrip(" ") + "    figures: [closed_vs_open]\n")
+    figures = out / "figures"
+    assert {p.name for p in figures.iterdir()} == {
+        f"closed_vs_open{ext}" for ext in (".png", ".pdf", ".csv", ".md")} | {
+        f"closed_vs_open_spearman{ext}" for ext in (".csv", ".md")}
+    points = pd.read_csv(figures / "closed_vs_open.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    np.testing.assert_array_equal(points["recall_open_loop"], summary["recall_open_loop"])
+    np.testing.assert_array_equal(points["quality"], summary["quality"])
+    np.testing.assert_array_equal(points["budget"].fillna(-1),
+                                  summary["policy.budget"].fillna(-1))
+    table = pd.read_csv(figures / "closed_vs_open_spearman.csv").set_index("scope")
+    assert table["n"].to_dict() == {"all": 4, "budget=8": 2, "budget=16": 2}
+    budgeted = points[points["budget"].notna()]
+    x = budgeted["recall_open_loop"].rank().to_numpy()
+    y = budgeted["quality"].rank().to_numpy()
+    assert len(set(x)) == len(set(y)) == 4  # no ties: the formula holds
+    assert table.loc["all", "spearman_rho"] == pytest.approx(
+        1 - 6 * ((x - y) ** 2).sum() / (4 * 15))
+    assert table["spearman_rho"].isna().tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize(("block", "figure", "expected"), [
+    ("{task: agreement, prompt_len: 40, tokens: 8}", "closed_vs_open",
+     "figures[0] (closed_vs_open) is not drawn from closed_loop task agreement (only "
+     "perplexity)"),
+    ("{task: perplexity, prompt_len: 40, tokens: 8}", "table5_variance",
+     "figures[0] (table5_variance) is not drawn from closed_loop task perplexity results"),
+])
+def test_a_figure_of_the_other_kind_of_results_is_refused(tiny, tmp_path, capsys, block,
+                                                          figure, expected):
+    line = _bad(tmp_path, capsys, f"name: cl\nclosed_loop: {block}\n"
+                                  f"policies: [{{type: full}}]\nfigures: [{figure}]\n")
+    assert expected in line
+
+
+def test_closed_vs_open_in_a_trace_replay_is_refused(tmp_path, capsys):
+    from tests.conftest import FIXTURE_TRACE
+
+    line = _bad(tmp_path, capsys, f"name: r\ntrace: {{path: {FIXTURE_TRACE}}}\n"
+                                  "policies: [{type: full}]\nfigures: [closed_vs_open]\n")
+    assert "figures[0] (closed_vs_open) is drawn from closed_loop results (task perplexity)" \
+        in line

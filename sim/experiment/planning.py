@@ -159,7 +159,8 @@ def plan(path: str | Path, output: str | Path | None = None) -> Plan:
     for point in points:
         where = f"{source}" if not point else f"{source} [{describe_point(point)}]"
         config = validate_config(apply_point(raw, point, str(source)), where)
-        validate_figure_specs(config.figures, where, config.record)
+        validate_figure_specs(config.figures, where, config.record,
+                              config.closed_loop.task if config.closed_loop else None)
         in_point: dict[str, str] = {}
         planned = (_plan_closed_loop(config, point, where) if config.closed_loop is not None
                    else _plan_point(config, point, where, traces, source.parent))
