@@ -332,6 +332,12 @@ def test_an_unwritable_save_trace_fails_in_one_line(tiny, tmp_path, capsys):
         policies: [{type: full}]
         """)
     assert "closed_loop.save_trace: give true or a directory" in line
+    line = _bad(tmp_path, capsys, """\
+        name: cl
+        closed_loop: {task: perplexity, prompt_len: 40, tokens: 1, save_trace: true}
+        policies: [{type: full}]
+        """)
+    assert "closed_loop.save_trace: a trace needs a decode step; give tokens >= 2" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exp.yaml"]
 
 
@@ -514,3 +520,16 @@ def test_closed_vs_open_in_a_trace_replay_is_refused(tmp_path, capsys):
                                   "policies: [{type: full}]\nfigures: [closed_vs_open]\n")
     assert "figures[0] (closed_vs_open) is drawn from closed_loop results (task perplexity)" \
         in line
+
+
+def test_one_teacher_forced_token_has_no_open_loop_recall(tiny, tmp_path):
+    """One token is predicted by the prefill alone: no decode step, so no trace to recall on
+    (NaN), and the run is otherwise as before."""
+    out = _run(tmp_path, """\
+        name: cl
+        closed_loop: {task: perplexity, prompt_len: 40, tokens: 1}
+        policies: [{type: token_topk, budget: 8}]
+        """)
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["ppl_ratio"].iloc[0] == pytest.approx(1.0)  # the prefill's prediction
+    assert summary["recall_open_loop"].isna().all()

@@ -144,7 +144,8 @@ def _decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, seed:
 def _reference(model: Any, task: dict[str, Any], ids: list[int], seed: int, shared: Any) -> Any:
     key = (task["task"], task["tokens"], seed)
     if key not in _REFERENCES:
-        if task["task"] == "perplexity":  # written as a trace too: the open-loop recall's
+        if task["task"] == "perplexity" and task["tokens"] >= 2:  # written as a trace too:
+            # the open-loop recall's (one token has no decode step: nothing to recall)
             _REFERENCES[key] = _traced_reference(model, task, ids, seed, key)
         else:
             _REFERENCES[key] = _decode(model, task, ids, None, seed, shared)

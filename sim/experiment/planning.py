@@ -526,6 +526,9 @@ def _save_trace_setting(task: dict[str, Any], where: str) -> dict[str, Any]:
     save = task.pop("save_trace", False)
     if save is False:
         return task
+    if task["tokens"] < 2:
+        raise ConfigError(f"{where}: closed_loop.save_trace: a trace needs a decode step; give "
+                          "tokens >= 2")
     if isinstance(save, str):
         if not save.strip():
             raise ConfigError(f"{where}: closed_loop.save_trace: give true or a directory")
