@@ -356,7 +356,8 @@ def test_infinigen_in_the_loop_selects_from_queries_speculated_from_the_previous
         layer.select(np.ones((6, 8)), np.ones((2, 8)))
 
 
-@pytest.mark.parametrize("spec", [
+#: policies whose open-loop pass is compared with the loop's selections
+LOOP_SPECS = [
     {"type": "dynakv", "budget": 0.15, "tokens_per_cluster": 8, "buffer_max": 2,
      "tau_quantile": 0.3},
     {"type": "clusterkv", "budget": 0.2, "tokens_per_cluster": 8, "update_interval": 5,
@@ -364,7 +365,23 @@ def test_infinigen_in_the_loop_selects_from_queries_speculated_from_the_previous
     {"type": "token_topk", "budget": 0.1},
     {"type": "h2o", "budget": 0.2},
     {"type": "quest", "budget": 0.2, "page_tokens": 4, "full_layers": 0},
-])
+]
+
+
+def assert_the_loop_s_selections(controller, selected) -> None:
+    """``selected(layer)`` (the open-loop pass's LayerSelection of a global layer) makes the
+    selections the loop made at every decode step and KV head."""
+    for layer in sorted(controller.layers):
+        want = selected(layer)
+        for step, layers in enumerate(controller.selections):
+            if want.heads is None:
+                assert layers[layer] is None
+                continue
+            for h, positions in enumerate(layers[layer]):
+                np.testing.assert_array_equal(positions, want.heads[h].at(step))
+
+
+@pytest.mark.parametrize("spec", LOOP_SPECS)
 def test_the_open_loop_pass_over_the_loop_s_own_trace_makes_the_loop_s_selections(llama, spec):
     """One policy, two drivers: the keys and queries the model produced under the policy,
     handed to the vectorised pass as a trace layer, give the selections made in the loop."""
@@ -374,13 +391,8 @@ def test_the_open_loop_pass_over_the_loop_s_own_trace_makes_the_loop_s_selection
     for layer in sorted(controller.layers):
         ctx = controller.layer_context(layer)
         assert ctx.keys.shape[1] == 80 + 24 and ctx.decode_steps == 24
-        want = policy.select_layer(ctx)
-        for step, layers in enumerate(controller.selections):
-            if want.heads is None:
-                assert layers[layer] is None
-                continue
-            for h, positions in enumerate(layers[layer]):
-                np.testing.assert_array_equal(positions, want.heads[h].at(step))
+    assert_the_loop_s_selections(
+        controller, lambda layer: policy.select_layer(controller.layer_context(layer)))
 
 
 @pytest.mark.slow
@@ -507,15 +519,7 @@ def _trace_out(model, path):
 
 
 @pytest.mark.parametrize("spec", [
-    {"type": "dynakv", "budget": 0.15, "tokens_per_cluster": 8, "buffer_max": 2,
-     "tau_quantile": 0.3},
-    {"type": "clusterkv", "budget": 0.2, "tokens_per_cluster": 8, "update_interval": 5,
-     "full_layers": 1},
-    {"type": "token_topk", "budget": 0.1},
-    {"type": "h2o", "budget": 0.2},
-    {"type": "quest", "budget": 0.2, "page_tokens": 4, "full_layers": 0},
-    {"type": "infinigen", "budget": 1.0, "alpha": 0.0, "partial_ratio": 0.5},
-])
+    *LOOP_SPECS, {"type": "infinigen", "budget": 1.0, "alpha": 0.0, "partial_ratio": 0.5}])
 def test_the_open_loop_pass_over_the_saved_trace_makes_the_loop_s_selections(
     llama, tmp_path, spec
 ):
@@ -538,14 +542,7 @@ def test_the_open_loop_pass_over_the_saved_trace_makes_the_loop_s_selections(
     for layer in controller.layers:
         np.testing.assert_array_equal(trace.keys(layer), controller.layer_context(layer).keys)
     passed = run_policy_pass(trace, POLICIES.create(spec), seed=4)
-    for layer in sorted(controller.layers):
-        want = passed.selections[layer]
-        for step, layers in enumerate(controller.selections):
-            if want.heads is None:
-                assert layers[layer] is None
-                continue
-            for h, positions in enumerate(layers[layer]):
-                np.testing.assert_array_equal(positions, want.heads[h].at(step))
+    assert_the_loop_s_selections(controller, passed.selections.__getitem__)
 
 
 def test_a_trace_is_refused_with_a_shared_prefill_or_without_a_decode_step(llama, tmp_path):
