@@ -443,6 +443,12 @@ def test_smoke_smollm2_perplexity(tmp_path):
                                                                           "perplexity_full"])
     assert np.isfinite(summary.loc["dynakv", "perplexity"])
     assert (summary["perplexity_full"] == summary["perplexity_full"].iloc[0]).all()
+    # both views: full attention recalls everything open loop, 16 of 64 tokens less
+    assert summary.loc["full", "recall_open_loop"] == 1.0
+    assert 0 < summary.loc["dynakv", "recall_open_loop"] < 1
+    assert summary.loc["dynakv", "quality"] == pytest.approx(
+        1 / summary.loc["dynakv", "ppl_ratio"])
+    assert (out / "figures" / "closed_vs_open.png").exists()
 
 
 # -- both views: the figure and the rank-correlation table -------------------------------------
