@@ -539,3 +539,37 @@ def test_one_teacher_forced_token_has_no_open_loop_recall(tiny, tmp_path):
     summary = pd.read_csv(out / "summary.csv")
     assert summary["ppl_ratio"].iloc[0] == pytest.approx(1.0)  # the prefill's prediction
     assert summary["recall_open_loop"].isna().all()
+
+
+def test_the_reference_trace_is_kvsim_capture_s_teacher_forced_trace(tmp_path):
+    """The open-loop recall's trace (full attention's decode in the loop, one token per pass)
+    is what ``kvsim capture --mode teacher_forced`` records for the same model, text, prompt
+    and decode steps (chunked prefill, float16): the same tokens, and keys, values and
+    queries equal within float16 rounding (SmolLM2, 64 + 8 positions)."""
+    pytest.importorskip("gguf")
+    from sim.closed_loop.perplexity import teacher_forced
+    from sim.errors import CaptureError
+    from sim.trace.capture import CaptureSettings, capture
+    from sim.trace.format import open_trace
+    from sim.trace.models import MODELS
+
+    try:
+        MODELS["smollm2-135m"].locate(Path(tmp_path))
+    except CaptureError as exc:
+        pytest.skip(str(exc))
+    closed_loop._IDS.clear()
+    task = {"task": "perplexity", "model": "smollm2-135m", "text": "pydoc", "prompt_len": 64,
+            "tokens": 9, "bucket": 4}
+    model, _tokenizer = closed_loop.load(task["model"])
+    ids = closed_loop.text_ids(task)
+    teacher_forced(model, ids, 64, 9, None, 0,
+                   trace=closed_loop.trace_out(model, task, tmp_path / "ref", {"seed": 0}))
+    captured = open_trace(capture(
+        CaptureSettings(prompt_len=64, decode_steps=8, mode="teacher_forced", queries="all"),
+        tmp_path / "cap", progress=False))
+    reference = open_trace(tmp_path / "ref", verify=True)
+    assert reference.tokens().tolist() == captured.tokens().tolist()
+    for layer in (1, 14, 29):  # layer 0 has no speculative queries
+        for kind in ("keys", "values", "queries", "speculative_queries"):
+            ours, theirs = getattr(reference, kind)(layer), getattr(captured, kind)(layer)
+            np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=2e-3, err_msg=kind)
