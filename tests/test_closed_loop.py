@@ -537,7 +537,9 @@ def test_the_open_loop_pass_over_the_saved_trace_makes_the_loop_s_selections(
     trace = open_trace(tmp_path / "t", verify=True)
     assert (trace.prompt_len, trace.decode_steps, trace.query_start) == (80, 24, 0)
     assert trace.tokens().tolist() == ids[:104]  # the prompt and the 24 tokens fed
-    assert trace.manifest["capture"]["decode"]["next_token_after_last_step"] == ids[104]
+    decoded = trace.manifest["capture"]["decode"]
+    assert decoded["next_token_after_last_step"] == ids[104]
+    assert decoded["sampling"]["method"] == "teacher_forced" and not decoded["greedy"]
     controller = run.controller
     for layer in controller.layers:
         np.testing.assert_array_equal(trace.keys(layer), controller.layer_context(layer).keys)
@@ -569,5 +571,6 @@ def test_a_sliding_window_model_s_trace_holds_every_layer(tmp_path):
                          record=True, trace=_trace_out(model, tmp_path / "g"))
     trace = open_trace(tmp_path / "g", verify=True)
     assert trace.manifest["model"]["sliding_window"] == [16, None, 16]
+    assert trace.manifest["capture"]["decode"]["sampling"]["method"] == "teacher_forced"
     assert trace.keys(0).shape == (1, 69, 8)
     np.testing.assert_array_equal(trace.keys(1), run.controller.layer_context(1).keys)

@@ -195,7 +195,8 @@ def decode(
 
     try:
         with torch.inference_mode(), _active(controller, model), \
-                _tracing(trace, model, prompt, tokens, seed) as recorder:
+                _tracing(trace, model, prompt, tokens, seed,
+                         0 if teacher is None else min(len(teacher), n_tokens)) as recorder:
             start = time.perf_counter()
             if prefilled is None:
                 cache = make_cache(config, total)
@@ -227,12 +228,15 @@ def decode(
 
 @contextmanager
 def _tracing(trace: TraceOut | None, model: Any, prompt: Sequence[int], tokens: np.ndarray,
-             seed: int) -> Iterator[Any]:
+             seed: int, teacher_tokens: int) -> Iterator[Any]:
     """Record the decode into ``trace`` (yields the recorder, or ``None`` without a trace):
     every layer's queries, keys and values from position 0 (the recorder's ``position`` is set
     per forward pass by the caller), the speculative queries of the decode steps, and on a
     clean exit the tokens (the prompt and every token fed, ``tokens[:-1]``; the last one,
-    predicted by the last step, in the manifest). On an exception nothing is written."""
+    predicted by the last step, in the manifest, with how the tokens were chosen: the first
+    ``teacher_tokens`` given, the rest greedy). On an exception nothing is written."""
+    from sim.trace.decoding import degeneration
+
     if trace is None:
         yield None
         return
@@ -254,8 +258,17 @@ def _tracing(trace: TraceOut | None, model: Any, prompt: Sequence[int], tokens: 
         recorder.flush()
         writer.write_tokens(np.asarray([*prompt, *tokens[:-1]], np.int32))
         capture["seed"] = seed
-        capture["decode"] = {**capture.get("decode", {}),
-                             "next_token_after_last_step": int(tokens[-1])}
+        forced = teacher_tokens >= len(tokens)
+        capture["decode"] = {
+            **capture.get("decode", {}),
+            "greedy": teacher_tokens == 0,
+            "source": "the tokens given (teacher forcing)" if forced else (
+                f"{teacher_tokens} tokens given, then the model's greedy choices under the "
+                "policy"),
+            "sampling": {"method": "teacher_forced" if forced else "greedy", "seed": seed},
+            "degeneration": degeneration([int(t) for t in tokens[:-1]]),
+            "next_token_after_last_step": int(tokens[-1]),
+        }
         writer.manifest["capture"] = capture
 
 
