@@ -242,6 +242,31 @@ def test_a_saved_trace_replays_with_kvsim_run_and_the_pass_makes_the_loop_s_sele
     assert not [p for p in (out / "runs").iterdir() if p.name.startswith(".")]
 
 
+def test_an_agreement_run_saves_the_decode_its_policy_produced(tiny, tmp_path):
+    """Greedy under the policy: the saved trace holds the policy's own tokens (not full
+    attention's), says so, and its pass makes the loop's selections."""
+    from sim.policies import POLICIES
+    from sim.policy_pass import run_policy_pass
+    from sim.trace.format import open_trace
+
+    out = _run(tmp_path, """\
+        name: cl
+        closed_loop: {task: agreement, prompt_len: 40, tokens: 10, save_trace: true}
+        policies: [{type: streaming_llm, budget: 6, sink_tokens: 2}]
+        """)
+    (run,) = _runs(out).values()
+    tokens = pd.read_parquet(run["dir"] / CLOSED_LOOP_TOKENS)
+    assert not tokens["match"].all()  # the policy's text differs from full attention's
+    trace = open_trace(run["dir"] / "trace", verify=True)
+    assert trace.tokens().tolist() == _text_ids(40) + tokens["token"].tolist()[:-1]
+    assert trace.manifest["capture"]["decode"]["sampling"]["method"] == "greedy"
+    chosen = pd.read_parquet(run["dir"] / "selections.parquet")
+    passed = run_policy_pass(trace, POLICIES.create(run["settings"]["policy"]), 0)
+    for row in chosen.itertuples():
+        np.testing.assert_array_equal(
+            row.positions, passed.selections[row.layer].heads[row.kv_head].at(row.step))
+
+
 def test_open_loop_recall_is_the_trace_replay_s_recall_on_the_reference(tiny, tmp_path):
     """Both views: each perplexity run's recall_open_loop equals the retrieval recall ``kvsim
     run`` reports replaying the same policy on full attention's decode of the same tokens
@@ -573,3 +598,17 @@ def test_the_reference_trace_is_kvsim_capture_s_teacher_forced_trace(tmp_path):
         for kind in ("keys", "values", "queries", "speculative_queries"):
             ours, theirs = getattr(reference, kind)(layer), getattr(captured, kind)(layer)
             np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=2e-3, err_msg=kind)
+
+
+def test_save_trace_is_refused_for_a_task_that_cannot_save_one():
+    """Only the decodes of perplexity and agreement are written as traces (a task added later
+    is refused before any run until it can)."""
+    from sim.errors import ConfigError
+    from sim.experiment.planning import _save_trace_setting
+
+    task = {"task": "needle", "tokens": 8, "save_trace": True}
+    with pytest.raises(ConfigError, match="save_trace: applies to task perplexity or "
+                                          "agreement, not needle"):
+        _save_trace_setting(task, "x")
+    assert _save_trace_setting({**task, "task": "agreement"}, "x")["save_trace"] is True
+    assert "save_trace" not in _save_trace_setting({**task, "save_trace": False}, "x")

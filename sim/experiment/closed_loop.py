@@ -123,26 +123,41 @@ def _prefilled(model: Any, task: dict[str, Any], ids: list[int]) -> Any:
     if key not in _PREFILLED:
         _PREFILLED.clear()
         _REFERENCES.clear()
-        _drop_reference_traces()
         _PREFILLED[key] = prefill(model, ids[: task["prompt_len"]], key[-1])
     return _PREFILLED[key]
 
 
 def _decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, seed: int,
-            shared: Any, trace: Any = None) -> Any:
+            shared: Any) -> Any:
     from sim.closed_loop.driver import decode
     from sim.closed_loop.perplexity import teacher_forced
 
-    # a decode writing its trace runs its own prefill (the same numbers as the shared one)
-    saving = {"prefilled": shared} if trace is None else {"trace": trace, "record": True}
     if task["task"] == "perplexity":
         return teacher_forced(model, ids, task["prompt_len"], task["tokens"], policy, seed,
-                              **saving)
-    return decode(model, ids[: task["prompt_len"]], task["tokens"], policy, seed, **saving)
+                              prefilled=shared)
+    return decode(model, ids[: task["prompt_len"]], task["tokens"], policy, seed,
+                  prefilled=shared)
+
+
+def _saving_decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, run: RunPlan,
+                   path: Path) -> Any:
+    """:func:`_decode` writing its own trace to ``path`` and recording its selections (with
+    its own prefill: the same numbers as the shared one, ``tests/test_closed_loop.py``)."""
+    from sim.closed_loop.driver import decode
+    from sim.closed_loop.perplexity import teacher_forced
+
+    trace = trace_out(model, task, path, {"policy": run.policy, "seed": run.seed})
+    if task["task"] == "perplexity":
+        return teacher_forced(model, ids, task["prompt_len"], task["tokens"], policy, run.seed,
+                              record=True, trace=trace)
+    # agreement (planning refuses save_trace for the other tasks: SAVES_TRACE)
+    return decode(model, ids[: task["prompt_len"]], task["tokens"], policy, run.seed,
+                  record=True, trace=trace)
 
 
 def _reference(model: Any, task: dict[str, Any], ids: list[int], seed: int, shared: Any) -> Any:
     key = (task["task"], task["tokens"], seed)
+    _drop_reference_traces(keep=_REFERENCES)  # those of references dropped with their prefill
     if key not in _REFERENCES:
         if task["task"] == "perplexity" and task["tokens"] >= 2:  # written as a trace too:
             # the open-loop recall's (one token has no decode step: nothing to recall)
@@ -158,10 +173,10 @@ def _reference(model: Any, task: dict[str, Any], ids: list[int], seed: int, shar
 _REFERENCE_TRACES: dict[tuple[Any, ...], Path] = {}
 
 
-def _drop_reference_traces() -> None:
-    for path in _REFERENCE_TRACES.values():
-        shutil.rmtree(path, ignore_errors=True)
-    _REFERENCE_TRACES.clear()
+def _drop_reference_traces(keep: Any = ()) -> None:
+    """Remove the reference traces whose key is not in ``keep`` (all by default)."""
+    for key in [key for key in _REFERENCE_TRACES if key not in keep]:
+        shutil.rmtree(_REFERENCE_TRACES.pop(key), ignore_errors=True)
 
 
 atexit.register(_drop_reference_traces)
@@ -321,18 +336,18 @@ def run_closed_loop_group(
         reference = _reference(model, task, ids, run.seed, shared)
         policy = POLICIES.create(run.policy, where=f"run {run.label}")
         own_trace = _own_trace_path(task, runs_dir, run.run_id)
-        saving = None if own_trace is None else trace_out(
-            model, task, own_trace, {"policy": run.policy, "seed": run.seed})
-        result = _decode(model, task, ids, policy, run.seed, shared, saving)
+        result = (_decode(model, task, ids, policy, run.seed, shared) if own_trace is None
+                  else _saving_decode(model, task, ids, policy, run, own_trace))
+        wall_s = time.perf_counter() - start
+        decode_s += wall_s
         metrics, records = _task_results(task, result, reference)
+
         key = (task["task"], task["tokens"], run.seed)
         if key in _REFERENCE_TRACES:  # both views: the policy open loop on the reference
             metrics.update(open_loop_recall(_REFERENCE_TRACES[key] / "trace", run.policy,
                                             run.seed))
         if own_trace is not None:
             records[CLOSED_LOOP_SELECTIONS] = selection_records(result.controller)
-        wall_s = time.perf_counter() - start
-        decode_s += wall_s
         row = {
             "run_id": run.run_id,
             "run": run.label,

@@ -519,6 +519,10 @@ def _plan_closed_loop(
     return runs
 
 
+#: the closed-loop tasks whose runs can save their own trace (``closed_loop.save_trace``)
+SAVES_TRACE = ("perplexity", "agreement")
+
+
 def _save_trace_setting(task: dict[str, Any], where: str) -> dict[str, Any]:
     """``task`` with ``closed_loop.save_trace`` checked: left out when off (runs keep the ids
     they had before the option), ``True``, or a directory (made absolute, as ``output:`` is
@@ -526,6 +530,9 @@ def _save_trace_setting(task: dict[str, Any], where: str) -> dict[str, Any]:
     save = task.pop("save_trace", False)
     if save is False:
         return task
+    if task["task"] not in SAVES_TRACE:
+        raise ConfigError(f"{where}: closed_loop.save_trace: applies to task "
+                          f"{' or '.join(SAVES_TRACE)}, not {task['task']}")
     if task["tokens"] < 2:
         raise ConfigError(f"{where}: closed_loop.save_trace: a trace needs a decode step; give "
                           "tokens >= 2")
