@@ -527,6 +527,7 @@ def _save_trace_setting(task: dict[str, Any], where: str) -> dict[str, Any]:
     """``task`` with ``closed_loop.save_trace`` checked: left out when off (runs keep the ids
     they had before the option), ``True``, or a directory (made absolute, as ``output:`` is
     relative to the working directory) that can be made and written into."""
+    task = dict(task)
     save = task.pop("save_trace", False)
     if save is False:
         return task
