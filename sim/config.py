@@ -247,6 +247,11 @@ class ClosedLoopSpec(BaseModel):
     ``model``: a model kvsim loads (:data:`sim.trace.models.MODELS`); ``text``: a kvsim text
     source (:mod:`sim.trace.sources`). ``prompt_len + tokens`` must fit the model's context
     and, for ``perplexity``, the tokenised text.
+    ``save_trace``: each run also writes the trace of its own decode (kvsim's trace format,
+    float32: every layer's queries, keys and values under the policy, the tokens fed) and its
+    per-step selections: ``true`` into its run directory (``trace/``, ``selections.parquet``),
+    or a directory path: the trace to ``<path>/<run_id>/`` (the selections stay in the run
+    directory). ``kvsim run`` replays such a trace like any other (``trace: {path: ...}``).
     """
 
     model_config = _STRICT
@@ -260,6 +265,8 @@ class ClosedLoopSpec(BaseModel):
     #: score the selection in the loop on every k-th decode step (``generation`` only;
     #: default 8, as the long-decoding experiments' ``accuracy_every``)
     recall_every: int | None = Field(None, ge=1)
+    #: write each run's own trace and selections: ``true`` (its run directory) or a directory
+    save_trace: bool | str = False
 
     def model_post_init(self, _context: Any) -> None:
         if self.bucket is not None and self.task not in ("perplexity", "generation"):
@@ -317,7 +324,7 @@ class ExperimentConfig(BaseModel):
         if self.trace is not None and self.closed_loop is not None:
             return "closed_loop: give either trace: or closed_loop:, not both"
         if self.closed_loop is not None:
-            for key in ("record_io", "figures", "model", "cache", "pipeline", "record",
+            for key in ("record_io", "model", "cache", "pipeline", "record",
                         "accuracy_every", "device"):
                 if key in self.model_fields_set:
                     hint = " (the model is closed_loop.model)" if key == "model" else ""

@@ -77,10 +77,14 @@ IO_SIZES = "io_sizes.csv"
 CLOSED_LOOP_TABLE = "closed_loop.csv"
 CLOSED_LOOP_TOKENS = "tokens.parquet"
 LOOP_ACCURACY = "loop_accuracy.parquet"
+#: ``closed_loop.save_trace``: the run's own trace (a trace directory) and its selections
+CLOSED_LOOP_TRACE = "trace"
+CLOSED_LOOP_SELECTIONS = "selections.parquet"
 #: a closed-loop summary's metric columns, per task
 CLOSED_LOOP_COLUMNS = {
     "perplexity": ["task", "tokens", "mean_nll", "perplexity", "mean_nll_full",
-                   "perplexity_full", "ppl_ratio", "decode_s", "hook_s"],
+                   "perplexity_full", "ppl_ratio", "quality", "recall_open_loop",
+                   "topk_recall_open_loop", "decode_s", "hook_s"],
     "agreement": ["task", "tokens", "first_divergence", "match_share", "decode_s", "hook_s"],
     "generation": ["task", "tokens", "first_divergence", "match_share", "mean_nll",
                    "mean_nll_full", "ppl_ratio", "loop_recall", "loop_recall_last",

@@ -356,7 +356,8 @@ def test_infinigen_in_the_loop_selects_from_queries_speculated_from_the_previous
         layer.select(np.ones((6, 8)), np.ones((2, 8)))
 
 
-@pytest.mark.parametrize("spec", [
+#: policies whose open-loop pass is compared with the loop's selections
+LOOP_SPECS = [
     {"type": "dynakv", "budget": 0.15, "tokens_per_cluster": 8, "buffer_max": 2,
      "tau_quantile": 0.3},
     {"type": "clusterkv", "budget": 0.2, "tokens_per_cluster": 8, "update_interval": 5,
@@ -364,7 +365,23 @@ def test_infinigen_in_the_loop_selects_from_queries_speculated_from_the_previous
     {"type": "token_topk", "budget": 0.1},
     {"type": "h2o", "budget": 0.2},
     {"type": "quest", "budget": 0.2, "page_tokens": 4, "full_layers": 0},
-])
+]
+
+
+def assert_the_loop_s_selections(controller, selected) -> None:
+    """``selected(layer)`` (the open-loop pass's LayerSelection of a global layer) makes the
+    selections the loop made at every decode step and KV head."""
+    for layer in sorted(controller.layers):
+        want = selected(layer)
+        for step, layers in enumerate(controller.selections):
+            if want.heads is None:
+                assert layers[layer] is None
+                continue
+            for h, positions in enumerate(layers[layer]):
+                np.testing.assert_array_equal(positions, want.heads[h].at(step))
+
+
+@pytest.mark.parametrize("spec", LOOP_SPECS)
 def test_the_open_loop_pass_over_the_loop_s_own_trace_makes_the_loop_s_selections(llama, spec):
     """One policy, two drivers: the keys and queries the model produced under the policy,
     handed to the vectorised pass as a trace layer, give the selections made in the loop."""
@@ -374,13 +391,8 @@ def test_the_open_loop_pass_over_the_loop_s_own_trace_makes_the_loop_s_selection
     for layer in sorted(controller.layers):
         ctx = controller.layer_context(layer)
         assert ctx.keys.shape[1] == 80 + 24 and ctx.decode_steps == 24
-        want = policy.select_layer(ctx)
-        for step, layers in enumerate(controller.selections):
-            if want.heads is None:
-                assert layers[layer] is None
-                continue
-            for h, positions in enumerate(layers[layer]):
-                np.testing.assert_array_equal(positions, want.heads[h].at(step))
+    assert_the_loop_s_selections(
+        controller, lambda layer: policy.select_layer(controller.layer_context(layer)))
 
 
 @pytest.mark.slow
@@ -491,3 +503,74 @@ def test_needle_accuracy_scores_the_greedy_answer_after_the_question(llama):
         "streaming_llm(budget=4)"] * 2
     assert table["correct"].tolist()[:4] == [True, False, True, False]
     assert table["answer_ids"].iloc[0] == list(greedy)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop's own trace
+# --------------------------------------------------------------------------------------------
+
+
+def _trace_out(model, path):
+    from sim.closed_loop.driver import TraceOut
+    from sim.trace.models import model_entry
+
+    return TraceOut(path, model_entry(model, "tiny", "random weights", 256),
+                    {"source": "random ids"}, {"mode": "closed_loop"})
+
+
+@pytest.mark.parametrize("spec", [
+    *LOOP_SPECS, {"type": "infinigen", "budget": 1.0, "alpha": 0.0, "partial_ratio": 0.5}])
+def test_the_open_loop_pass_over_the_saved_trace_makes_the_loop_s_selections(
+    llama, tmp_path, spec
+):
+    """The trace a decode writes (kvsim's format, float32) holds exactly the keys and queries
+    the loop's policy saw, so the trace replay's own pass (sim.policy_pass) over it makes the
+    loop's selections at every step, layer and KV head; writing it changes no logit."""
+    from sim.policy_pass import run_policy_pass
+    from sim.trace.format import open_trace
+
+    ids = text(120)
+    plain = teacher_forced(llama, ids, 80, 25, POLICIES.create(spec), seed=4, keep_logits=True)
+    run = teacher_forced(llama, ids, 80, 25, POLICIES.create(spec), seed=4, keep_logits=True,
+                         record=True, trace=_trace_out(llama, tmp_path / "t"))
+    np.testing.assert_array_equal(run.logits, plain.logits)
+    trace = open_trace(tmp_path / "t", verify=True)
+    assert (trace.prompt_len, trace.decode_steps, trace.query_start) == (80, 24, 0)
+    assert trace.tokens().tolist() == ids[:104]  # the prompt and the 24 tokens fed
+    decoded = trace.manifest["capture"]["decode"]
+    assert decoded["next_token_after_last_step"] == ids[104]
+    assert decoded["sampling"]["method"] == "teacher_forced" and not decoded["greedy"]
+    controller = run.controller
+    for layer in controller.layers:
+        np.testing.assert_array_equal(trace.keys(layer), controller.layer_context(layer).keys)
+    passed = run_policy_pass(trace, POLICIES.create(spec), seed=4)
+    assert_the_loop_s_selections(controller, passed.selections.__getitem__)
+
+
+def test_a_trace_is_refused_with_a_shared_prefill_or_without_a_decode_step(llama, tmp_path):
+    from sim.closed_loop.driver import prefill
+
+    ids = text(120)
+    with pytest.raises(ValueError, match="runs its own prefill"):
+        teacher_forced(llama, ids, 80, 5, None, trace=_trace_out(llama, tmp_path / "t"),
+                       prefilled=prefill(llama, ids[:80], 85))
+    with pytest.raises(ValueError, match="at least one decode step"):
+        teacher_forced(llama, ids, 80, 1, None, trace=_trace_out(llama, tmp_path / "t"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_sliding_window_model_s_trace_holds_every_layer(tmp_path):
+    """Gemma 3's layout: the trace holds the sliding layers too (the replay attends their
+    window) and the manifest lists the windows; the global layer's keys are the loop's."""
+    from sim.trace.format import open_trace
+
+    model = tiny_gemma3()
+    ids = text(90)
+    run = teacher_forced(model, ids, 40, 30, POLICIES.create({"type": "token_topk",
+                                                               "budget": 0.2}),
+                         record=True, trace=_trace_out(model, tmp_path / "g"))
+    trace = open_trace(tmp_path / "g", verify=True)
+    assert trace.manifest["model"]["sliding_window"] == [16, None, 16]
+    assert trace.manifest["capture"]["decode"]["sampling"]["method"] == "teacher_forced"
+    assert trace.keys(0).shape == (1, 69, 8)
+    np.testing.assert_array_equal(trace.keys(1), run.controller.layer_context(1).keys)

@@ -180,6 +180,135 @@ def test_agreement_counts_the_first_divergence(tiny, tmp_path):
     assert list(tokens["token"]) == fresh.tokens.tolist()
 
 
+SAVED = """\
+    name: cl
+    closed_loop: {task: perplexity, prompt_len: 40, tokens: 12, bucket: 6, save_trace: true}
+    policies:
+      - {type: full}
+      - {type: token_topk, budget: 8}
+      - {type: dynakv, budget: 12, tokens_per_cluster: 4, sink_tokens: 2, recent_tokens: 2,
+         buffer_max: 2}
+      - {type: streaming_llm, budget: 8, sink_tokens: 2}
+    """
+
+
+def _replay(tmp_path: Path, trace: Path, policies: list[dict], name: str) -> pd.DataFrame:
+    """``kvsim run`` of ``policies`` on ``trace`` (a trace replay through the SimPy engine)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "trace": {"path": str(trace)},
+                                    "policies": policies, "plot": False}))
+    out = tmp_path / name
+    assert main(["run", str(path), "--output", str(out), "--quiet", "-j", "1"]) == 0
+    return pd.read_csv(out / "summary.csv")
+
+
+def test_a_saved_trace_replays_with_kvsim_run_and_the_pass_makes_the_loop_s_selections(
+    tiny, tmp_path
+):
+    """save_trace: each run's own decode as a trace (float32, the prompt and the 11 tokens fed)
+    and its selections; the trace replay's pass over the trace makes exactly the selections
+    the loop made (every step, layer, KV head), and ``kvsim run`` replays it through the
+    engine with that very pass (its accuracy records are the pass's)."""
+    from sim.policies import POLICIES
+    from sim.policy_pass import run_policy_pass
+    from sim.result_files import CLOSED_LOOP_SELECTIONS, CLOSED_LOOP_TRACE
+    from sim.trace.format import open_trace
+
+    out = _run(tmp_path, SAVED)
+    ids = _text_ids(52)
+    for key, run in _runs(out).items():
+        assert run["settings"]["closed_loop"]["save_trace"] is True
+        trace = open_trace(run["dir"] / CLOSED_LOOP_TRACE, verify=True)
+        assert trace.manifest["dtype"] == "float32"
+        assert (trace.prompt_len, trace.decode_steps) == (40, 11)
+        assert trace.tokens().tolist() == ids[:51], key
+        assert trace.manifest["capture"]["policy"] == run["settings"]["policy"]
+        chosen = pd.read_parquet(run["dir"] / CLOSED_LOOP_SELECTIONS)
+        assert len(chosen) == 11 * 3 * 2  # steps x global layers x KV heads
+        passed = run_policy_pass(trace, POLICIES.create(run["settings"]["policy"]), 0)
+        for row in chosen.itertuples():
+            heads = passed.selections[row.layer].heads
+            if heads is None:  # the policy attends everything
+                assert row.positions is None, key
+            else:
+                np.testing.assert_array_equal(row.positions, heads[row.kv_head].at(row.step))
+        if key.startswith("dynakv"):  # the replay of the run's own decode, same policy
+            replayed = _replay(tmp_path, run["dir"] / CLOSED_LOOP_TRACE,
+                               [run["settings"]["policy"]], "replay")
+            assert np.isfinite(replayed.loc[0, "latency_ms_mean"])
+            accuracy = pd.read_parquet(next((tmp_path / "replay" / "runs").iterdir())
+                                       / "accuracy.parquet")
+            pd.testing.assert_frame_equal(accuracy, passed.accuracy, check_dtype=False)
+    assert not [p for p in (out / "runs").iterdir() if p.name.startswith(".")]
+
+
+def test_an_agreement_run_saves_the_decode_its_policy_produced(tiny, tmp_path):
+    """Greedy under the policy: the saved trace holds the policy's own tokens (not full
+    attention's), says so, and its pass makes the loop's selections."""
+    from sim.policies import POLICIES
+    from sim.policy_pass import run_policy_pass
+    from sim.trace.format import open_trace
+
+    out = _run(tmp_path, """\
+        name: cl
+        closed_loop: {task: agreement, prompt_len: 40, tokens: 10, save_trace: true}
+        policies: [{type: streaming_llm, budget: 6, sink_tokens: 2}]
+        """)
+    (run,) = _runs(out).values()
+    tokens = pd.read_parquet(run["dir"] / CLOSED_LOOP_TOKENS)
+    assert not tokens["match"].all()  # the policy's text differs from full attention's
+    trace = open_trace(run["dir"] / "trace", verify=True)
+    assert trace.tokens().tolist() == _text_ids(40) + tokens["token"].tolist()[:-1]
+    assert trace.manifest["capture"]["decode"]["sampling"]["method"] == "greedy"
+    chosen = pd.read_parquet(run["dir"] / "selections.parquet")
+    passed = run_policy_pass(trace, POLICIES.create(run["settings"]["policy"]), 0)
+    for row in chosen.itertuples():
+        np.testing.assert_array_equal(
+            row.positions, passed.selections[row.layer].heads[row.kv_head].at(row.step))
+
+
+def test_open_loop_recall_is_the_trace_replay_s_recall_on_the_reference(tiny, tmp_path):
+    """Both views: each perplexity run's recall_open_loop equals the retrieval recall ``kvsim
+    run`` reports replaying the same policy on full attention's decode of the same tokens
+    (full's saved trace: the reference, bit for bit); quality = full / policy perplexity."""
+    out = _run(tmp_path, SAVED)
+    runs = _runs(out)
+    full_trace = runs["full@None"]["dir"] / "trace"
+    policies = [run["settings"]["policy"] for run in runs.values()]
+    labels = [run["row"]["run"] for run in runs.values()]
+    replayed = _replay(tmp_path, full_trace, [{**p, "label": label} for p, label in
+                                              zip(policies, labels, strict=True)], "both")
+    replayed = replayed.set_index("run")
+    for run in runs.values():
+        row = run["row"]
+        assert row["recall_open_loop"] == pytest.approx(
+            replayed.loc[row["run"], "retrieval_recall_mean"], rel=1e-12, abs=0)
+        assert row["topk_recall_open_loop"] == pytest.approx(
+            replayed.loc[row["run"], "topk_recall_mean"], rel=1e-12, abs=0)
+        assert row["quality"] == pytest.approx(row["perplexity_full"] / row["perplexity"])
+    assert runs["full@None"]["row"]["recall_open_loop"] == 1.0
+    assert runs["streaming_llm@8"]["row"]["recall_open_loop"] < 1.0
+
+
+def test_save_trace_into_a_directory(tiny, tmp_path):
+    """A directory: each run's trace at <dir>/<run_id>, its selections in its run directory;
+    without save_trace a run's settings (and id) are as before the option."""
+    from sim.result_files import CLOSED_LOOP_SELECTIONS
+    from sim.trace.format import open_trace
+
+    keep = tmp_path / "traces"
+    out = _run(tmp_path, SAVED.replace("save_trace: true", f"save_trace: {keep}"))
+    for run in _runs(out).values():
+        run_id = run["row"]["run_id"]
+        assert open_trace(keep / run_id).decode_steps == 11
+        assert (run["dir"] / CLOSED_LOOP_SELECTIONS).exists()
+        assert not (run["dir"] / "trace").exists()
+    (tmp_path / "plain").mkdir()
+    for run in _runs(_run(tmp_path / "plain", PERPLEXITY)).values():
+        assert "save_trace" not in run["settings"]["closed_loop"]
+        assert not (run["dir"] / CLOSED_LOOP_SELECTIONS).exists()
+
+
 def _bad(tmp_path: Path, capsys, text: str) -> str:
     out = tmp_path / "out"
     code = main(["run", str(_write(tmp_path, text)), "--output", str(out), "--quiet"])
@@ -211,6 +340,30 @@ def test_bad_closed_loop_blocks_fail_in_one_line(tiny, tmp_path, capsys, block, 
                                                  expected):
     line = _bad(tmp_path, capsys, f"name: cl\nclosed_loop: {block}\npolicies: {policies}\n")
     assert expected in line
+
+
+def test_an_unwritable_save_trace_fails_in_one_line(tiny, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    line = _bad(tmp_path, capsys, f"""\
+        name: cl
+        closed_loop: {{task: perplexity, prompt_len: 40, tokens: 8,
+                      save_trace: "{tmp_path / 'afile' / 'traces'}"}}
+        policies: [{{type: full}}]
+        """)
+    assert "closed_loop.save_trace: cannot write" in line and "is a file" in line
+    line = _bad(tmp_path, capsys, """\
+        name: cl
+        closed_loop: {task: perplexity, prompt_len: 40, tokens: 8, save_trace: " "}
+        policies: [{type: full}]
+        """)
+    assert "closed_loop.save_trace: give true or a directory" in line
+    line = _bad(tmp_path, capsys, """\
+        name: cl
+        closed_loop: {task: perplexity, prompt_len: 40, tokens: 1, save_trace: true}
+        policies: [{type: full}]
+        """)
+    assert "closed_loop.save_trace: a trace needs a decode step; give tokens >= 2" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exp.yaml"]
 
 
 def test_a_sweep_point_over_the_context_fails_before_any_run(tiny, tmp_path, capsys):
@@ -315,3 +468,147 @@ def test_smoke_smollm2_perplexity(tmp_path):
                                                                           "perplexity_full"])
     assert np.isfinite(summary.loc["dynakv", "perplexity"])
     assert (summary["perplexity_full"] == summary["perplexity_full"].iloc[0]).all()
+    # both views: full attention recalls everything open loop, 16 of 64 tokens less
+    assert summary.loc["full", "recall_open_loop"] == 1.0
+    assert 0 < summary.loc["dynakv", "recall_open_loop"] < 1
+    assert summary.loc["dynakv", "quality"] == pytest.approx(
+        1 / summary.loc["dynakv", "ppl_ratio"])
+    assert (out / "figures" / "closed_vs_open.png").exists()
+
+
+# -- both views: the figure and the rank-correlation table -------------------------------------
+
+
+def test_spearman_table_by_hand():
+    """Ranks without ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1)); budget 0.1: d = 0, -1, 1, 0
+    -> 0.8; budget 0.2: d = 1, -1, 0 -> 0.5; all seven: sum d^2 = 16 -> 5/7; a budget of two
+    runs and full attention's run (no budget) get no rho."""
+    from scipy.stats import t
+
+    from sim.figures.closed_loop import spearman_table
+
+    points = pd.DataFrame({
+        "budget": [0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.3, 0.3, float("nan")],
+        "recall_open_loop": [0.5, 0.6, 0.7, 0.8, 0.9, 0.85, 0.95, 0.4, 0.45, 1.0],
+        "quality": [0.7, 0.9, 0.8, 1.0, 0.95, 0.97, 0.99, 0.5, 0.4, 1.0],
+    })
+    table = spearman_table(points[points["budget"] != 0.3]).set_index("scope")
+    assert table["n"].to_dict() == {"all": 7, "budget=0.1": 4, "budget=0.2": 3}
+    assert table.loc["budget=0.1", "spearman_rho"] == pytest.approx(0.8)
+    assert table.loc["budget=0.2", "spearman_rho"] == pytest.approx(0.5)
+    rho = table.loc["all", "spearman_rho"]
+    assert rho == pytest.approx(5 / 7)
+    t_stat = rho * math.sqrt(5 / (1 - rho**2))  # the t approximation with n - 2 = 5
+    assert table.loc["all", "p_value"] == pytest.approx(2 * t.sf(t_stat, 5))
+    two = spearman_table(points).set_index("scope").loc["budget=0.3"]
+    assert two["n"] == 2 and math.isnan(two["spearman_rho"]) and math.isnan(two["p_value"])
+
+
+def test_closed_vs_open_figure_from_a_perplexity_sweep(tiny, tmp_path):
+    """The figure and its two tables from a run: one point per run with the run's budget, its
+    summary recall and quality; the correlation over the budgeted runs recomputed from the
+    ranks by hand (no ties among four runs)."""
+    out = _run(tmp_path, PERPLEXITY.rstrip(" ") + "    figures: [closed_vs_open]\n")
+    figures = out / "figures"
+    assert {p.name for p in figures.iterdir()} == {
+        f"closed_vs_open{ext}" for ext in (".png", ".pdf", ".csv", ".md")} | {
+        f"closed_vs_open_spearman{ext}" for ext in (".csv", ".md")}
+    points = pd.read_csv(figures / "closed_vs_open.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    np.testing.assert_array_equal(points["recall_open_loop"], summary["recall_open_loop"])
+    np.testing.assert_array_equal(points["quality"], summary["quality"])
+    np.testing.assert_array_equal(points["budget"].fillna(-1),
+                                  summary["policy.budget"].fillna(-1))
+    table = pd.read_csv(figures / "closed_vs_open_spearman.csv").set_index("scope")
+    assert table["n"].to_dict() == {"all": 4, "budget=8": 2, "budget=16": 2}
+    budgeted = points[points["budget"].notna()]
+    x = budgeted["recall_open_loop"].rank().to_numpy()
+    y = budgeted["quality"].rank().to_numpy()
+    assert len(set(x)) == len(set(y)) == 4  # no ties: the formula holds
+    assert table.loc["all", "spearman_rho"] == pytest.approx(
+        1 - 6 * ((x - y) ** 2).sum() / (4 * 15))
+    assert table["spearman_rho"].isna().tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize(("block", "figure", "expected"), [
+    ("{task: agreement, prompt_len: 40, tokens: 8}", "closed_vs_open",
+     "figures[0] (closed_vs_open) is not drawn from closed_loop task agreement (only "
+     "perplexity)"),
+    ("{task: perplexity, prompt_len: 40, tokens: 8}", "table5_variance",
+     "figures[0] (table5_variance) is not drawn from closed_loop task perplexity results"),
+])
+def test_a_figure_of_the_other_kind_of_results_is_refused(tiny, tmp_path, capsys, block,
+                                                          figure, expected):
+    line = _bad(tmp_path, capsys, f"name: cl\nclosed_loop: {block}\n"
+                                  f"policies: [{{type: full}}]\nfigures: [{figure}]\n")
+    assert expected in line
+
+
+def test_closed_vs_open_in_a_trace_replay_is_refused(tmp_path, capsys):
+    from tests.conftest import FIXTURE_TRACE
+
+    line = _bad(tmp_path, capsys, f"name: r\ntrace: {{path: {FIXTURE_TRACE}}}\n"
+                                  "policies: [{type: full}]\nfigures: [closed_vs_open]\n")
+    assert "figures[0] (closed_vs_open) is drawn from closed_loop results (task perplexity)" \
+        in line
+
+
+def test_one_teacher_forced_token_has_no_open_loop_recall(tiny, tmp_path):
+    """One token is predicted by the prefill alone: no decode step, so no trace to recall on
+    (NaN), and the run is otherwise as before."""
+    out = _run(tmp_path, """\
+        name: cl
+        closed_loop: {task: perplexity, prompt_len: 40, tokens: 1}
+        policies: [{type: token_topk, budget: 8}]
+        """)
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["ppl_ratio"].iloc[0] == pytest.approx(1.0)  # the prefill's prediction
+    assert summary["recall_open_loop"].isna().all()
+
+
+def test_the_reference_trace_is_kvsim_capture_s_teacher_forced_trace(tmp_path):
+    """The open-loop recall's trace (full attention's decode in the loop, one token per pass)
+    is what ``kvsim capture --mode teacher_forced`` records for the same model, text, prompt
+    and decode steps (chunked prefill, float16): the same tokens, and keys, values and
+    queries equal within float16 rounding (SmolLM2, 64 + 8 positions)."""
+    pytest.importorskip("gguf")
+    from sim.closed_loop.perplexity import teacher_forced
+    from sim.errors import CaptureError
+    from sim.trace.capture import CaptureSettings, capture
+    from sim.trace.format import open_trace
+    from sim.trace.models import MODELS
+
+    try:
+        MODELS["smollm2-135m"].locate(Path(tmp_path))
+    except CaptureError as exc:
+        pytest.skip(str(exc))
+    closed_loop._IDS.clear()
+    task = {"task": "perplexity", "model": "smollm2-135m", "text": "pydoc", "prompt_len": 64,
+            "tokens": 9, "bucket": 4}
+    model, _tokenizer = closed_loop.load(task["model"])
+    ids = closed_loop.text_ids(task)
+    teacher_forced(model, ids, 64, 9, None, 0,
+                   trace=closed_loop.trace_out(model, task, tmp_path / "ref", {"seed": 0}))
+    captured = open_trace(capture(
+        CaptureSettings(prompt_len=64, decode_steps=8, mode="teacher_forced", queries="all"),
+        tmp_path / "cap", progress=False))
+    reference = open_trace(tmp_path / "ref", verify=True)
+    assert reference.tokens().tolist() == captured.tokens().tolist()
+    for layer in (1, 14, 29):  # layer 0 has no speculative queries
+        for kind in ("keys", "values", "queries", "speculative_queries"):
+            ours, theirs = getattr(reference, kind)(layer), getattr(captured, kind)(layer)
+            np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=2e-3, err_msg=kind)
+
+
+def test_save_trace_is_refused_for_a_task_that_cannot_save_one():
+    """Only the decodes of perplexity and agreement are written as traces (a task added later
+    is refused before any run until it can)."""
+    from sim.errors import ConfigError
+    from sim.experiment.planning import _save_trace_setting
+
+    task = {"task": "needle", "tokens": 8, "save_trace": True}
+    with pytest.raises(ConfigError, match="save_trace: applies to task perplexity or "
+                                          "agreement, not needle"):
+        _save_trace_setting(task, "x")
+    assert _save_trace_setting({**task, "task": "agreement"}, "x")["save_trace"] is True
+    assert "save_trace" not in _save_trace_setting({**task, "save_trace": False}, "x")

@@ -178,7 +178,9 @@ def test_manifest_missing_key(trace_dir: Path) -> None:
         ({"query_start": PROMPT_LEN + 1}, "query_start"),
         ({"prompt_len": 0}, "prompt_len must be >= 1"),
         ({"format_version": 7}, "format_version 7"),
-        ({"dtype": "float32"}, "dtype 'float32'"),
+        ({"dtype": "bfloat16"}, "dtype 'bfloat16'; supported: 'float16', 'float32'"),
+        # a float32 manifest over float16 files: the headers disagree
+        ({"dtype": "float32"}, "layer_000.keys.npy has dtype float16, expected float32"),
         ({"decode_steps": -1}, "decode_steps must be an integer >= 0"),
     ],
 )
@@ -273,6 +275,38 @@ def test_writer_incomplete_trace_is_an_error(tmp_path: Path) -> None:
             writer.write_tokens(arrays["tokens"])
             writer.write_layer(0, arrays["k0"], arrays["v0"], arrays["q0"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_float32_trace_keeps_every_bit_and_its_non_finite_values_are_found(
+    tmp_path: Path,
+) -> None:
+    """A closed loop's own trace is stored float32 (the open-loop pass must see the loop's
+    keys unrounded): written and read back bit for bit, its manifest says so, and a NaN
+    written into its data is found by verification (the float32 exponent mask)."""
+    arrays = _arrays(0)
+    path = tmp_path / "f32"
+    with TraceWriter(path, MODEL, PROMPT_LEN, DECODE_STEPS, 0, {}, {}, dtype="float32") as w:
+        w.write_tokens(arrays["tokens"])
+        for layer in range(MODEL["n_layers"]):
+            w.write_layer(layer, arrays[f"k{layer}"], arrays[f"v{layer}"], arrays[f"q{layer}"])
+    trace = open_trace(path, verify=True)
+    assert trace.manifest["dtype"] == "float32" and trace.keys(1).dtype == np.float32
+    for layer in range(MODEL["n_layers"]):
+        np.testing.assert_array_equal(trace.keys(layer), arrays[f"k{layer}"])
+        np.testing.assert_array_equal(trace.queries(layer), arrays[f"q{layer}"])
+    assert float(np.float16(arrays["k0"][0, 0, 0])) != arrays["k0"][0, 0, 0]  # fp16 would round
+    name = layer_file(1, "values")
+    data = np.load(path / name)
+    offset = (path / name).stat().st_size - data.nbytes
+    with open(path / name, "r+b") as f:  # one NaN, the manifest's checksum updated to match
+        f.seek(offset + 4 * 7)
+        f.write(np.float32("nan").tobytes())
+    manifest = _manifest(path)
+    from sim.trace.format import sha256_file
+
+    manifest["files"][name]["sha256"] = sha256_file(path / name)
+    _save_manifest(path, manifest)
+    assert f"{name} holds 1 non-finite value(s)" in _error(path, verify=True)
 
 
 def test_writer_rejects_bad_shapes_and_overflow(tmp_path: Path) -> None:

@@ -174,11 +174,18 @@ def policy_attention_forward(
 
     ``query`` (B, H_q, T, d), ``key``/``value`` (B, H_kv, N, d): the layer's whole cache after
     the update, the new tokens last. Without an active controller, or on a sliding-window
-    layer, or when the policy attends everything: transformers' own sdpa attention."""
+    layer, or when the policy attends everything: transformers' own sdpa attention. Inside a
+    capture's :func:`sim.trace.recording.recording` (a decode writing its own trace) every
+    layer's queries and new keys and values are recorded first."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sim.trace.recording import active_recorder
 
     controller = _ACTIVE
     layer = getattr(module, "layer_idx", None)
+    recorder = active_recorder()
+    if recorder is not None and layer is not None:
+        recorder.record(layer, query, key, value)
     if controller is None or layer is None or not controller.is_global(layer):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1:

@@ -6,6 +6,13 @@ agreement).
 ``tokens[i]`` is the token at position ``P + i``: given (``teacher[i]``), or the argmax of the
 logits predicting it. Position ``P``'s prediction comes from the prefill (full attention for
 every policy); positions ``P + 1 ..`` from decode steps under the policy.
+
+A decode can write its own trace (``trace=``, :class:`TraceOut`): kvsim's trace format
+(:mod:`sim.trace.format`) with every layer's queries, keys and values as the model computed
+them under the policy, stored float32 (unrounded: the open-loop pass over it makes exactly
+the loop's selections), the prompt and the ``n_tokens - 1`` tokens fed as decode steps, and
+the speculative queries; recorded by the capture's :class:`sim.trace.recording.Recorder`
+from inside the policy's attention function.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import copy
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +53,20 @@ class DecodeRun:
     decode_s: float
     hook_s: float
     controller: PolicyController | None
+
+
+@dataclass
+class TraceOut:
+    """Where a decode writes its own trace and what its manifest says: ``model`` (the
+    manifest's model entry, :func:`sim.trace.models.model_entry`), ``text`` (its text entry,
+    :meth:`sim.trace.sources.TextSource.describe`), ``capture`` (how it was made: the closed
+    loop's task, policy, seed; the decode's tokens are added). An existing trace at ``path`` is
+    replaced once the new one is complete; nothing appears there if the decode fails."""
+
+    path: Path
+    model: dict[str, Any]
+    text: dict[str, Any] = field(default_factory=dict)
+    capture: dict[str, Any] = field(default_factory=dict)
 
 
 def check_lengths(prompt_len: int, n_tokens: int, max_positions: int) -> None:
@@ -108,6 +130,7 @@ def decode(
     seed: int = 0, teacher: Sequence[int] | None = None, keep_logits: bool = False,
     record: bool = False, hook: bool = True, prefilled: Prefilled | None = None,
     recall_every: int = 0,
+    trace: TraceOut | None = None,
 ) -> DecodeRun:
     """Decode ``n_tokens`` after ``prompt`` with ``model`` (a transformers causal LM, batch 1,
     CPU): the tokens ``teacher`` as far as given, then greedy (a question fed, its answer
@@ -118,9 +141,10 @@ def decode(
     (its cache copied, each global layer's policy prefilled from its recorded keys and
     queries) instead of running the prompt again. ``recall_every``: with a policy, score its
     selection against full attention in the loop on decode steps ``0, k, 2k, ...``
-    (:meth:`PolicyController.score`; 0: never). Raises ValueError for lengths that do not
-    fit or a prefill of another prompt, NotImplementedError for a policy without an online
-    form, before any forward pass."""
+    (:meth:`PolicyController.score`; 0: never). ``trace``: write the decode's own trace
+    there (see the module docstring; the prompt is run here, so not with ``prefilled``).
+    Raises ValueError for lengths that do not fit or a prefill of another prompt,
+    NotImplementedError for a policy without an online form, before any forward pass."""
     import torch
 
     from sim.trace.recording import make_cache
@@ -137,6 +161,13 @@ def decode(
         if prompt_len + n_tokens > prefilled.capacity:
             raise ValueError(f"prompt + continuation = {prompt_len + n_tokens} exceeds the "
                              f"prefill's capacity of {prefilled.capacity} positions")
+    if trace is not None:
+        if prefilled is not None:
+            raise ValueError("a decode that writes its trace runs its own prefill (no prefilled)")
+        if n_tokens < 2:
+            raise ValueError("a trace needs at least one decode step (n_tokens >= 2)")
+        if not hook:
+            raise ValueError("a decode records its trace through the hook (hook=True)")
     total = prompt_len + n_tokens
     controller = None
     if policy is not None:
@@ -167,7 +198,9 @@ def decode(
         return token
 
     try:
-        with torch.inference_mode(), _active(controller, model):
+        with torch.inference_mode(), _active(controller, model), \
+                _tracing(trace, model, prompt, tokens, seed,
+                         0 if teacher is None else min(len(teacher), n_tokens)) as recorder:
             start = time.perf_counter()
             if prefilled is None:
                 cache = make_cache(config, total)
@@ -183,6 +216,8 @@ def decode(
             prefill_s = time.perf_counter() - start
             start = time.perf_counter()
             for i in range(1, n_tokens):
+                if recorder is not None:
+                    recorder.position = prompt_len + i - 1
                 out = model(input_ids=torch.tensor([[token]], dtype=torch.long),
                             cache=cache, use_cache=True, logits_to_keep=1)
                 token = take(i, out.logits)
@@ -193,6 +228,52 @@ def decode(
         tokens, nll, None if logits_kept is None else np.stack(logits_kept), prefill_s,
         decode_s, 0.0 if controller is None else controller.hook_s, controller,
     )
+
+
+@contextmanager
+def _tracing(trace: TraceOut | None, model: Any, prompt: Sequence[int], tokens: np.ndarray,
+             seed: int, teacher_tokens: int) -> Iterator[Any]:
+    """Record the decode into ``trace`` (yields the recorder, or ``None`` without a trace):
+    every layer's queries, keys and values from position 0 (the recorder's ``position`` is set
+    per forward pass by the caller), the speculative queries of the decode steps, and on a
+    clean exit the tokens (the prompt and every token fed, ``tokens[:-1]``; the last one,
+    predicted by the last step, in the manifest, with how the tokens were chosen: the first
+    ``teacher_tokens`` given, the rest greedy). On an exception nothing is written."""
+    from sim.trace.decoding import degeneration
+
+    if trace is None:
+        yield None
+        return
+    from sim.trace.format import SPEC_KIND
+    from sim.trace.recording import Recorder, recording
+    from sim.trace.writer import TraceWriter
+
+    prompt_len, steps = len(prompt), len(tokens) - 1
+    capture = dict(trace.capture)
+    with TraceWriter(trace.path, trace.model, prompt_len, steps, 0, trace.text, capture,
+                     overwrite=True, dtype="float32") as writer:
+        streams = {(layer, kind): writer.stream(layer, kind)
+                   for layer in range(int(trace.model["n_layers"]))
+                   for kind in ("keys", "values", "queries", SPEC_KIND)
+                   if kind != SPEC_KIND or layer >= 1}
+        recorder = Recorder(streams, 0, prompt_len, dtype="float32")
+        with recording(recorder, model.model.layers):
+            yield recorder
+        recorder.flush()
+        writer.write_tokens(np.asarray([*prompt, *tokens[:-1]], np.int32))
+        capture["seed"] = seed
+        forced = teacher_tokens >= len(tokens)
+        capture["decode"] = {
+            **capture.get("decode", {}),
+            "greedy": teacher_tokens == 0,
+            "source": "the tokens given (teacher forcing)" if forced else (
+                f"{teacher_tokens} tokens given, then the model's greedy choices under the "
+                "policy"),
+            "sampling": {"method": "teacher_forced" if forced else "greedy", "seed": seed},
+            "degeneration": degeneration([int(t) for t in tokens[:-1]]),
+            "next_token_after_last_step": int(tokens[-1]),
+        }
+        writer.manifest["capture"] = capture
 
 
 @contextmanager

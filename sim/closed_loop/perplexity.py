@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sim.closed_loop.driver import DecodeRun, Prefilled, decode, prefill
+from sim.closed_loop.driver import DecodeRun, Prefilled, TraceOut, decode, prefill
 from sim.policies.base import RetrievalPolicy
 
 
@@ -26,17 +26,19 @@ def teacher_forced(
     model: Any, ids: Sequence[int], prompt_len: int, n_tokens: int,
     policy: RetrievalPolicy | None = None, seed: int = 0, keep_logits: bool = False,
     record: bool = False, hook: bool = True, prefilled: Prefilled | None = None,
+    trace: TraceOut | None = None,
 ) -> DecodeRun:
     """Run ``model`` over ``ids[:prompt_len + n_tokens]`` teacher-forced
     (:func:`sim.closed_loop.driver.decode` with the continuation as the tokens fed): one
     prefill, then ``n_tokens - 1`` decode steps under ``policy``; ``nll`` per continuation
-    token. Raises ValueError if ``ids`` are shorter than the prompt and continuation."""
+    token; ``trace``: write the decode's own trace (:class:`sim.closed_loop.driver.TraceOut`).
+    Raises ValueError if ``ids`` are shorter than the prompt and continuation."""
     if prompt_len >= 2 and n_tokens >= 1 and len(ids) < prompt_len + n_tokens:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than the prompt and "
                          f"continuation ({prompt_len} + {n_tokens})")
     return decode(model, ids[:prompt_len], n_tokens, policy, seed,
                   teacher=ids[prompt_len : prompt_len + n_tokens], keep_logits=keep_logits,
-                  record=record, hook=hook, prefilled=prefilled)
+                  record=record, hook=hook, prefilled=prefilled, trace=trace)
 
 
 def perplexity_table(nll: np.ndarray, prompt_len: int, bucket: int) -> pd.DataFrame:

@@ -20,10 +20,21 @@ A ``generation`` run (:mod:`sim.closed_loop.generation`) writes ``closed_loop.cs
 loop), ``tokens.parquet`` (both greedy tokens and their NLLs) and ``loop_accuracy.parquet`` (per
 scored step, global layer and query head); full attention's text is scored once per worker.
 torch and transformers are imported only when a run starts.
+
+Both views (perplexity): full attention's reference decode is written as a trace
+(:class:`sim.closed_loop.driver.TraceOut`, into a temporary directory of the worker),
+and each run's policy is passed over it open loop by the trace replay's own pass
+(:func:`sim.policy_pass.run_policy_pass`): its attention recall on exactly the tokens, keys
+and queries the closed-loop quality is measured on. ``closed_loop.save_trace``: a run also
+writes its own decode's trace and its selections (``selections.parquet``).
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +46,13 @@ import pandas as pd
 from sim.errors import CaptureError, ConfigError
 from sim.experiment.runs import RunPlan, code_fingerprint
 from sim.experiment.store import summary_cell, write_closed_loop_run
-from sim.result_files import CLOSED_LOOP_TABLE, CLOSED_LOOP_TOKENS, LOOP_ACCURACY
+from sim.result_files import (
+    CLOSED_LOOP_SELECTIONS,
+    CLOSED_LOOP_TABLE,
+    CLOSED_LOOP_TOKENS,
+    CLOSED_LOOP_TRACE,
+    LOOP_ACCURACY,
+)
 
 #: torch threads of a closed-loop run (its numbers then depend on neither -j nor the cores)
 THREADS = 1
@@ -132,10 +149,31 @@ def _decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, seed:
                   prefilled=shared)
 
 
+def _saving_decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, run: RunPlan,
+                   path: Path) -> Any:
+    """:func:`_decode` writing its own trace to ``path`` and recording its selections (with
+    its own prefill: the same numbers as the shared one, ``tests/test_closed_loop.py``)."""
+    from sim.closed_loop.driver import decode
+    from sim.closed_loop.perplexity import teacher_forced
+
+    trace = trace_out(model, task, path, {"policy": run.policy, "seed": run.seed})
+    if task["task"] == "perplexity":
+        return teacher_forced(model, ids, task["prompt_len"], task["tokens"], policy, run.seed,
+                              record=True, trace=trace)
+    # agreement (planning refuses save_trace for the other tasks: SAVES_TRACE)
+    return decode(model, ids[: task["prompt_len"]], task["tokens"], policy, run.seed,
+                  record=True, trace=trace)
+
+
 def _reference(model: Any, task: dict[str, Any], ids: list[int], seed: int, shared: Any) -> Any:
     key = (task["task"], task["tokens"], seed)
+    _drop_reference_traces(keep=_REFERENCES)  # those of references dropped with their prefill
     if key not in _REFERENCES:
-        _REFERENCES[key] = _decode(model, task, ids, None, seed, shared)
+        if task["task"] == "perplexity" and task["tokens"] >= 2:  # written as a trace too:
+            # the open-loop recall's (one token has no decode step: nothing to recall)
+            _REFERENCES[key] = _traced_reference(model, task, ids, seed, key)
+        else:
+            _REFERENCES[key] = _decode(model, task, ids, None, seed, shared)
     return _REFERENCES[key]
 
 
@@ -157,6 +195,93 @@ def _generation_results(
     metrics["recall_every"] = task["recall_every"]
     return metrics, {CLOSED_LOOP_TABLE: table, CLOSED_LOOP_TOKENS: tokens,
                      LOOP_ACCURACY: accuracy}
+
+
+# the worker's reference traces (full attention's teacher-forced decode, for the open-loop
+# recall): reference key -> a temporary directory holding it as ``trace`` (removed when the
+# prefill changes or the process ends)
+_REFERENCE_TRACES: dict[tuple[Any, ...], Path] = {}
+
+
+def _drop_reference_traces(keep: Any = ()) -> None:
+    """Remove the reference traces whose key is not in ``keep`` (all by default)."""
+    for key in [key for key in _REFERENCE_TRACES if key not in keep]:
+        shutil.rmtree(_REFERENCE_TRACES.pop(key), ignore_errors=True)
+
+
+atexit.register(_drop_reference_traces)
+
+
+def trace_out(model: Any, task: dict[str, Any], path: Path, what: dict[str, Any]) -> Any:
+    """Where and as what a closed-loop decode writes its own trace: the manifest's model and
+    text entries read from ``model`` and ``closed_loop.text``, ``capture`` = the task and
+    ``what`` (policy, seed)."""
+    from sim.closed_loop.driver import TraceOut
+    from sim.trace.models import MODELS, model_entry
+    from sim.trace.sources import load_text
+
+    spec = MODELS[task["model"]]
+    return TraceOut(
+        path, model_entry(model, spec.name, f"{spec.package} (closed loop)",
+                          spec.max_positions),
+        load_text(task["text"]).describe(),
+        {"mode": "closed_loop", "closed_loop": task, **what,
+         "method": "kvsim closed loop (sim.closed_loop): one forward pass per token, every "
+                   "global attention layer under the policy; float32 as the model computed "
+                   "them"},
+    )
+
+
+def _traced_reference(model: Any, task: dict[str, Any], ids: list[int], seed: int,
+                      key: tuple[Any, ...]) -> Any:
+    """Full attention's teacher-forced decode, written as a trace (its own prefill: the same
+    numbers as from the shared one, ``tests/test_closed_loop.py``)."""
+    from sim.closed_loop.perplexity import teacher_forced
+
+    where = Path(tempfile.mkdtemp(prefix="kvsim-reference-"))
+    _REFERENCE_TRACES[key] = where
+    return teacher_forced(model, ids, task["prompt_len"], task["tokens"], None, seed,
+                          trace=trace_out(model, task, where / "trace",
+                                          {"policy": None, "seed": seed}))
+
+
+def open_loop_recall(trace_path: Path, policy_spec: dict[str, Any], seed: int) -> dict[str,
+                                                                                     float]:
+    """The policy's open-loop recall on a trace (the trace replay's pass and summary
+    metrics): ``recall_open_loop`` (attention recall over the layers the policy decides,
+    :func:`sim.metrics.records.retrieval_recall`) and ``topk_recall_open_loop``."""
+    from sim.metrics.records import retrieval_recall
+    from sim.policies import POLICIES
+    from sim.policy_pass import run_policy_pass
+    from sim.trace.format import open_trace
+
+    passed = run_policy_pass(open_trace(trace_path), POLICIES.create(policy_spec), seed,
+                             workers=1)
+    return {"recall_open_loop": retrieval_recall(passed),
+            "topk_recall_open_loop": float(passed.accuracy["topk_recall"].mean())}
+
+
+def selection_records(controller: Any) -> pd.DataFrame:
+    """A recorded controller's selections, one row per decode step, global layer and KV head:
+    ``positions`` (the stored positions attended, the current token aside; null: all of
+    them, the policy attended everything)."""
+    rows: dict[str, list[Any]] = {"step": [], "layer": [], "kv_head": [], "positions": []}
+    for step, layers in enumerate(controller.selections):
+        for layer, selection in sorted(layers.items()):
+            heads = selection if selection is not None else [None] * _kv_heads(controller,
+                                                                                 layer)
+            for head, positions in enumerate(heads):
+                rows["step"].append(step)
+                rows["layer"].append(layer)
+                rows["kv_head"].append(head)
+                rows["positions"].append(None if positions is None
+                                         else np.asarray(positions, np.int32).tolist())
+    return pd.DataFrame(rows).astype({"step": np.int32, "layer": np.int16,
+                                      "kv_head": np.int16})
+
+
+def _kv_heads(controller: Any, layer: int) -> int:
+    return int(controller.recorded_keys[layer][0].shape[0])
 
 
 def perplexity_records(
@@ -189,6 +314,8 @@ def _task_results(task: dict[str, Any], run: Any, reference: Any) -> tuple[
             "mean_nll_full": float(total["mean_nll_full"]),
             "perplexity_full": float(total["perplexity_full"]),
             "ppl_ratio": float(total["ppl_ratio"]),
+            # normalised to full attention as DynaKV's Fig. 10 normalises accuracy: 1 = full
+            "quality": float(total["perplexity_full"] / total["perplexity"]),
         }
         tokens = pd.DataFrame({"position": positions, "token": run.tokens, "nll": run.nll,
                                "nll_full": reference.nll})
@@ -238,12 +365,21 @@ def run_closed_loop_group(
         shared = _prefilled(model, task, ids)
         reference = _reference(model, task, ids, run.seed, shared)
         policy = POLICIES.create(run.policy, where=f"run {run.label}")
-        result = _decode(model, task, ids, policy, run.seed, shared)
+        own_trace = _own_trace_path(task, runs_dir, run.run_id)
+        result = (_decode(model, task, ids, policy, run.seed, shared) if own_trace is None
+                  else _saving_decode(model, task, ids, policy, run, own_trace))
         wall_s = time.perf_counter() - start
         decode_s += wall_s
         metrics, records = (
             _generation_results(model, task, ids, run.seed, shared, result, reference)
             if task["task"] == "generation" else _task_results(task, result, reference))
+
+        key = (task["task"], task["tokens"], run.seed)
+        if key in _REFERENCE_TRACES:  # both views: the policy open loop on the reference
+            metrics.update(open_loop_recall(_REFERENCE_TRACES[key] / "trace", run.policy,
+                                            run.seed))
+        if own_trace is not None:
+            records[CLOSED_LOOP_SELECTIONS] = selection_records(result.controller)
         row = {
             "run_id": run.run_id,
             "run": run.label,
@@ -268,7 +404,21 @@ def run_closed_loop_group(
                          "hook": round(result.hook_s, 3)},
             "code": code,
         }
-        write_closed_loop_run(Path(runs_dir) / run.run_id, settings, row, records)
+        inside = own_trace if task.get("save_trace") is True else None
+        write_closed_loop_run(Path(runs_dir) / run.run_id, settings, row, records,
+                              {CLOSED_LOOP_TRACE: inside} if inside else None)
         tracker.advance()
         rows.append(row)
     return {"pass_s": decode_s, "pass_cached": False, "sim_s": [], "rows": rows}
+
+
+def _own_trace_path(task: dict[str, Any], runs_dir: str, run_id: str) -> Path | None:
+    """Where a run writes its own trace (``closed_loop.save_trace``): ``<dir>/<run_id>`` for a
+    directory; for ``true`` a hidden temporary beside the runs, moved into the run directory
+    with its other files (``None``: no trace)."""
+    save = task.get("save_trace")
+    if not save:
+        return None
+    if save is True:
+        return Path(runs_dir) / f".{run_id}-{os.getpid()}.tmp-trace"
+    return Path(save) / run_id

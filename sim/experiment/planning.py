@@ -159,7 +159,8 @@ def plan(path: str | Path, output: str | Path | None = None) -> Plan:
     for point in points:
         where = f"{source}" if not point else f"{source} [{describe_point(point)}]"
         config = validate_config(apply_point(raw, point, str(source)), where)
-        validate_figure_specs(config.figures, where, config.record)
+        validate_figure_specs(config.figures, where, config.record,
+                              config.closed_loop.task if config.closed_loop else None)
         in_point: dict[str, str] = {}
         planned = (_plan_closed_loop(config, point, where) if config.closed_loop is not None
                    else _plan_point(config, point, where, traces, source.parent))
@@ -489,6 +490,7 @@ def _plan_closed_loop(
         task["recall_every"] = task["recall_every"] or DEFAULT_RECALL_EVERY
     else:  # not a setting of the other tasks: their run ids stay as they were
         del task["recall_every"]
+    task = _save_trace_setting(task, where)
     trace = TraceSource(
         key="closed_loop:" + digest({k: task[k] for k in ("model", "text", "prompt_len")}),
         name=f"{spec.model}/{spec.text}/{spec.prompt_len}+{spec.tokens} ({spec.task})",
@@ -519,6 +521,35 @@ def _plan_closed_loop(
         run.pass_id = run.run_id
         runs.append(run)
     return runs
+
+
+#: the closed-loop tasks whose runs can save their own trace (``closed_loop.save_trace``)
+SAVES_TRACE = ("perplexity", "agreement")
+
+
+def _save_trace_setting(task: dict[str, Any], where: str) -> dict[str, Any]:
+    """``task`` with ``closed_loop.save_trace`` checked: left out when off (runs keep the ids
+    they had before the option), ``True``, or a directory (made absolute, as ``output:`` is
+    relative to the working directory) that can be made and written into."""
+    task = dict(task)
+    save = task.pop("save_trace", False)
+    if save is False:
+        return task
+    if task["task"] not in SAVES_TRACE:
+        raise ConfigError(f"{where}: closed_loop.save_trace: applies to task "
+                          f"{' or '.join(SAVES_TRACE)}, not {task['task']}")
+    if task["tokens"] < 2:
+        raise ConfigError(f"{where}: closed_loop.save_trace: a trace needs a decode step; give "
+                          "tokens >= 2")
+    if isinstance(save, str):
+        if not save.strip():
+            raise ConfigError(f"{where}: closed_loop.save_trace: give true or a directory")
+        path = Path(save).expanduser().absolute()
+        problem = unwritable(path, margin=len(".partial-") + 10)
+        if problem is not None:
+            raise ConfigError(f"{where}: closed_loop.save_trace: cannot write {path}: {problem}")
+        save = str(path)
+    return {**task, "save_trace": save}
 
 
 def _entry_policy(

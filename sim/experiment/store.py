@@ -112,14 +112,18 @@ def write_run(
 
 
 def write_closed_loop_run(
-    run_dir: Path, settings: dict[str, Any], row: dict[str, Any], records: dict[str, Any]
+    run_dir: Path, settings: dict[str, Any], row: dict[str, Any], records: dict[str, Any],
+    moved: dict[str, Path] | None = None,
 ) -> None:
     """All files of one closed-loop run, or none (as :func:`write_run`): ``records``: file
-    name -> table (:mod:`sim.experiment.closed_loop`)."""
+    name -> table (:mod:`sim.experiment.closed_loop`); ``moved``: name -> a directory written
+    beforehand on the same file system (the run's own trace), renamed into the run's."""
     with atomic_write(run_dir) as tmp:
         tmp.mkdir()
         for name, data in records.items():
             _write_record(tmp / name, data)
+        for name, path in (moved or {}).items():
+            os.rename(path, tmp / name)
         (tmp / RUN_SETTINGS).write_text(yaml.safe_dump(settings, sort_keys=False))
         (tmp / RUN_SUMMARY).write_text(json.dumps(_json_safe(row), indent=1))
 

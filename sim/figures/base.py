@@ -166,6 +166,8 @@ class Figure(ABC):
     #: come from; planning refuses an experiment that lists the figure without them, before
     #: any run (the runs would otherwise complete and the figure fail afterwards)
     needs_record: ClassVar[tuple[str, ...]] = ()
+    #: the closed-loop tasks whose results the figure is drawn from (empty: a trace replay's)
+    closed_loop_tasks: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def draw(self, results: Results) -> list[Path]:
@@ -182,15 +184,27 @@ def draw_figures(results: Results, specs: list[str | dict[str, Any]]) -> list[Pa
 
 
 def validate_figure_specs(
-    specs: list[str | dict[str, Any]], where: str, record: Any = None
+    specs: list[str | dict[str, Any]], where: str, record: Any = None,
+    closed_loop_task: str | None = None,
 ) -> None:
     """Fail before any run if a figure name or option is unknown, or (given the experiment's
     ``record``, a :class:`sim.config.RecordSpec`) a figure's :attr:`Figure.needs_record`
-    settings are left at their defaults, which record nothing (ConfigError)."""
+    settings are left at their defaults, which record nothing, or does not draw from the
+    experiment's kind of results: a closed loop's (``closed_loop_task``, its task) or a trace
+    replay's (ConfigError)."""
     for i, spec in enumerate(specs):
         figure = FIGURES.create(spec, where=f"{where}: figures[{i}]")
         if record is None:
             continue
+        tasks = figure.closed_loop_tasks
+        if closed_loop_task is None and tasks:
+            raise ConfigError(f"{where}: figures[{i}] ({figure.name}) is drawn from closed_loop "
+                              f"results (task {' or '.join(tasks)}), not from a trace replay")
+        if closed_loop_task is not None and closed_loop_task not in tasks:
+            raise ConfigError(
+                f"{where}: figures[{i}] ({figure.name}) is not drawn from closed_loop task "
+                f"{closed_loop_task}" + (f" (only {' or '.join(tasks)})" if tasks else
+                                         " results (it draws a trace replay's)"))
         fields = type(record).model_fields
         for name in figure.needs_record:
             if getattr(record, name) == fields[name].get_default(call_default_factory=True):

@@ -69,12 +69,11 @@ def _point_label(row: pd.Series, axes: list[str]) -> str:
 def plot_results(results_dir: Path) -> list[Path]:
     """Redraw an experiment's plots from its results directory: the accuracy-vs-latency
     overview (unless the experiment says ``plot: false``) and every entry of ``figures:``. A
-    closed-loop experiment has neither (no latency, no recall): nothing is drawn."""
+    closed-loop experiment has no overview (no latency), only its ``figures:``."""
     results = Results.load(results_dir)
     written: list[Path] = []
-    if "closed_loop" in results.experiment:
-        return written
-    if results.experiment.get("plot", True) and not results.summary.empty:
+    closed_loop = "closed_loop" in results.experiment
+    if not closed_loop and results.experiment.get("plot", True) and not results.summary.empty:
         summary = results.summary.copy()
         if results.axes:  # one marker per run and sweep point
             summary["run"] = [

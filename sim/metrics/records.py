@@ -101,7 +101,7 @@ def summarize(
         "policy": pp.policy.name,
         "attention_recall_mean": float(acc["attention_recall"].mean()),
         "attention_recall_p10": float(acc["attention_recall"].quantile(0.10)),
-        "retrieval_recall_mean": _retrieval_recall(pp),
+        "retrieval_recall_mean": retrieval_recall(pp),
         "topk_recall_mean": float(acc["topk_recall"].mean()),
         "output_rel_error_mean": float(acc["output_rel_error"].mean()),
         "accuracy_every": int(pp.accuracy_every),
@@ -135,7 +135,8 @@ def summarize(
     }
 
 
-def _retrieval_recall(pp: PolicyPass) -> float:
+def retrieval_recall(pp: PolicyPass) -> float:
+    """``retrieval_recall_mean`` of a pass (see the module docstring)."""
     windowed = [i for i, sel in enumerate(pp.selections) if getattr(sel, "window", None)]
     acc = pp.accuracy
     if windowed:
@@ -162,8 +163,8 @@ DISPLAY_COLUMNS = {
 CLOSED_LOOP_DISPLAY = {
     "task": "task", "tokens": "tokens", "perplexity": "ppl", "perplexity_full": "ppl_full",
     "ppl_ratio": "ppl_ratio", "first_divergence": "first_divergence",
-    "match_share": "match_share", "loop_recall": "loop_recall",
-    "loop_recall_last": "loop_recall_last", "decode_s": "decode_s",
+    "match_share": "match_share", "quality": "quality", "recall_open_loop": "recall_open",
+    "loop_recall": "loop_recall", "loop_recall_last": "loop_recall_last", "decode_s": "decode_s",
 }
 
 

@@ -5,6 +5,8 @@ speculative queries, still open)::
 
     manifest.json                 what the trace is (model, positions, text, capture, checksums)
     tokens.npy                    int32   (n_positions,)
+    (float16 below; float32 in a trace whose manifest says ``"dtype": "float32"``: a closed
+    loop's own trace, stored unrounded so the open-loop pass makes exactly the loop's selections)
     layer_{l:03d}.keys.npy        float16 (n_kv_heads, n_positions, head_dim)   post-RoPE keys
     layer_{l:03d}.values.npy      float16 (n_kv_heads, n_positions, head_dim)
     layer_{l:03d}.queries.npy     float16 (n_q_heads, n_positions - query_start, head_dim)
@@ -49,9 +51,11 @@ FORMAT_VERSION = 2
 #: versions :func:`open_trace` accepts (1: no speculative queries).
 READABLE_FORMAT_VERSIONS = (1, 2)
 STORED_DTYPE = "float16"
+#: the dtypes a trace's keys, values and queries may be stored in (manifest ``dtype``):
+#: float16 (captures) or float32 (a closed-loop run's own trace, ``closed_loop.save_trace``)
+STORED_DTYPES = ("float16", "float32")
 MANIFEST_NAME = "manifest.json"
 TOKENS_NAME = "tokens.npy"
-_KV_DTYPE = np.dtype("<f2")
 _TOKEN_DTYPE = np.dtype("<i4")
 _HASH_CHUNK_BYTES = 1 << 20
 #: serialises .npy header parsing (ast.literal_eval) across threads (see :meth:`Trace._load`)
@@ -82,13 +86,16 @@ def layer_file(layer: int, kind: str) -> str:
 
 
 def expected_files(
-    geometry: ModelGeometry, n_positions: int, query_start: int, speculative_steps: int = 0
+    geometry: ModelGeometry, n_positions: int, query_start: int, speculative_steps: int = 0,
+    dtype: str = STORED_DTYPE,
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Every file a trace of this shape must hold: name -> (shape, dtype), canonical order.
 
     ``speculative_steps > 0`` adds the optional speculative-query files of layers ``1 ..``
     (shape ``(n_q_heads, speculative_steps, head_dim)``, after each layer's queries).
+    ``dtype``: the layer files' (one of :data:`STORED_DTYPES`).
     """
+    kv_dtype = np.dtype(dtype).newbyteorder("<")
     kv_shape = (geometry.n_kv_heads, n_positions, geometry.head_dim)
     q_shape = (geometry.n_q_heads, n_positions - query_start, geometry.head_dim)
     spec_shape = (geometry.n_q_heads, speculative_steps, geometry.head_dim)
@@ -96,11 +103,11 @@ def expected_files(
         TOKENS_NAME: ((n_positions,), _TOKEN_DTYPE)
     }
     for layer in range(geometry.n_layers):
-        files[layer_file(layer, "keys")] = (kv_shape, _KV_DTYPE)
-        files[layer_file(layer, "values")] = (kv_shape, _KV_DTYPE)
-        files[layer_file(layer, "queries")] = (q_shape, _KV_DTYPE)
+        files[layer_file(layer, "keys")] = (kv_shape, kv_dtype)
+        files[layer_file(layer, "values")] = (kv_shape, kv_dtype)
+        files[layer_file(layer, "queries")] = (q_shape, kv_dtype)
         if speculative_steps and layer >= 1:
-            files[layer_file(layer, SPEC_KIND)] = (spec_shape, _KV_DTYPE)
+            files[layer_file(layer, SPEC_KIND)] = (spec_shape, kv_dtype)
     return files
 
 
@@ -118,27 +125,30 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-# float16 is NaN or infinite exactly when its five exponent bits are all ones
-_F16_EXPONENT = 0x7C00
+# a float is NaN or infinite exactly when its exponent bits are all ones: (bits view, mask)
+_EXPONENT_BITS = {"float16": ("<u2", 0x7C00), "float32": ("<u4", 0x7F800000)}
 
 
-def _scan_file(path: Path, float16_data: bool) -> tuple[str, int]:
-    """(hex sha256 of the file, number of non-finite float16 values in its data), in one read
-    of 1 MiB chunks (constant memory). ``float16_data``: the file is an ``.npy`` of float16
-    (a layer file), whose data follow the header; otherwise the count is 0."""
+def _scan_file(path: Path, float_data: str | None) -> tuple[str, int]:
+    """(hex sha256 of the file, number of non-finite values in its data), in one read of 1 MiB
+    chunks (constant memory). ``float_data``: the dtype of an ``.npy`` of floats (a layer
+    file, ``float16`` or ``float32``), whose data follow the header; ``None``: the count is
+    0."""
     digest = hashlib.sha256()
     nonfinite = 0
     with open(path, "rb") as f:
-        if float16_data:
+        if float_data is not None:
+            view, exponent = _EXPONENT_BITS[float_data]
+            width = np.dtype(view).itemsize
             _shape, _dtype, _fortran, offset = _read_npy_header(path)
             digest.update(f.read(offset))
         for chunk in iter(lambda: f.read(_HASH_CHUNK_BYTES), b""):
             digest.update(chunk)
-            if float16_data:
-                # the header is padded to a multiple of 64 bytes and chunks are even-sized, so
-                # every chunk holds whole values; a trailing odd byte (an invalid file) is ignored
-                bits = np.frombuffer(chunk, dtype="<u2", count=len(chunk) // 2)
-                nonfinite += int(np.count_nonzero((bits & _F16_EXPONENT) == _F16_EXPONENT))
+            if float_data is not None:
+                # the header is padded to a multiple of 64 bytes and chunks are 1 MiB, so every
+                # chunk holds whole values; a trailing partial value (an invalid file) is ignored
+                bits = np.frombuffer(chunk, dtype=view, count=len(chunk) // width)
+                nonfinite += int(np.count_nonzero((bits & exponent) == exponent))
     return digest.hexdigest(), nonfinite
 
 
@@ -264,7 +274,9 @@ class Trace:
         """
         for name, entry in self.iter_files():
             try:
-                actual, nonfinite = _scan_file(self.path / name, name != TOKENS_NAME)
+                actual, nonfinite = _scan_file(
+                    self.path / name, None if name == TOKENS_NAME else self.manifest["dtype"]
+                )
             except _HEADER_ERRORS as exc:
                 raise self._error(f"{name} cannot be read ({_one_line(exc)})") from None
             if actual != entry.get("sha256"):
@@ -328,9 +340,10 @@ def validate_manifest(manifest: Any, where: str) -> ModelGeometry:
             f"{bad} has format_version {manifest['format_version']!r}; this kvsim reads "
             f"version(s) {', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
         )
-    if manifest["dtype"] != STORED_DTYPE:
+    if manifest["dtype"] not in STORED_DTYPES:
         raise TraceError(
-            f"{bad} has dtype {manifest['dtype']!r}; only {STORED_DTYPE!r} is supported"
+            f"{bad} has dtype {manifest['dtype']!r}; supported: "
+            f"{', '.join(map(repr, STORED_DTYPES))}"
         )
     for key in ("prompt_len", "decode_steps", "n_positions", "query_start"):
         if not is_int(manifest[key]) or manifest[key] < 0:
@@ -379,9 +392,11 @@ def _validate_files(path: Path, manifest: dict[str, Any], model: ModelGeometry, 
     """Check that the manifest lists exactly the expected files (the optional speculative
     queries: all or none) and each one's header and size."""
     listed: dict[str, Any] = manifest["files"]
-    required = expected_files(model, manifest["n_positions"], manifest["query_start"])
+    dtype = manifest["dtype"]
+    required = expected_files(model, manifest["n_positions"], manifest["query_start"],
+                              dtype=dtype)
     allowed = expected_files(
-        model, manifest["n_positions"], manifest["query_start"], manifest["decode_steps"]
+        model, manifest["n_positions"], manifest["query_start"], manifest["decode_steps"], dtype
     )
     speculative = speculative_names(allowed)
     present = [name for name in speculative if name in listed]

@@ -205,13 +205,22 @@ def load_model(name: str, cache_dir: Path | None = None, progress: bool = True) 
 
 def model_manifest(loaded: LoadedModel) -> dict[str, Any]:
     """The manifest's ``model`` entry, read from the loaded model (not from a table)."""
-    config = loaded.model.config
+    return model_entry(loaded.model, loaded.spec.name,
+                       f"{loaded.spec.package} wheel: {loaded.gguf_path.name}",
+                       loaded.spec.max_positions)
+
+
+def model_entry(model: Any, name: str, source: str, max_positions: int) -> dict[str, Any]:
+    """A trace manifest's ``model`` entry of a transformers causal LM ``model`` (named
+    ``name``, loaded from ``source``, at most ``max_positions`` positions), read from the model
+    itself: what a capture records, and what a closed loop's own trace records."""
+    config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     n_layers = int(text_config.num_hidden_layers)
     n_q_heads = int(text_config.num_attention_heads)
     n_kv_heads = int(text_config.num_key_value_heads)
     head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // n_q_heads)
-    layers = loaded.model.model.layers
+    layers = model.model.layers
     params_per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     rope = getattr(text_config, "rope_parameters", None) or {}
     if "rope_theta" in rope:
@@ -227,8 +236,8 @@ def model_manifest(loaded: LoadedModel) -> dict[str, Any]:
         sliding_window = [int(window) if t == "sliding_attention" else None for t in layer_types]
     scaling = getattr(layers[0].self_attn, "scaling", None)
     return {
-        "name": loaded.spec.name,
-        "source": f"{loaded.spec.package} wheel: {loaded.gguf_path.name}",
+        "name": name,
+        "source": source,
         "architecture": str(text_config.model_type),
         "n_layers": n_layers,
         "n_q_heads": n_q_heads,
@@ -238,7 +247,7 @@ def model_manifest(loaded: LoadedModel) -> dict[str, Any]:
         "params_per_layer": int(params_per_layer[0]),
         "hidden_size": int(text_config.hidden_size),
         "vocab_size": int(text_config.vocab_size),
-        "max_positions": int(min(loaded.spec.max_positions, text_config.max_position_embeddings)),
+        "max_positions": int(min(max_positions, text_config.max_position_embeddings)),
         "rope_theta": rope_theta,
         "sliding_window": sliding_window,
         # softmax(q.k * attn_scale): what replay must use to recompute the model's attention

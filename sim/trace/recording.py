@@ -62,8 +62,9 @@ def project_query(attn: Any, hidden: Any, position_embeddings: tuple[Any, Any]) 
 
 
 class Recorder:
-    """Streams one capture's q/k/v per layer (float16) into the trace writer's files, and the
-    speculative queries of the decode steps (layers >= 1).
+    """Streams one capture's q/k/v per layer (``dtype``: float16, or float32 for a closed
+    loop's own trace) into the trace writer's files, and the speculative queries of the decode
+    steps (layers >= 1).
 
     A forward pass's slice is written at once when it spans more than one position (a prefill
     chunk: the model holds it in RAM anyway); decode steps are buffered per layer and written
@@ -77,8 +78,10 @@ class Recorder:
         query_start: int,
         speculative_start: int,
         flush_positions: int | None = None,
+        dtype: str = "float16",
     ) -> None:
         self.streams = streams
+        self.dtype = dtype
         self.query_start = query_start
         self.speculative_start = speculative_start  # first position with speculative queries
         self.flush_positions = flush_positions if flush_positions is not None else FLUSH_POSITIONS
@@ -126,23 +129,27 @@ class Recorder:
                 previous, cos, sin = previous[:, skip:], cos[:, skip:], sin[:, skip:]
             query = project_query(attn, previous, (cos, sin))
             index = self.position + skip - self.speculative_start
-            self._put(layer, SPEC_KIND, index, query[0].to(torch.float16).numpy())
+            block = query[0].to(getattr(torch, self.dtype), copy=True).numpy()
+            self._put(layer, SPEC_KIND, index, block)
         self._previous_input = hidden
 
     def record(self, layer: int, query: Any, key: Any, value: Any) -> None:
         import torch
 
+        dtype = getattr(torch, self.dtype)
         n_new = query.shape[2]
         # key/value hold the whole cache after the update; the new tokens are the last n_new
-        self._put(layer, "keys", self.position, key[0, :, -n_new:, :].to(torch.float16).numpy())
-        self._put(layer, "values", self.position, value[0, :, -n_new:, :].to(torch.float16).numpy())
+        # (copied: a float32 slice would otherwise be a view of the cache)
+        for kind, array in (("keys", key), ("values", value)):
+            block = array[0, :, -n_new:, :].to(dtype, copy=True).numpy()
+            self._put(layer, kind, self.position, block)
         skip = max(0, self.query_start - self.position)
         if skip < n_new:
             self._put(
                 layer,
                 "queries",
                 self.position + skip - self.query_start,
-                query[0, :, skip:, :].to(torch.float16).numpy(),
+                query[0, :, skip:, :].to(dtype, copy=True).numpy(),
             )
 
 

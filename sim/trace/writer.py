@@ -99,7 +99,7 @@ class ArrayStream:
         if not np.isfinite(stored).all():
             raise TraceError(
                 f"{self._where}: {self.path.name} has non-finite values after conversion to "
-                f"{STORED_DTYPE} (overflow beyond 65504?)"
+                f"{self.dtype} (overflow beyond {np.finfo(self.dtype).max:g}?)"
             )
         row_bytes = n_positions * cols * self.dtype.itemsize
         first = self.data_offset + start * cols * self.dtype.itemsize
@@ -139,6 +139,7 @@ class TraceWriter:
     params_per_layer, source, rope_theta, sliding_window); ``text`` and ``capture`` are stored
     as given (``capture["created"]`` is filled in if absent). An existing ``path`` is an error
     unless ``overwrite=True`` (then it is replaced only once the new trace is complete).
+    ``dtype``: the layer files' (``float16``, captures; ``float32``, a closed loop's own trace).
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class TraceWriter:
         capture: dict[str, Any],
         *,
         overwrite: bool = False,
+        dtype: str = STORED_DTYPE,
     ) -> None:
         self.path = Path(path)
         self._where = f"trace {self.path}"
@@ -165,7 +167,7 @@ class TraceWriter:
             if is_int(prompt_len) and is_int(decode_steps)
             else None,
             "query_start": query_start,
-            "dtype": STORED_DTYPE,
+            "dtype": dtype,
             "text": dict(text),
             "capture": dict(capture),
             "files": {},
@@ -175,9 +177,10 @@ class TraceWriter:
         self.geometry = validate_manifest(self.manifest, self._where)
         self.n_positions: int = self.manifest["n_positions"]
         self.query_start = query_start
-        self._expected = expected_files(self.geometry, self.n_positions, query_start)
+        self._expected = expected_files(self.geometry, self.n_positions, query_start,
+                                        dtype=dtype)
         self._allowed = expected_files(
-            self.geometry, self.n_positions, query_start, self.manifest["decode_steps"]
+            self.geometry, self.n_positions, query_start, self.manifest["decode_steps"], dtype
         )
         self._overwrite = overwrite
         self._tmp: Path | None = None
@@ -310,7 +313,7 @@ class TraceWriter:
             if not np.isfinite(stored).all():
                 raise TraceError(
                     f"{self._where}: {name} has non-finite values after conversion to "
-                    f"{STORED_DTYPE} (overflow beyond 65504?)"
+                    f"{dtype} (overflow beyond {np.finfo(dtype).max:g}?)"
                 )
         else:
             if not np.issubdtype(array.dtype, np.integer):
@@ -332,12 +335,12 @@ class TraceWriter:
         queries: np.ndarray,
         speculative_queries: np.ndarray | None = None,
     ) -> None:
-        """Store one layer (float32 or float16 in; float16 on disk).
+        """Store one layer (float32 or float16 in; the writer's dtype on disk).
 
         ``keys``/``values``: (n_kv_heads, n_positions, head_dim); ``queries``:
         (n_q_heads, n_positions - query_start, head_dim); ``speculative_queries`` (optional,
         layers >= 1 only): (n_q_heads, decode_steps, head_dim). Raises TraceError on a shape
-        mismatch or a value that overflows float16.
+        mismatch or a value that overflows the dtype.
         """
         self._check_layer(layer)
         self._save(layer_file(layer, "keys"), np.asarray(keys))
