@@ -65,6 +65,8 @@ from sim.model import ModelGeometry  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DEVICE = REPO / "results" / "calibration" / "this-machine.yaml"
 FLOAT32_BITS = 32.0
+#: 1-minute load average per CPU above which the timings are flagged as taken under load
+LOADED = 0.5
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     c = device.compute
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     print(f"device {device.name} ({args.device}): cpu_gflops {c.cpu_gflops}, attention_gflops "
           f"{c.attention_gflops}, kernel_overhead_us {c.kernel_overhead_us}, sustained DRAM "
           f"{device.dram.sustained_bandwidth_mb_s:,.0f} MB/s; model {model.name} (head_dim "
           f"{model.head_dim}, {model.queries_per_kv_head} query heads per KV head); float32 "
           f"numpy, 1 BLAS thread, best of {args.seconds:g} s per kernel; tolerance "
-          f"{100 * args.tolerance:g}%; load average {os.getloadavg()[0]:.2f} "
-          f"on {os.cpu_count()} CPUs")
+          f"{100 * args.tolerance:g}%; load average {load:.2f} on {cpus} CPUs"
+          + (" (other work holds the cores: the timings are not conclusive)"
+             if load > LOADED * cpus else ""))
     print()
     print("| operation | simulated us | numpy us | error | pass |")
     print("| --- | ---: | ---: | ---: | --- |")
