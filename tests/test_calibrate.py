@@ -462,6 +462,8 @@ def test_a_30_second_calibration_measures_sensible_figures(direct_dir: Path,
     # bigger commands move more bytes per second
     assert by_label["randread 512 KiB QD 32"].mb_s > by_label["randread 4 KiB QD 32"].mb_s
     assert 1 < result.roofline.cpu_gflops < 1e4
+    assert result.device.compute.attention_gflops is not None
+    assert 0.1 < result.device.compute.attention_gflops < 1e4
     assert 100 < result.cpu.copy_mb_s < 1e7
     assert result.flash.rms_log_error < 1.0
     assert load_device(tmp_path / "p.yaml") == result.device
