@@ -3,7 +3,8 @@
 ``time_us = max(flops / (cpu_gflops * 1e3), bytes / dram.sustained_bandwidth_mb_s)
 + kernel_overhead_us``
 
-(1 GFLOP/s = 1e3 FLOP/us; 1 MB/s = 1 byte/us). Each function below is one "kernel" and pays
+(1 GFLOP/s = 1e3 FLOP/us; 1 MB/s = 1 byte/us); attention's FLOPs at ``attention_gflops``
+when the device sets it. Each function below is one "kernel" and pays
 the overhead once. All counts accept numpy arrays (the result is then an array of the same
 shape); scalar inputs give a ``float``.
 
@@ -52,11 +53,11 @@ class ComputeParams(BaseModel):
       preset sets 6.5625.
     - ``kernel_overhead_us``: fixed launch/thread-sync cost per kernel, >= 0 (default 0).
     - ``attention_gflops``: effective GFLOP/s of attention (:func:`attention_us`), > 0, or
-      ``None`` (the default): ``cpu_gflops``. Attention multiplies a few query heads against
-      many entries and takes a softmax between its two products; on a CPU that runs slower
-      per FLOP than the weight matvecs (``kvsim calibrate`` fits it to numpy's attention, see
-      :mod:`sim.calibrate.cpu`). Left out of the parameters' dump while ``None``, so a
-      device without it keeps its run ids.
+      ``None`` (the default): ``cpu_gflops``. Attention multiplies many entries against a few
+      query heads, with a softmax between its two products; numpy on the machine this was
+      written on ran it at a quarter to a half of the cache-resident matvec rate.
+      ``kvsim calibrate`` fits it to numpy's attention (:mod:`sim.calibrate.cpu`). Left out
+      of the parameters' dump while ``None``, so a device without it keeps its run ids.
     """
 
     model_config = STRICT_CONFIG
