@@ -18,7 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.calibrate import PATTERNS, calibrate
-from sim.calibrate.cpu import KernelTiming, block_shapes, fit_roofline, roofline_time_us
+from sim.calibrate.cpu import (
+    ATTENTION_ENTRIES,
+    SCORING_VECTORS,
+    KernelTiming,
+    block_shapes,
+    fit_compute_rate,
+    fit_roofline,
+    roofline_time_us,
+)
 from sim.calibrate.fit import (
     MVA_TOLERANCE,
     Observation,
@@ -239,6 +247,56 @@ def test_roofline_numbers_come_from_their_kernels() -> None:
                       kernels[2]))
 
 
+def _attention(n: int, gflops: float, mb_s: float, overhead: float, d: int = 64,
+               g: int = 4) -> KernelTiming:
+    """The attention kernel over ``n`` entries as the roofline at ``gflops`` times it."""
+    flops, size = 4.0 * n * d * g, 2.0 * n * d * 4
+    return KernelTiming(f"attention N={n}", flops, size,
+                        roofline_time_us(flops, size, gflops, mb_s, overhead))
+
+
+@settings(max_examples=60, deadline=None)
+# (the cold matvec block, 0.5 FLOP per byte, must be memory-bound for its bandwidth to be
+# measured: mb_s < 2 * gflops * 1e3)
+@given(gflops=st.floats(100.0, 1e3), attention=st.floats(0.1, 1e3), mb_s=st.floats(1e3, 1e5),
+       overhead=st.floats(0.0, 20.0), g=st.sampled_from([1, 4, 8]))
+def test_fit_recovers_the_attention_rate_of_timings_made_by_the_model(
+    gflops: float, attention: float, mb_s: float, overhead: float, g: int
+) -> None:
+    def kernel(name: str, flops: float, size: float) -> KernelTiming:
+        return KernelTiming(name, flops, size, roofline_time_us(flops, size, gflops, mb_s,
+                                                                overhead))
+
+    attended = [_attention(n, attention, mb_s, overhead, g=g) for n in ATTENTION_ENTRIES]
+    scored = [kernel(f"scoring n={n}", 2.0 * n * 64 * g, n * 64 * 4.0) for n in SCORING_VECTORS]
+    fit = fit_roofline((kernel("matvec block (cold)", 2e8, 4e8),
+                        kernel("matvec 32x2048 (hot)", 131072.0, 0.0),
+                        KernelTiming("matvec 1x16 (call)", 32.0, 0.0, overhead),
+                        *attended, *scored))
+    # 4 N d g FLOP against 8 N d bytes: compute-bound when g / attention > 2 / mb_s (in
+    # FLOP/us and B/us); a memory-bound kernel says nothing about the rate
+    if g / (attention * 1e3) > 2.0 / mb_s * (1 + 1e-6):
+        assert fit.attention_gflops == pytest.approx(attention, rel=1e-9)
+    elif g / (attention * 1e3) < 2.0 / mb_s * (1 - 1e-6):
+        assert fit.attention_gflops is None
+    for k, predicted in fit.predictions:  # the scoring kernels at the matvec rate
+        if k.name.startswith("scoring") or (k.name.startswith("attention")
+                                            and fit.attention_gflops is not None):
+            assert predicted == pytest.approx(k.time_us, rel=1e-9), k.name
+
+
+def test_attention_rate_is_a_least_squares_fit_of_relative_error() -> None:
+    # two kernels without overhead or DRAM bytes, at 10 and 20 GFLOP/s (1e4 and 2e4 FLOP/us):
+    # minimising (1e4 x - 1)^2 + (2e4 x - 1)^2 over x = 1 / G gives x = 3e4 / 5e8, G = 16,667
+    # FLOP/us = 16.67 GFLOP/s
+    kernels = [KernelTiming("attention N=1", 1e6, 0.0, 100.0),
+               KernelTiming("attention N=2", 2e6, 0.0, 100.0)]
+    assert fit_compute_rate(kernels, 1e4, 0.0) == pytest.approx(5e8 / 3e4 / 1e3, rel=1e-12)
+    # time the bytes alone explain (10,000 B at 1e4 B/us = 1 us, + 1 us overhead) is no
+    # evidence of a rate
+    assert fit_compute_rate([KernelTiming("attention N=3", 1e6, 1e4, 2.0)], 1e4, 1.0) is None
+
+
 def test_block_shapes_hold_the_block_weights_less_the_norms() -> None:
     model = load_model_geometry("llama-3.2-1b")
     weights = sum(r * c for _, r, c in block_shapes(model))
@@ -436,7 +494,7 @@ def _numbers_have_sources(text: str) -> None:
     lines = text.splitlines()
     numbers = [i for i, line in enumerate(lines)
                if re.fullmatch(r"  [a-z_]+: [0-9.e+-]+", line)]
-    assert len(numbers) == 9 + 3 + 4
+    assert len(numbers) == 9 + 3 + 5  # with attention_gflops
     choice = [i for i, line in enumerate(lines)
               if re.fullmatch(r"  unit_choice: (earliest_free|random)", line)]
     assert len(choice) == 1
@@ -461,6 +519,7 @@ def test_calibrate_writes_a_preset_that_kvsim_run_accepts(
     _numbers_have_sources(text)
     device = load_device(out)
     assert device.name == "this-machine"
+    assert device.compute.attention_gflops is not None and device.compute.attention_gflops > 0
     assert 1 <= device.flash.parallel_units and device.flash.queue_depth <= 32
     if device.flash.unit_choice == "earliest_free":  # more units than slots: never busy
         assert device.flash.parallel_units <= device.flash.queue_depth
@@ -471,6 +530,7 @@ def test_calibrate_writes_a_preset_that_kvsim_run_accepts(
                  "--no-plot", "-j", "1"]) == 0
     settings_text = next((tmp_path / "results" / "runs").glob("*/run.yaml")).read_text()
     assert "this-machine" in settings_text
+    assert "attention_gflops" in settings_text  # the fitted rate reaches the run
 
 
 def test_a_missing_or_invalid_device_file_stops_the_plan(
@@ -501,6 +561,8 @@ def test_a_30_second_calibration_measures_sensible_figures(direct_dir: Path,
     # bigger commands move more bytes per second
     assert by_label["randread 512 KiB QD 32"].mb_s > by_label["randread 4 KiB QD 32"].mb_s
     assert 1 < result.roofline.cpu_gflops < 1e4
+    assert result.device.compute.attention_gflops is not None
+    assert 0.1 < result.device.compute.attention_gflops < 1e4
     assert 100 < result.cpu.copy_mb_s < 1e7
     assert result.flash.rms_log_error < 1.0
     assert load_device(tmp_path / "p.yaml") == result.device

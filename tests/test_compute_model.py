@@ -16,7 +16,16 @@ from pydantic import ValidationError
 
 from sim.config import load_model_geometry, model_names
 from sim.errors import ConfigError
-from sim.hardware import ComputeParams, DramParams, dense_layer_us, lm_head_us, load_device
+from sim.hardware import (
+    ComputeParams,
+    DeviceParams,
+    DramParams,
+    attention_us,
+    dense_layer_us,
+    lm_head_us,
+    load_device,
+    scoring_us,
+)
 from sim.model import ModelGeometry
 from sim.outputs import PolicyPass
 from sim.policies.base import LayerSelection
@@ -98,17 +107,77 @@ def test_params_validate() -> None:
         ModelGeometry("bad", 1, 1, 1, 4, 10, vocab_size=-1)
 
 
+# --- the attention rate ------------------------------------------------------------------------
+
+
+def test_attention_at_its_own_rate_by_hand() -> None:
+    slow = SLOW_CPU.model_copy(update={"attention_gflops": 2.5})  # 2.5e3 FLOP/us
+    # 1000 entries, head_dim 128, 4 query heads: 4 * 1000 * 128 * 4 = 2.048e6 FLOP / 2.5e3 =
+    # 819.2 us > 1000 * 512 B / 1e4 = 51.2 us; + 3 us overhead
+    assert attention_us(1000, 128, 4, 512, slow, DRAM) == pytest.approx(822.2, rel=1e-12)
+    # without it, cpu_gflops (1e4 FLOP/us): 204.8 us + 3
+    assert attention_us(1000, 128, 4, 512, SLOW_CPU, DRAM) == pytest.approx(207.8, rel=1e-12)
+    # a fast attention rate leaves it memory-bound: 51.2 us + 3
+    fast = SLOW_CPU.model_copy(update={"attention_gflops": 1000.0})
+    assert attention_us(1000, 128, 4, 512, fast, DRAM) == pytest.approx(54.2, rel=1e-12)
+    # the matvecs and scoring keep cpu_gflops: 2 * 1000 * 128 * 4 / 1e4 = 102.4 us + 3
+    assert scoring_us(1000, 128, 4, 256, slow, DRAM) == pytest.approx(105.4, rel=1e-12)
+    assert dense_layer_us(1_000_000, slow, DRAM) == pytest.approx(203.0, rel=1e-12)
+    with pytest.raises(ValidationError):
+        ComputeParams(cpu_gflops=1, weight_bits=4, attention_gflops=0)
+
+
+@given(gflops=st.floats(0.1, 1e4), n=st.integers(0, 10**6), d=st.sampled_from([64, 128]),
+       g=st.integers(1, 8))
+def test_attention_rate_unset_is_the_cpu_rate(gflops: float, n: int, d: int, g: int) -> None:
+    base = ComputeParams(cpu_gflops=gflops, weight_bits=4.5, kernel_overhead_us=1.0)
+    same = base.model_copy(update={"attention_gflops": gflops})
+    assert attention_us(n, d, g, 2 * d, base, DRAM) == attention_us(n, d, g, 2 * d, same, DRAM)
+
+
+def test_an_unset_attention_rate_keeps_the_dump_and_so_the_run_ids() -> None:
+    # run ids hash device.model_dump(): a preset without the rate dumps as before it existed
+    device = load_device("ufs40-flagship")
+    assert device.compute.attention_gflops is None
+    assert set(device.model_dump(mode="json")["compute"]) == {
+        "cpu_gflops", "weight_bits", "lm_head_min_bits", "kernel_overhead_us"}
+    rated = load_device(device, {"compute.attention_gflops": 12.5})
+    assert rated.model_dump(mode="json")["compute"]["attention_gflops"] == 12.5
+    # the dump loads back to the same device, with and without the rate
+    assert load_device(device.model_dump()) == device
+    assert load_device(rated.model_dump()) == rated
+
+
 # --- the LM head in a replay -------------------------------------------------------------------
 
 
-def _resident_run(model: ModelGeometry, steps: int = 3) -> pd.DataFrame:
+def _resident_run(model: ModelGeometry, steps: int = 3,
+                  device: DeviceParams = HAND_DEVICE) -> pd.DataFrame:
     """Full attention on every layer (no cache, no flash) on the hand device."""
     selection = LayerSelection(heads=None, index_vectors=np.zeros((model.n_kv_heads, steps)))
     pp = PolicyPass(HandPolicy(), 8, steps, model, [selection] * model.n_layers,
                     pd.DataFrame(), 0.0)
-    setup = SimSetup(device=HAND_DEVICE, target=model, kv_dtype="fp16", cache_capacity_bytes=0,
+    setup = SimSetup(device=device, target=model, kv_dtype="fp16", cache_capacity_bytes=0,
                      replacement={"type": "lru"}, layout={"type": "sequence"})
     return simulate(pp, setup).steps
+
+
+def test_a_replay_charges_attention_at_the_attention_rate() -> None:
+    toy = ModelGeometry("toy", n_layers=2, n_q_heads=2, n_kv_heads=1, head_dim=4,
+                        params_per_layer=100_000, hidden_size=64)
+    slow = HAND_DEVICE.model_copy(update={"compute": HAND_DEVICE.compute.model_copy(
+        update={"attention_gflops": 0.001})})  # 1 FLOP/us
+    base, rated = _resident_run(toy), _resident_run(toy, device=slow)
+    # step s attends the 8 prompt entries and s + 1 new ones: 4 * N * 4 * 2 = 32 N FLOP = 32 N
+    # us per layer (its 16 B fp16 entries take N * 16 / 1e4 us: far less), two layers
+    entries = 8 + np.arange(1, 4)
+    np.testing.assert_allclose(rated["attention_us"], 2 * 32.0 * entries, rtol=1e-12)
+    # on the hand device (1e5 FLOP/us, 1e4 B/us): max(32 N / 1e5, 16 N / 1e4) per layer
+    np.testing.assert_allclose(base["attention_us"], 2 * 16.0 * entries / 1e4, rtol=1e-12)
+    np.testing.assert_allclose(rated["latency_us"] - base["latency_us"],
+                               rated["attention_us"] - base["attention_us"], rtol=1e-9)
+    for column in ("dense_us", "scoring_us", "io_wait_us", "dram_bytes"):
+        np.testing.assert_array_equal(rated[column], base[column])
 
 
 # HAND_DEVICE: 100 GFLOP/s (1e5 FLOP/us), 10,000 MB/s (1e4 B/us), 8-bit weights, no overhead.

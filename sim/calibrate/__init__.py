@@ -290,7 +290,9 @@ def _report(
     lines.append(
         f"compute ({cpu.threads} BLAS thread(s), {context.model} sizes): "
         f"{roofline.cpu_gflops:.2f} GFLOP/s, weight stream {roofline.bandwidth_mb_s:,.0f} MB/s,"
-        f" copy {cpu.copy_mb_s:,.0f} MB/s, overhead {roofline.kernel_overhead_us:.1f} us/kernel:"
+        f" copy {cpu.copy_mb_s:,.0f} MB/s, overhead {roofline.kernel_overhead_us:.1f} us/kernel"
+        + ("" if roofline.attention_gflops is None
+           else f", attention {roofline.attention_gflops:.2f} GFLOP/s") + ":"
     )
     lines += ["  " + line for line in roofline.residual_lines()]
     lines.append(f"preset: {out} ({elapsed:.0f} s); use it as `device: {out}`")

@@ -13,15 +13,20 @@ each timed as the best of several repetitions (the least disturbed by other work
   matrix: it stays in the CPU's caches, so DRAM bytes are 0 and the time is the compute side.
 * **matvec (call)**: a 1 x :data:`TINY_COLUMNS` product: next to no work, its time is the cost
   of a call.
-* **attention**: one KV head's GQA attention over ``N`` entries (the query heads that share it
-  against ``N`` keys, softmax, against ``N`` values; head_dim of the model), over copies that
+* **attention**: one KV head's GQA attention over ``N`` entries (``N`` keys against the query
+  heads that share it, softmax, against ``N`` values; head_dim of the model), over copies that
   together exceed :data:`COLD_BYTES`, so they come from DRAM: FLOPs ``4 N head_dim g``, bytes
   ``2 N head_dim x 4`` as :func:`~sim.hardware.compute.attention_us` counts them.
+* **scoring**: ``n`` key-sized vectors (centroids, page bounds) against the query heads that
+  share a KV head, at the index sizes of the retrieval policies (:data:`SCORING_VECTORS`), over
+  copies beyond the caches: FLOPs ``2 n head_dim g``, bytes ``n head_dim x 4`` as
+  :func:`~sim.hardware.compute.scoring_us` counts them.
 * **copy**: ``numpy.copyto`` of a :data:`COPY_BYTES` array; bandwidth counts the bytes read and
   the bytes written (STREAM's convention).
 
 The roofline ``max(flops / cpu_gflops, bytes / bandwidth) + overhead`` takes each of its numbers
-from one kind of kernel (:func:`fit_roofline`) and is checked against all of them.
+from one kind of kernel (:func:`fit_roofline`), attention its own rate ``attention_gflops``
+from the attention kernels, and is checked against all of them (scoring is a check only).
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ COPY_BYTES = 256 * 2**20
 TINY_COLUMNS = 16
 #: attention sizes measured (entries)
 ATTENTION_ENTRIES = (256, 1024, 4096, 16384)
+#: scoring sizes measured (index vectors): the cluster policies' clusters for contexts of 2.5K,
+#: 5K and 10K tokens at their default 80 tokens per cluster (sim/policies/static_clusters.py),
+#: and Quest's min and max vectors of 16-token pages at 4K tokens (sim/policies/quest.py)
+SCORING_VECTORS = (32, 64, 128, 512)
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,105 @@ def block_shapes(model: ModelGeometry) -> list[tuple[str, int, int]]:
     return shapes
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel to time: its counts and ``run(i)``, the ``i``-th repetition (which takes the
+    kernel's copies of its operands in turn); ``least``: repetitions that visit every copy."""
+
+    name: str
+    flops: float
+    dram_bytes: float
+    run: Callable[[int], object]
+    least: int = 3
+
+
+def time_kernel(kernel: Kernel, deadline: float) -> KernelTiming:
+    """The best time of ``kernel`` over repetitions until ``deadline`` (at least
+    ``kernel.least``)."""
+    t = _best_time_us(kernel.run, deadline, least=kernel.least)
+    return KernelTiming(kernel.name, kernel.flops, kernel.dram_bytes, t)
+
+
+def _copies(nbytes: int, span: int = COLD_BYTES) -> int:
+    """How many copies of an operand of ``nbytes`` together span ``span`` (at least one)."""
+    return max(1, -(-span // nbytes))
+
+
+def block_kernel(model: ModelGeometry) -> Kernel:
+    """One decode step's matrix-vector products through a block of ``model``, over copies of
+    the block that together span twice :data:`COLD_BYTES` (every matrix from DRAM)."""
+    shapes = block_shapes(model)
+    weights = sum(r * c for _, r, c in shapes)
+    copies = _copies(4 * weights, 2 * COLD_BYTES)
+    # Values do not change a float32 kernel's time (none is zero or subnormal); filling is
+    # far cheaper than drawing random numbers for hundreds of MB.
+    blocks = [[np.full((r, c), 0.5, dtype=np.float32) for _, r, c in shapes]
+              for _ in range(copies)]
+    vecs = [np.full(c, 0.25, dtype=np.float32) for _, _, c in shapes]
+
+    def block(i: int) -> None:
+        for m, v in zip(blocks[i % copies], vecs, strict=True):
+            m @ v
+
+    return Kernel("matvec block (cold)", 2.0 * weights, 4.0 * weights, block, copies + 1)
+
+
+def lm_head_kernel(vocab_size: int, hidden_size: int) -> Kernel:
+    """The final RMSNorm and the ``vocab_size x hidden_size`` LM head matvec, float32, as
+    :func:`~sim.hardware.compute.lm_head_us` counts them (one matrix: beyond the caches when
+    it exceeds :data:`COLD_BYTES`)."""
+    head = np.full((vocab_size, hidden_size), 0.5, dtype=np.float32)
+    norm = np.full(hidden_size, 1.0, dtype=np.float32)
+    x = np.full(hidden_size, 0.25, dtype=np.float32)
+
+    def run(_i: int) -> np.ndarray:
+        normed = x * (1.0 / np.sqrt(np.mean(x * x) + 1e-6)) * norm
+        return head @ normed
+
+    weights = float(vocab_size) * hidden_size
+    return Kernel(f"LM head {vocab_size}x{hidden_size}", 2.0 * weights + 4.0 * hidden_size,
+                  4.0 * weights + 4.0 * hidden_size, run)
+
+
+def attention_kernel(n_entries: int, head_dim: int, queries_per_kv_head: int) -> Kernel:
+    """One KV head's GQA attention over ``n_entries`` entries: the query heads that share it
+    against the keys, softmax, against the values, over copies of the keys and values that
+    together span :data:`COLD_BYTES` (from DRAM); counts as
+    :func:`~sim.hardware.compute.attention_us`."""
+    n, d, g = n_entries, head_dim, queries_per_kv_head
+    copies = _copies(2 * n * d * 4)
+    keys = np.full((copies, n, d), 0.125, dtype=np.float32)
+    values = np.full((copies, n, d), 0.5, dtype=np.float32)
+    queries = np.full((d, g), 0.25, dtype=np.float32)  # the query heads as columns
+
+    def attend(i: int) -> np.ndarray:
+        # keys @ queries: each key (a row, as the KV cache stores it) against the query heads,
+        # as llama.cpp's K*Q; numpy's queries.T @ keys.T asks OpenBLAS for a transposed
+        # product that it packs, 1.3-2x slower here. Transposed to (g, N) for the softmax.
+        scores = np.ascontiguousarray((keys[i % copies] @ queries).T)
+        scores -= scores.max(axis=1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=1, keepdims=True)
+        return scores @ values[i % copies]
+
+    return Kernel(f"attention N={n}", 4.0 * n * d * g, 2.0 * n * d * 4, attend)
+
+
+def scoring_kernel(n_vectors: int, head_dim: int, queries_per_kv_head: int) -> Kernel:
+    """Scoring ``n_vectors`` key-sized vectors (centroids) against the query heads that share a
+    KV head, over copies that together span :data:`COLD_BYTES` (from DRAM); counts as
+    :func:`~sim.hardware.compute.scoring_us`."""
+    n, d, g = n_vectors, head_dim, queries_per_kv_head
+    copies = _copies(n * d * 4)
+    vectors = np.full((copies, n, d), 0.125, dtype=np.float32)
+    queries = np.full((d, g), 0.25, dtype=np.float32)
+
+    def score(i: int) -> np.ndarray:
+        return vectors[i % copies] @ queries  # as attention's scores (attention_kernel)
+
+    return Kernel(f"scoring n={n}", 2.0 * n * d * g, n * d * 4.0, score)
+
+
 def measure_cpu(model: ModelGeometry, seconds: float, threads: int = 1) -> CpuMeasurements:
     """Time the kernels of the module docstring within about ``seconds``, with the BLAS
     limited to ``threads`` threads (1 by default: a multi-threaded BLAS whose threads spin
@@ -113,37 +221,22 @@ def measure_cpu(model: ModelGeometry, seconds: float, threads: int = 1) -> CpuMe
 
 def _measure_cpu(model: ModelGeometry, seconds: float, threads: int) -> CpuMeasurements:
     deadline = time.perf_counter() + seconds
-    n_kernels = 4 + len(ATTENTION_ENTRIES)  # cold, hot, call, copy, each attention size
+    # cold, hot, call, copy, each attention and scoring size
+    n_kernels = 4 + len(ATTENTION_ENTRIES) + len(SCORING_VECTORS)
 
     def until(done: int) -> float:
         """The deadline of the next kernel: an even share of the time left."""
         now = time.perf_counter()
         return now + max(0.0, deadline - now) / (n_kernels - done)
 
-    # Values do not change a float32 kernel's time (none is zero or subnormal); filling is
-    # far cheaper than drawing random numbers for hundreds of MB.
-    shapes = block_shapes(model)
-    weights = sum(r * c for _, r, c in shapes)
-    # copies of the block taken in turn, together beyond the caches (a small model's block
-    # alone may fit in a last-level cache)
-    copies = max(1, -(-2 * COLD_BYTES // (4 * weights)))
-    blocks = [[np.full((r, c), 0.5, dtype=np.float32) for _, r, c in shapes]
-              for _ in range(copies)]
-    vecs = [np.full(c, 0.25, dtype=np.float32) for _, _, c in shapes]
+    block = block_kernel(model)
+    kernels = [time_kernel(block, until(0))]
+    del block  # the blocks' weights are no longer needed
 
-    def block(i: int) -> None:
-        for m, v in zip(blocks[i % copies], vecs, strict=True):
-            m @ v
-
-    t = _best_time_us(block, until(0), least=copies + 1)
-    kernels = [KernelTiming("matvec block (cold)", 2.0 * weights, 4.0 * weights, t)]
-    mats = blocks[0]
-
-    hidden = shapes[0][2]
+    hidden = block_shapes(model)[0][2]
     rows = max(1, HOT_BYTES // (4 * hidden))
-    hot = mats[0][:rows].copy()
-    x = vecs[0]
-    blocks.clear()  # the blocks' weights are no longer needed
+    hot = np.full((rows, hidden), 0.5, dtype=np.float32)
+    x = np.full(hidden, 0.25, dtype=np.float32)
     repeat = 64
     t = _best_time_us(lambda _i: [hot @ x for _ in range(repeat)], until(1))
     kernels.append(KernelTiming(f"matvec {rows}x{hidden} (hot)", 2.0 * rows * hidden, 0.0,
@@ -155,27 +248,17 @@ def _measure_cpu(model: ModelGeometry, seconds: float, threads: int) -> CpuMeasu
 
     g = model.n_q_heads // model.n_kv_heads
     d = model.head_dim
-    for done, n in enumerate(ATTENTION_ENTRIES, start=3):
-        copies = max(1, COLD_BYTES // (2 * n * d * 4))
-        keys = np.full((copies, n, d), 0.125, dtype=np.float32)
-        values = np.full((copies, n, d), 0.5, dtype=np.float32)
-        query = np.full((g, d), 0.25, dtype=np.float32)
-
-        def attend(i: int, keys: np.ndarray = keys, values: np.ndarray = values,
-                   query: np.ndarray = query, copies: int = copies) -> np.ndarray:
-            scores = query @ keys[i % copies].T
-            scores -= scores.max(axis=1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=1, keepdims=True)
-            return scores @ values[i % copies]
-
-        t = _best_time_us(attend, until(done))
-        kernels.append(KernelTiming(f"attention N={n}", 4.0 * n * d * g, 2.0 * n * d * 4, t))
-        del keys, values
+    done = 3
+    for n in ATTENTION_ENTRIES:
+        kernels.append(time_kernel(attention_kernel(n, d, g), until(done)))
+        done += 1
+    for n in SCORING_VECTORS:
+        kernels.append(time_kernel(scoring_kernel(n, d, g), until(done)))
+        done += 1
 
     source = np.ones(COPY_BYTES // 8)
     target = np.empty_like(source)
-    t = _best_time_us(lambda _i: np.copyto(target, source), until(n_kernels - 1))
+    t = _best_time_us(lambda _i: np.copyto(target, source), until(done))
     return CpuMeasurements(tuple(kernels), 2.0 * COPY_BYTES / t, threads)
 
 
@@ -186,6 +269,8 @@ class RooflineFit:
     cpu_gflops: float
     bandwidth_mb_s: float
     kernel_overhead_us: float
+    #: the attention kernels' rate (None: no attention kernel is compute-bound)
+    attention_gflops: float | None
     #: (kernel, modelled time us) per kernel
     predictions: tuple[tuple[KernelTiming, float], ...]
 
@@ -206,12 +291,34 @@ def roofline_time_us(
     return max(flops / (gflops * 1e3), dram_bytes / mb_s) + overhead_us
 
 
+def is_attention(kernel: KernelTiming) -> bool:
+    return kernel.name.startswith("attention")
+
+
+def fit_compute_rate(
+    kernels: list[KernelTiming], mb_s: float, overhead_us: float
+) -> float | None:
+    """The GFLOP/s ``G`` whose roofline ``max(flops / G, bytes / mb_s) + overhead`` best fits
+    the ``kernels``' times in relative terms: least squares of ``flops / G / (t - overhead)
+    - 1`` over the kernels that took longer than their DRAM bytes explain (closed form in
+    ``1 / G``). None when there are none (every kernel memory-bound)."""
+    rates = [k.flops / (k.time_us - overhead_us) for k in kernels
+             if k.time_us - overhead_us > k.dram_bytes / mb_s * (1 + 1e-9)]
+    if not rates:
+        return None
+    # minimise sum((r x - 1)^2) over x = 1 / G (G in FLOP/us): x = sum(r) / sum(r^2)
+    flop_per_us = sum(r * r for r in rates) / sum(rates)
+    return flop_per_us / 1e3
+
+
 def fit_roofline(kernels: tuple[KernelTiming, ...]) -> RooflineFit:
-    """The roofline's three numbers, each from one kind of kernel: ``kernel_overhead_us`` from
-    the smallest matvec (a call doing next to no work), ``cpu_gflops`` from the cache-resident
+    """The roofline's numbers, each from one kind of kernel: ``kernel_overhead_us`` from the
+    smallest matvec (a call doing next to no work), ``cpu_gflops`` from the cache-resident
     matvec (no DRAM bytes: its time less the call's is the compute side), the sustained
-    bandwidth from the cold block of matvecs (the weight stream that dominates decode). The
-    attention kernels are the check (their residuals)."""
+    bandwidth from the cold block of matvecs (the weight stream that dominates decode), and
+    ``attention_gflops`` from the attention kernels (:func:`fit_compute_rate` with that
+    bandwidth and overhead). The scoring kernels are the check of ``cpu_gflops`` (their
+    residuals), as :func:`~sim.hardware.compute.scoring_us` charges them."""
     calls = [k for k in kernels if k.name.endswith("(call)")]
     hot = [k for k in kernels if not k.dram_bytes and k not in calls]
     cold = [k for k in kernels if k.name.startswith("matvec") and k.dram_bytes]
@@ -223,6 +330,10 @@ def fit_roofline(kernels: tuple[KernelTiming, ...]) -> RooflineFit:
         raise ValueError(f"{best.name} took no longer than an empty call ({overhead:.2f} us)")
     gflops = best.flops / (best.time_us - overhead) / 1e3
     mb_s = max(k.dram_bytes / max(k.time_us - overhead, 1e-9) for k in cold)
-    return RooflineFit(gflops, mb_s, overhead, tuple(
-        (k, roofline_time_us(k.flops, k.dram_bytes, gflops, mb_s, overhead)) for k in kernels
+    attention = fit_compute_rate([k for k in kernels if is_attention(k)], mb_s, overhead)
+    return RooflineFit(gflops, mb_s, overhead, attention, tuple(
+        (k, roofline_time_us(k.flops, k.dram_bytes,
+                             attention if attention and is_attention(k) else gflops,
+                             mb_s, overhead))
+        for k in kernels
     ))

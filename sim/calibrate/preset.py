@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from sim.atomic import atomic_write
-from sim.calibrate.cpu import CpuMeasurements, RooflineFit
+from sim.calibrate.cpu import CpuMeasurements, RooflineFit, is_attention
 from sim.calibrate.fit import FlashFit
 from sim.calibrate.patterns import Measurement
 from sim.hardware.device import DeviceParams, load_device
@@ -185,6 +185,16 @@ def preset_text(
         f"The time of a call doing next to no work ({call.name}: {call.flops:.0f} FLOP in "
         f"{call.time_us:.2f} us): numpy's cost per kernel.", 2)
     out.append(f"  kernel_overhead_us: {_sig(roofline.kernel_overhead_us)}")
+    attention = [k for k, _ in roofline.predictions if is_attention(k)]
+    if roofline.attention_gflops is not None:
+        out += _comment(
+            "The attention kernels' rate (one KV head: N keys against its query heads, "
+            "softmax, against N values, from DRAM: "
+            + ", ".join(f"N={k.name.split('=')[-1]} {k.time_us:,.1f} us" for k in attention)
+            + "): least squares on their relative error with the roofline's bandwidth and "
+            "kernel_overhead_us (sim/calibrate/cpu.py). Scoring stays at cpu_gflops; the "
+            "scoring kernels in the header are its check.", 2)
+        out.append(f"  attention_gflops: {_sig(roofline.attention_gflops)}")
     return "\n".join(out) + "\n"
 
 

@@ -3,7 +3,8 @@
 ``time_us = max(flops / (cpu_gflops * 1e3), bytes / dram.sustained_bandwidth_mb_s)
 + kernel_overhead_us``
 
-(1 GFLOP/s = 1e3 FLOP/us; 1 MB/s = 1 byte/us). Each function below is one "kernel" and pays
+(1 GFLOP/s = 1e3 FLOP/us; 1 MB/s = 1 byte/us); attention's FLOPs at ``attention_gflops``
+when the device sets it. Each function below is one "kernel" and pays
 the overhead once. All counts accept numpy arrays (the result is then an array of the same
 shape); scalar inputs give a ``float``.
 
@@ -22,8 +23,10 @@ Q8_0 = 34 bytes per 32 (fp16 scale + 32 x 8 bits) = 8.5 bits/weight; Q6_K = 210 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from sim.hardware.dram import DramParams
 from sim.validation import STRICT_CONFIG
@@ -49,6 +52,12 @@ class ComputeParams(BaseModel):
       unless the model is Q8_0 (``llama_tensor_get_type``, src/llama-quant.cpp), so a Q4_0
       preset sets 6.5625.
     - ``kernel_overhead_us``: fixed launch/thread-sync cost per kernel, >= 0 (default 0).
+    - ``attention_gflops``: effective GFLOP/s of attention (:func:`attention_us`), > 0, or
+      ``None`` (the default): ``cpu_gflops``. Attention multiplies many entries against a few
+      query heads, with a softmax between its two products; numpy on the machine this was
+      written on ran it at a quarter to a half of the cache-resident matvec rate.
+      ``kvsim calibrate`` fits it to numpy's attention (:mod:`sim.calibrate.cpu`). Left out
+      of the parameters' dump while ``None``, so a device without it keeps its run ids.
     """
 
     model_config = STRICT_CONFIG
@@ -57,6 +66,20 @@ class ComputeParams(BaseModel):
     weight_bits: float = Field(gt=0)
     lm_head_min_bits: float = Field(0.0, ge=0)
     kernel_overhead_us: float = Field(0.0, ge=0)
+    attention_gflops: float | None = Field(None, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_rates(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The dump without ``attention_gflops`` while it is ``None`` (run ids hash the dump)."""
+        data: dict[str, Any] = handler(self)
+        if data.get("attention_gflops", 0.0) is None:
+            del data["attention_gflops"]
+        return data
+
+    @property
+    def attention_rate_gflops(self) -> float:
+        """The GFLOP/s attention runs at: ``attention_gflops``, else ``cpu_gflops``."""
+        return self.cpu_gflops if self.attention_gflops is None else self.attention_gflops
 
     @property
     def lm_head_bits(self) -> float:
@@ -69,10 +92,13 @@ def roofline_us(
     size_bytes: float | np.ndarray,
     compute: ComputeParams,
     dram: DramParams,
+    gflops: float | None = None,
 ) -> float | np.ndarray:
     """``max(compute time, DRAM time) + kernel_overhead_us`` in microseconds; the DRAM time at
-    the bandwidth the CPU sustains (:attr:`DramParams.sustained_bandwidth_mb_s`)."""
-    compute_us = np.asarray(flops, dtype=np.float64) / (compute.cpu_gflops * 1e3)
+    the bandwidth the CPU sustains (:attr:`DramParams.sustained_bandwidth_mb_s`), the compute
+    time at ``gflops`` (default ``compute.cpu_gflops``)."""
+    rate = compute.cpu_gflops if gflops is None else gflops
+    compute_us = np.asarray(flops, dtype=np.float64) / (rate * 1e3)
     memory_us = np.asarray(size_bytes, dtype=np.float64) / dram.sustained_bandwidth_mb_s
     total = np.maximum(compute_us, memory_us) + compute.kernel_overhead_us
     return float(total) if total.ndim == 0 else total
@@ -146,8 +172,10 @@ def attention_us(
     ``queries_per_kv_head`` query heads that share its KV head (GQA).
 
     FLOPs ``4 * n_entries * head_dim * queries_per_kv_head`` (2 for the scores, 2 for the
-    weighted sum); bytes ``n_entries * entry_bytes`` (each entry's key and value read once from
-    DRAM, shared by those query heads).
+    weighted sum) at :attr:`ComputeParams.attention_rate_gflops`; bytes
+    ``n_entries * entry_bytes`` (each entry's key and value read once from DRAM, shared by
+    those query heads).
     """
     n = np.asarray(n_entries, dtype=np.float64)
-    return roofline_us(4.0 * n * head_dim * queries_per_kv_head, n * entry_bytes, compute, dram)
+    return roofline_us(4.0 * n * head_dim * queries_per_kv_head, n * entry_bytes, compute, dram,
+                       compute.attention_rate_gflops)
