@@ -239,25 +239,53 @@ class ClosedLoopSpec(BaseModel):
 
     ``task``: ``perplexity`` (teacher-forced: the text's first ``prompt_len`` tokens are the
     prompt, the next ``tokens`` are fed one per step and scored; mean NLL per ``bucket``
-    positions) or ``agreement`` (greedy decoding of ``tokens`` after the prompt: tokens before
-    the first divergence from full attention, share of matching positions).
+    positions), ``agreement`` (greedy decoding of ``tokens`` after the prompt: tokens before
+    the first divergence from full attention, share of matching positions) or ``needle``
+    (:mod:`sim.closed_loop.needle`: one fact per entry of ``depths`` hidden at that depth of a
+    ``context_len``-token context cut from the text, one question at a time, exact match of
+    the greedy answer; ``prompt_len`` and ``tokens`` do not apply).
     ``model``: a model kvsim loads (:data:`sim.trace.models.MODELS`); ``text``: a kvsim text
-    source (:mod:`sim.trace.sources`). ``prompt_len + tokens`` must fit the model's context
-    and, for ``perplexity``, the tokenised text.
+    source (:mod:`sim.trace.sources`). ``prompt_len + tokens`` (needle: the context, a question
+    and its answer) must fit the model's context and, for ``perplexity``, the tokenised text.
     """
 
     model_config = _STRICT
-    task: Literal["perplexity", "agreement"]
+    task: Literal["perplexity", "agreement", "needle"]
     model: str = "smollm2-135m"
     text: str = "pydoc"
     prompt_len: int = Field(512, ge=2)
     tokens: int = Field(256, ge=1)
     #: positions per perplexity bucket (``perplexity`` only; default 64)
     bucket: int | None = Field(None, ge=1)
+    #: tokens of the context the facts are hidden in (``needle`` only; default 2048)
+    context_len: int | None = Field(None, ge=2)
+    #: where each fact starts, as a fraction of the context, one fact each, distinct
+    #: (``needle`` only; default 0.1, 0.3, 0.5, 0.7, 0.9)
+    depths: list[float] | None = Field(None, min_length=1)
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_valid(cls, value: list[float] | None) -> list[float] | None:
+        for depth in value or ():
+            if not 0.0 <= depth <= 1.0:
+                raise ValueError(f"a needle depth must be in [0, 1], got {depth}")
+        if value is not None and len(set(value)) < len(value):
+            raise ValueError(f"needle depths must be distinct, got {value}")
+        return value
 
     def model_post_init(self, _context: Any) -> None:
         if self.bucket is not None and self.task != "perplexity":
             raise ValueError("bucket applies only to task perplexity")
+        given = self.model_fields_set
+        if self.task == "needle":
+            for key in ("prompt_len", "tokens"):
+                if key in given:
+                    raise ValueError(f"{key} applies to tasks perplexity and agreement (the "
+                                     "needle task's context is context_len)")
+        else:
+            for key in ("context_len", "depths"):
+                if key in given:
+                    raise ValueError(f"{key} applies only to task needle")
 
 
 class SweepSpec(BaseModel):

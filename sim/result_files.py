@@ -37,10 +37,13 @@ summary.json and instead of the replay's records::
 
     runs/<run_id>/closed_loop.csv         perplexity: per position bucket and over all, mean
                                           NLL and perplexity under the policy and under full
-                                          attention, and their ratio
+                                          attention, and their ratio; needle: per needle its
+                                          depth, start position, fact, expected code, the
+                                          answers under the policy and under full attention
+                                          and whether each is exactly right
     runs/<run_id>/tokens.parquet          per continuation position: the token and its NLL
                                           under both (perplexity), or both greedy tokens
-                                          (agreement)
+                                          (agreement); none for needle
 
 and once ``kvsim replay`` has executed that schedule on real storage (:mod:`sim.io_replay`)::
 
@@ -75,6 +78,8 @@ CLOSED_LOOP_COLUMNS = {
     "perplexity": ["task", "tokens", "mean_nll", "perplexity", "mean_nll_full",
                    "perplexity_full", "ppl_ratio", "decode_s", "hook_s"],
     "agreement": ["task", "tokens", "first_divergence", "match_share", "decode_s", "hook_s"],
+    "needle": ["task", "context_len", "needles", "accuracy", "accuracy_full", "accuracy_ratio",
+               "decode_s", "hook_s"],
 }
 RUN_LENGTHS = "run_lengths.csv"
 

@@ -36,18 +36,25 @@ class CharTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": [ord(c) % 97 for c in text]}
 
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+_CACHES = (closed_loop._IDS, closed_loop._PREFILLED, closed_loop._REFERENCES,
+           closed_loop._SUITES)
+
 
 @pytest.fixture
 def tiny(monkeypatch):
     """The tiny model in place of every closed-loop model; the worker's reuse emptied."""
     model = tiny_llama()
     monkeypatch.setattr(closed_loop, "load", lambda name: (model, CharTokenizer()))
-    for cache in (closed_loop._IDS, closed_loop._PREFILLED, closed_loop._REFERENCES):
+    for cache in _CACHES:
         cache.clear()
     previous = torch.get_num_threads()
     yield model
     torch.set_num_threads(previous)
-    for cache in (closed_loop._IDS, closed_loop._PREFILLED, closed_loop._REFERENCES):
+    for cache in _CACHES:
         cache.clear()
 
 
@@ -138,8 +145,21 @@ def test_perplexity_runs_match_the_library_and_full_attention(tiny, tmp_path):
     assert not list(out.glob("*.png"))  # no latency or recall to draw
 
 
-def test_a_finished_run_is_not_recomputed(tiny, tmp_path, monkeypatch):
-    out = _run(tmp_path, PERPLEXITY)
+NEEDLE = """\
+    name: cl
+    closed_loop: {task: needle, context_len: 120, depths: [0.2, 0.8]}
+    policies:
+      - {type: full}
+      - {type: streaming_llm, budget: 16, sink_tokens: 2}
+    sweep:
+      grid:
+        policy.budget: [16, 32]
+    """
+
+
+@pytest.mark.parametrize("experiment", [PERPLEXITY, NEEDLE], ids=["perplexity", "needle"])
+def test_a_finished_run_is_not_recomputed(tiny, tmp_path, monkeypatch, experiment):
+    out = _run(tmp_path, experiment)
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
 
     def refuse(*args, **kwargs):
@@ -147,7 +167,7 @@ def test_a_finished_run_is_not_recomputed(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(closed_loop, "run_closed_loop_group", refuse)
     monkeypatch.setattr(closed_loop, "load", refuse)  # not even the model loads
-    _run(tmp_path, PERPLEXITY)
+    _run(tmp_path, experiment)
     after = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
     assert after == before
 
@@ -180,6 +200,109 @@ def test_agreement_counts_the_first_divergence(tiny, tmp_path):
     assert list(tokens["token"]) == fresh.tokens.tolist()
 
 
+def _needle_suite(context_len: int, depths: list[float], seed: int = 0):
+    """The suite built here from the text and the seed, independently of the runner."""
+    from sim.closed_loop.needle import build_suite, make_facts
+
+    return build_suite(lambda text: CharTokenizer()(text)["input_ids"],
+                       _text_ids(context_len), make_facts(len(depths), seed), depths,
+                       context_len)
+
+
+def test_needle_runs_match_the_library_and_full_attention(tiny, tmp_path, monkeypatch):
+    """Each run's answers are the library's, each from its own fresh prefill of the context
+    built from the text and the seed; full attention's are the reference's; accuracy is the
+    share of exact matches; the context is prefilled once for all runs of the worker."""
+    from sim.closed_loop import driver
+    from sim.closed_loop.needle import answer_needles
+    from sim.policies import POLICIES
+
+    prefills = []
+    real_prefill = driver.prefill
+    monkeypatch.setattr(driver, "prefill",
+                        lambda *a, **k: prefills.append(a[1]) or real_prefill(*a, **k))
+    out = _run(tmp_path, NEEDLE)
+    assert len(prefills) == 1
+    runs = _runs(out)
+    assert set(runs) == {"full@None", "streaming_llm@16", "streaming_llm@32"}
+    suite = _needle_suite(120, [0.2, 0.8])
+    assert tuple(prefills[0]) == suite.context
+    torch.set_num_threads(1)
+    full = answer_needles(tiny, suite.context, suite.needles, None, 0)
+    for key, run in runs.items():
+        row = run["row"]
+        fresh = answer_needles(tiny, suite.context, suite.needles,
+                               POLICIES.create(run["settings"]["policy"]), 0)
+        table = pd.read_csv(run["dir"] / CLOSED_LOOP_TABLE, dtype={"expected": str},
+                            keep_default_na=False)
+        assert table["depth"].tolist() == [0.2, 0.8]
+        lengths = [len(f.text) for f in suite.facts]  # one token per character
+        assert table["position"].tolist() == list(suite.starts) == [
+            round(0.2 * (120 - lengths[0])), round(0.8 * (120 - lengths[1]))]
+        assert table["fact"].tolist() == [f.text.strip() for f in suite.facts]
+        assert table["expected"].tolist() == [f.code for f in suite.facts]
+        for which, decoded in (("answer", fresh), ("answer_full", full)):
+            assert table[which].tolist() == [CharTokenizer().decode(a.tolist()).strip()
+                                             for a in decoded.answers], key
+        assert table["correct"].tolist() == fresh.correct
+        assert table["correct_full"].tolist() == full.correct
+        assert row["accuracy"] == fresh.accuracy and row["accuracy_full"] == full.accuracy
+        assert row["context_len"] == 120 and row["needles"] == 2 and "tokens" not in row
+        # no ratio (NaN, null in JSON) when full attention answers nothing
+        assert row["accuracy_ratio"] == (row["accuracy"] / full.accuracy if full.accuracy
+                                         else None)
+        assert not (run["dir"] / CLOSED_LOOP_TOKENS).exists()
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns[-8:]) == ["task", "context_len", "needles", "accuracy",
+                                          "accuracy_full", "accuracy_ratio", "decode_s",
+                                          "hook_s"]
+    assert (summary["task"] == "needle").all()
+
+
+def test_needle_facts_and_answers_are_deterministic_for_a_seed(tiny, tmp_path):
+    """The same seed gives the same facts and answers (one worker or two, the timings
+    aside); another seed other facts."""
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    first = _run(tmp_path / "a", NEEDLE)
+    again = _run(tmp_path / "b", NEEDLE, "-j", "2")
+    other = _run(tmp_path / "c", "seed: 1\n" + textwrap.dedent(NEEDLE))
+    timing = ["decode_s", "hook_s"]
+    one, two = (pd.read_csv(out / "summary.csv").drop(columns=timing) for out in (first, again))
+    pd.testing.assert_frame_equal(one, two)
+    for run_id in one["run_id"]:
+        assert ((first / "runs" / run_id / CLOSED_LOOP_TABLE).read_bytes()
+                == (again / "runs" / run_id / CLOSED_LOOP_TABLE).read_bytes())
+    facts = {out: pd.read_csv(next((out / "runs").glob("*")) / CLOSED_LOOP_TABLE)["fact"]
+             .tolist() for out in (first, other)}
+    assert facts[first] != facts[other]
+
+
+def test_runs_sharing_a_needle_context_run_together(tiny, tmp_path, monkeypatch):
+    """A sweep listing the budget before the context: the runner still sends the runs of one
+    context one after another, so one worker prefills each context once."""
+    from sim.closed_loop import driver
+
+    prefills = []
+    real_prefill = driver.prefill
+    monkeypatch.setattr(driver, "prefill",
+                        lambda *a, **k: prefills.append(len(a[1])) or real_prefill(*a, **k))
+    out = _run(tmp_path, """\
+        name: cl
+        closed_loop: {task: needle, context_len: 120, depths: [0.2, 0.8]}
+        policies:
+          - {type: streaming_llm, budget: 16, sink_tokens: 2}
+        sweep:
+          grid:
+            policy.budget: [16, 32]
+            closed_loop.context_len: [100, 120]
+        """)
+    assert prefills == [100, 120]
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["closed_loop.context_len"].tolist() == [100, 120, 100, 120]  # plan order
+    assert summary["context_len"].tolist() == [100, 120, 100, 120]
+
+
 def _bad(tmp_path: Path, capsys, text: str) -> str:
     out = tmp_path / "out"
     code = main(["run", str(_write(tmp_path, text)), "--output", str(out), "--quiet"])
@@ -206,6 +329,39 @@ def _bad(tmp_path: Path, capsys, text: str) -> str:
     ("{task: perplexity, prompt_len: 40, tokens: 8}", "[{type: full, layout: sequence}]",
      "policies[0].layout: applies to trace replays, not to closed_loop"),
     ("{task: perplexity, prompt_len: 40, tokens: 8}", "[{type: nope}]", "policies[0]"),
+    # the needle task
+    ("{task: needle, depths: [0.5, 1.5]}", "[{type: full}]",
+     "closed_loop.depths: a needle depth must be in [0, 1], got 1.5"),
+    ("{task: needle, depths: [-0.1]}", "[{type: full}]", "a needle depth must be in [0, 1]"),
+    ("{task: needle, depths: [0.5, .nan]}", "[{type: full}]",
+     "line 2, column 43: .nan is not a finite number"),
+    ("{task: needle, depths: [.inf]}", "[{type: full}]", ".inf is not a finite number"),
+    ("{task: needle, depths: [0.5, 'nan']}", "[{type: full}]",
+     "closed_loop.depths.1: Input should be a finite number"),
+    ("{task: needle, depths: [0.5, 0.5]}", "[{type: full}]", "depths must be distinct"),
+    ("{task: needle, depths: []}", "[{type: full}]", "closed_loop.depths: List should have"),
+    ("{task: needle, depths: [" + ", ".join(str(i / 25) for i in range(25)) + "]}",
+     "[{type: full}]", "closed_loop.depths: 25 needles; at most 24 (one fact per name)"),
+    ("{task: needle, context_len: 8193}", "[{type: full}]",
+     "closed_loop.context_len: 8193 exceeds smollm2-135m's 8192 positions"),
+    ("{task: needle, model: gemma3-270m, context_len: 40000}", "[{type: full}]",
+     "closed_loop.context_len: 40000 exceeds gemma3-270m's 32768 positions"),
+    ("{task: needle, context_len: 8190}", "[{type: full}]",
+     "closed_loop.context_len: 8190 tokens and"),
+    ("{task: needle, context_len: 100, depths: [0.5, 0.51]}", "[{type: full}]",
+     "closed_loop.depths: needles at depths 0.5 and 0.51 overlap in 100 tokens"),
+    ("{task: needle, context_len: 100}", "[{type: token_topk, budget: 101}]",
+     "policies[0].budget: 101 tokens exceeds the prompt (100 tokens)"),
+    ("{task: needle, prompt_len: 64}", "[{type: full}]",
+     "closed_loop: prompt_len applies to tasks perplexity and agreement"),
+    ("{task: needle, tokens: 8}", "[{type: full}]", "closed_loop: tokens applies to tasks"),
+    ("{task: needle, bucket: 8}", "[{type: full}]", "bucket applies only to task perplexity"),
+    ("{task: agreement, context_len: 64}", "[{type: full}]",
+     "closed_loop: context_len applies only to task needle"),
+    ("{task: perplexity, depths: [0.5]}", "[{type: full}]",
+     "closed_loop: depths applies only to task needle"),
+    ("{task: needle, context_length: 64}", "[{type: full}]",
+     "closed_loop.context_length: unknown key (valid: task, model"),
 ])
 def test_bad_closed_loop_blocks_fail_in_one_line(tiny, tmp_path, capsys, block, policies,
                                                  expected):
@@ -250,6 +406,18 @@ def test_a_text_too_short_fails_before_anything_is_written(tiny, tmp_path, capsy
         policies: [{{type: full}}]
         """)
     assert "closed_loop.text:" in line and "fewer than prompt_len + tokens = 32 tokens" in line
+
+
+def test_a_text_too_short_for_the_needle_context_fails_before_anything_is_written(
+        tiny, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 90)
+    line = _bad(tmp_path, capsys, f"""\
+        name: cl
+        closed_loop: {{task: needle, text: "file:{short}", context_len: 100, depths: [0.5]}}
+        policies: [{{type: full}}]
+        """)
+    assert "closed_loop.text:" in line and "fewer than context_len = 100 tokens" in line
 
 
 def test_without_the_capture_extra_the_error_names_it(tmp_path, capsys, monkeypatch):

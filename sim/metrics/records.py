@@ -162,7 +162,9 @@ DISPLAY_COLUMNS = {
 CLOSED_LOOP_DISPLAY = {
     "task": "task", "tokens": "tokens", "perplexity": "ppl", "perplexity_full": "ppl_full",
     "ppl_ratio": "ppl_ratio", "first_divergence": "first_divergence",
-    "match_share": "match_share", "decode_s": "decode_s",
+    "match_share": "match_share", "context_len": "context", "needles": "needles",
+    "accuracy": "accuracy", "accuracy_full": "acc_full", "accuracy_ratio": "acc_ratio",
+    "decode_s": "decode_s",
 }
 
 
