@@ -160,7 +160,7 @@ def build_suite(
                        needles)
 
 
-def exact_match(answer: Sequence[int], expected: Sequence[int]) -> bool:
+def exact_match(answer: Sequence[int] | np.ndarray, expected: Sequence[int]) -> bool:
     """Whether the answer's token ids are exactly the expected ones."""
     return len(answer) == len(expected) and all(
         int(a) == int(e) for a, e in zip(answer, expected, strict=True))
