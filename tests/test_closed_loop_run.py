@@ -457,9 +457,9 @@ def test_core_imports_without_torch():
 EXAMPLE = Path(__file__).resolve().parents[1] / "experiments" / "closed_loop_perplexity.yaml"
 
 
-def test_smoke_smollm2_perplexity(tmp_path):
-    """CI size: the example experiment on SmolLM2 with a 64-token prompt and 8 tokens, two
-    policies and the full-attention reference (the model's load dominates: ~20-40 s)."""
+def _smollm2_config(tmp_path: Path, example: Path, task: dict, policies: list[dict]) -> Path:
+    """``example`` on SmolLM2 at CI size: its closed_loop block updated by ``task``, the
+    policies replaced, no sweep; skipped without the model."""
     pytest.importorskip("gguf")
     from sim.errors import CaptureError
     from sim.trace.models import MODELS
@@ -468,14 +468,24 @@ def test_smoke_smollm2_perplexity(tmp_path):
         MODELS["smollm2-135m"].locate(Path(tmp_path))
     except CaptureError as exc:
         pytest.skip(str(exc))
-    config = yaml.safe_load(EXAMPLE.read_text())
-    config["closed_loop"].update(prompt_len=64, tokens=8, bucket=4)
-    config["policies"] = [{"type": "full"}, {"type": "dynakv", "budget": 16, "sink_tokens": 4,
-                                                   "recent_tokens": 4, "tokens_per_cluster": 4}]
+    config = yaml.safe_load(example.read_text())
+    config["closed_loop"].update(task)
+    config["policies"] = policies
     config.pop("sweep")
-    out = tmp_path / "out"
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_smoke_smollm2_perplexity(tmp_path):
+    """CI size: the example experiment on SmolLM2 with a 64-token prompt and 8 tokens, two
+    policies and the full-attention reference (the model's load dominates: ~20-40 s)."""
+    path = _smollm2_config(tmp_path, EXAMPLE, {"prompt_len": 64, "tokens": 8, "bucket": 4}, [
+        {"type": "full"},
+        {"type": "dynakv", "budget": 16, "sink_tokens": 4, "recent_tokens": 4,
+         "tokens_per_cluster": 4},
+    ])
+    out = tmp_path / "out"
     assert main(["run", str(path), "--output", str(out), "--quiet", "-j", "1"]) == 0
     summary = pd.read_csv(out / "summary.csv").set_index("run")
     assert summary.loc["full", "ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -483,3 +493,77 @@ def test_smoke_smollm2_perplexity(tmp_path):
                                                                           "perplexity_full"])
     assert np.isfinite(summary.loc["dynakv", "perplexity"])
     assert (summary["perplexity_full"] == summary["perplexity_full"].iloc[0]).all()
+
+
+NEEDLE_EXAMPLE = EXAMPLE.parent / "closed_loop_needle.yaml"
+
+
+def _smollm2_needle_config(tmp_path: Path, policies: list[dict]) -> Path:
+    """The needle example at CI size: a 256-token context, two facts, ``policies``."""
+    return _smollm2_config(tmp_path, NEEDLE_EXAMPLE,
+                           {"context_len": 256, "depths": [0.25, 0.75]}, policies)
+
+
+def test_smoke_smollm2_needle(tmp_path):
+    """CI size: the whole `kvsim run` needle path on SmolLM2, a 256-token pydoc context with
+    two facts, one policy and full attention (the model's load dominates: ~20-40 s). The facts
+    sit at their token depths of the real tokenised context; SmolLM2 answers both under full
+    attention at this length (measured; the reference the policies are scored against)."""
+    from sim.closed_loop.needle import make_facts
+
+    path = _smollm2_needle_config(tmp_path, [
+        {"type": "full"},
+        {"type": "dynakv", "budget": 32, "sink_tokens": 4, "recent_tokens": 4,
+         "tokens_per_cluster": 4},
+    ])
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output", str(out), "--quiet", "-j", "1"]) == 0
+    summary = pd.read_csv(out / "summary.csv").set_index("run")
+    assert summary.loc["full", "accuracy"] == summary.loc["full", "accuracy_full"] == 1.0
+    assert summary.loc["full", "accuracy_ratio"] == 1.0
+    assert (summary["accuracy_full"] == 1.0).all() and (summary["needles"] == 2).all()
+    facts = make_facts(2, 0)
+    suite = closed_loop.needle_suite(yaml.safe_load(
+        next((out / "runs").glob("*/run.yaml")).read_text())["closed_loop"], 0)
+    tokenizer = closed_loop.load("smollm2-135m")[1]
+    for fact, depth, start, needle in zip(facts, [0.25, 0.75], suite.starts, suite.needles,
+                                          strict=True):
+        keep = suite.context[0] == tokenizer.bos_token_id
+        assert start == keep + round(depth * (256 - keep - len(needle.fact)))
+        assert tokenizer.decode(suite.context[start : start + len(needle.fact)]) == fact.text
+    for run_dir in (out / "runs").iterdir():
+        table = pd.read_csv(run_dir / CLOSED_LOOP_TABLE, dtype={"expected": str,
+                                                                "answer": str})
+        assert table["expected"].tolist() == [f.code for f in facts]
+        assert table["correct"].tolist() == (table["answer"] == table["expected"]).tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_needle_on_two_workers_and_dask_equals_one_worker(tmp_path):
+    """-j 2 and a 2-worker Dask cluster give the summary of one worker (the timings aside)
+    and byte-identical per-needle tables (each run uses one torch thread)."""
+    distributed = pytest.importorskip("dask.distributed")
+    from sim.experiment.planning import plan
+    from sim.experiment.runner import execute
+
+    path = _smollm2_needle_config(tmp_path, [
+        {"type": "token_topk", "budget": 32},
+        {"type": "streaming_llm", "budget": 32, "sink_tokens": 4},
+    ])
+    summaries, dirs = [], []
+    for name, options in (("one", {"jobs": 1}), ("two", {"jobs": 2}), ("dask", None)):
+        planned = plan(path, tmp_path / name)
+        if options is None:
+            with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                          dashboard_address=None) as cluster:
+                summary, _ = execute(planned, scheduler=cluster.scheduler_address,
+                                     progress=False, log=lambda message: None)
+        else:
+            summary, _ = execute(planned, progress=False, log=lambda message: None, **options)
+        summaries.append(summary.drop(columns=["decode_s", "hook_s"]))
+        dirs.append(planned.runs_dir)
+    for summary in summaries[1:]:
+        pd.testing.assert_frame_equal(summaries[0], summary)
+    for run_id in summaries[0]["run_id"]:
+        tables = {(d / run_id / CLOSED_LOOP_TABLE).read_bytes() for d in dirs}
+        assert len(tables) == 1
