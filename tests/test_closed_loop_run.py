@@ -506,22 +506,22 @@ def _smollm2_needle_config(tmp_path: Path, policies: list[dict]) -> Path:
 
 def test_smoke_smollm2_needle(tmp_path):
     """CI size: the whole `kvsim run` needle path on SmolLM2, a 256-token pydoc context with
-    two facts, one policy and full attention (the model's load dominates: ~20-40 s). The facts
-    sit at their token depths of the real tokenised context; SmolLM2 answers both under full
-    attention at this length (measured; the reference the policies are scored against)."""
+    two facts, one policy and full attention's reference (CPU time measured: 26 s to load the
+    model, ~10 s for the two sets of answers). The facts sit at their token depths of the real
+    tokenised context; SmolLM2 answers both under full attention at this length (measured:
+    the reference the policy is scored against)."""
     from sim.closed_loop.needle import make_facts
 
     path = _smollm2_needle_config(tmp_path, [
-        {"type": "full"},
         {"type": "dynakv", "budget": 32, "sink_tokens": 4, "recent_tokens": 4,
          "tokens_per_cluster": 4},
     ])
     out = tmp_path / "out"
     assert main(["run", str(path), "--output", str(out), "--quiet", "-j", "1"]) == 0
-    summary = pd.read_csv(out / "summary.csv").set_index("run")
-    assert summary.loc["full", "accuracy"] == summary.loc["full", "accuracy_full"] == 1.0
-    assert summary.loc["full", "accuracy_ratio"] == 1.0
-    assert (summary["accuracy_full"] == 1.0).all() and (summary["needles"] == 2).all()
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    assert (row["task"], row["context_len"], row["needles"]) == ("needle", 256, 2)
+    assert row["accuracy_full"] == 1.0
+    assert row["accuracy_ratio"] == row["accuracy"]
     facts = make_facts(2, 0)
     suite = closed_loop.needle_suite(yaml.safe_load(
         next((out / "runs").glob("*/run.yaml")).read_text())["closed_loop"], 0)
