@@ -1,5 +1,6 @@
 """A policy inside the real model (issue 9): the hook's cost per decode step and the
-long-text perplexity it leads to.
+long-text perplexity it leads to; with ``--task needle``, the needle suite's wall time and
+accuracy per policy and budget.
 
 One process loads the model once, tokenises a held text (``--text``, a kvsim text source) and
 runs teacher-forced decoding over ``--prompt-len`` prompt tokens and ``--tokens`` continuation
@@ -17,8 +18,17 @@ Printed per run: ms per decode step, the ratio to the plain step (the issue's go
 append, measured in the hook), and the mean NLL / perplexity of the continuation overall and
 per bucket of ``--bucket`` positions, with the perplexity ratio to full attention.
 
+``--task needle`` builds the needle task's context exactly as ``kvsim run`` does
+(:func:`sim.experiment.closed_loop.needle_suite`: ``--context-len`` tokens of the text, one fact
+per ``--depths`` entry, drawn from ``--seed``), prefills it once (timed), answers every question
+under full attention (the reference) and then under each policy and budget from that prefill.
+Printed per run: the suite's wall time (every question: the cache copied, the policy
+prefilled from the context's keys, the question fed, the answer decoded), the decode steps'
+time, the share inside the policy, and the accuracy against full attention's.
+
     python benchmarks/bench_closed_loop.py                    # SmolLM2, 512 + 256, 5/10/20 %
     python benchmarks/bench_closed_loop.py --prompt-len 128 --tokens 32 --budgets 0.1  # smoke
+    python benchmarks/bench_closed_loop.py --task needle --context-len 2048 --threads 1
 
 Timings depend on the machine's load: run alone for figures (the ratio still needs a quiet
 machine: the policy's Python and the model's kernels compete differently for a busy core).
@@ -29,7 +39,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -39,6 +51,7 @@ DEFAULT_POLICIES = ("token_topk", "static_clusters", "clusterkv", "dynakv", "str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=("perplexity", "needle"), default="perplexity")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--text", default="pydoc")
     parser.add_argument("--prompt-len", type=int, default=512)
@@ -46,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
     parser.add_argument("--bucket", type=int, default=64)
+    parser.add_argument("--context-len", type=int, default=2048, help="needle: context tokens")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                        help="needle: one fact per depth")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a policy parameter (YAML value) for every policy that has it, "
@@ -75,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = loaded.model
     model.set_attn_implementation("sdpa")
+
+    def policy_for(name: str, budget: float):
+        known = POLICIES.parameters(name)
+        extra = {k: v for k, v in overrides.items() if k in known}
+        return POLICIES.create({"type": name, "budget": budget, **extra})
+
+    if args.task == "needle":
+        return _needle(args, model, policy_for)
     total = args.prompt_len + args.tokens
     ids, _ = _tokenize_prefix(loaded.tokenizer, load_text(args.text), total)
     print(f"{args.model}, text {args.text}: prompt {args.prompt_len} + {args.tokens} "
@@ -101,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                  *("" for _ in buckets[:-1])])
     for name in args.policies:
         for budget in args.budgets:
-            known = POLICIES.parameters(name)
-            extra = {k: v for k, v in overrides.items() if k in known}
-            policy = POLICIES.create({"type": name, "budget": budget, **extra})
+            policy = policy_for(name, budget)
             run = teacher_forced(model, ids, args.prompt_len, args.tokens, policy,
                                  seed=args.seed)
             table = perplexity_table(run.nll, args.prompt_len, args.bucket)
@@ -116,11 +138,55 @@ def main(argv: list[str] | None = None) -> int:
                          *(f"{r:.3f}" for r in ratio.iloc[:-1])])
             print(f"  {rows[-1][0]}: {rows[-1][1]} ms/step, ppl {rows[-1][5]}", flush=True)
     print()
+    _table(header, rows, started)
+    return 0
+
+
+def _table(header: list[str], rows: list[list[str]], started: float) -> None:
+    """The runs as a markdown table, and the wall time since ``started``."""
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(f"\nwall time {time.perf_counter() - started:.0f} s (after loading the model)")
+
+
+def _needle(args: argparse.Namespace, model: Any, policy_for: Callable[[str, float], Any]
+            ) -> int:
+    """The needle suite per policy and budget (see the module docstring)."""
+    import torch
+
+    from sim.closed_loop.driver import prefill
+    from sim.closed_loop.needle import answer_needles
+    from sim.closed_loop.perplexity import describe
+    from sim.experiment.closed_loop import needle_suite
+
+    task = {"task": "needle", "model": args.model, "text": args.text,
+            "context_len": args.context_len, "depths": list(args.depths)}
+    suite = needle_suite(task, args.seed)
+    print(f"{args.model}, text {args.text}: needle context {args.context_len} tokens, "
+          f"{len(suite.needles)} facts at token positions {list(suite.starts)}, torch threads "
+          f"{torch.get_num_threads()}, seed {args.seed}")
+    started = time.perf_counter()
+    shared = prefill(model, suite.context, suite.capacity)
+    prefill_s = time.perf_counter() - started
+    rows = []
+    for name, budget in [(None, None)] + [(n, b) for n in args.policies for b in args.budgets]:
+        policy = None if name is None else policy_for(name, budget)
+        start = time.perf_counter()
+        run = answer_needles(model, suite.context, suite.needles, policy, args.seed,
+                             prefilled=shared)
+        wall = time.perf_counter() - start
+        if policy is None:
+            full = run.accuracy
+        rows.append(["full attention (reference)" if policy is None else describe(policy),
+                     f"{wall:.1f}", f"{run.decode_s:.1f}",
+                     "-" if policy is None else f"{100 * run.hook_s / run.decode_s:.0f}",
+                     f"{run.accuracy:.2f}", f"{run.accuracy / full:.2f}" if full else "-"])
+        print(f"  {rows[-1][0]}: {rows[-1][1]} s, accuracy {rows[-1][4]}", flush=True)
+    header = ["run", "suite wall s", "decode s", "in policy %", "accuracy", "x full"]
+    print(f"\nprefill of the context (once, for every run): {prefill_s:.1f} s\n")
+    _table(header, rows, started)
     return 0
 
 

@@ -239,14 +239,17 @@ class ClosedLoopSpec(BaseModel):
 
     ``task``: ``perplexity`` (teacher-forced: the text's first ``prompt_len`` tokens are the
     prompt, the next ``tokens`` are fed one per step and scored; mean NLL per ``bucket``
-    positions) or ``agreement`` (greedy decoding of ``tokens`` after the prompt: tokens before
-    the first divergence from full attention, share of matching positions) or ``generation``
+    positions), ``agreement`` (greedy decoding of ``tokens`` after the prompt: tokens before
+    the first divergence from full attention, share of matching positions), ``generation``
     (agreement over a long greedy decode, per ``bucket`` positions, with the policy's attention
     recall in the loop on decode steps ``0, k, 2k, ...`` for ``k`` = ``recall_every`` and the
-    full-attention model's NLL of both generated texts; :mod:`sim.closed_loop.generation`).
+    full-attention model's NLL of both generated texts; :mod:`sim.closed_loop.generation`) or
+    ``needle`` (:mod:`sim.closed_loop.needle`: one fact per entry of ``depths`` hidden at that
+    depth of a ``context_len``-token context cut from the text, one question at a time, exact
+    match of the greedy answer; ``prompt_len`` and ``tokens`` do not apply).
     ``model``: a model kvsim loads (:data:`sim.trace.models.MODELS`); ``text``: a kvsim text
-    source (:mod:`sim.trace.sources`). ``prompt_len + tokens`` must fit the model's context
-    and, for ``perplexity``, the tokenised text.
+    source (:mod:`sim.trace.sources`). ``prompt_len + tokens`` (needle: the context, a question
+    and its answer) must fit the model's context and, for ``perplexity``, the tokenised text.
     ``save_trace``: each run also writes the trace of its own decode (kvsim's trace format,
     float32: every layer's queries, keys and values under the policy, the tokens fed) and its
     per-step selections: ``true`` into its run directory (``trace/``, ``selections.parquet``),
@@ -255,7 +258,7 @@ class ClosedLoopSpec(BaseModel):
     """
 
     model_config = _STRICT
-    task: Literal["perplexity", "agreement", "generation"]
+    task: Literal["perplexity", "agreement", "generation", "needle"]
     model: str = "smollm2-135m"
     text: str = "pydoc"
     prompt_len: int = Field(512, ge=2)
@@ -267,12 +270,37 @@ class ClosedLoopSpec(BaseModel):
     recall_every: int | None = Field(None, ge=1)
     #: write each run's own trace and selections: ``true`` (its run directory) or a directory
     save_trace: bool | str = False
+    #: tokens of the context the facts are hidden in (``needle`` only; default 2048)
+    context_len: int | None = Field(None, ge=2)
+    #: where each fact starts, as a fraction of the context, one fact each, distinct
+    #: (``needle`` only; default 0.1, 0.3, 0.5, 0.7, 0.9)
+    depths: list[float] | None = Field(None, min_length=1)
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_valid(cls, value: list[float] | None) -> list[float] | None:
+        for depth in value or ():
+            if not 0.0 <= depth <= 1.0:
+                raise ValueError(f"a needle depth must be in [0, 1], got {depth}")
+        if value is not None and len(set(value)) < len(value):
+            raise ValueError(f"needle depths must be distinct, got {value}")
+        return value
 
     def model_post_init(self, _context: Any) -> None:
         if self.bucket is not None and self.task not in ("perplexity", "generation"):
             raise ValueError("bucket applies only to tasks perplexity and generation")
         if self.recall_every is not None and self.task != "generation":
             raise ValueError("recall_every applies only to task generation")
+        given = self.model_fields_set
+        if self.task == "needle":
+            for key in ("prompt_len", "tokens"):
+                if key in given:
+                    raise ValueError(f"{key} applies to tasks perplexity, agreement and "
+                                     "generation (the needle task's context is context_len)")
+        else:
+            for key in ("context_len", "depths"):
+                if key in given:
+                    raise ValueError(f"{key} applies only to task needle")
 
 
 class SweepSpec(BaseModel):

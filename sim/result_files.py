@@ -37,11 +37,15 @@ summary.json and instead of the replay's records::
 
     runs/<run_id>/closed_loop.csv         perplexity: per position bucket and over all, mean
                                           NLL and perplexity under the policy and under full
-                                          attention, and their ratio
+                                          attention, and their ratio; needle: per needle its
+                                          depth, start position, fact, expected code, the
+                                          answers under the policy and under full attention
+                                          and whether each is exactly right
     runs/<run_id>/tokens.parquet          per continuation position: the token and its NLL
                                           under both (perplexity), or both greedy tokens
                                           (agreement; generation: with the full-attention
-                                          model's NLL of each, and the loop's own)
+                                          model's NLL of each, and the loop's own); none for
+                                          needle
     runs/<run_id>/closed_loop.csv         generation: per position bucket and over all,
                                           agreement, both texts' mean NLL under full
                                           attention and attention recall in the loop
@@ -89,6 +93,8 @@ CLOSED_LOOP_COLUMNS = {
     "generation": ["task", "tokens", "first_divergence", "match_share", "mean_nll",
                    "mean_nll_full", "ppl_ratio", "loop_recall", "loop_recall_last",
                    "loop_topk_recall", "recall_every", "decode_s", "hook_s", "recall_s"],
+    "needle": ["task", "context_len", "needles", "accuracy", "accuracy_full", "accuracy_ratio",
+               "decode_s", "hook_s"],
 }
 RUN_LENGTHS = "run_lengths.csv"
 

@@ -574,3 +574,83 @@ def test_a_sliding_window_model_s_trace_holds_every_layer(tmp_path):
     assert trace.manifest["capture"]["decode"]["sampling"]["method"] == "teacher_forced"
     assert trace.keys(0).shape == (1, 69, 8)
     np.testing.assert_array_equal(trace.keys(1), run.controller.layer_context(1).keys)
+
+
+def test_facts_are_drawn_from_the_seed_alone():
+    from sim.closed_loop.needle import NAMES, make_facts
+
+    facts = make_facts(5, seed=3)
+    assert facts == make_facts(5, seed=3)
+    assert facts != make_facts(5, seed=4)
+    assert len({f.name for f in facts}) == 5 and {f.name for f in facts} <= set(NAMES)
+    assert all(len(f.code) == 5 and f.code.isdigit() for f in facts)
+    assert facts[0].text == f"\nThe access code for {facts[0].name} is {facts[0].code}.\n"
+    assert facts[0].answer == f" {facts[0].code}"
+    assert make_facts(len(NAMES), 0)  # every name once
+    with pytest.raises(ValueError, match="between 1 and 24 facts"):
+        make_facts(len(NAMES) + 1, 0)
+
+
+class _Chars:
+    """Text -> one id per character (its code point)."""
+
+    def __call__(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_a_suite_hides_each_fact_at_its_depth_after_the_bos():
+    """Hand-computed: fact i of f tokens starts at 1 + round(depth * (200 - 1 - f)) (the BOS
+    stays first); its question and answer are the fact's, tokenised."""
+    from sim.closed_loop.needle import Fact, build_suite
+
+    facts = [Fact("Alice", "12345"), Fact("Bruno", "67890")]
+    fact_len = len("\nThe access code for Alice is 12345.\n")
+    assert fact_len == 37
+    filler = [0] + list(range(1000, 1400))  # 0: the BOS
+    suite = build_suite(_Chars(), filler, facts, [0.3, 0.9], 200, keep=1)
+    assert len(suite.context) == 200 and suite.context[0] == 0
+    assert suite.starts == (1 + round(0.3 * 162), 1 + round(0.9 * 162)) == (50, 147)
+    for fact, start, needle in zip(facts, suite.starts, suite.needles, strict=True):
+        assert suite.context[start : start + fact_len] == tuple(ord(c) for c in fact.text)
+        assert needle.question == tuple(ord(c) for c in fact.question)
+        assert needle.answer == tuple(ord(c) for c in f" {fact.code}")
+    assert [t for t in suite.context[1:] if t >= 1000] == filler[1 : 200 - 1 - 2 * 37 + 1]
+    longest = max(len(f.question) for f in facts) + 6
+    assert suite.capacity == 200 + longest
+
+
+@pytest.mark.parametrize("answer, expected, match", [
+    ([5, 6, 7], (5, 6, 7), True),
+    (np.array([5, 6, 7]), (5, 6, 7), True),
+    ([5, 6, 8], (5, 6, 7), False),
+    ([5, 6], (5, 6, 7), False),
+    ([5, 6, 7, 8], (5, 6, 7), False),
+])
+def test_exact_match_is_every_token_of_the_answer(answer, expected, match):
+    from sim.closed_loop.needle import exact_match
+
+    assert exact_match(answer, expected) is match
+
+
+def test_answer_needles_reuses_one_prefill_and_scores_each_question(llama):
+    """Answers from a shared prefill are those of a fresh decode per question; a needle whose
+    expected answer is full attention's greedy answer is right, its timings add up."""
+    from sim.closed_loop.driver import decode, prefill
+    from sim.closed_loop.needle import Needle, answer_needles, room
+
+    context = text(100, seed=5)
+    greedy = decode(llama, context, 7, teacher=(20, 21, 22)).tokens[3:]
+    needles = [Needle((1,), (20, 21, 22), tuple(int(t) for t in greedy)),
+               Needle((2,), (30, 31), (1, 2, 3, 4, 5, 6))]
+    shared = prefill(llama, context, len(context) + room(needles))
+    assert room(needles) == 8  # 2 + 6 > 3 + 4
+    policy = POLICIES.create({"type": "streaming_llm", "budget": 10, "sink_tokens": 2})
+    for who in (None, policy):
+        run = answer_needles(llama, context, needles, who, prefilled=shared)
+        for needle, answer in zip(needles, run.answers, strict=True):
+            fresh = decode(llama, context, len(needle.question) + len(needle.answer), who,
+                           teacher=needle.question).tokens[len(needle.question):]
+            np.testing.assert_array_equal(answer, fresh)
+        assert len(run.answers[1]) == 6
+    full = answer_needles(llama, context, needles, None, prefilled=shared)
+    assert full.correct == [True, False] and full.accuracy == 0.5 and full.hook_s == 0.0

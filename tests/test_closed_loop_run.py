@@ -36,18 +36,25 @@ class CharTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": [ord(c) % 97 for c in text]}
 
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+_CACHES = (closed_loop._IDS, closed_loop._PREFILLED, closed_loop._REFERENCES,
+           closed_loop._SUITES)
+
 
 @pytest.fixture
 def tiny(monkeypatch):
     """The tiny model in place of every closed-loop model; the worker's reuse emptied."""
     model = tiny_llama()
     monkeypatch.setattr(closed_loop, "load", lambda name: (model, CharTokenizer()))
-    for cache in (closed_loop._IDS, closed_loop._PREFILLED, closed_loop._REFERENCES):
+    for cache in _CACHES:
         cache.clear()
     previous = torch.get_num_threads()
     yield model
     torch.set_num_threads(previous)
-    for cache in (closed_loop._IDS, closed_loop._PREFILLED, closed_loop._REFERENCES):
+    for cache in _CACHES:
         cache.clear()
 
 
@@ -138,8 +145,21 @@ def test_perplexity_runs_match_the_library_and_full_attention(tiny, tmp_path):
     assert not list(out.glob("*.png"))  # no latency or recall to draw
 
 
-def test_a_finished_run_is_not_recomputed(tiny, tmp_path, monkeypatch):
-    out = _run(tmp_path, PERPLEXITY)
+NEEDLE = """\
+    name: cl
+    closed_loop: {task: needle, context_len: 120, depths: [0.2, 0.8]}
+    policies:
+      - {type: full}
+      - {type: streaming_llm, budget: 16, sink_tokens: 2}
+    sweep:
+      grid:
+        policy.budget: [16, 32]
+    """
+
+
+@pytest.mark.parametrize("experiment", [PERPLEXITY, NEEDLE], ids=["perplexity", "needle"])
+def test_a_finished_run_is_not_recomputed(tiny, tmp_path, monkeypatch, experiment):
+    out = _run(tmp_path, experiment)
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
 
     def refuse(*args, **kwargs):
@@ -147,7 +167,7 @@ def test_a_finished_run_is_not_recomputed(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(closed_loop, "run_closed_loop_group", refuse)
     monkeypatch.setattr(closed_loop, "load", refuse)  # not even the model loads
-    _run(tmp_path, PERPLEXITY)
+    _run(tmp_path, experiment)
     after = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
     assert after == before
 
@@ -309,6 +329,109 @@ def test_save_trace_into_a_directory(tiny, tmp_path):
         assert not (run["dir"] / CLOSED_LOOP_SELECTIONS).exists()
 
 
+def _needle_suite(context_len: int, depths: list[float], seed: int = 0):
+    """The suite built here from the text and the seed, independently of the runner."""
+    from sim.closed_loop.needle import build_suite, make_facts
+
+    return build_suite(lambda text: CharTokenizer()(text)["input_ids"],
+                       _text_ids(context_len), make_facts(len(depths), seed), depths,
+                       context_len)
+
+
+def test_needle_runs_match_the_library_and_full_attention(tiny, tmp_path, monkeypatch):
+    """Each run's answers are the library's, each from its own fresh prefill of the context
+    built from the text and the seed; full attention's are the reference's; accuracy is the
+    share of exact matches; the context is prefilled once for all runs of the worker."""
+    from sim.closed_loop import driver
+    from sim.closed_loop.needle import answer_needles
+    from sim.policies import POLICIES
+
+    prefills = []
+    real_prefill = driver.prefill
+    monkeypatch.setattr(driver, "prefill",
+                        lambda *a, **k: prefills.append(a[1]) or real_prefill(*a, **k))
+    out = _run(tmp_path, NEEDLE)
+    assert len(prefills) == 1
+    runs = _runs(out)
+    assert set(runs) == {"full@None", "streaming_llm@16", "streaming_llm@32"}
+    suite = _needle_suite(120, [0.2, 0.8])
+    assert tuple(prefills[0]) == suite.context
+    torch.set_num_threads(1)
+    full = answer_needles(tiny, suite.context, suite.needles, None, 0)
+    for key, run in runs.items():
+        row = run["row"]
+        fresh = answer_needles(tiny, suite.context, suite.needles,
+                               POLICIES.create(run["settings"]["policy"]), 0)
+        table = pd.read_csv(run["dir"] / CLOSED_LOOP_TABLE, dtype={"expected": str},
+                            keep_default_na=False)
+        assert table["depth"].tolist() == [0.2, 0.8]
+        lengths = [len(f.text) for f in suite.facts]  # one token per character
+        assert table["position"].tolist() == list(suite.starts) == [
+            round(0.2 * (120 - lengths[0])), round(0.8 * (120 - lengths[1]))]
+        assert table["fact"].tolist() == [f.text.strip() for f in suite.facts]
+        assert table["expected"].tolist() == [f.code for f in suite.facts]
+        for which, decoded in (("answer", fresh), ("answer_full", full)):
+            assert table[which].tolist() == [CharTokenizer().decode(a.tolist()).strip()
+                                             for a in decoded.answers], key
+        assert table["correct"].tolist() == fresh.correct
+        assert table["correct_full"].tolist() == full.correct
+        assert row["accuracy"] == fresh.accuracy and row["accuracy_full"] == full.accuracy
+        assert row["context_len"] == 120 and row["needles"] == 2 and "tokens" not in row
+        # no ratio (NaN, null in JSON) when full attention answers nothing
+        assert row["accuracy_ratio"] == (row["accuracy"] / full.accuracy if full.accuracy
+                                         else None)
+        assert not (run["dir"] / CLOSED_LOOP_TOKENS).exists()
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns[-8:]) == ["task", "context_len", "needles", "accuracy",
+                                          "accuracy_full", "accuracy_ratio", "decode_s",
+                                          "hook_s"]
+    assert (summary["task"] == "needle").all()
+
+
+def test_needle_facts_and_answers_are_deterministic_for_a_seed(tiny, tmp_path):
+    """The same seed gives the same facts and answers (one worker or two, the timings
+    aside); another seed other facts."""
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    first = _run(tmp_path / "a", NEEDLE)
+    again = _run(tmp_path / "b", NEEDLE, "-j", "2")
+    other = _run(tmp_path / "c", "seed: 1\n" + textwrap.dedent(NEEDLE))
+    timing = ["decode_s", "hook_s"]
+    one, two = (pd.read_csv(out / "summary.csv").drop(columns=timing) for out in (first, again))
+    pd.testing.assert_frame_equal(one, two)
+    for run_id in one["run_id"]:
+        assert ((first / "runs" / run_id / CLOSED_LOOP_TABLE).read_bytes()
+                == (again / "runs" / run_id / CLOSED_LOOP_TABLE).read_bytes())
+    facts = {out: pd.read_csv(next((out / "runs").glob("*")) / CLOSED_LOOP_TABLE)["fact"]
+             .tolist() for out in (first, other)}
+    assert facts[first] != facts[other]
+
+
+def test_runs_sharing_a_needle_context_run_together(tiny, tmp_path, monkeypatch):
+    """A sweep listing the budget before the context: the runner still sends the runs of one
+    context one after another, so one worker prefills each context once."""
+    from sim.closed_loop import driver
+
+    prefills = []
+    real_prefill = driver.prefill
+    monkeypatch.setattr(driver, "prefill",
+                        lambda *a, **k: prefills.append(len(a[1])) or real_prefill(*a, **k))
+    out = _run(tmp_path, """\
+        name: cl
+        closed_loop: {task: needle, context_len: 120, depths: [0.2, 0.8]}
+        policies:
+          - {type: streaming_llm, budget: 16, sink_tokens: 2}
+        sweep:
+          grid:
+            policy.budget: [16, 32]
+            closed_loop.context_len: [100, 120]
+        """)
+    assert prefills == [100, 120]
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["closed_loop.context_len"].tolist() == [100, 120, 100, 120]  # plan order
+    assert summary["context_len"].tolist() == [100, 120, 100, 120]
+
+
 def _bad(tmp_path: Path, capsys, text: str) -> str:
     out = tmp_path / "out"
     code = main(["run", str(_write(tmp_path, text)), "--output", str(out), "--quiet"])
@@ -335,6 +458,40 @@ def _bad(tmp_path: Path, capsys, text: str) -> str:
     ("{task: perplexity, prompt_len: 40, tokens: 8}", "[{type: full, layout: sequence}]",
      "policies[0].layout: applies to trace replays, not to closed_loop"),
     ("{task: perplexity, prompt_len: 40, tokens: 8}", "[{type: nope}]", "policies[0]"),
+    # the needle task
+    ("{task: needle, depths: [0.5, 1.5]}", "[{type: full}]",
+     "closed_loop.depths: a needle depth must be in [0, 1], got 1.5"),
+    ("{task: needle, depths: [-0.1]}", "[{type: full}]", "a needle depth must be in [0, 1]"),
+    ("{task: needle, depths: [0.5, .nan]}", "[{type: full}]",
+     "line 2, column 43: .nan is not a finite number"),
+    ("{task: needle, depths: [.inf]}", "[{type: full}]", ".inf is not a finite number"),
+    ("{task: needle, depths: [0.5, 'nan']}", "[{type: full}]",
+     "closed_loop.depths.1: Input should be a finite number"),
+    ("{task: needle, depths: [0.5, 0.5]}", "[{type: full}]", "depths must be distinct"),
+    ("{task: needle, depths: []}", "[{type: full}]", "closed_loop.depths: List should have"),
+    ("{task: needle, depths: [" + ", ".join(str(i / 25) for i in range(25)) + "]}",
+     "[{type: full}]", "closed_loop.depths: 25 needles; at most 24 (one fact per name)"),
+    ("{task: needle, context_len: 8193}", "[{type: full}]",
+     "closed_loop.context_len: 8193 exceeds smollm2-135m's 8192 positions"),
+    ("{task: needle, model: gemma3-270m, context_len: 40000}", "[{type: full}]",
+     "closed_loop.context_len: 40000 exceeds gemma3-270m's 32768 positions"),
+    ("{task: needle, context_len: 8190}", "[{type: full}]",
+     "closed_loop.context_len: 8190 tokens and"),
+    ("{task: needle, context_len: 100, depths: [0.5, 0.51]}", "[{type: full}]",
+     "closed_loop.depths: needles at depths 0.5 and 0.51 overlap in 100 tokens"),
+    ("{task: needle, context_len: 100}", "[{type: token_topk, budget: 101}]",
+     "policies[0].budget: 101 tokens exceeds the prompt (100 tokens)"),
+    ("{task: needle, prompt_len: 64}", "[{type: full}]",
+     "closed_loop: prompt_len applies to tasks perplexity, agreement and generation"),
+    ("{task: needle, tokens: 8}", "[{type: full}]", "closed_loop: tokens applies to tasks"),
+    ("{task: needle, bucket: 8}", "[{type: full}]",
+     "bucket applies only to tasks perplexity and generation"),
+    ("{task: agreement, context_len: 64}", "[{type: full}]",
+     "closed_loop: context_len applies only to task needle"),
+    ("{task: perplexity, depths: [0.5]}", "[{type: full}]",
+     "closed_loop: depths applies only to task needle"),
+    ("{task: needle, context_length: 64}", "[{type: full}]",
+     "closed_loop.context_length: unknown key (valid: task, model"),
 ])
 def test_bad_closed_loop_blocks_fail_in_one_line(tiny, tmp_path, capsys, block, policies,
                                                  expected):
@@ -405,6 +562,18 @@ def test_a_text_too_short_fails_before_anything_is_written(tiny, tmp_path, capsy
     assert "closed_loop.text:" in line and "fewer than prompt_len + tokens = 32 tokens" in line
 
 
+def test_a_text_too_short_for_the_needle_context_fails_before_anything_is_written(
+        tiny, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 90)
+    line = _bad(tmp_path, capsys, f"""\
+        name: cl
+        closed_loop: {{task: needle, text: "file:{short}", context_len: 100, depths: [0.5]}}
+        policies: [{{type: full}}]
+        """)
+    assert "closed_loop.text:" in line and "fewer than context_len = 100 tokens" in line
+
+
 def test_without_the_capture_extra_the_error_names_it(tmp_path, capsys, monkeypatch):
     """A closed-loop experiment on a machine without torch/transformers: one line saying which
     extra to install, nothing written."""
@@ -442,9 +611,9 @@ def test_core_imports_without_torch():
 EXAMPLE = Path(__file__).resolve().parents[1] / "experiments" / "closed_loop_perplexity.yaml"
 
 
-def test_smoke_smollm2_perplexity(tmp_path):
-    """CI size: the example experiment on SmolLM2 with a 64-token prompt and 8 tokens, two
-    policies and the full-attention reference (the model's load dominates: ~20-40 s)."""
+def _smollm2_config(tmp_path: Path, example: Path, task: dict, policies: list[dict]) -> Path:
+    """``example`` on SmolLM2 at CI size: its closed_loop block updated by ``task``, the
+    policies replaced, no sweep; skipped without the model."""
     pytest.importorskip("gguf")
     from sim.errors import CaptureError
     from sim.trace.models import MODELS
@@ -453,14 +622,24 @@ def test_smoke_smollm2_perplexity(tmp_path):
         MODELS["smollm2-135m"].locate(Path(tmp_path))
     except CaptureError as exc:
         pytest.skip(str(exc))
-    config = yaml.safe_load(EXAMPLE.read_text())
-    config["closed_loop"].update(prompt_len=64, tokens=8, bucket=4)
-    config["policies"] = [{"type": "full"}, {"type": "dynakv", "budget": 16, "sink_tokens": 4,
-                                                   "recent_tokens": 4, "tokens_per_cluster": 4}]
+    config = yaml.safe_load(example.read_text())
+    config["closed_loop"].update(task)
+    config["policies"] = policies
     config.pop("sweep")
-    out = tmp_path / "out"
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_smoke_smollm2_perplexity(tmp_path):
+    """CI size: the example experiment on SmolLM2 with a 64-token prompt and 8 tokens, two
+    policies and the full-attention reference (the model's load dominates: ~20-40 s)."""
+    path = _smollm2_config(tmp_path, EXAMPLE, {"prompt_len": 64, "tokens": 8, "bucket": 4}, [
+        {"type": "full"},
+        {"type": "dynakv", "budget": 16, "sink_tokens": 4, "recent_tokens": 4,
+         "tokens_per_cluster": 4},
+    ])
+    out = tmp_path / "out"
     assert main(["run", str(path), "--output", str(out), "--quiet", "-j", "1"]) == 0
     summary = pd.read_csv(out / "summary.csv").set_index("run")
     assert summary.loc["full", "ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -612,3 +791,79 @@ def test_save_trace_is_refused_for_a_task_that_cannot_save_one():
         _save_trace_setting(task, "x")
     assert _save_trace_setting({**task, "task": "agreement"}, "x")["save_trace"] is True
     assert "save_trace" not in _save_trace_setting({**task, "save_trace": False}, "x")
+
+
+
+
+NEEDLE_EXAMPLE = EXAMPLE.parent / "closed_loop_needle.yaml"
+
+
+def _smollm2_needle_config(tmp_path: Path, policies: list[dict]) -> Path:
+    """The needle example at CI size: a 256-token context, two facts, ``policies``."""
+    return _smollm2_config(tmp_path, NEEDLE_EXAMPLE,
+                           {"context_len": 256, "depths": [0.25, 0.75]}, policies)
+
+
+def test_smoke_smollm2_needle(tmp_path):
+    """CI size: the whole `kvsim run` needle path on SmolLM2, a 256-token pydoc context with
+    two facts, one policy and full attention's reference (CPU time measured: 26 s to load the
+    model, ~10 s for the two sets of answers). The facts sit at their token depths of the real
+    tokenised context; SmolLM2 answers both under full attention at this length (measured:
+    the reference the policy is scored against)."""
+    from sim.closed_loop.needle import make_facts
+
+    path = _smollm2_needle_config(tmp_path, [
+        {"type": "dynakv", "budget": 32, "sink_tokens": 4, "recent_tokens": 4,
+         "tokens_per_cluster": 4},
+    ])
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output", str(out), "--quiet", "-j", "1"]) == 0
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    assert (row["task"], row["context_len"], row["needles"]) == ("needle", 256, 2)
+    assert row["accuracy_full"] == 1.0
+    assert row["accuracy_ratio"] == row["accuracy"]
+    facts = make_facts(2, 0)
+    suite = closed_loop.needle_suite(yaml.safe_load(
+        next((out / "runs").glob("*/run.yaml")).read_text())["closed_loop"], 0)
+    tokenizer = closed_loop.load("smollm2-135m")[1]
+    for fact, depth, start, needle in zip(facts, [0.25, 0.75], suite.starts, suite.needles,
+                                          strict=True):
+        keep = suite.context[0] == tokenizer.bos_token_id
+        assert start == keep + round(depth * (256 - keep - len(needle.fact)))
+        assert tokenizer.decode(suite.context[start : start + len(needle.fact)]) == fact.text
+    for run_dir in (out / "runs").iterdir():
+        table = pd.read_csv(run_dir / CLOSED_LOOP_TABLE, dtype={"expected": str,
+                                                                "answer": str})
+        assert table["expected"].tolist() == [f.code for f in facts]
+        assert table["correct"].tolist() == (table["answer"] == table["expected"]).tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_needle_on_two_workers_and_dask_equals_one_worker(tmp_path):
+    """-j 2 and a 2-worker Dask cluster give the summary of one worker (the timings aside)
+    and byte-identical per-needle tables (each run uses one torch thread)."""
+    distributed = pytest.importorskip("dask.distributed")
+    from sim.experiment.planning import plan
+    from sim.experiment.runner import execute
+
+    path = _smollm2_needle_config(tmp_path, [
+        {"type": "token_topk", "budget": 32},
+        {"type": "streaming_llm", "budget": 32, "sink_tokens": 4},
+    ])
+    summaries, dirs = [], []
+    for name, options in (("one", {"jobs": 1}), ("two", {"jobs": 2}), ("dask", None)):
+        planned = plan(path, tmp_path / name)
+        if options is None:
+            with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                          dashboard_address=None) as cluster:
+                summary, _ = execute(planned, scheduler=cluster.scheduler_address,
+                                     progress=False, log=lambda message: None)
+        else:
+            summary, _ = execute(planned, progress=False, log=lambda message: None, **options)
+        summaries.append(summary.drop(columns=["decode_s", "hook_s"]))
+        dirs.append(planned.runs_dir)
+    for summary in summaries[1:]:
+        pd.testing.assert_frame_equal(summaries[0], summary)
+    for run_id in summaries[0]["run_id"]:
+        tables = {(d / run_id / CLOSED_LOOP_TABLE).read_bytes() for d in dirs}
+        assert len(tables) == 1

@@ -4,17 +4,23 @@
 
 * :func:`check_texts` (coordinator, before anything is written): the model loads (else the
   one-line install hint of the ``capture`` extra) and the text holds the prompt and, for
-  ``perplexity``, the continuation.
+  ``perplexity``, the continuation; for ``needle``, the context (:func:`needle_suite`: the
+  text holds it, the facts fit side by side, the context and a question fit the model).
 * :func:`run_closed_loop_group` (worker): the runs it is given, one after another; the model,
   the prompt's prefill (:func:`sim.closed_loop.driver.prefill`) and full attention's reference
   decode are computed once per worker process and reused by every run on the same (model,
-  text, prompt), whichever policy or budget it has. Each run's files are written as it
+  text, prompt), whichever policy or budget it has (needle: the context with its facts, and
+  full attention's answers, per (model, text, context, depths, seed)). A worker keeps one
+  prompt at a time (a 32K context's KV cache is gigabytes); the runner sends the runs sharing
+  a prompt one after another. Each run's files are written as it
   completes (:func:`sim.experiment.store.write_closed_loop_run`).
 
 Records per run (:mod:`sim.result_files`): ``closed_loop.csv`` (perplexity: per position
 bucket and over all, the policy's and full attention's mean NLL and perplexity and their
-ratio) and ``tokens.parquet`` (per continuation position: the token, and its NLL under the
-policy and under full attention; agreement: the policy's and full attention's greedy tokens).
+ratio; needle: per needle its depth, position, fact, expected code and the answers and
+exact matches under the policy and under full attention) and ``tokens.parquet`` (per
+continuation position: the token, and its NLL under the policy and under full attention;
+agreement: the policy's and full attention's greedy tokens).
 A ``generation`` run (:mod:`sim.closed_loop.generation`) writes ``closed_loop.csv`` per bucket
 (agreement, the full-attention model's NLL of both generated texts, attention recall in the
 loop), ``tokens.parquet`` (both greedy tokens and their NLLs) and ``loop_accuracy.parquet`` (per
@@ -73,7 +79,10 @@ def load(name: str) -> tuple[Any, Any]:
 
 
 def needed_tokens(task: dict[str, Any]) -> int:
-    """Tokens of the text a task reads: the prompt, and the continuation if teacher-forced."""
+    """Tokens of the text a task reads: the prompt, and the continuation if teacher-forced
+    (needle: the context, which the facts then shorten)."""
+    if task["task"] == "needle":
+        return task["context_len"]
     return task["prompt_len"] + (task["tokens"] if task["task"] == "perplexity" else 0)
 
 
@@ -93,7 +102,8 @@ def text_ids(task: dict[str, Any]) -> list[int]:
         try:
             ids, _bos = _tokenize_prefix(tokenizer, load_text(task["text"]), n)
         except CaptureError:
-            what = ("prompt_len + tokens" if task["task"] == "perplexity" else "prompt_len")
+            what = {"perplexity": "prompt_len + tokens", "agreement": "prompt_len",
+                    "needle": "context_len"}[task["task"]]
             raise ConfigError(
                 f"closed_loop.text: {task['text']!r} has fewer than {what} = {n} tokens of "
                 f"{task['model']}; use a longer text or fewer tokens"
@@ -102,16 +112,60 @@ def text_ids(task: dict[str, Any]) -> list[int]:
     return _IDS[key]
 
 
+_SUITES: dict[tuple[Any, ...], Any] = {}
+
+
+def needle_suite(task: dict[str, Any], seed: int) -> Any:
+    """The needle task's :class:`~sim.closed_loop.needle.NeedleSuite` for ``seed`` (kept per
+    process): the text's first ``context_len`` tokens with one fact per depth hidden in them.
+    ConfigError naming ``closed_loop.depths`` if facts overlap, ``closed_loop.context_len``
+    if the context and a question with its answer exceed the model's positions."""
+    from sim.closed_loop.needle import build_suite, make_facts
+    from sim.trace.models import MODELS
+
+    key = _suite_key(task, seed)
+    if key not in _SUITES:
+        ids = text_ids(task)
+        _model, tokenizer = load(task["model"])
+        bos = getattr(tokenizer, "bos_token_id", None)
+        facts = make_facts(len(task["depths"]), seed)
+        try:
+            suite = build_suite(
+                lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], ids,
+                facts, task["depths"], task["context_len"],
+                keep=int(bos is not None and ids[0] == bos),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"closed_loop.depths: {exc}") from None
+        limit = MODELS[task["model"]].max_positions
+        if suite.capacity > limit:
+            raise ConfigError(
+                f"closed_loop.context_len: {task['context_len']} tokens and "
+                f"{suite.capacity - task['context_len']} of the longest question and answer "
+                f"exceed {task['model']}'s {limit} positions; at most "
+                f"{limit - suite.capacity + task['context_len']}"
+            )
+        _SUITES[key] = suite
+    return _SUITES[key]
+
+
+def _suite_key(task: dict[str, Any], seed: int) -> tuple[Any, ...]:
+    return (task["model"], task["text"], task["context_len"], tuple(task["depths"]), seed)
+
+
 def check_texts(runs: list[RunPlan], where: str) -> None:
     """Every distinct task's text, tokenised: raises one-line ConfigError / CaptureError before
     anything is written (the model is loaded here, and kept for an in-process run)."""
     seen: set[str] = set()
     for run in runs:
-        key = repr(sorted(run.closed_loop.items()))
+        key = repr((sorted(run.closed_loop.items()), run.seed))
         if key not in seen:
             seen.add(key)
             try:
-                text_ids(run.closed_loop)
+                if run.closed_loop["task"] == "needle":
+                    needle_suite(run.closed_loop, run.seed)
+                else:
+                    text_ids(run.closed_loop)
             except (ConfigError, CaptureError) as exc:
                 raise type(exc)(f"{where}: {exc}") from None
 
@@ -121,22 +175,33 @@ _PREFILLED: dict[tuple[Any, ...], Any] = {}
 _REFERENCES: dict[tuple[Any, ...], Any] = {}
 
 
-def _prefilled(model: Any, task: dict[str, Any], ids: list[int]) -> Any:
+def _prefilled(model: Any, task: dict[str, Any], ids: list[int], seed: int) -> Any:
     from sim.closed_loop.driver import prefill
 
-    key = (task["model"], task["text"], task["prompt_len"], task["prompt_len"] + task["tokens"])
+    if task["task"] == "needle":  # the context with its facts
+        suite = needle_suite(task, seed)
+        key, prompt, capacity = ("needle", *_suite_key(task, seed)), suite.context, suite.capacity
+    else:
+        key = (task["model"], task["text"], task["prompt_len"],
+               task["prompt_len"] + task["tokens"])
+        prompt, capacity = ids[: task["prompt_len"]], key[-1]
     if key not in _PREFILLED:
-        _PREFILLED.clear()
+        _PREFILLED.clear()  # one prompt's KV at a time (a 32K context's is gigabytes)
         _REFERENCES.clear()
-        _PREFILLED[key] = prefill(model, ids[: task["prompt_len"]], key[-1])
+        _PREFILLED[key] = prefill(model, prompt, capacity)
     return _PREFILLED[key]
 
 
 def _decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, seed: int,
             shared: Any) -> Any:
     from sim.closed_loop.driver import decode
+    from sim.closed_loop.needle import answer_needles
     from sim.closed_loop.perplexity import teacher_forced
 
+    if task["task"] == "needle":
+        suite = needle_suite(task, seed)
+        return answer_needles(model, suite.context, suite.needles, policy, seed,
+                              prefilled=shared)
     if task["task"] == "perplexity":
         return teacher_forced(model, ids, task["prompt_len"], task["tokens"], policy, seed,
                               prefilled=shared)
@@ -166,7 +231,7 @@ def _saving_decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any
 
 
 def _reference(model: Any, task: dict[str, Any], ids: list[int], seed: int, shared: Any) -> Any:
-    key = (task["task"], task["tokens"], seed)
+    key = (task["task"], task.get("tokens"), seed)
     _drop_reference_traces(keep=_REFERENCES)  # those of references dropped with their prefill
     if key not in _REFERENCES:
         if task["task"] == "perplexity" and task["tokens"] >= 2:  # written as a trace too:
@@ -299,11 +364,13 @@ def perplexity_records(
     return table
 
 
-def _task_results(task: dict[str, Any], run: Any, reference: Any) -> tuple[
+def _task_results(task: dict[str, Any], run: Any, reference: Any, seed: int) -> tuple[
         dict[str, Any], dict[str, Any]]:
     """(summary metrics, record files) of one decode against full attention's."""
     from sim.closed_loop.agreement import agreement
 
+    if task["task"] == "needle":
+        return _needle_results(task, run, reference, seed)
     positions = task["prompt_len"] + np.arange(task["tokens"])
     if task["task"] == "perplexity":
         table = perplexity_records(run.nll, reference.nll, task["prompt_len"], task["bucket"])
@@ -326,6 +393,23 @@ def _task_results(task: dict[str, Any], run: Any, reference: Any) -> tuple[
                            "token_full": reference.tokens,
                            "match": run.tokens == reference.tokens})
     return metrics, {CLOSED_LOOP_TOKENS: tokens}
+
+
+def _needle_results(task: dict[str, Any], run: Any, reference: Any, seed: int) -> tuple[
+        dict[str, Any], dict[str, Any]]:
+    """The needle task's metrics: exact-match accuracy under the policy and under full
+    attention on the same questions, and their ratio (the policy's accuracy normalised to full
+    attention's, as DynaKV's Fig. 10 normalises accuracy; NaN if full attention answers
+    none); its record: :func:`sim.closed_loop.needle.needle_table`."""
+    from sim.closed_loop.needle import needle_table
+
+    _model, tokenizer = load(task["model"])
+    table = needle_table(needle_suite(task, seed), run, reference, tokenizer.decode)
+    accuracy, full = run.accuracy, reference.accuracy
+    metrics = {"context_len": task["context_len"], "needles": len(table),
+               "accuracy": accuracy, "accuracy_full": full,
+               "accuracy_ratio": accuracy / full if full else float("nan")}
+    return metrics, {CLOSED_LOOP_TABLE: table}
 
 
 def run_closed_loop_group(
@@ -362,7 +446,7 @@ def run_closed_loop_group(
         torch.set_num_threads(THREADS)
         ids = text_ids(task)
         start = time.perf_counter()
-        shared = _prefilled(model, task, ids)
+        shared = _prefilled(model, task, ids, run.seed)
         reference = _reference(model, task, ids, run.seed, shared)
         policy = POLICIES.create(run.policy, where=f"run {run.label}")
         own_trace = _own_trace_path(task, runs_dir, run.run_id)
@@ -372,9 +456,9 @@ def run_closed_loop_group(
         decode_s += wall_s
         metrics, records = (
             _generation_results(model, task, ids, run.seed, shared, result, reference)
-            if task["task"] == "generation" else _task_results(task, result, reference))
+            if task["task"] == "generation" else _task_results(task, result, reference, run.seed))
 
-        key = (task["task"], task["tokens"], run.seed)
+        key = (task["task"], task.get("tokens"), run.seed)
         if key in _REFERENCE_TRACES:  # both views: the policy open loop on the reference
             metrics.update(open_loop_recall(_REFERENCE_TRACES[key] / "trace", run.policy,
                                             run.seed))
@@ -386,7 +470,7 @@ def run_closed_loop_group(
             "trace": run.trace.name,
             "model": task["model"],
             "task": task["task"],
-            "tokens": task["tokens"],
+            **({"tokens": task["tokens"]} if "tokens" in task else {}),
             **metrics,
             "decode_s": round(result.decode_s, 3),
             "hook_s": round(result.hook_s, 3),

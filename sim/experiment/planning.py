@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 from sim.atomic import unwritable
 from sim.config import (
     CacheSpec,
+    ClosedLoopSpec,
     ExperimentConfig,
     PipelineSpec,
     RecordSpec,
@@ -471,31 +472,39 @@ def _plan_closed_loop(
     if known is None:
         raise ConfigError(f"{where}: closed_loop.model: unknown model {spec.model!r}; valid: "
                           f"{', '.join(MODELS)}")
-    total = spec.prompt_len + spec.tokens
-    if total > known.max_positions:
-        raise ConfigError(
-            f"{where}: closed_loop.tokens: prompt_len + tokens = {total} exceeds "
-            f"{spec.model}'s {known.max_positions} positions"
-        )
+    if spec.task == "needle":
+        task = _needle_task(spec, known.max_positions, where)
+        prompt_len = task["context_len"]
+        name = f"{spec.model}/{spec.text}/{prompt_len} ({len(task['depths'])} needles)"
+    else:
+        total = spec.prompt_len + spec.tokens
+        if total > known.max_positions:
+            raise ConfigError(
+                f"{where}: closed_loop.tokens: prompt_len + tokens = {total} exceeds "
+                f"{spec.model}'s {known.max_positions} positions"
+            )
+        # the needle task's keys are left out: runs keep the ids they had before it existed
+        task = spec.model_dump(exclude={"context_len", "depths"})
+        if spec.task in ("perplexity", "generation") and task["bucket"] is None:
+            task["bucket"] = DEFAULT_BUCKET
+        if spec.task == "generation":
+            task["recall_every"] = task["recall_every"] or DEFAULT_RECALL_EVERY
+        else:  # not a setting of the other tasks: their run ids stay as they were
+            del task["recall_every"]
+        prompt_len = spec.prompt_len
+        name = f"{spec.model}/{spec.text}/{spec.prompt_len}+{spec.tokens} ({spec.task})"
     try:
         source_name(spec.text)
         if spec.text.startswith("file:"):
             load_text(spec.text)
     except CaptureError as exc:
         raise ConfigError(f"{where}: closed_loop.text: {exc}") from None
-    task = spec.model_dump()
-    if spec.task in ("perplexity", "generation") and task["bucket"] is None:
-        task["bucket"] = DEFAULT_BUCKET
-    if spec.task == "generation":
-        task["recall_every"] = task["recall_every"] or DEFAULT_RECALL_EVERY
-    else:  # not a setting of the other tasks: their run ids stay as they were
-        del task["recall_every"]
     task = _save_trace_setting(task, where)
-    trace = TraceSource(
-        key="closed_loop:" + digest({k: task[k] for k in ("model", "text", "prompt_len")}),
-        name=f"{spec.model}/{spec.text}/{spec.prompt_len}+{spec.tokens} ({spec.task})",
-        prompt_len=spec.prompt_len,
-    )
+    # the prompt the runs share (a needle context: the task and the seed its facts are drawn
+    # from); the runner sends runs sharing one to the workers one after another
+    prompt = ({k: task[k] for k in ("model", "text", "prompt_len")} if spec.task != "needle"
+              else {**task, "seed": config.seed})
+    trace = TraceSource(key="closed_loop:" + digest(prompt), name=name, prompt_len=prompt_len)
     runs: list[RunPlan] = []
     labels: set[str] = set()
     for index, entry in enumerate(config.policies):
@@ -508,7 +517,7 @@ def _plan_closed_loop(
                               "closed_loop")
         given = {k: v for k, v in entry.items() if k not in RUN_KEYS}
         policy, policy_spec, label = _entry_policy(entry, given, at, labels)
-        _check_budget(policy, spec.prompt_len, at)
+        _check_budget(policy, prompt_len, at)
         run = RunPlan(
             run_id="", pass_id="", label=label, point=_applicable(point, policy_spec),
             trace=trace, policy=policy_spec, layout=None, device={}, model=None,
@@ -550,6 +559,24 @@ def _save_trace_setting(task: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: closed_loop.save_trace: cannot write {path}: {problem}")
         save = str(path)
     return {**task, "save_trace": save}
+
+
+def _needle_task(spec: ClosedLoopSpec, max_positions: int, where: str) -> dict[str, Any]:
+    """A needle task's settings, defaults filled in: its context must fit the model (with a
+    question after it: :func:`sim.experiment.closed_loop.needle_suite`) and hold one fact per
+    name of :data:`sim.closed_loop.needle.NAMES` at most."""
+    from sim.closed_loop.needle import DEFAULT_CONTEXT_LEN, DEFAULT_DEPTHS, NAMES
+
+    task = spec.model_dump(exclude={"prompt_len", "tokens", "bucket", "recall_every"})
+    task["context_len"] = spec.context_len or DEFAULT_CONTEXT_LEN
+    task["depths"] = list(spec.depths or DEFAULT_DEPTHS)
+    if task["context_len"] > max_positions:
+        raise ConfigError(f"{where}: closed_loop.context_len: {task['context_len']} exceeds "
+                          f"{spec.model}'s {max_positions} positions")
+    if len(task["depths"]) > len(NAMES):
+        raise ConfigError(f"{where}: closed_loop.depths: {len(task['depths'])} needles; at "
+                          f"most {len(NAMES)} (one fact per name)")
+    return task
 
 
 def _entry_policy(

@@ -220,6 +220,8 @@ def _execute_locked(
                 "kvsim code; they are reused as they are (--force reruns them)"
             )
     groups = plan.groups(pending)
+    if plan.config.closed_loop is not None:
+        groups = _by_prompt(groups)
     jobs = max(1, jobs or os.cpu_count() or 1)
     workers = 1 if scheduler is None and (jobs == 1 or len(groups) <= 1) else jobs
     report.workers, report.backend = workers, "dask" if scheduler else "local"
@@ -239,6 +241,17 @@ def _execute_locked(
     summary = read_summary(plan)
     write_summary(plan, summary)
     return summary
+
+
+def _by_prompt(groups: list[PassGroup]) -> list[PassGroup]:
+    """Closed-loop runs sharing a prompt (their ``trace.key``) next to each other, prompts in
+    order of first appearance: a worker keeps one prompt's prefill at a time
+    (:mod:`sim.experiment.closed_loop`), so it prefills each prompt about once whatever order
+    a sweep's axes list its runs in."""
+    first: dict[str, int] = {}
+    for group in groups:
+        first.setdefault(group.runs[0].trace.key, len(first))
+    return sorted(groups, key=lambda group: first[group.runs[0].trace.key])
 
 
 def _run_groups(

@@ -164,7 +164,9 @@ CLOSED_LOOP_DISPLAY = {
     "task": "task", "tokens": "tokens", "perplexity": "ppl", "perplexity_full": "ppl_full",
     "ppl_ratio": "ppl_ratio", "first_divergence": "first_divergence",
     "match_share": "match_share", "quality": "quality", "recall_open_loop": "recall_open",
-    "loop_recall": "loop_recall", "loop_recall_last": "loop_recall_last", "decode_s": "decode_s",
+    "loop_recall": "loop_recall", "loop_recall_last": "loop_recall_last",
+    "context_len": "context", "needles": "needles", "accuracy": "accuracy",
+    "accuracy_full": "acc_full", "accuracy_ratio": "acc_ratio", "decode_s": "decode_s",
 }
 
 
