@@ -280,6 +280,25 @@ def test_counters_and_completion_bounds(read_pages: list[int], write_pages: list
     assert flash.busy_link_us == pytest.approx(reads.sum() / 4200.0 + writes.sum() / 2800.0)
 
 
+def finish_times(cls: type, params: FlashParams,
+                 plan: list[tuple[float, str, np.ndarray]]) -> list[float]:
+    """Each planned batch (submission time, read or write, sizes) submitted by its own process
+    to a fresh ``cls`` device: the time each batch completes."""
+    env = simpy.Environment()
+    flash = cls(env, params)
+    finished = [0.0] * len(plan)
+
+    def submit(index: int, at: float, kind: str, sizes: np.ndarray):
+        yield env.timeout(at)
+        yield getattr(flash, kind)(sizes)
+        finished[index] = env.now
+
+    for index, (at, kind, sizes) in enumerate(plan):
+        env.process(submit(index, at, kind, sizes))
+    env.run()
+    return finished
+
+
 @pytest.mark.parametrize("unit_choice", UNIT_CHOICES)
 @pytest.mark.parametrize("seed", range(8))
 def test_fast_model_matches_resource_reference(seed: int, unit_choice: str) -> None:
@@ -306,19 +325,7 @@ def test_fast_model_matches_resource_reference(seed: int, unit_choice: str) -> N
     ]
 
     def simulate(cls: type) -> list[float]:
-        env = simpy.Environment()
-        flash = cls(env, params)
-        finished = [0.0] * len(plan)
-
-        def submit(index: int, at: float, kind: str, sizes: np.ndarray):
-            yield env.timeout(at)
-            yield getattr(flash, kind)(sizes)
-            finished[index] = env.now
-
-        for index, (at, kind, sizes) in enumerate(plan):
-            env.process(submit(index, at, kind, sizes))
-        env.run()
-        return finished
+        return finish_times(cls, params, plan)
 
     # whole-microsecond latencies and transfers: the two ways of adding times agree to the bit
     assert simulate(Flash) == simulate(ResourceFlash)
@@ -435,19 +442,7 @@ def test_random_units_with_one_unit_is_earliest_free(seed: int, queue_depth: int
     def simulate(unit_choice: str) -> list[float]:
         params = make_params(unit_choice=unit_choice, unit_seed=seed, parallel_units=1,
                              queue_depth=queue_depth)
-        env = simpy.Environment()
-        flash = Flash(env, params)
-        finished = [0.0] * len(plan)
-
-        def submit(index: int, at: float, kind: str, sizes: np.ndarray):
-            yield env.timeout(at)
-            yield getattr(flash, kind)(sizes)
-            finished[index] = env.now
-
-        for index, (at, kind, sizes) in enumerate(plan):
-            env.process(submit(index, at, kind, sizes))
-        env.run()
-        return finished
+        return finish_times(Flash, params, plan)
 
     assert simulate("random") == simulate("earliest_free")
 

@@ -267,6 +267,18 @@ class _CommandQueueFlash(_FlashBase):
         self._draw = random.Random(params.unit_seed).random
         self._n_units = params.parallel_units
 
+    def _random_unit_done(self, latency_us: float, now: float) -> float:
+        """A ``random``-unit command started at ``now``: the next draw's unit, FIFO behind the
+        commands already sent there; returns (and books) the end of its unit time."""
+        unit_free = self._unit_free_us
+        unit = int(self._draw() * self._n_units)
+        start = unit_free[unit]
+        if start < now:
+            start = now
+        unit_done = start + latency_us
+        unit_free[unit] = unit_done
+        return unit_done
+
 
 class Flash(_CommandQueueFlash):
     """Fast UFS model: :class:`EventFlash`'s commands without a SimPy event per stage.
@@ -354,13 +366,7 @@ class Flash(_CommandQueueFlash):
         """:meth:`_start` with ``random`` units: the next draw's unit, FIFO behind the
         commands already sent there (slots are granted in submission order, so command ``k``
         takes draw ``k`` whichever way ties are processed)."""
-        unit_free = self._unit_free_us
-        unit = int(self._draw() * self._n_units)
-        start = unit_free[unit]
-        if start < now:
-            start = now
-        unit_done = start + command[0]
-        unit_free[unit] = unit_done
+        unit_done = self._random_unit_done(command[0], now)
         self._created += 1
         heapq.heappush(self._stages, (now + (unit_done - now), self._created, 0, command))
 
@@ -479,13 +485,7 @@ class EventFlash(_CommandQueueFlash):
         """:meth:`_start` with ``random`` units: the next draw's unit, FIFO there."""
         env = self.env
         now = env._now
-        unit_free = self._unit_free_us
-        unit = int(self._draw() * self._n_units)
-        start = unit_free[unit]
-        if start < now:
-            start = now
-        unit_done = start + command[0]
-        unit_free[unit] = unit_done
+        unit_done = self._random_unit_done(command[0], now)
         Timeout(env, unit_done - now, command).callbacks.append(self._unit_done)
 
     def _unit_done(self, event: simpy.Event) -> None:
