@@ -24,11 +24,17 @@ per ``--depths`` entry, drawn from ``--seed``), prefills it once (timed), answer
 under full attention (the reference) and then under each policy and budget from that prefill.
 Printed per run: the suite's wall time (every question: the cache copied, the policy
 prefilled from the context's keys, the question fed, the answer decoded), the decode steps'
-time, the share inside the policy, and the accuracy against full attention's.
+time, the share inside the policy, and the accuracy against full attention's; and the
+process's peak RSS after loading the model, after the prefill and at the end. The prefill runs
+in passes of ``--prefill-chunk`` positions (default: the closed loop's,
+:data:`sim.closed_loop.driver.PREFILL_CHUNK`; 0: the whole context in one pass, as before
+chunking).
 
     python benchmarks/bench_closed_loop.py                    # SmolLM2, 512 + 256, 5/10/20 %
     python benchmarks/bench_closed_loop.py --prompt-len 128 --tokens 32 --budgets 0.1  # smoke
     python benchmarks/bench_closed_loop.py --task needle --context-len 2048 --threads 1
+    python benchmarks/bench_closed_loop.py --task needle --model gemma3-270m \
+        --context-len 32768 --threads 1 --policies token_topk --budgets 0.1
 
 Timings depend on the machine's load: run alone for figures (the ratio still needs a quiet
 machine: the policy's Python and the model's kernels compete differently for a busy core).
@@ -62,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-len", type=int, default=2048, help="needle: context tokens")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                         help="needle: one fact per depth")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="needle: positions per prefill pass (0: one pass)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a policy parameter (YAML value) for every policy that has it, "
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: kvsim's capture setting)")
     args = parser.parse_args(argv)
+    if args.prefill_chunk is not None and args.prefill_chunk < 0:
+        parser.error(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
 
     import numpy as np
     import yaml
@@ -156,7 +166,7 @@ def _needle(args: argparse.Namespace, model: Any, policy_for: Callable[[str, flo
     """The needle suite per policy and budget (see the module docstring)."""
     import torch
 
-    from sim.closed_loop.driver import prefill
+    from sim.closed_loop.driver import PREFILL_CHUNK, prefill
     from sim.closed_loop.needle import answer_needles
     from sim.closed_loop.perplexity import describe
     from sim.experiment.closed_loop import needle_suite
@@ -164,12 +174,16 @@ def _needle(args: argparse.Namespace, model: Any, policy_for: Callable[[str, flo
     task = {"task": "needle", "model": args.model, "text": args.text,
             "context_len": args.context_len, "depths": list(args.depths)}
     suite = needle_suite(task, args.seed)
+    chunk = (len(suite.context) if args.prefill_chunk == 0 else args.prefill_chunk
+             or PREFILL_CHUNK)
     print(f"{args.model}, text {args.text}: needle context {args.context_len} tokens, "
           f"{len(suite.needles)} facts at token positions {list(suite.starts)}, torch threads "
-          f"{torch.get_num_threads()}, seed {args.seed}")
+          f"{torch.get_num_threads()}, seed {args.seed}, prefill in passes of {chunk} "
+          f"positions; peak RSS after loading {_peak_rss_gib():.2f} GiB", flush=True)
     started = time.perf_counter()
-    shared = prefill(model, suite.context, suite.capacity)
+    shared = prefill(model, suite.context, suite.capacity, chunk=chunk)
     prefill_s = time.perf_counter() - started
+    print(f"prefill {prefill_s:.1f} s, peak RSS {_peak_rss_gib():.2f} GiB", flush=True)
     rows = []
     for name, budget in [(None, None)] + [(n, b) for n in args.policies for b in args.budgets]:
         policy = None if name is None else policy_for(name, budget)
@@ -187,7 +201,15 @@ def _needle(args: argparse.Namespace, model: Any, policy_for: Callable[[str, flo
     header = ["run", "suite wall s", "decode s", "in policy %", "accuracy", "x full"]
     print(f"\nprefill of the context (once, for every run): {prefill_s:.1f} s\n")
     _table(header, rows, started)
+    print(f"peak RSS {_peak_rss_gib():.2f} GiB")
     return 0
+
+
+def _peak_rss_gib() -> float:
+    """The process's peak resident set so far (Linux: ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 if __name__ == "__main__":
