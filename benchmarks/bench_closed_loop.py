@@ -25,7 +25,8 @@ under full attention (the reference) and then under each policy and budget from 
 Printed per run: the suite's wall time (every question: the cache copied, the policy
 prefilled from the context's keys, the question fed, the answer decoded), the decode steps'
 time, the share inside the policy, and the accuracy against full attention's; and the
-process's peak RSS after loading the model, after the prefill and at the end. The prefill runs
+process's peak RSS (Linux ``VmHWM``) while loading the model, during the prefill (the peak reset
+before it) and after it, to the end. The prefill runs
 in passes of ``--prefill-chunk`` positions (default: the closed loop's,
 :data:`sim.closed_loop.driver.PREFILL_CHUNK`; 0: the whole context in one pass, as before
 chunking).
@@ -179,11 +180,13 @@ def _needle(args: argparse.Namespace, model: Any, policy_for: Callable[[str, flo
     print(f"{args.model}, text {args.text}: needle context {args.context_len} tokens, "
           f"{len(suite.needles)} facts at token positions {list(suite.starts)}, torch threads "
           f"{torch.get_num_threads()}, seed {args.seed}, prefill in passes of {chunk} "
-          f"positions; peak RSS after loading {_peak_rss_gib():.2f} GiB", flush=True)
+          f"positions; peak RSS loading the model {_peak_rss_gib(reset=True):.2f} GiB",
+          flush=True)
     started = time.perf_counter()
     shared = prefill(model, suite.context, suite.capacity, chunk=chunk)
     prefill_s = time.perf_counter() - started
-    print(f"prefill {prefill_s:.1f} s, peak RSS {_peak_rss_gib():.2f} GiB", flush=True)
+    print(f"prefill {prefill_s:.1f} s, peak RSS {_peak_rss_gib(reset=True):.2f} GiB",
+          flush=True)
     rows = []
     for name, budget in [(None, None)] + [(n, b) for n in args.policies for b in args.budgets]:
         policy = None if name is None else policy_for(name, budget)
@@ -205,11 +208,19 @@ def _needle(args: argparse.Namespace, model: Any, policy_for: Callable[[str, flo
     return 0
 
 
-def _peak_rss_gib() -> float:
-    """The process's peak resident set so far (Linux: ``ru_maxrss`` in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def _peak_rss_gib(reset: bool = False) -> float:
+    """The process's peak resident set since the last reset (Linux: ``VmHWM`` of
+    /proc/self/status; ``reset``: then start a new peak, writing 5 to /proc/self/clear_refs).
+    NaN where there is no /proc."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak = next(int(line.split()[1]) for line in status.splitlines()
+                    if line.startswith("VmHWM:"))
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration, ValueError):
+        return float("nan")
+    return peak / 2**20
 
 
 if __name__ == "__main__":
