@@ -24,11 +24,18 @@ per ``--depths`` entry, drawn from ``--seed``), prefills it once (timed), answer
 under full attention (the reference) and then under each policy and budget from that prefill.
 Printed per run: the suite's wall time (every question: the cache copied, the policy
 prefilled from the context's keys, the question fed, the answer decoded), the decode steps'
-time, the share inside the policy, and the accuracy against full attention's.
+time, the share inside the policy, and the accuracy against full attention's; and the
+process's peak RSS (Linux ``VmHWM``) while loading the model, during the prefill (the peak reset
+before it) and after it, to the end. The prefill runs
+in passes of ``--prefill-chunk`` positions (default: the closed loop's,
+:data:`sim.closed_loop.driver.PREFILL_CHUNK`; 0: the whole context in one pass, as before
+chunking).
 
     python benchmarks/bench_closed_loop.py                    # SmolLM2, 512 + 256, 5/10/20 %
     python benchmarks/bench_closed_loop.py --prompt-len 128 --tokens 32 --budgets 0.1  # smoke
     python benchmarks/bench_closed_loop.py --task needle --context-len 2048 --threads 1
+    python benchmarks/bench_closed_loop.py --task needle --model gemma3-270m \
+        --context-len 32768 --threads 1 --policies token_topk --budgets 0.1
 
 Timings depend on the machine's load: run alone for figures (the ratio still needs a quiet
 machine: the policy's Python and the model's kernels compete differently for a busy core).
@@ -62,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-len", type=int, default=2048, help="needle: context tokens")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                         help="needle: one fact per depth")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="needle: positions per prefill pass (0: one pass)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a policy parameter (YAML value) for every policy that has it, "
@@ -69,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: kvsim's capture setting)")
     args = parser.parse_args(argv)
+    if args.prefill_chunk is not None and args.prefill_chunk < 0:
+        parser.error(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
 
     import numpy as np
     import yaml
@@ -156,7 +167,7 @@ def _needle(args: argparse.Namespace, model: Any, policy_for: Callable[[str, flo
     """The needle suite per policy and budget (see the module docstring)."""
     import torch
 
-    from sim.closed_loop.driver import prefill
+    from sim.closed_loop.driver import PREFILL_CHUNK, prefill
     from sim.closed_loop.needle import answer_needles
     from sim.closed_loop.perplexity import describe
     from sim.experiment.closed_loop import needle_suite
@@ -164,12 +175,18 @@ def _needle(args: argparse.Namespace, model: Any, policy_for: Callable[[str, flo
     task = {"task": "needle", "model": args.model, "text": args.text,
             "context_len": args.context_len, "depths": list(args.depths)}
     suite = needle_suite(task, args.seed)
+    chunk = (len(suite.context) if args.prefill_chunk == 0 else args.prefill_chunk
+             or PREFILL_CHUNK)
     print(f"{args.model}, text {args.text}: needle context {args.context_len} tokens, "
           f"{len(suite.needles)} facts at token positions {list(suite.starts)}, torch threads "
-          f"{torch.get_num_threads()}, seed {args.seed}")
+          f"{torch.get_num_threads()}, seed {args.seed}, prefill in passes of {chunk} "
+          f"positions; peak RSS loading the model {_peak_rss_gib(reset=True):.2f} GiB",
+          flush=True)
     started = time.perf_counter()
-    shared = prefill(model, suite.context, suite.capacity)
+    shared = prefill(model, suite.context, suite.capacity, chunk=chunk)
     prefill_s = time.perf_counter() - started
+    print(f"prefill {prefill_s:.1f} s, peak RSS {_peak_rss_gib(reset=True):.2f} GiB",
+          flush=True)
     rows = []
     for name, budget in [(None, None)] + [(n, b) for n in args.policies for b in args.budgets]:
         policy = None if name is None else policy_for(name, budget)
@@ -187,7 +204,23 @@ def _needle(args: argparse.Namespace, model: Any, policy_for: Callable[[str, flo
     header = ["run", "suite wall s", "decode s", "in policy %", "accuracy", "x full"]
     print(f"\nprefill of the context (once, for every run): {prefill_s:.1f} s\n")
     _table(header, rows, started)
+    print(f"peak RSS {_peak_rss_gib():.2f} GiB")
     return 0
+
+
+def _peak_rss_gib(reset: bool = False) -> float:
+    """The process's peak resident set since the last reset (Linux: ``VmHWM`` of
+    /proc/self/status; ``reset``: then start a new peak, writing 5 to /proc/self/clear_refs).
+    NaN where there is no /proc."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak = next(int(line.split()[1]) for line in status.splitlines()
+                    if line.startswith("VmHWM:"))
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration, ValueError):
+        return float("nan")
+    return peak / 2**20
 
 
 if __name__ == "__main__":

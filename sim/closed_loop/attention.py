@@ -7,9 +7,11 @@ without that entry the masks are dropped). A model switched to it
 (``model.set_attn_implementation(ATTN_IMPLEMENTATION)``) computes plain sdpa attention unless
 a :class:`PolicyController` is active (:func:`policy_attention`); then, per forward pass:
 
-* prefill (the first forward, several query positions): full causal attention, as the model
-  computes it; each global layer's online policy (:meth:`RetrievalPolicy.online_layer`) is
-  built and prefilled with the layer's post-RoPE prompt keys and queries;
+* prefill (forwards of several query positions: the prompt in one pass, or in chunks of
+  consecutive positions into the same cache, :func:`sim.closed_loop.driver.run_prompt`): full
+  causal attention, as the model computes it; each global layer's post-RoPE prompt keys and
+  queries are collected, and :meth:`PolicyController.end_prefill` builds each layer's online
+  policy (:meth:`RetrievalPolicy.online_layer`) and prefills it with them;
 * decode (one query position): each global layer's policy selects, per KV head, the stored
   positions its query heads attend (grouped-query attention: one selection per KV head);
   the layer attends those plus the current token only, then the policy appends the token's
@@ -76,6 +78,9 @@ class PolicyController:
     recall_every: int = 0
     accuracy: list[tuple[int, int, dict[str, np.ndarray]]] = field(default_factory=list)
     recall_s: float = 0.0
+    #: per global layer the prompt's keys and queries seen so far (chunks of a prefill not
+    #: yet ended, :meth:`prefill_part`)
+    parts: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = field(default_factory=dict)
 
     def is_global(self, layer: int) -> bool:
         return self.sliding[layer] is None
@@ -96,11 +101,34 @@ class PolicyController:
             self.recorded_keys[layer] = [keys.copy()]
             self.recorded_queries[layer] = [queries.copy()]
 
+    def prefill_part(self, layer: int, start: int, keys: np.ndarray,
+                     queries: np.ndarray) -> None:
+        """Positions ``start ..`` of the prompt at ``layer`` (keys (H_kv, n, d), queries
+        (H_q, n, d)), in order: a prefill's chunks, prefilled by :meth:`end_prefill`."""
+        if start == 0 and layer not in self.layers and layer not in self.parts:
+            self.parts[layer] = ([keys], [queries])
+            return
+        seen = self.parts.get(layer)
+        if seen is None or sum(k.shape[1] for k in seen[0]) != start:
+            raise ValueError(
+                "the closed loop prefills the prompt (in one forward pass or in consecutive "
+                "chunks), then decodes one token per pass"
+            )
+        seen[0].append(keys)
+        seen[1].append(queries)
+
+    def end_prefill(self) -> None:
+        """Prefill each layer's online policy with the prompt's chunks (:meth:`prefill`)."""
+        for layer in sorted(self.parts):
+            keys, queries = self.parts.pop(layer)
+            self.prefill(layer, keys[0] if len(keys) == 1 else np.concatenate(keys, axis=1),
+                         queries[0] if len(queries) == 1 else np.concatenate(queries, axis=1))
+
     def select(self, layer: int, queries: np.ndarray, key: np.ndarray) -> Selection:
         """The step's selection at ``layer`` (queries (H_q, d), the new key (H_kv, d))."""
         online = self.layers.get(layer)
         if online is None:
-            raise ValueError(f"layer {layer} decodes before any prefill")
+            raise ValueError(f"layer {layer} decodes before any prefill (or before its end)")
         start = time.perf_counter()
         selection = online.select(queries, key, self.speculative.pop(layer, None))
         online.append(key)
@@ -191,13 +219,12 @@ def policy_attention_forward(
     if query.shape[0] != 1:
         raise ValueError("the closed loop runs one sequence at a time (batch 1)")
     n_new = query.shape[2]
-    if n_new > 1:  # prefill: full causal attention, the policy takes the prompt
-        if layer in controller.layers or key.shape[2] != n_new:
-            raise ValueError(
-                "the closed loop prefills the prompt in one forward pass, then decodes one "
-                "token per pass"
-            )
-        controller.prefill(layer, key[0].float().numpy(), query[0].float().numpy())
+    if n_new > 1 or layer not in controller.layers:
+        # prefill (a chunk of it may be one position): full causal attention, the policy
+        # takes the prompt
+        start = key.shape[2] - n_new
+        controller.prefill_part(layer, start, key[0, :, start:].float().numpy(),
+                                query[0].float().numpy())
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     stored = key.shape[2] - 1
     queries = query[0, :, 0].float().numpy()

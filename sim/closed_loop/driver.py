@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +79,40 @@ def check_lengths(prompt_len: int, n_tokens: int, max_positions: int) -> None:
                          f"{max_positions} positions")
 
 
+#: positions per forward pass of a prefill (:func:`run_prompt`): one pass's attention mask is
+#: ``PREFILL_CHUNK x context`` (transformers' sdpa mask, bool then float: 5 bytes a cell), so
+#: a prompt's prefill takes memory linear in its length (one pass over 32K positions: 5 GB
+#: per mask); a prompt of at most this many positions runs in one pass, as before chunking
+PREFILL_CHUNK = 2048
+
+
+def run_prompt(
+    model: Any, prompt: Sequence[int], cache: Any, chunk: int | None = None,
+    recorder: Any = None, on_chunk: Callable[[int], None] | None = None,
+) -> Any:
+    """Feed ``prompt`` into ``cache`` in forward passes of ``chunk`` consecutive positions
+    (default :data:`PREFILL_CHUNK`; each attending causally to everything before it); returns
+    the last pass's output (its logits: the last position's). ``recorder``: a trace recorder,
+    told each pass's first position; ``on_chunk(n)``: called after each pass with its ``n``
+    positions."""
+    import torch
+
+    chunk = PREFILL_CHUNK if chunk is None else chunk
+    if chunk < 1:
+        raise ValueError(f"a prefill chunk must be >= 1 positions, got {chunk}")
+    out = None
+    for begin in range(0, len(prompt), chunk):
+        end = min(begin + chunk, len(prompt))
+        if recorder is not None:
+            recorder.position = begin
+        out = model(input_ids=torch.tensor([[int(t) for t in prompt[begin:end]]],
+                                           dtype=torch.long),
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        if on_chunk is not None:
+            on_chunk(end - begin)
+    return out
+
+
 @dataclass
 class Prefilled:
     """A prompt's prefill, computed once and reused by every policy and budget (the model's
@@ -95,8 +129,12 @@ class Prefilled:
     queries: dict[int, np.ndarray]
 
 
-def prefill(model: Any, prompt: Sequence[int], capacity: int) -> Prefilled:
-    """Run the prompt once (see :class:`Prefilled`); ``capacity``: the most positions a
+def prefill(
+    model: Any, prompt: Sequence[int], capacity: int, chunk: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Prefilled:
+    """Run the prompt once (see :class:`Prefilled`), in passes of ``chunk`` positions
+    (:func:`run_prompt`; ``on_chunk(n)`` after each); ``capacity``: the most positions a
     decode from it will reach."""
     import torch
 
@@ -114,8 +152,8 @@ def prefill(model: Any, prompt: Sequence[int], capacity: int) -> Prefilled:
     try:
         with torch.inference_mode(), policy_attention(controller):
             cache = make_cache(config, capacity)
-            out = model(input_ids=torch.tensor([list(prompt)], dtype=torch.long),
-                        cache=cache, use_cache=True, logits_to_keep=1)
+            out = run_prompt(model, prompt, cache, chunk, on_chunk=on_chunk)
+            controller.end_prefill()
     finally:
         model.set_attn_implementation(previous)
     return Prefilled(
@@ -131,6 +169,7 @@ def decode(
     record: bool = False, hook: bool = True, prefilled: Prefilled | None = None,
     recall_every: int = 0,
     trace: TraceOut | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> DecodeRun:
     """Decode ``n_tokens`` after ``prompt`` with ``model`` (a transformers causal LM, batch 1,
     CPU): the tokens ``teacher`` as far as given, then greedy (a question fed, its answer
@@ -143,8 +182,10 @@ def decode(
     selection against full attention in the loop on decode steps ``0, k, 2k, ...``
     (:meth:`PolicyController.score`; 0: never). ``trace``: write the decode's own trace
     there (see the module docstring; the prompt is run here, so not with ``prefilled``).
-    Raises ValueError for lengths that do not fit or a prefill of another prompt,
-    NotImplementedError for a policy without an online form, before any forward pass."""
+    ``on_step()``: called once per token of the ``n_tokens`` (the first after the prefill,
+    then after each decode step), for progress reports. Raises ValueError for lengths that
+    do not fit or a prefill of another prompt, NotImplementedError for a policy without an
+    online form, before any forward pass."""
     import torch
 
     from sim.trace.recording import make_cache
@@ -195,6 +236,8 @@ def decode(
         nll[i] = float(-torch.log_softmax(row, dim=-1)[token])
         if logits_kept is not None:
             logits_kept.append(row.numpy().copy())
+        if on_step is not None:
+            on_step()
         return token
 
     try:
@@ -204,8 +247,9 @@ def decode(
             start = time.perf_counter()
             if prefilled is None:
                 cache = make_cache(config, total)
-                out = model(input_ids=torch.tensor([list(prompt)], dtype=torch.long),
-                            cache=cache, use_cache=True, logits_to_keep=1)
+                out = run_prompt(model, prompt, cache, recorder=recorder)
+                if controller is not None:
+                    controller.end_prefill()
                 token = take(0, out.logits)
             else:
                 cache = copy.deepcopy(prefilled.cache)

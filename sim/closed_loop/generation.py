@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,16 +41,18 @@ CHUNK = 512
 def generate(
     model: Any, prompt: Sequence[int], n_tokens: int, policy: RetrievalPolicy | None,
     seed: int = 0, recall_every: int = 8, prefilled: Prefilled | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> DecodeRun:
     """Greedy decoding of ``n_tokens`` after ``prompt`` under ``policy`` (``None``: full
     attention), the selection scored against full attention on decode steps ``0,
     recall_every, ...`` (``run.controller.accuracy``), with one BLAS thread (as the open-loop
-    pass: the scores do not depend on the cores)."""
+    pass: the scores do not depend on the cores); ``on_step()``: called once per token
+    (progress)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
         return decode(model, prompt, n_tokens, policy, seed, prefilled=prefilled,
-                      recall_every=recall_every)
+                      recall_every=recall_every, on_step=on_step)
 
 
 def full_attention_nll(

@@ -142,6 +142,11 @@ def room(needles: Sequence[Needle]) -> int:
     return max(len(n.question) + len(n.answer) for n in needles)
 
 
+def steps(needles: Sequence[Needle]) -> int:
+    """Tokens fed or decoded after the context to ask every needle and read its answer."""
+    return sum(len(n.question) + len(n.answer) for n in needles)
+
+
 def build_suite(
     tokenize: Callable[[str], Sequence[int]], ids: Sequence[int], facts: Sequence[Fact],
     depths: Sequence[float], context_len: int, keep: int = 0,
@@ -185,16 +190,18 @@ class NeedleAnswers:
 def answer_needles(
     model: Any, context: Sequence[int], needles: Sequence[Needle],
     policy: RetrievalPolicy | None = None, seed: int = 0, prefilled: Prefilled | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> NeedleAnswers:
     """Ask each needle's question after ``context`` under ``policy`` (``None``: full
     attention) and decode its answer greedily, from ``prefilled`` (the context's
     :func:`~sim.closed_loop.driver.prefill` with room for the longest question and answer;
-    computed here if not given)."""
+    computed here if not given). ``on_step()``: called once per token of each question and
+    answer (:func:`steps` in all), for progress reports."""
     shared = prefilled or prefill(model, context, len(context) + room(needles))
     answers, correct, decode_s, hook_s = [], [], 0.0, 0.0
     for needle in needles:
         run = decode(model, context, len(needle.question) + len(needle.answer), policy, seed,
-                     teacher=needle.question, prefilled=shared)
+                     teacher=needle.question, prefilled=shared, on_step=on_step)
         answer = run.tokens[len(needle.question):]
         answers.append(answer)
         correct.append(exact_match(answer, needle.answer))

@@ -12,7 +12,7 @@ prefill (the same for every policy), ``i >= 1`` by decode steps under the policy
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,19 +26,21 @@ def teacher_forced(
     model: Any, ids: Sequence[int], prompt_len: int, n_tokens: int,
     policy: RetrievalPolicy | None = None, seed: int = 0, keep_logits: bool = False,
     record: bool = False, hook: bool = True, prefilled: Prefilled | None = None,
-    trace: TraceOut | None = None,
+    trace: TraceOut | None = None, on_step: Callable[[], None] | None = None,
 ) -> DecodeRun:
     """Run ``model`` over ``ids[:prompt_len + n_tokens]`` teacher-forced
     (:func:`sim.closed_loop.driver.decode` with the continuation as the tokens fed): one
     prefill, then ``n_tokens - 1`` decode steps under ``policy``; ``nll`` per continuation
-    token; ``trace``: write the decode's own trace (:class:`sim.closed_loop.driver.TraceOut`).
-    Raises ValueError if ``ids`` are shorter than the prompt and continuation."""
+    token; ``trace``: write the decode's own trace (:class:`sim.closed_loop.driver.TraceOut`);
+    ``on_step()``: called once per continuation token (progress). Raises ValueError if
+    ``ids`` are shorter than the prompt and continuation."""
     if prompt_len >= 2 and n_tokens >= 1 and len(ids) < prompt_len + n_tokens:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than the prompt and "
                          f"continuation ({prompt_len} + {n_tokens})")
     return decode(model, ids[:prompt_len], n_tokens, policy, seed,
                   teacher=ids[prompt_len : prompt_len + n_tokens], keep_logits=keep_logits,
-                  record=record, hook=hook, prefilled=prefilled, trace=trace)
+                  record=record, hook=hook, prefilled=prefilled, trace=trace,
+                  on_step=on_step)
 
 
 def perplexity_table(nll: np.ndarray, prompt_len: int, bucket: int) -> pd.DataFrame:

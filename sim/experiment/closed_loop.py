@@ -13,7 +13,11 @@
   full attention's answers, per (model, text, context, depths, seed)). A worker keeps one
   prompt at a time (a 32K context's KV cache is gigabytes); the runner sends the runs sharing
   a prompt one after another. Each run's files are written as it
-  completes (:func:`sim.experiment.store.write_closed_loop_run`).
+  completes (:func:`sim.experiment.store.write_closed_loop_run`). Inside a run its phases
+  report their progress to the group's :class:`~sim.experiment.group_progress.GroupProgress`
+  (as a trace replay's pass and replay do): "prefill" in positions (a new prompt, per
+  chunk), "reference" (full attention's decode, when new) and "closed loop" (the policy's) in
+  steps (:func:`steps`: one per token), "open-loop pass" in layers.
 
 Records per run (:mod:`sim.result_files`): ``closed_loop.csv`` (perplexity: per position
 bucket and over all, the policy's and full attention's mean NLL and perplexity and their
@@ -175,7 +179,11 @@ _PREFILLED: dict[tuple[Any, ...], Any] = {}
 _REFERENCES: dict[tuple[Any, ...], Any] = {}
 
 
-def _prefilled(model: Any, task: dict[str, Any], ids: list[int], seed: int) -> Any:
+def _prefilled(model: Any, task: dict[str, Any], ids: list[int], seed: int,
+               tracker: Any, label: str) -> Any:
+    """The run's prompt prefilled (kept per worker); a new one reported to ``tracker``
+    (a :class:`~sim.experiment.group_progress.GroupProgress`) as phase "prefill" of ``label``,
+    in positions."""
     from sim.closed_loop.driver import prefill
 
     if task["task"] == "needle":  # the context with its facts
@@ -188,12 +196,23 @@ def _prefilled(model: Any, task: dict[str, Any], ids: list[int], seed: int) -> A
     if key not in _PREFILLED:
         _PREFILLED.clear()  # one prompt's KV at a time (a 32K context's is gigabytes)
         _REFERENCES.clear()
-        _PREFILLED[key] = prefill(model, prompt, capacity)
+        tracker.start(label, "prefill", len(prompt), "position")
+        _PREFILLED[key] = prefill(model, prompt, capacity, on_chunk=tracker.advance)
     return _PREFILLED[key]
 
 
+def steps(task: dict[str, Any], seed: int) -> int:
+    """Tokens one decode of the task produces (its ``on_step`` calls): the continuation, or
+    for needle every question and answer."""
+    if task["task"] == "needle":
+        from sim.closed_loop.needle import steps as needle_steps
+
+        return needle_steps(needle_suite(task, seed).needles)
+    return int(task["tokens"])
+
+
 def _decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, seed: int,
-            shared: Any) -> Any:
+            shared: Any, on_step: Callable[[], None] | None = None) -> Any:
     from sim.closed_loop.driver import decode
     from sim.closed_loop.needle import answer_needles
     from sim.closed_loop.perplexity import teacher_forced
@@ -201,21 +220,21 @@ def _decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, seed:
     if task["task"] == "needle":
         suite = needle_suite(task, seed)
         return answer_needles(model, suite.context, suite.needles, policy, seed,
-                              prefilled=shared)
+                              prefilled=shared, on_step=on_step)
     if task["task"] == "perplexity":
         return teacher_forced(model, ids, task["prompt_len"], task["tokens"], policy, seed,
-                              prefilled=shared)
+                              prefilled=shared, on_step=on_step)
     if task["task"] == "generation":
         from sim.closed_loop.generation import generate
 
         return generate(model, ids[: task["prompt_len"]], task["tokens"], policy, seed,
-                        task["recall_every"], shared)
+                        task["recall_every"], shared, on_step=on_step)
     return decode(model, ids[: task["prompt_len"]], task["tokens"], policy, seed,
-                  prefilled=shared)
+                  prefilled=shared, on_step=on_step)
 
 
 def _saving_decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any, run: RunPlan,
-                   path: Path) -> Any:
+                   path: Path, on_step: Callable[[], None] | None = None) -> Any:
     """:func:`_decode` writing its own trace to ``path`` and recording its selections (with
     its own prefill: the same numbers as the shared one, ``tests/test_closed_loop.py``)."""
     from sim.closed_loop.driver import decode
@@ -224,21 +243,25 @@ def _saving_decode(model: Any, task: dict[str, Any], ids: list[int], policy: Any
     trace = trace_out(model, task, path, {"policy": run.policy, "seed": run.seed})
     if task["task"] == "perplexity":
         return teacher_forced(model, ids, task["prompt_len"], task["tokens"], policy, run.seed,
-                              record=True, trace=trace)
+                              record=True, trace=trace, on_step=on_step)
     # agreement (planning refuses save_trace for the other tasks: SAVES_TRACE)
     return decode(model, ids[: task["prompt_len"]], task["tokens"], policy, run.seed,
-                  record=True, trace=trace)
+                  record=True, trace=trace, on_step=on_step)
 
 
-def _reference(model: Any, task: dict[str, Any], ids: list[int], seed: int, shared: Any) -> Any:
+def _reference(model: Any, task: dict[str, Any], ids: list[int], seed: int, shared: Any,
+               tracker: Any, label: str) -> Any:
+    """Full attention's decode (kept per worker); a new one reported to ``tracker`` as phase
+    "reference" of ``label``, in steps."""
     key = (task["task"], task.get("tokens"), seed)
     _drop_reference_traces(keep=_REFERENCES)  # those of references dropped with their prefill
     if key not in _REFERENCES:
+        tracker.start(label, "reference", steps(task, seed), "step")
         if task["task"] == "perplexity" and task["tokens"] >= 2:  # written as a trace too:
             # the open-loop recall's (one token has no decode step: nothing to recall)
-            _REFERENCES[key] = _traced_reference(model, task, ids, seed, key)
+            _REFERENCES[key] = _traced_reference(model, task, ids, seed, key, tracker.advance)
         else:
-            _REFERENCES[key] = _decode(model, task, ids, None, seed, shared)
+            _REFERENCES[key] = _decode(model, task, ids, None, seed, shared, tracker.advance)
     return _REFERENCES[key]
 
 
@@ -298,7 +321,7 @@ def trace_out(model: Any, task: dict[str, Any], path: Path, what: dict[str, Any]
 
 
 def _traced_reference(model: Any, task: dict[str, Any], ids: list[int], seed: int,
-                      key: tuple[Any, ...]) -> Any:
+                      key: tuple[Any, ...], on_step: Callable[[], None] | None = None) -> Any:
     """Full attention's teacher-forced decode, written as a trace (its own prefill: the same
     numbers as from the shared one, ``tests/test_closed_loop.py``)."""
     from sim.closed_loop.perplexity import teacher_forced
@@ -307,21 +330,25 @@ def _traced_reference(model: Any, task: dict[str, Any], ids: list[int], seed: in
     _REFERENCE_TRACES[key] = where
     return teacher_forced(model, ids, task["prompt_len"], task["tokens"], None, seed,
                           trace=trace_out(model, task, where / "trace",
-                                          {"policy": None, "seed": seed}))
+                                          {"policy": None, "seed": seed}), on_step=on_step)
 
 
-def open_loop_recall(trace_path: Path, policy_spec: dict[str, Any], seed: int) -> dict[str,
-                                                                                     float]:
+def open_loop_recall(trace_path: Path, policy_spec: dict[str, Any], seed: int,
+                     tracker: Any = None, label: str = "") -> dict[str, float]:
     """The policy's open-loop recall on a trace (the trace replay's pass and summary
     metrics): ``recall_open_loop`` (attention recall over the layers the policy decides,
-    :func:`sim.metrics.records.retrieval_recall`) and ``topk_recall_open_loop``."""
+    :func:`sim.metrics.records.retrieval_recall`) and ``topk_recall_open_loop``; the pass
+    reported to ``tracker`` as phase "open-loop pass" of ``label``, in layers."""
     from sim.metrics.records import retrieval_recall
     from sim.policies import POLICIES
     from sim.policy_pass import run_policy_pass
     from sim.trace.format import open_trace
 
-    passed = run_policy_pass(open_trace(trace_path), POLICIES.create(policy_spec), seed,
-                             workers=1)
+    trace = open_trace(trace_path)
+    if tracker is not None:
+        tracker.start(label, "open-loop pass", trace.model.n_layers, "layer")
+    passed = run_policy_pass(trace, POLICIES.create(policy_spec), seed, workers=1,
+                             on_layer=None if tracker is None else tracker.advance)
     return {"recall_open_loop": retrieval_recall(passed),
             "topk_recall_open_loop": float(passed.accuracy["topk_recall"].mean())}
 
@@ -438,7 +465,6 @@ def run_closed_loop_group(
     rows, decode_s = [], 0.0
     for run in runs:
         task = run.closed_loop
-        tracker.start(run.label, "closed loop", 1, "run")
         model, _tokenizer = load(task["model"])
         # one intra-op thread whatever the worker count: torch's reductions differ in the last
         # bits with the thread count, and a run's numbers must not depend on -j (measured:
@@ -446,12 +472,15 @@ def run_closed_loop_group(
         torch.set_num_threads(THREADS)
         ids = text_ids(task)
         start = time.perf_counter()
-        shared = _prefilled(model, task, ids, run.seed)
-        reference = _reference(model, task, ids, run.seed, shared)
+        shared = _prefilled(model, task, ids, run.seed, tracker, run.label)
+        reference = _reference(model, task, ids, run.seed, shared, tracker, run.label)
         policy = POLICIES.create(run.policy, where=f"run {run.label}")
         own_trace = _own_trace_path(task, runs_dir, run.run_id)
-        result = (_decode(model, task, ids, policy, run.seed, shared) if own_trace is None
-                  else _saving_decode(model, task, ids, policy, run, own_trace))
+        tracker.start(run.label, "closed loop", steps(task, run.seed), "step")
+        result = (_decode(model, task, ids, policy, run.seed, shared, tracker.advance)
+                  if own_trace is None
+                  else _saving_decode(model, task, ids, policy, run, own_trace,
+                                      tracker.advance))
         wall_s = time.perf_counter() - start
         decode_s += wall_s
         metrics, records = (
@@ -461,7 +490,7 @@ def run_closed_loop_group(
         key = (task["task"], task.get("tokens"), run.seed)
         if key in _REFERENCE_TRACES:  # both views: the policy open loop on the reference
             metrics.update(open_loop_recall(_REFERENCE_TRACES[key] / "trace", run.policy,
-                                            run.seed))
+                                            run.seed, tracker, run.label))
         if own_trace is not None:
             records[CLOSED_LOOP_SELECTIONS] = selection_records(result.controller)
         row = {
@@ -491,7 +520,6 @@ def run_closed_loop_group(
         inside = own_trace if task.get("save_trace") is True else None
         write_closed_loop_run(Path(runs_dir) / run.run_id, settings, row, records,
                               {CLOSED_LOOP_TRACE: inside} if inside else None)
-        tracker.advance()
         rows.append(row)
     return {"pass_s": decode_s, "pass_cached": False, "sim_s": [], "rows": rows}
 
