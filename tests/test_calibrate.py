@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sim.calibrate import PATTERNS, calibrate
@@ -160,6 +160,8 @@ def test_fit_recovers_random_units_from_a_curve_made_by_the_flash_model(
     units=st.integers(1, 16), depth=st.integers(1, 32), pages=st.integers(1, 128),
     bandwidth=st.floats(200, 8000),
 )
+@example(units=1, depth=2, pages=100, bandwidth=4096 * 100 / 50)  # the worst case: -20%
+@example(units=2, depth=4, pages=1, bandwidth=8000)  # the worst overestimate found: +14%
 def test_random_units_approximation_is_within_its_tolerance_of_the_simpy_model(
     units: int, depth: int, pages: int, bandwidth: float
 ) -> None:
