@@ -3,7 +3,6 @@ O_DIRECT file and issuer, fio's report, the preset, bad input, and (slow) real m
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -49,6 +48,7 @@ from sim.config import load_model_geometry
 from sim.errors import StorageError
 from sim.hardware import load_device
 from sim.hardware.flash import FlashParams
+from tests.direct_io import o_direct_refused
 
 KIB = 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -349,19 +349,8 @@ def test_issuer_raises_a_failed_command_and_the_file_goes(direct_dir: Path) -> N
     assert not path.exists()
 
 
-def test_refused_o_direct_is_one_line_and_leaves_no_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_open = os.open
-
-    def refusing_open(path: object, flags: int, *args: object) -> int:
-        if flags & os.O_DIRECT:
-            real_open(path, flags & ~os.O_DIRECT, *args)  # the file exists, then EINVAL
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", refusing_open)
-    with pytest.raises(StorageError, match="refuses O_DIRECT"):
+def test_refused_o_direct_is_one_line_and_leaves_no_file(tmp_path: Path) -> None:
+    with o_direct_refused(), pytest.raises(StorageError, match="refuses O_DIRECT"):
         DirectFile(tmp_path, 1 << 20)
     assert list(tmp_path.iterdir()) == []
 

@@ -30,7 +30,7 @@ from sim.model import ModelGeometry
 from sim.replay import SimSetup, simulate
 from sim.replay.io_record import SCHEMA, SCHEMA_VERSION, sampled_steps
 from sim.result_files import IO_BATCHES, IO_COMMANDS, IO_REPLAY_STEPS, IO_SCHEDULE
-from tests.direct_io import direct_io_problem
+from tests.direct_io import direct_io_problem, o_direct_refused
 
 from .test_engine import (
     DENSE_PRE_US,
@@ -482,18 +482,9 @@ def test_refused_o_direct_and_a_failing_command_leave_nothing(
     _write_schedule(run_dir, HAND_BATCHES, HAND_COMMANDS, queue_depth=2)
     disk = tmp_path / "disk"
     disk.mkdir()
-    real_open = os.open
-
-    def refusing_open(path: object, flags: int, *args: object) -> int:
-        if flags & os.O_DIRECT:
-            real_open(path, flags & ~os.O_DIRECT, *args)  # the file exists, then EINVAL
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", refusing_open)
-    _one_line_error(capsys, ["replay", str(run_dir), "--path", str(disk)],
-                    "replay --path: .* refuses O_DIRECT")
-    monkeypatch.setattr(os, "open", real_open)
+    with o_direct_refused():
+        _one_line_error(capsys, ["replay", str(run_dir), "--path", str(disk)],
+                        "replay --path: .* refuses O_DIRECT")
     _nothing_left(run_dir, disk)
     if direct_io_problem(disk):
         return

@@ -419,10 +419,8 @@ def _plan_point(
     traces.setdefault(trace.key, trace)
     runs: list[RunPlan] = []
     labels: set[str] = set()
-    for index, entry in enumerate(config.policies):
+    for index, entry in enumerate(config.policies):  # mappings: ExperimentConfig checks
         at = f"{where}: policies[{index}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{at}: expected a mapping with a 'type' key, got {entry!r}")
         given = {k: v for k, v in entry.items() if k not in RUN_KEYS}
         cache = _override(CacheSpec, config.cache, entry.get("cache"), f"{at}.cache")
         pipeline = _override(PipelineSpec, config.pipeline, entry.get("pipeline"),
@@ -507,10 +505,8 @@ def _plan_closed_loop(
     trace = TraceSource(key="closed_loop:" + digest(prompt), name=name, prompt_len=prompt_len)
     runs: list[RunPlan] = []
     labels: set[str] = set()
-    for index, entry in enumerate(config.policies):
+    for index, entry in enumerate(config.policies):  # mappings: ExperimentConfig checks
         at = f"{where}: policies[{index}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{at}: expected a mapping with a 'type' key, got {entry!r}")
         open_loop = [key for key in ("layout", "cache", "pipeline") if key in entry]
         if open_loop:
             raise ConfigError(f"{at}.{open_loop[0]}: applies to trace replays, not to "
